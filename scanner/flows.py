@@ -1,0 +1,32 @@
+"""The flow: one (source, destination, protocol, port) that must be probed.
+
+Planning produces flows, the engine consumes them; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOS = ("tcp", "udp", "icmp", "ipip")
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """One probe target.
+
+    dst: the address to probe (IPv4 or IPv6 literal).
+    port: the port, or None for icmp/ipip.
+    proto: one of PROTOS.
+    host: the destination's name (hostname as typed, inventory name, or a VIP name); None if the
+        user typed an address.
+    src / src_host: the source address and inventory name, when the flow comes from a plan.
+    req: the catalog requirement id that asks for this flow (plan/check/mesh only).
+    """
+
+    dst: str
+    port: int | None
+    proto: str = "tcp"
+    host: str | None = None
+    src: str | None = None
+    src_host: str | None = None
+    req: str | None = None

@@ -1,0 +1,111 @@
+"""The shared data model of hosts, clusters and the site (pure data, no I/O).
+
+Inventory readers (scanner/inventory.py, scanner/kubean.py) build a Site; the planner
+(scanner/plan.py) turns catalog x Site x Selection into flows.
+
+Role vocabulary (used by the catalog's dst_role / src_roles):
+  node            every Kubernetes node of a cluster (control plane and workers)
+  control_plane   kube_control_plane / kube-master members
+  etcd            etcd members
+  worker          kube_node members that are not control plane
+  calico_rr       calico route reflectors
+  bootstrap       the bootstrap (seed) node of an air-gapped install
+  global          every node of the global service cluster
+  scanner         the host running the check (the "browser or API client" of the document)
+  vip:kube_api, vip:istio_gateway, vip:insight, vip:registry   virtual IPs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = (
+    "node",
+    "control_plane",
+    "etcd",
+    "worker",
+    "calico_rr",
+    "bootstrap",
+    "global",
+    "scanner",
+    "vip:kube_api",
+    "vip:istio_gateway",
+    "vip:insight",
+    "vip:registry",
+)
+
+CLUSTER_KINDS = ("global", "worker", "standalone")
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str  # inventory host name
+    address: str  # the address to probe: access_ip, then ip, then ansible_host
+    roles: frozenset[str] = frozenset()
+    cluster: str | None = None  # cluster name; None for the bootstrap node
+    user: str | None = None  # ansible_user, for the mesh's exec template
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A value with where it came from, for `plan --explain`."""
+
+    value: object
+    source: str  # e.g. "default", "flag --cni", "vars.yml: calico_vxlan_mode=Always"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What decides which requirements apply to a cluster (from kubespray vars, flags, defaults).
+
+    cni: "calico" (default) | "cilium" | "spiderpool" | other kube_network_plugin values.
+    features: feature name -> Setting(True/False, source). Feature names are the catalog's
+        condition words: vxlan, ipip, bgp, typha, wireguard, wireguard6, metallb, kube-vip,
+        istio, insight, deploy.
+    nodeport_range: (lo, hi), default (30000, 32767).
+    apiserver_port: default 6443.
+    registry: (host, port) of the image registry, when known (kubespray registry_host).
+    minio: (host, port) of MinIO on the bootstrap node, when known (minio_address).
+    unresolved: variable name -> raw value, for templated values that could not be resolved.
+    """
+
+    cni: Setting = field(default_factory=lambda: Setting("calico", "default"))
+    features: dict[str, Setting] = field(default_factory=dict)
+    nodeport_range: Setting = field(default_factory=lambda: Setting((30000, 32767), "default"))
+    apiserver_port: Setting = field(default_factory=lambda: Setting(6443, "default"))
+    registry: Setting | None = None
+    minio: Setting | None = None
+    unresolved: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    kind: str  # one of CLUSTER_KINDS
+    hosts: tuple[Host, ...]
+    vips: dict[str, str] = field(default_factory=dict)  # "kube_api" -> address
+    config: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+@dataclass(frozen=True)
+class Site:
+    """The whole topology: clusters, the bootstrap node and the site-wide VIPs."""
+
+    clusters: tuple[Cluster, ...]
+    bootstrap: Host | None = None
+    vips: dict[str, str] = field(default_factory=dict)  # "istio_gateway", "insight", "registry"
+    source: str = ""  # the file(s) it was read from, for messages
+
+    def hosts(self) -> list[Host]:
+        out: list[Host] = []
+        if self.bootstrap is not None:
+            out.append(self.bootstrap)
+        for c in self.clusters:
+            out.extend(c.hosts)
+        return out
+
+    def host(self, name: str) -> Host | None:
+        for h in self.hosts():
+            if h.name == name:
+                return h
+        return None

@@ -1,0 +1,245 @@
+"""Target and port-spec parsing (pure, apart from resolving hostnames once).
+
+Port specs follow nmap's -p syntax:
+  22,80,6443        single ports
+  30000-32767       a range; "-100" is 1-100, "60000-" is 60000-65535
+  -                 1-65535 (what "-p-" passes)
+  T:22,80,U:4789    protocol prefixes; a prefix applies until the next one
+Targets follow nmap too: IPv4/IPv6 literals, CIDR blocks, IPv4 octet ranges
+(198.18.0.1-20, 198.18.0-1.*), hostnames (resolved once), and files of them (-iL).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from scanner.errors import InputError
+from scanner.flows import Flow
+
+PREFIXES = {"T": "tcp", "U": "udp"}
+
+
+def parse_ports(spec: str, default_proto: str = "tcp") -> list[tuple[str, int]]:
+    """Parse an nmap-style port spec into an ordered, de-duplicated list of (proto, port)."""
+    if spec is None or not str(spec).strip():
+        raise InputError("empty port spec")
+    proto = default_proto
+    out: list[tuple[str, int]] = []
+    seen: set[tuple[str, int]] = set()
+    for raw in str(spec).split(","):
+        tok = raw.strip()
+        if not tok:
+            raise InputError(f"bad port spec {spec!r}: empty item")
+        if len(tok) >= 2 and tok[1] == ":":
+            p = tok[0].upper()
+            if p not in PREFIXES:
+                raise InputError(f"bad port spec item {tok!r}: unknown protocol prefix {tok[0]!r} (use T: or U:)")
+            proto = PREFIXES[p]
+            tok = tok[2:].strip()
+            if not tok:
+                raise InputError(f"bad port spec item {raw.strip()!r}: no port after the prefix")
+        lo, hi = _port_range(tok)
+        for port in range(lo, hi + 1):
+            key = (proto, port)
+            if key not in seen:
+                seen.add(key)
+                out.append(key)
+    return out
+
+
+def _port_number(tok: str, whole: str) -> int:
+    if not tok.isdigit():
+        raise InputError(f"bad port {whole!r}: not a number")
+    n = int(tok)
+    if not 1 <= n <= 65535:
+        raise InputError(f"bad port {whole!r}: out of range 1-65535")
+    return n
+
+
+def _port_range(tok: str) -> tuple[int, int]:
+    if tok == "-":
+        return 1, 65535
+    if "-" in tok:
+        a, _, b = tok.partition("-")
+        lo = _port_number(a, tok) if a else 1
+        hi = _port_number(b, tok) if b else 65535
+        if lo > hi:
+            raise InputError(f"bad port range {tok!r}: start is above end")
+        return lo, hi
+    n = _port_number(tok, tok)
+    return n, n
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A target as the user typed it, expanded lazily."""
+
+    text: str
+    name: str | None  # the hostname when the user typed one, kept in the records
+    addrs: tuple[str, ...] | None = None  # resolved addresses (hostname / literal)
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    octets: tuple[tuple[int, ...], ...] | None = None
+
+    def count(self) -> int:
+        if self.addrs is not None:
+            return len(self.addrs)
+        if self.network is not None:
+            return _net_hosts_count(self.network)
+        assert self.octets is not None
+        n = 1
+        for o in self.octets:
+            n *= len(o)
+        return n
+
+    def __iter__(self) -> Iterator[str]:
+        if self.addrs is not None:
+            yield from self.addrs
+        elif self.network is not None:
+            net = self.network
+            if _net_hosts_count(net) == net.num_addresses:
+                for a in net:
+                    yield str(a)
+            else:
+                for a in net.hosts():
+                    yield str(a)
+        else:
+            assert self.octets is not None
+            for combo in itertools.product(*self.octets):
+                yield ".".join(map(str, combo))
+
+
+def _net_hosts_count(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    # like nmap, a CIDR block includes its network and broadcast addresses only for /31, /32
+    # (and /127, /128); ipaddress.hosts() excludes them otherwise.
+    if net.num_addresses <= 2:
+        return net.num_addresses
+    if net.version == 4:
+        return net.num_addresses - 2
+    return net.num_addresses - 1
+
+
+def _octet(tok: str, whole: str) -> tuple[int, ...]:
+    vals: list[int] = []
+    for part in tok.split(","):
+        if part == "*":
+            lo, hi = 0, 255
+        elif "-" in part:
+            a, _, b = part.partition("-")
+            lo = int(a) if a else 0
+            hi = int(b) if b else 255
+        else:
+            lo = hi = int(part)
+        if not (0 <= lo <= hi <= 255):
+            raise ValueError(whole)
+        vals.extend(range(lo, hi + 1))
+    return tuple(dict.fromkeys(vals))
+
+
+def _looks_like_octets(tok: str) -> bool:
+    parts = tok.split(".")
+    return len(parts) == 4 and all(p and set(p) <= set("0123456789-,*") for p in parts)
+
+
+def parse_target(tok: str, resolve: bool = True) -> Target:
+    """Parse one target token. Raises InputError naming the token."""
+    t = tok.strip()
+    if not t:
+        raise InputError("empty target")
+    if t.startswith("[") and t.endswith("]"):
+        t = t[1:-1]
+    try:
+        if "/" in t:
+            net = ipaddress.ip_network(t, strict=False)
+            return Target(t, None, network=net)
+        addr = ipaddress.ip_address(t)
+        return Target(t, None, addrs=(str(addr),))
+    except ValueError:
+        if "/" in t or ":" in t:
+            raise InputError(f"bad target {tok!r}: not an address or CIDR block") from None
+    if _looks_like_octets(t):
+        try:
+            octs = tuple(_octet(p, t) for p in t.split("."))
+        except ValueError:
+            raise InputError(f"bad target {tok!r}: bad octet range") from None
+        return Target(t, None, octets=octs)
+    if not _valid_hostname(t):
+        raise InputError(f"bad target {tok!r}: not an address, CIDR block, range or hostname")
+    if not resolve:
+        return Target(t, t, addrs=())
+    try:
+        infos = socket.getaddrinfo(t, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"cannot resolve target {tok!r}: {e}") from None
+    # resolved once; the first address of each family, IPv4 first, like nmap's default of one
+    addrs = sorted({info[4][0] for info in infos}, key=lambda a: (":" in a, a))
+    return Target(t, t, addrs=(addrs[0],))
+
+
+def _valid_hostname(t: str) -> bool:
+    if len(t) > 253 or t.startswith("-") or t.endswith("."):
+        t = t.rstrip(".")
+        if not t or len(t) > 253 or t.startswith("-"):
+            return False
+    for label in t.split("."):
+        if not label or len(label) > 63 or label.startswith("-") or label.endswith("-"):
+            return False
+        if not all(c.isalnum() or c in "-_" for c in label) or not label.isascii():
+            return False
+    return True
+
+
+def read_target_file(path: str) -> list[str]:
+    """One or more targets per line (whitespace separated); '#' starts a comment. '-' is stdin."""
+    import sys
+
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read target file {path!r}: {e}") from None
+    toks: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        toks.extend(line.split())
+    return toks
+
+
+def parse_targets(tokens: Iterable[str], resolve: bool = True) -> list[Target]:
+    targets = [parse_target(t, resolve=resolve) for t in tokens]
+    if not targets:
+        raise InputError("no targets given")
+    return targets
+
+
+def count_flows(targets: list[Target], ports: list[tuple[str, int]], extra_per_host: int = 0) -> int:
+    hosts = sum(t.count() for t in targets)
+    return hosts * (len(ports) + extra_per_host)
+
+
+def iter_flows(
+    targets: list[Target],
+    ports: list[tuple[str, int]],
+    extra: Iterable[str] = (),
+) -> Iterator[Flow]:
+    """Flows in port-major order, so consecutive flows go to different hosts (interleaving).
+
+    ``extra`` holds port-less protocols ("icmp", "ipip") probed once per host.
+    Memory is O(1) in the number of flows: nothing is materialised except the port list.
+    """
+    extra = tuple(extra)
+    for proto in extra:
+        for t in targets:
+            for a in t:
+                yield Flow(a, None, proto, t.name)
+    for proto, port in ports:
+        for t in targets:
+            name = t.name
+            for a in t:
+                yield Flow(a, port, proto, name)
