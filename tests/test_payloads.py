@@ -31,7 +31,9 @@ def test_vxlan_template_fields(vni: int) -> None:
     from scapy.layers.vxlan import VXLAN
 
     nonce, tag = _tag()
-    data = payloads.udp_template("vxlan", vni).render(tag, SRC, DST, ip_id=7, icmp_id=9, icmp_seq=11)
+    data = payloads.udp_template("vxlan", vni).render(
+        tag, SRC, DST, ip_id=7, icmp_id=9, icmp_seq=11
+    )
     assert data[0] == 0x08  # the I flag and nothing else
     assert data[1:4] == b"\0\0\0" and data[7] == 0
     pkt = VXLAN(data)
