@@ -102,7 +102,9 @@ def encode_results(results: Iterable[Result], scan_id: str) -> bytes:
     )
 
 
-def start_record(scan_id: str, argv: list[str], planned: int | None, **extra: Any) -> dict[str, Any]:
+def start_record(
+    scan_id: str, argv: list[str], planned: int | None, **extra: Any
+) -> dict[str, Any]:
     d: dict[str, Any] = {
         "type": "start",
         "version": SCHEMA_VERSION,

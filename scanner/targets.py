@@ -37,7 +37,9 @@ def parse_ports(spec: str, default_proto: str = "tcp") -> list[tuple[str, int]]:
         if len(tok) >= 2 and tok[1] == ":":
             p = tok[0].upper()
             if p not in PREFIXES:
-                raise InputError(f"bad port spec item {tok!r}: unknown protocol prefix {tok[0]!r} (use T: or U:)")
+                raise InputError(
+                    f"bad port spec item {tok!r}: unknown protocol prefix {tok[0]!r} (use T: or U:)"
+                )
             proto = PREFIXES[p]
             tok = tok[2:].strip()
             if not tok:
@@ -218,7 +220,9 @@ def parse_targets(tokens: Iterable[str], resolve: bool = True) -> list[Target]:
     return targets
 
 
-def count_flows(targets: list[Target], ports: list[tuple[str, int]], extra_per_host: int = 0) -> int:
+def count_flows(
+    targets: list[Target], ports: list[tuple[str, int]], extra_per_host: int = 0
+) -> int:
     hosts = sum(t.count() for t in targets)
     return hosts * (len(ports) + extra_per_host)
 

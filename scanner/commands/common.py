@@ -1,0 +1,210 @@
+"""Options shared by the probing commands (scan, check, mesh, agent) and their validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from scanner.errors import InputError
+
+
+def engine_options(f: Callable) -> Callable:
+    opts = [
+        click.option(
+            "--concurrency",
+            type=int,
+            default=None,
+            metavar="N",
+            help="In-flight probes (default: 1024, capped by the file-descriptor budget).",
+        ),
+        click.option(
+            "--rate",
+            type=float,
+            default=None,
+            metavar="PPS",
+            help="Global probe rate limit in probes/s (default: unlimited).",
+        ),
+        click.option(
+            "--max-per-host",
+            type=int,
+            default=None,
+            metavar="N",
+            help="In-flight probes per destination (default: no cap beyond --concurrency).",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            default=1.0,
+            show_default=True,
+            metavar="SECONDS",
+            help="Timeout of the first probe to a host; later ones adapt to the measured RTT.",
+        ),
+        click.option(
+            "--min-timeout", type=float, default=0.1, show_default=True, metavar="SECONDS"
+        ),
+        click.option(
+            "--max-timeout", type=float, default=3.0, show_default=True, metavar="SECONDS"
+        ),
+        click.option(
+            "--retries",
+            type=int,
+            default=1,
+            show_default=True,
+            metavar="N",
+            help="Re-probes of silent flows (raised automatically when loss is seen).",
+        ),
+        click.option(
+            "--max-retries",
+            type=int,
+            default=10,
+            show_default=True,
+            metavar="N",
+            help="Ceiling for the automatic retries under observed loss.",
+        ),
+        click.option(
+            "--secret", default=None, metavar="S", help="Scan secret shared with responders."
+        ),
+        click.option(
+            "--secret-file", default=None, metavar="FILE", help="Read the scan secret from FILE."
+        ),
+        click.option(
+            "--vxlan-vni",
+            type=int,
+            default=4096,
+            show_default=True,
+            metavar="VNI",
+            help="VNI of VXLAN probes (Calico's default is 4096).",
+        ),
+        click.option(
+            "--udp-payload",
+            "udp_payload",
+            multiple=True,
+            metavar="PORT=KIND",
+            help="UDP payload kind for a port: vxlan, wireguard, memberlist, tag, empty.",
+        ),
+        click.option("--source", default=None, metavar="ADDR", help="Local address to probe from."),
+        click.option(
+            "--loop",
+            type=click.Choice(["uvloop", "asyncio"]),
+            default="uvloop",
+            show_default=True,
+            help="Event loop implementation.",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def output_options(f: Callable) -> Callable:
+    opts = [
+        click.option(
+            "-o",
+            "--output",
+            "output",
+            default=None,
+            metavar="FILE",
+            help="Also write NDJSON to FILE.",
+        ),
+        click.option(
+            "--only",
+            default=None,
+            metavar="STATES",
+            help="Print only results in these states (comma list; counts still cover everything).",
+        ),
+        click.option(
+            "--progress/--no-progress",
+            default=None,
+            help="A live progress line on stderr (default: on when stderr is a terminal).",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+PAYLOAD_KINDS = ("vxlan", "wireguard", "memberlist", "tag", "empty")
+ONLY_WORDS = ("open", "closed", "filtered", "open|filtered", "error", "pass", "fail", "unknown")
+
+
+def build_engine_config(opts: dict[str, Any]):
+    from scanner.engine import EngineConfig
+    from scanner.probes.base import ProbeOptions
+    from scanner.tags import load_secret
+
+    def positive(name: str, value: float | None, zero_ok: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            raise InputError(
+                f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}, got {value}"
+            )
+
+    positive("concurrency", opts["concurrency"])
+    positive("rate", opts["rate"])
+    positive("max_per_host", opts["max_per_host"])
+    positive("timeout", opts["timeout"])
+    positive("min_timeout", opts["min_timeout"])
+    positive("max_timeout", opts["max_timeout"])
+    positive("retries", opts["retries"], zero_ok=True)
+    positive("max_retries", opts["max_retries"], zero_ok=True)
+    if not 0 <= opts["vxlan_vni"] < 1 << 24:
+        raise InputError(f"--vxlan-vni must be 0-16777215, got {opts['vxlan_vni']}")
+    payloads: dict[int, str] = {}
+    for item in opts["udp_payload"]:
+        port_s, sep, kind = item.partition("=")
+        if (
+            not sep
+            or not port_s.isdigit()
+            or not 1 <= int(port_s) <= 65535
+            or kind not in PAYLOAD_KINDS
+        ):
+            raise InputError(
+                f"bad --udp-payload {item!r}: want PORT=KIND with KIND one of {', '.join(PAYLOAD_KINDS)}"
+            )
+        payloads[int(port_s)] = kind
+    if opts["secret"] is not None and opts["secret_file"] is not None:
+        raise InputError("give --secret or --secret-file, not both")
+    try:
+        secret = load_secret(opts["secret"], opts["secret_file"])
+    except OSError as e:
+        raise InputError(f"cannot read secret file {opts['secret_file']!r}: {e.strerror}") from None
+    if opts["source"] is not None:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(opts["source"])
+        except ValueError:
+            raise InputError(f"bad --source {opts['source']!r}: not an IP address") from None
+    return EngineConfig(
+        concurrency=opts["concurrency"],
+        rate=opts["rate"],
+        max_per_host=opts["max_per_host"],
+        timeout=opts["timeout"],
+        min_timeout=min(opts["min_timeout"], opts["timeout"]),
+        max_timeout=max(opts["max_timeout"], opts["timeout"]),
+        retries=opts["retries"],
+        max_retries=max(opts["max_retries"], opts["retries"]),
+        probe_options=ProbeOptions(
+            secret=secret,
+            vxlan_vni=opts["vxlan_vni"],
+            udp_payloads=payloads or None,
+            source=opts["source"],
+        ),
+    )
+
+
+def build_output(opts: dict[str, Any]):
+    from scanner.output import NdjsonOutput
+
+    return NdjsonOutput(opts["output"])
+
+
+def parse_only(value: str | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    words = frozenset(w.strip() for w in value.split(",") if w.strip())
+    bad = sorted(words - set(ONLY_WORDS))
+    if bad or not words:
+        raise InputError(f"bad --only {value!r}: use some of {', '.join(ONLY_WORDS)}")
+    return words

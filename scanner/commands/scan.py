@@ -1,0 +1,72 @@
+"""`portmesh scan TARGET... -p PORTS`: validate into a ScanConfig and call scanner.scan.run_scan."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from scanner.commands.common import engine_options, output_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("targets", nargs=-1)
+@click.option(
+    "-p",
+    "--ports",
+    "ports",
+    metavar="PORTS",
+    help="nmap syntax: 22,80 / 30000-32767 / - (all) / T:22,U:4789.",
+)
+@click.option(
+    "-iL",
+    "--input-list",
+    "input_list",
+    metavar="FILE",
+    help="Read targets from FILE ('-' for stdin).",
+)
+@click.option("--icmp", is_flag=True, help="Also send an ICMP echo to every target.")
+@click.option(
+    "--ipip", is_flag=True, help="Also send an IP-in-IP (IP protocol 4) probe to every target."
+)
+@engine_options
+@output_options
+def command(
+    targets: tuple[str, ...],
+    ports: str | None,
+    input_list: str | None,
+    icmp: bool,
+    ipip: bool,
+    **opts,
+) -> int:
+    """Probe TARGETS on PORTS and stream one NDJSON line per flow.
+
+    Targets: IPv4/IPv6 addresses, CIDR blocks, octet ranges (198.18.0.1-20), hostnames.
+    """
+    from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.errors import InputError
+    from scanner.scan import ScanConfig, run_scan
+    from scanner.targets import parse_ports, parse_targets, read_target_file
+
+    tokens = list(targets)
+    if input_list:
+        tokens.extend(read_target_file(input_list))
+    if not tokens:
+        raise InputError("no targets: give TARGET arguments or -iL FILE")
+    if not ports and not (icmp or ipip):
+        raise InputError(
+            "no ports: give -p PORTS (e.g. -p 22,6443 or -p 30000-32767), --icmp or --ipip"
+        )
+    port_list = parse_ports(ports) if ports else []
+    cfg = ScanConfig(
+        targets=parse_targets(tokens),
+        ports=port_list,
+        extra=tuple(p for p, on in (("icmp", icmp), ("ipip", ipip)) if on),
+        engine=build_engine_config(opts),
+        output=build_output(opts),
+        only=parse_only(opts["only"]),
+        progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),
+        argv=["portmesh", *sys.argv[1:]],
+        loop=opts["loop"],
+    )
+    return run_scan(cfg)

@@ -1,0 +1,201 @@
+"""TCP connect probe: a non-blocking connect() on a plain socket, no streams, no Task per flow.
+
+Per attempt: socket(), connect() (EINPROGRESS), one writer callback or one timer, SO_ERROR,
+close. Open sockets are closed with SO_LINGER 0 (an RST, no TIME_WAIT), so a sweep of tens of
+thousands of ports does not exhaust the ephemeral port range.
+
+States and reasons (nmap's words): open/syn-ack (or open/responder when our responder's token
+arrived), closed/conn-refused, filtered/no-response, filtered/host-unreach (connect() reports
+an ICMP admin-prohibited as EHOSTUNREACH too, so we cannot say admin-prohibited here),
+filtered/net-unreach, filtered/local-prohibited (our own host's firewall refused to send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from scanner.flows import Flow
+from scanner.probes.base import Outcome, ProbeOptions
+
+LINGER0 = struct.pack("ii", 1, 0)
+_SOL_SOCKET = socket.SOL_SOCKET
+_SO_ERROR = socket.SO_ERROR
+_SO_LINGER = socket.SO_LINGER
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_unpack_rtt = struct.Struct("I").unpack_from  # tcp_info.tcpi_rtt (microseconds) at offset 68
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+# errno -> (state, reason) for a connect that finished with an error
+_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ECONNREFUSED: ("closed", "conn-refused"),
+    errno.EHOSTUNREACH: ("filtered", "host-unreach"),
+    errno.ENETUNREACH: ("filtered", "net-unreach"),
+    errno.ETIMEDOUT: ("filtered", "no-response"),
+    errno.EPERM: ("filtered", "local-prohibited"),
+    errno.EACCES: ("filtered", "local-prohibited"),
+    errno.ECONNRESET: ("closed", "reset"),
+    errno.ENETDOWN: ("filtered", "net-down"),
+    errno.EHOSTDOWN: ("filtered", "host-down"),
+    errno.ENOPROTOOPT: ("filtered", "proto-unreach"),
+}
+# Resource errors: not a property of the target; the engine backs off and tries again.
+RESOURCE_ERRNOS = {
+    errno.EMFILE: "fd-exhausted",
+    errno.ENFILE: "fd-exhausted",
+    errno.ENOBUFS: "no-buffers",
+    errno.EADDRNOTAVAIL: "ephemeral-exhausted",
+    errno.EAGAIN: "ephemeral-exhausted",  # connect() on an exhausted port range (Linux)
+}
+RESOURCE_REASONS = frozenset(RESOURCE_ERRNOS.values())
+
+_OPEN = Outcome("open", "syn-ack")
+_SILENT = Outcome("filtered", "no-response", None, True)
+
+
+def _done(fut: asyncio.Future, value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+# How often an in-flight attempt re-reads the destination's current timeout. The first wave
+# of probes to a host starts with the initial --timeout; once the first answers arrive the
+# estimate drops (to 100 ms on a LAN) and those early probes must not wait the full second.
+RECHECK = 0.05
+
+
+class TcpProber:
+    proto = "tcp"
+    needs_raw = False
+
+    def __init__(self, opts: ProbeOptions | None = None) -> None:
+        self.opts = opts or ProbeOptions()
+        self.secret = self.opts.secret
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # set by the engine: destination -> its current adaptive timeout (seconds)
+        self.timeout_for: Callable[[str], float] | None = None
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def close(self) -> None:
+        pass
+
+    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+        loop = self.loop
+        assert loop is not None, "start() first"
+        family = socket.AF_INET6 if ":" in flow.dst else socket.AF_INET
+        try:
+            sock = socket.socket(family, _STREAM)
+        except OSError as e:
+            return Outcome("error", RESOURCE_ERRNOS.get(e.errno or 0, f"socket-{e.errno}"))
+        if self.opts.source:
+            try:
+                sock.bind((self.opts.source, 0))
+            except OSError as e:
+                sock.close()
+                return Outcome("error", f"bind-{errno.errorcode.get(e.errno or 0, e.errno)}")
+        fd = sock.fileno()
+        t0 = time.perf_counter()
+        err = sock.connect_ex((flow.dst, flow.port))
+        if err == errno.EINPROGRESS:
+            fut = loop.create_future()
+            loop.add_writer(fd, _done, fut, True)
+            timer = [
+                loop.call_later(min(timeout, RECHECK), self._expire, fut, t0, timeout, flow.dst)
+            ]
+            try:
+                await fut
+            finally:
+                loop.remove_writer(fd)
+                timer[0].cancel()
+            # Whether the writer or the timer fired first, the socket tells the truth: a busy
+            # loop may run an expired timer before it polls the already-writable socket.
+            err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+            if err == 0:
+                try:
+                    sock.getpeername()
+                except OSError:
+                    sock.close()
+                    return _SILENT
+        rtt = (time.perf_counter() - t0) * 1000.0
+        if err == 0:
+            # The kernel's own SYN/SYN-ACK RTT: our loop's queueing delay is not in it, so the
+            # adaptive timeouts follow the network, not how busy this process is.
+            try:  # noqa: SIM105 - hot path: contextlib.suppress costs a context manager per flow
+                rtt = _unpack_rtt(sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 104), 68)[0] / 1000.0
+            except (OSError, struct.error):
+                pass
+            if self.secret is not None:
+                reason = await self._read_token(sock, flow.port or 0, timeout)
+                sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
+                sock.close()
+                return Outcome("open", reason, rtt)
+            sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
+            sock.close()
+            return Outcome("open", "syn-ack", rtt)
+        sock.close()
+        res = RESOURCE_ERRNOS.get(err)
+        if res is not None:
+            return Outcome("error", res)
+        state, reason = _ERRORS.get(err, ("error", errno.errorcode.get(err, str(err)).lower()))
+        silent = reason == "no-response"
+        return Outcome(state, reason, None if silent else rtt, silent)
+
+    def _expire(
+        self, fut: asyncio.Future, t0: float, timeout: float, dst: str, timer: list | None = None
+    ) -> None:
+        if fut.done():
+            return
+        limit = timeout
+        if self.timeout_for is not None:
+            limit = min(timeout, self.timeout_for(dst))
+        left = limit - (time.perf_counter() - t0)
+        if left <= 0:
+            fut.set_result(False)
+            return
+        assert self.loop is not None
+        h = self.loop.call_later(min(left, RECHECK), self._expire, fut, t0, timeout, dst)
+        fut.add_done_callback(lambda _f: h.cancel())
+
+    async def _read_token(self, sock: socket.socket, port: int, timeout: float) -> str:
+        """Read our responder's token; 'responder' when it is ours, 'syn-ack' for anything else."""
+        from scanner.tags import TOKEN_LEN, tcp_token
+
+        loop = self.loop
+        assert loop is not None and self.secret is not None
+        want = tcp_token(self.secret, port)
+        got = b""
+        deadline = loop.time() + max(timeout, 0.2)
+        fd = sock.fileno()
+        while len(got) < TOKEN_LEN:
+            try:
+                chunk = sock.recv(TOKEN_LEN - len(got))
+            except BlockingIOError:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                fut = loop.create_future()
+                loop.add_reader(fd, _done, fut, True)
+                timer = loop.call_later(left, _done, fut, False)
+                try:
+                    await fut
+                finally:
+                    loop.remove_reader(fd)
+                    timer.cancel()
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        return "responder" if got == want else "syn-ack"
+
+
+def make_prober(opts: ProbeOptions | None = None) -> TcpProber:
+    return TcpProber(opts)

@@ -1,0 +1,183 @@
+"""Run flows through the engine and stream NDJSON: the one place that owns the event loop,
+signals, batching, progress and the start/summary records (used by scan, check and mesh agents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from scanner.engine import Engine, EngineConfig, Stats
+from scanner.flows import Flow
+from scanner.output import NdjsonOutput
+from scanner.results import Result, encode_results, new_scan_id, start_record, summary_record
+
+BATCH = 512  # results per write; a flush also happens every FLUSH_INTERVAL seconds
+FLUSH_INTERVAL = 0.2
+
+
+@dataclass
+class RunSpec:
+    flows: Iterator[Flow]
+    planned: int
+    engine: EngineConfig
+    argv: list[str]
+    output: NdjsonOutput
+    annotate: Callable[[Result], None] | None = None  # e.g. check's verdict
+    only: frozenset[str] | None = None  # print only these states (counts cover everything)
+    progress: bool = False
+    start_extra: dict[str, Any] = field(default_factory=dict)
+    summary_extra: Callable[[Stats], dict[str, Any]] | None = None
+    scan_id: str = field(default_factory=new_scan_id)
+    loop: str = "uvloop"  # or "asyncio"
+    on_result: Callable[[Result], None] | None = None  # sees every result (after annotate)
+
+
+@dataclass
+class RunOutcome:
+    stats: Stats
+    elapsed: float
+    interrupted: bool
+    summary: dict[str, Any]
+
+
+def new_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            sys.stderr.write("portmesh: uvloop is not available; using asyncio's event loop\n")
+    return asyncio.new_event_loop()
+
+
+def run(spec: RunSpec) -> RunOutcome:
+    loop = new_loop(spec.loop)
+    try:
+        return loop.run_until_complete(_run(spec))
+    finally:
+        loop.close()
+
+
+async def _run(spec: RunSpec) -> RunOutcome:
+    loop = asyncio.get_running_loop()
+    out = spec.output
+    scan_id = spec.scan_id
+    pending: list[Result] = []
+    only = spec.only
+    annotate = spec.annotate
+    on_result = spec.on_result
+
+    def flush() -> None:
+        if pending:
+            out.write(encode_results(pending, scan_id))
+            pending.clear()
+        out.flush()
+
+    def emit(r: Result) -> None:
+        if annotate is not None:
+            annotate(r)
+        if on_result is not None:
+            on_result(r)
+        if only is None or r.state in only or (r.verdict is not None and r.verdict in only):
+            pending.append(r)
+            if len(pending) >= BATCH:
+                out.write(encode_results(pending, scan_id))
+                pending.clear()
+
+    engine = Engine(spec.engine, emit, should_stop=lambda: out.dead)
+    interrupts = 0
+
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        engine.stop()
+        if interrupts == 1:
+            sys.stderr.write(
+                "\nportmesh: interrupted: finishing in-flight probes (Ctrl-C again to quit now)\n"
+            )
+        else:
+            # second Ctrl-C: stop waiting; complete lines only, then the summary
+            for t in asyncio.all_tasks(loop):
+                if t is not asyncio.current_task(loop):
+                    t.cancel()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_sigint)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    out.record(start_record(scan_id, spec.argv, spec.planned, **spec.start_extra))
+    out.flush()
+    t0 = time.perf_counter()
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            flush()
+            if spec.progress:
+                _progress(engine.stats.results, spec.planned, time.perf_counter() - t0)
+
+    tick = loop.create_task(ticker())
+    run_task = loop.create_task(engine.run(spec.flows))
+    try:
+        stats = await run_task
+    except asyncio.CancelledError:
+        stats = engine.stats
+        _fill_interrupted(engine, spec.flows)
+    finally:
+        tick.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    elapsed = time.perf_counter() - t0
+    if spec.progress:
+        _progress(stats.results, spec.planned, elapsed)
+        sys.stderr.write("\n")
+    flush()
+    extra: dict[str, Any] = {
+        "attempts": stats.attempts,
+        "retries": stats.retries,
+        "loss_observed": round(stats.loss(), 4),
+        "concurrency": engine.concurrency,
+    }
+    if stats.backoffs:
+        extra["backoffs"] = stats.backoffs
+    if stats.skipped:
+        extra["skipped"] = stats.skipped
+    if stats.interrupted:
+        extra["interrupted"] = True
+    if spec.summary_extra is not None:
+        extra.update(spec.summary_extra(stats))
+    summary = summary_record(
+        scan_id, spec.planned, stats.results, dict(stats.states), elapsed, **extra
+    )
+    out.record(summary)
+    out.close()
+    return RunOutcome(stats, elapsed, stats.interrupted, summary)
+
+
+def _fill_interrupted(engine: Engine, flows: Iterator[Flow]) -> None:
+    """After a hard stop, every flow without a result still gets one (error/interrupted)."""
+    # In-flight flows were cancelled mid-attempt; the engine lost track of which ones, so the
+    # count tells how many: results so far + the rest of the generator must equal planned.
+    now = time.time()
+    for flow in flows:
+        engine._emit(Result(flow, "error", "interrupted", None, 0, now))
+
+
+def _progress(done: int, total: int, elapsed: float) -> None:
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    pct = 100.0 * done / total if total else 100.0
+    eta_s = f"{eta:5.1f}s" if eta != float("inf") else "  -  "
+    sys.stderr.write(f"\r{done}/{total} ({pct:5.1f}%)  {rate:8.0f} flows/s  ETA {eta_s}  ")
+    sys.stderr.flush()

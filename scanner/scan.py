@@ -1,0 +1,40 @@
+"""`scan`: targets x ports -> flows -> engine -> NDJSON. The library side of `portmesh scan`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scanner.engine import EngineConfig
+from scanner.output import NdjsonOutput
+from scanner.runner import RunSpec, run
+from scanner.targets import Target, count_flows, iter_flows
+
+
+@dataclass
+class ScanConfig:
+    targets: list[Target]
+    ports: list[tuple[str, int]]
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: NdjsonOutput | None = None
+    extra: tuple[str, ...] = ()  # port-less protocols: "icmp", "ipip"
+    only: frozenset[str] | None = None
+    progress: bool = False
+    argv: list[str] = field(default_factory=list)
+    loop: str = "uvloop"
+
+
+def run_scan(cfg: ScanConfig) -> int:
+    """Run the scan; return the exit code (0 completed, 130 interrupted)."""
+    planned = count_flows(cfg.targets, cfg.ports, len(cfg.extra))
+    spec = RunSpec(
+        flows=iter_flows(cfg.targets, cfg.ports, cfg.extra),
+        planned=planned,
+        engine=cfg.engine,
+        argv=cfg.argv,
+        output=cfg.output or NdjsonOutput(),
+        only=cfg.only,
+        progress=cfg.progress,
+        loop=cfg.loop,
+    )
+    outcome = run(spec)
+    return 130 if outcome.interrupted else 0
