@@ -1,0 +1,141 @@
+"""Group failing directions so one fault reads as one finding (pure).
+
+A firewall fault has a shape: a host that drops a port from everyone (ingress), a host that
+cannot send it anywhere (egress), one direction of one pair (one-way), both directions of one
+pair. Given the failing cells of one requirement, ``group_cells`` covers them greedily with the
+largest such shapes first: a destination or a source shared by at least two failing cells
+becomes one finding; what is left is reported per pair, with the reverse direction's state.
+At 300 hosts a single bad host is one line, not 299.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from scanner.report.aggregate import STRIDE, Cell, PortSet, Requirement, Run
+
+# Finding kinds
+INGRESS = "ingress"  # one destination, several sources
+EGRESS = "egress"  # one source, several destinations
+ONE_WAY = "one-way"  # a -> b fails, b -> a passes
+BOTH = "both"  # a -> b and b -> a fail
+SINGLE = "single"  # a -> b fails, b -> a not required (or unknown)
+
+
+@dataclass
+class Finding:
+    kind: str
+    host: int  # ingress: the destination; egress: the source; pairs: the source (a)
+    peers: list[int]  # ingress: sources; egress: destinations; pairs: [b]
+    every: bool  # ingress/egress: the peers are every host required on the other side
+    required: int  # how many peers the requirement asks for on the other side
+    cells: list[int] = field(default_factory=list)  # the cell keys covered
+    reverse: str | None = None  # pairs: state of b -> a
+
+    def ports(self, req: Requirement) -> tuple[PortSet, PortSet]:
+        """(blocked ports, closed ports) over the finding's cells."""
+        blocked, closed = PortSet(), PortSet()
+        for k in self.cells:
+            c = req.cells[k]
+            if isinstance(c, Cell):
+                blocked.update(c.fail_ports)
+                closed.update(c.closed_ports)
+        return blocked, closed
+
+    def reasons(self, req: Requirement) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.cells:
+            c = req.cells[k]
+            if isinstance(c, Cell):
+                for r, n in c.reasons.items():
+                    out[r] = out.get(r, 0) + n
+        return out
+
+
+def failing_keys(req: Requirement, state: str = "fail") -> list[int]:
+    return sorted(k for k, c in req.cells.items() if isinstance(c, Cell) and c.state == state)
+
+
+def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2) -> list[Finding]:
+    """Cover ``keys`` (cells of ``req``) with findings, largest groups first."""
+    by_dst: dict[int, set[int]] = {}
+    by_src: dict[int, set[int]] = {}
+    for k in keys:
+        s, d = divmod(k, STRIDE)
+        by_dst.setdefault(d, set()).add(s)
+        by_src.setdefault(s, set()).add(d)
+    # how many peers each host has on the other side of this requirement (all cells)
+    n_srcs: dict[int, int] = {}
+    n_dsts: dict[int, int] = {}
+    for k in req.cells:
+        s, d = divmod(k, STRIDE)
+        n_srcs[d] = n_srcs.get(d, 0) + 1
+        n_dsts[s] = n_dsts.get(s, 0) + 1
+
+    out: list[Finding] = []
+    names = run.names
+    while True:
+        best_dst = max(by_dst.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=None)
+        best_src = max(by_src.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=None)
+        nd = len(best_dst[1]) if best_dst else 0
+        ns = len(best_src[1]) if best_src else 0
+        if max(nd, ns) < min_group:
+            break
+        if nd >= ns:  # ties go to ingress: a host's own input chain is the usual culprit
+            assert best_dst is not None
+            d, srcs = best_dst[0], sorted(best_dst[1], key=lambda i: names[i])
+            cells = [s * STRIDE + d for s in srcs]
+            out.append(Finding(INGRESS, d, srcs, len(srcs) == n_srcs[d], n_srcs[d], cells))
+        else:
+            assert best_src is not None
+            s, dsts = best_src[0], sorted(best_src[1], key=lambda i: names[i])
+            cells = [s * STRIDE + d for d in dsts]
+            out.append(Finding(EGRESS, s, dsts, len(dsts) == n_dsts[s], n_dsts[s], cells))
+        for k in cells:
+            s, d = divmod(k, STRIDE)
+            by_dst[d].discard(s)
+            by_src[s].discard(d)
+            if not by_dst[d]:
+                del by_dst[d]
+            if not by_src[s]:
+                del by_src[s]
+
+    left = sorted(
+        (s * STRIDE + d for s, ds in by_src.items() for d in ds),
+        key=lambda k: (names[k // STRIDE], names[k % STRIDE]),
+    )
+    done: set[int] = set()
+    for k in left:
+        if k in done:
+            continue
+        s, d = divmod(k, STRIDE)
+        rk = d * STRIDE + s
+        rstate = req.cell_state(rk)
+        if rstate == "pass":
+            kind = ONE_WAY
+        elif rstate == "fail" and rk in left and rk not in done:
+            kind = BOTH
+        else:
+            kind = SINGLE
+        cells = [k, rk] if kind == BOTH else [k]
+        done.update(cells)
+        out.append(Finding(kind, s, [d], False, 1, cells, rstate))
+    return out
+
+
+def iter_findings(run: Run) -> Iterator[tuple[Requirement, list[Finding], list[Finding]]]:
+    """(requirement, fail findings, unknown findings) for every requirement that did not pass."""
+    for key in sorted(run.reqs, key=natural_req_key):
+        req = run.reqs[key]
+        if not (req.nfail or req.nunknown):
+            continue
+        fails = group_cells(run, req, failing_keys(req, "fail"))
+        unknowns = group_cells(run, req, failing_keys(req, "unknown"))
+        yield req, fails, unknowns
+
+
+def natural_req_key(key: str) -> tuple:
+    from scanner.report.aggregate import natural_key
+
+    return natural_key(key)

@@ -1,0 +1,240 @@
+"""The text report: per requirement, each fault as one line, then a compact host x host matrix.
+
+Readable at 300 hosts: findings are grouped (see findings.py), host lists are compressed
+(node[1-40,42]), each requirement shows at most MAX_FINDINGS lines, and the matrix shows only
+hosts involved in a failure, at most MATRIX_MAX of them, with a legend.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+
+from scanner.report.aggregate import (
+    STRIDE,
+    Aggregate,
+    Cell,
+    PortSet,
+    Requirement,
+    Run,
+    compress_names,
+    natural_key,
+    port_label,
+)
+from scanner.report.findings import (
+    BOTH,
+    EGRESS,
+    INGRESS,
+    ONE_WAY,
+    Finding,
+    failing_keys,
+    iter_findings,
+)
+from scanner.report.reader import ReadStats
+
+MAX_FINDINGS = 15
+MATRIX_MAX = 40
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]:
+    """The report as lines (without newlines)."""
+    runs = list(agg.runs.values())
+    nres = sum(r.results for r in runs)
+    npairs = sum(r.pairs for r in runs)
+    head = (
+        f"portmesh report: {len(runs)} run{'s' if len(runs) != 1 else ''}, {nres} results "
+        f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
+    )
+    if npairs:
+        oneway = sum(r.pair_verdicts.get("one-way", 0) for r in runs)
+        head += f", {npairs} pair records ({oneway} one-way)"
+    yield head
+    for note in stats.notes() if stats else []:
+        yield f"note: {note}"
+    for run in runs:
+        yield ""
+        yield from _render_run(run, multi=len(runs) > 1)
+
+
+def _render_run(run: Run, multi: bool) -> Iterator[str]:
+    names = run.names
+    what = shlex.join(run.argv) if run.argv else "?"
+    yield (
+        f"run {run.scan_id}: {what}"
+        + (f", started {run.started}" if run.started else "")
+        + f", {len(names)} hosts, {run.results} results"
+    )
+    if run.summary and run.planned is not None and run.summary.get("results") != run.planned:
+        yield f"  warning: planned {run.planned} flows, summary counts {run.summary.get('results')}"
+    if run.summary is None and run.results:
+        yield "  warning: no summary record: the run was cut short or the input is partial"
+    for name in sorted(run.unreachable, key=natural_key):
+        yield f"  unreachable: {name} ({run.unreachable[name] or 'no reason given'})"
+
+    failed: list[Requirement] = []
+    passed: list[str] = []
+    found = sorted(iter_findings(run), key=lambda t: not t[1])  # failing first, stable
+    for req, fails, unknowns in found:
+        total = len(req.cells)
+        nf = len(failing_keys(req, "fail"))
+        nu = len(failing_keys(req, "unknown"))
+        label = port_label(req.proto, req.ports)
+        label = "" if label == req.key else f"  {label}"
+        if fails:
+            failed.append(req)
+            yield f"FAIL {req.key}{label}  {nf} of {total} directions fail" + (
+                f", {nu} unknown" if nu else ""
+            )
+        else:
+            yield f"UNKNOWN {req.key}{label}  {nu} of {total} directions undecided"
+        lines = [_fail_line(run, req, f) for f in fails]
+        lines += [_unknown_line(run, req, f) for f in unknowns]
+        for line in lines[:MAX_FINDINGS]:
+            yield f"  {line}"
+        if len(lines) > MAX_FINDINGS:
+            yield f"  ... {len(lines) - MAX_FINDINGS} more findings (see --format html)"
+    for key in sorted(run.reqs, key=natural_key):
+        req = run.reqs[key]
+        if not (req.nfail or req.nunknown):
+            passed.append(key)
+    if passed:
+        yield f"pass: {len(passed)} requirement{'s' if len(passed) != 1 else ''}: " + _cut(
+            ", ".join(passed), 300
+        )
+    if failed:
+        yield ""
+        yield from _matrix(run, failed)
+
+
+def _cut(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 4] + " ..."
+
+
+def _verb(reasons: dict[str, int]) -> tuple[str, str]:
+    """(present, participle) for how the packets were stopped, from the fail reasons."""
+    words = " ".join(reasons).lower()
+    if reasons and all(r.startswith("closed") for r in reasons):
+        return "refuses", "refused"
+    if any(w in words for w in ("unreach", "prohibit", "reject", "refused", "reset")):
+        return "rejects", "rejected"
+    if any(w in words for w in ("no-response", "timeout", "filtered")):
+        return "drops", "dropped"
+    return "blocks", "blocked"
+
+
+def _why(reasons: dict[str, int]) -> str:
+    if not reasons:
+        return ""
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])
+    return ", ".join(r for r, _ in top[:2]) + (", ..." if len(top) > 2 else "")
+
+
+def _ports_text(req: Requirement, blocked: PortSet, closed: PortSet) -> str:
+    text = port_label(req.proto, blocked) if blocked else ""
+    if closed:
+        c = port_label(req.proto, closed) + " closed (nothing listening)"
+        text = f"{text}; {c}" if text else c
+    return text or port_label(req.proto, req.ports)
+
+
+def _fail_line(run: Run, req: Requirement, f: Finding) -> str:
+    names = run.names
+    blocked, closed = f.ports(req)
+    ports = _ports_text(req, blocked, closed)
+    reasons = f.reasons(req)
+    present, participle = _verb(reasons)
+    why = _why(reasons)
+    host = names[f.host]
+    peers = compress_names(names[i] for i in f.peers)
+    if f.kind == INGRESS:
+        if f.every:
+            return (
+                f"{host} {present} {ports} from every peer ({len(f.peers)} sources: {peers}; {why})"
+            )
+        return (
+            f"{host}: {ports} {participle} from {peers} "
+            f"({len(f.peers)} of {f.required} sources; {why})"
+        )
+    if f.kind == EGRESS:
+        if f.every:
+            return f"{host} cannot reach {ports} on any peer ({len(f.peers)} destinations: {peers}; {why})"
+        return (
+            f"{host} -> {peers}: {ports} {participle} "
+            f"({len(f.peers)} of {f.required} destinations; {why})"
+        )
+    b = names[f.peers[0]]
+    if f.kind == ONE_WAY:
+        return f"one-way: {host} -> {b} {ports} {participle}, {b} -> {host} fine ({why})"
+    if f.kind == BOTH:
+        return f"{host} <-> {b}: {ports} {participle} both ways ({why})"
+    rev = "" if f.reverse is None else f", {b} -> {host} {f.reverse}"
+    return f"{host} -> {b}: {ports} {participle}{rev} ({why})"
+
+
+def _unknown_line(run: Run, req: Requirement, f: Finding) -> str:
+    names = run.names
+    ports = PortSet()
+    for k in f.cells:
+        c = req.cells[k]
+        if isinstance(c, Cell):
+            ports.update(c.unknown_ports)
+    label = port_label(req.proto, ports) if ports else port_label(req.proto, req.ports)
+    why = _why(f.reasons(req))
+    host = names[f.host]
+    peers = "every peer" if f.every else compress_names(names[i] for i in f.peers)
+    if f.kind == INGRESS:
+        return f"unknown: {label} to {host} from {peers} ({why})"
+    if f.kind == EGRESS:
+        return f"unknown: {label} from {host} to {peers} ({why})"
+    return f"unknown: {host} -> {names[f.peers[0]]} {label} ({why})"
+
+
+def _matrix(run: Run, failed: list[Requirement]) -> Iterator[str]:
+    """One matrix for all failed requirements: a letter per requirement, a digit when several."""
+    letters = {req.key: LETTERS[i] if i < len(LETTERS) else "#" for i, req in enumerate(failed)}
+    # per direction: the failing requirement keys; and which directions were required at all
+    fails: dict[int, list[str]] = {}
+    involvement: dict[int, int] = {}
+    for req in failed:
+        for k in failing_keys(req, "fail"):
+            fails.setdefault(k, []).append(req.key)
+            s, d = divmod(k, STRIDE)
+            involvement[s] = involvement.get(s, 0) + 1
+            involvement[d] = involvement.get(d, 0) + 1
+    hosts = sorted(involvement, key=lambda i: (-involvement[i], natural_key(run.names[i])))
+    hidden = len(hosts) - MATRIX_MAX
+    hosts = sorted(hosts[:MATRIX_MAX], key=lambda i: natural_key(run.names[i]))
+    yield (
+        "failure matrix (rows: source, columns: destination; "
+        ". pass, letter: the failing requirement, digit: that many failing, "
+        "? unknown, blank: not required, - self)"
+    )
+    for req in failed:
+        label = port_label(req.proto, req.ports)
+        yield f"  {letters[req.key]} = {req.key}" + ("" if label == req.key else f" {label}")
+    width = max(len(run.names[i]) for i in hosts)
+    n = len(hosts)
+    if n >= 10:
+        yield " " * (width + 7) + "".join(
+            str((j + 1) // 10 % 10) if j >= 9 else " " for j in range(n)
+        )
+    yield " " * (width + 7) + "".join(str((j + 1) % 10) for j in range(n))
+    for i, s in enumerate(hosts):
+        row = []
+        for d in hosts:
+            if s == d:
+                row.append("-")
+                continue
+            k = s * STRIDE + d
+            f = fails.get(k)
+            if f:
+                row.append(letters[f[0]] if len(f) == 1 else (str(len(f)) if len(f) < 10 else "*"))
+                continue
+            states = {req.cell_state(k) for req in failed} - {None}
+            row.append("" if not states else ("?" if "unknown" in states else "."))
+            if not states:
+                row[-1] = " "
+        yield f"{i + 1:>4}  {run.names[s]:<{width}} " + "".join(row)
+    if hidden > 0:
+        yield f"  (+{hidden} more hosts involved in failures not shown: see --format html)"
