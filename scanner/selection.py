@@ -1,0 +1,222 @@
+"""What to plan: the selection options shared by ``plan``, ``check`` and ``mesh``.
+
+``Selection`` is the planner's input beside the catalog and the site; ``selection_options`` is
+the click decorator that adds the shared flags, and ``SelectionOptions.resolve()`` turns them
+into ``(catalog, site, selection)``::
+
+    @click.command()
+    @selection_options
+    def command(selection_opts: SelectionOptions, ...) -> None:
+        catalog, site, selection = selection_opts.resolve(sources=..., scanner=...)
+
+Flags win over variables: ``--cni`` and ``--with`` / ``--without`` override every cluster's
+ClusterConfig in the planner, with the source "flag --cni" / "flag --with" / "flag --without".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from scanner.errors import InputError
+
+if TYPE_CHECKING:
+    from scanner.catalog import Catalog
+    from scanner.model import Site
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Planner options.
+
+    cni: --cni, overrides every cluster's CNI.
+    with_features / without_features: --with / --without, override every cluster's features.
+    nodeport_sample: None probes the full NodePort range per pair; K probes K ports spread
+        evenly over it plus both ends (the same ports for every pair).
+    sources: keep only flows whose src_host is in it (``check --from NAME``); None keeps all.
+    scanner: the host name the "scanner" source stands for (the host running the check); None
+        leaves such flows with src=None, src_host="scanner".
+    """
+
+    cni: str | None = None
+    with_features: frozenset[str] = frozenset()
+    without_features: frozenset[str] = frozenset()
+    nodeport_sample: int | None = None
+    sources: frozenset[str] | None = None
+    scanner: str | None = None
+
+    def validate(self, catalog: Catalog) -> Selection:
+        """Raise InputError for unknown features/CNIs or contradictory flags; return self."""
+        known = catalog.features()
+        for flag, names in (("--with", self.with_features), ("--without", self.without_features)):
+            for f in sorted(names):
+                if f not in known:
+                    raise InputError(f"{flag}: unknown feature {f!r} (known: {', '.join(known)})")
+        both = sorted(self.with_features & self.without_features)
+        if both:
+            raise InputError(f"--with and --without both name {both[0]!r}")
+        if self.cni is not None and self.cni not in catalog.cnis():
+            raise InputError(
+                f"--cni: unknown CNI {self.cni!r} (known: {', '.join(catalog.cnis())})"
+            )
+        if self.nodeport_sample is not None and self.nodeport_sample < 0:
+            raise InputError(f"--nodeport-sample: {self.nodeport_sample} is below 0")
+        return self
+
+
+def split_words(values: Iterable[str] | None) -> list[str]:
+    """``--with a,b --with c`` -> [a, b, c] (lower-cased, blanks dropped, order kept, no repeats)."""
+    out: list[str] = []
+    for v in values or ():
+        for w in str(v).split(","):
+            w = w.strip().lower()
+            if w and w not in out:
+                out.append(w)
+    return out
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """The raw shared flags, as typed."""
+
+    inventories: tuple[str, ...] = ()
+    vars_files: tuple[str, ...] = ()
+    hosts: str | None = None
+    role: str = "node"
+    cni: str | None = None
+    with_features: tuple[str, ...] = ()
+    without_features: tuple[str, ...] = ()
+    catalog_files: tuple[str, ...] = ()
+    nodeport_sample: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(
+        self, sources: Iterable[str] | None = None, scanner: str | None = None
+    ) -> tuple[Catalog, Site, Selection]:
+        """Load the catalog and the site and build the validated Selection."""
+        from scanner.catalog import load_catalog
+        from scanner.inventory import load_site
+
+        catalog = load_catalog(self.catalog_files)
+        selection = self.selection(catalog, sources=sources, scanner=scanner)
+        hosts = split_hosts(self.hosts)
+        if not hosts and not self.inventories:
+            raise InputError("no hosts: give --inventory FILE or --hosts a,b,c")
+        site = load_site(
+            inventories=self.inventories, vars_files=self.vars_files, hosts=hosts, role=self.role
+        )
+        if sources is not None:
+            names = {h.name for h in site.hosts()} | {"scanner"}
+            if scanner:
+                names.add(scanner)
+            missing = sorted(set(sources) - names)
+            if missing:
+                where = site.source or "the site"
+                raise InputError(f"--from: no host named {missing[0]!r} in {where}")
+        return catalog, site, selection
+
+    def selection(
+        self, catalog: Catalog, sources: Iterable[str] | None = None, scanner: str | None = None
+    ) -> Selection:
+        cni = self.cni.strip().lower() if self.cni and self.cni.strip() else None
+        return Selection(
+            cni=cni,
+            with_features=frozenset(split_words(self.with_features)),
+            without_features=frozenset(split_words(self.without_features)),
+            nodeport_sample=self.nodeport_sample,
+            sources=None if sources is None else frozenset(sources),
+            scanner=scanner,
+        ).validate(catalog)
+
+
+def split_hosts(value: str | Sequence[str] | None) -> list[str]:
+    if not value:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [h.strip() for item in items for h in item.split(",") if h.strip()]
+
+
+def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared selection flags; the command receives them as ``selection_opts``."""
+    import click
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opts = SelectionOptions(
+            inventories=tuple(kwargs.pop("inventory") or ()),
+            vars_files=tuple(kwargs.pop("vars_files") or ()),
+            hosts=",".join(kwargs.pop("hosts") or ()) or None,
+            role=kwargs.pop("role"),
+            cni=kwargs.pop("cni"),
+            with_features=tuple(kwargs.pop("with_features") or ()),
+            without_features=tuple(kwargs.pop("without_features") or ()),
+            catalog_files=tuple(kwargs.pop("catalog_files") or ()),
+            nodeport_sample=kwargs.pop("nodeport_sample"),
+        )
+        return f(*args, selection_opts=opts, **kwargs)
+
+    options = [
+        click.option(
+            "--inventory",
+            "-i",
+            "inventory",
+            multiple=True,
+            metavar="FILE",
+            help="Kubespray/Kubean inventory (YAML, INI, hosts ConfigMap) or site file; repeatable.",
+        ),
+        click.option(
+            "--vars",
+            "vars_files",
+            multiple=True,
+            metavar="FILE",
+            help="kubespray group_vars YAML or a vars ConfigMap; repeatable, later wins.",
+        ),
+        click.option(
+            "--hosts",
+            "hosts",
+            multiple=True,
+            metavar="A,B,C",
+            help="Plain host list (names or addresses) instead of an inventory.",
+        ),
+        click.option(
+            "--role",
+            default="node",
+            show_default=True,
+            metavar="ROLE",
+            help="Role of the --hosts hosts (node, control_plane, worker, etcd, ...).",
+        ),
+        click.option("--cni", metavar="NAME", help="CNI of every cluster (overrides the vars)."),
+        click.option(
+            "--with",
+            "with_features",
+            multiple=True,
+            metavar="FEATURE,...",
+            help="Turn features on (vxlan, ipip, bgp, typha, wireguard, metallb, kube-vip, ...).",
+        ),
+        click.option(
+            "--without",
+            "without_features",
+            multiple=True,
+            metavar="FEATURE,...",
+            help="Turn features off.",
+        ),
+        click.option(
+            "--catalog",
+            "catalog_files",
+            multiple=True,
+            metavar="FILE",
+            help="Extra catalog file (same format; same id overrides); repeatable.",
+        ),
+        click.option(
+            "--nodeport-sample",
+            type=click.IntRange(min=0),
+            default=None,
+            metavar="K",
+            help="Probe K NodePorts per pair spread over the range, plus both ends (default: all).",
+        ),
+    ]
+    for opt in reversed(options):
+        wrapper = opt(wrapper)
+    return wrapper
