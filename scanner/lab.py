@@ -336,6 +336,55 @@ class Lab:
                 errors.append(f"ip {' '.join(args[:2])}: {err.strip()}")
         if errors:
             raise LabError("lab setup failed: " + "; ".join(errors))
+        self._wait_links_up()
+
+    def _wait_links_up(self, timeout: float = 5.0) -> None:
+        # A link set up is not yet passing packets: the kernel's linkwatch applies carrier
+        # changes (and attaches the real qdisc) in deferred work, rate-limited to one batch a
+        # second, so the first packets of a fresh lab can vanish (measured here: one bridge port
+        # stayed DOWN for 0.5 s, and the first connect of a test took 1 s, one SYN retransmit).
+        # Wait until every lab link reports operstate UP and every bridge port forwards.
+        nss = self.namespaces()
+        want_ports = len(self.hosts) + (1 if self.root_if else 0)
+        deadline = time.monotonic() + timeout
+        while True:
+            procs = [
+                subprocess.Popen(
+                    ["ip", "-n", ns, "-o", "link", "show"], stdout=subprocess.PIPE, text=True
+                )
+                for ns in nss
+            ]
+            if self.root_if:
+                procs.append(
+                    subprocess.Popen(
+                        ["ip", "-o", "link", "show", self.root_if],
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            procs.append(
+                subprocess.Popen(
+                    ["bridge", "-n", self.switch_ns, "link", "show"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                if shutil.which("bridge")
+                else subprocess.Popen(["true"], stdout=subprocess.PIPE, text=True)
+            )
+            outs = [p.communicate()[0] for p in procs]
+            bridge_out = outs.pop()
+            down = [
+                line.split(":")[1].strip()
+                for out in outs
+                for line in out.splitlines()
+                if not re.match(r"^\d+:\s+lo:", line) and "state UP" not in line
+            ]
+            forwarding = bridge_out.count("state forwarding") if bridge_out else want_ports
+            if not down and forwarding >= want_ports:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"lab links did not come up within {timeout:g} s: {', '.join(down)}")
+            time.sleep(0.03)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -423,6 +472,18 @@ class Lab:
             lines = [ln.strip() for ln in cp.stderr.splitlines() if "Error" in ln]
             err = "; ".join(lines or [cp.stderr.strip()])
             raise LabError(f"nft in lab host {host!r} failed: {err}")
+
+    def apply_faults(self, faults: list) -> None:
+        """Load the nftables rules of these faults (scanner.faults.Fault) into every lab host.
+
+        Each host's table ``inet portmesh`` is replaced as a whole, so applying a new set removes
+        the old one; hosts without faults get an empty table.
+        """
+        from scanner.faults import check_hosts, nft_ruleset
+
+        check_hosts(faults, self.host_names())
+        for h in self.hosts:
+            self.nft(h.name, nft_ruleset([f for f in faults if f.host == h.name], self))
 
     def exec_template(self) -> str:
         """The mesh's --exec template: how a command reaches a lab host ({name} placeholder)."""
