@@ -168,7 +168,7 @@ def render_fix(
         out.append(f"  # {_c(hf.name)} ({hf.addr or 'address unknown'})")
         if kind == "nftables":
             out.append(
-                f"  nft list chain {family} {table} {nft_chain} >/dev/null || "
+                f'  [ -n "${{DRY_RUN:-}}" ] || nft list chain {family} {table} {nft_chain} >/dev/null || '
                 f"{{ echo 'no chain {family} {table} {nft_chain} on this host: "
                 "regenerate with --nft-table/--nft-chain' >&2; return 1; }"
             )
@@ -213,7 +213,7 @@ def _dispatch(hosts: list[HostFix]) -> list[str]:
 
 def _c(s: str) -> str:
     """Safe inside a shell comment or a double-quoted echo: one line, no quotes or expansions."""
-    return re.sub(r"[^\w .,:;/()\[\]+=@<>-]", "?", s.replace("\n", " "))
+    return re.sub(r"[^\w .,:;/()\[\]+=@<>|-]", "?", s.replace("\n", " "))
 
 
 def _split_sources(op: Opening) -> tuple[list[str], list[str], bool]:
