@@ -197,6 +197,9 @@ def parse_yaml_inventory(data: Any, where: str) -> Inventory:
     inv = Inventory(where)
     inv.group("all").defined = True
 
+    done: set[tuple[str, int]] = set()
+    active: set[int] = set()
+
     def walk(name: Any, body: Any, depth: int) -> None:
         if not isinstance(name, str) or not _GROUP_NAME.match(name):
             raise InventoryError(f"{where}: bad group name {name!r}")
@@ -209,6 +212,12 @@ def parse_yaml_inventory(data: Any, where: str) -> Inventory:
             raise InventoryError(
                 f"{where}: group {name}: expected hosts/children/vars, got {type(body).__name__}"
             )
+        # YAML aliases can share one body between groups, or nest a group in itself
+        if id(body) in active:
+            raise InventoryError(f"{where}: group {name} contains itself (a YAML alias cycle)")
+        if (name, id(body)) in done:
+            return
+        done.add((name, id(body)))
         g.defined = True
         for key in body:
             if key not in ("hosts", "children", "vars"):
@@ -237,7 +246,9 @@ def parse_yaml_inventory(data: Any, where: str) -> Inventory:
             for child, cbody in children.items():
                 if isinstance(child, str) and child not in g.children:
                     g.children.append(child)
+                active.add(id(body))
                 walk(child, cbody, depth + 1)
+                active.discard(id(body))
 
     for name, body in data.items():
         walk(name, body, 0)
@@ -531,7 +542,8 @@ def read_inventory_file(path: str) -> list[_ClusterSource] | _SiteDoc:
     text = kubean.read_text(path, "inventory")
     stem = Path(path).stem or "cluster"
     if looks_like_ini(text):
-        return [_ClusterSource(stem, parse_ini_inventory(text, path), [])]
+        ini = parse_ini_inventory(text, path)
+        return [_ClusterSource(stem, ini, ini.vars_layers())]
     docs = [d for d in kubean.load_yaml_documents(text, path) if d is not None]
     if not docs:
         raise InventoryError(f"{path}: empty inventory")
@@ -550,7 +562,8 @@ def read_inventory_file(path: str) -> list[_ClusterSource] | _SiteDoc:
             raise InventoryError(f"{path}: site file: {key} must be a mapping")
         return _SiteDoc(path, body)
     if len(docs) == 1 and isinstance(first, str) and "=" in first:
-        return [_ClusterSource(stem, parse_ini_inventory(text, path), [])]
+        ini = parse_ini_inventory(text, path)
+        return [_ClusterSource(stem, ini, ini.vars_layers())]
     if len(docs) > 1:
         raise InventoryError(f"{path}: several YAML documents, but none is a Kubernetes object")
     inv = parse_yaml_inventory(first, path)
@@ -631,20 +644,19 @@ def load_site(
 
 
 def _validated(site: Site) -> Site:
+    """Host names may repeat across clusters (Kubean names every cluster's hosts node1...), but
+    one address in two clusters is one machine claimed twice."""
     seen: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for c in site.clusters:
         for h in c.hosts:
-            other = seen.get(h.name)
-            if other is not None:
-                where = site.source or "inventory"
-                if other == c.name:
-                    raise InventoryError(
-                        f"{where}: host {h.name} appears twice in cluster {c.name}"
-                    )
+            seen.setdefault(h.name, c.name)
+            other = owner.setdefault(_norm(h.address), (h.name, c.name))
+            if other[1] != c.name:
                 raise InventoryError(
-                    f"{where}: host {h.name} is in both cluster {other} and cluster {c.name}"
+                    f"{site.source}: address {h.address} is host {other[0]} of cluster {other[1]}"
+                    f" and host {h.name} of cluster {c.name}"
                 )
-            seen[h.name] = c.name
     if site.bootstrap is not None and site.bootstrap.name in seen:
         raise InventoryError(
             f"{site.source}: bootstrap name {site.bootstrap.name} is also a host of cluster"

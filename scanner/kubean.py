@@ -224,9 +224,10 @@ def merge_vars(layers: Sequence[VarsLayer]) -> MergedVars:
 # --------------------------------------------------------------------------- Jinja references
 
 _UNRESOLVED = object()
-_EXPR = re.compile(r"\{\{(.*?)\}\}", re.S)
+_EXPR = re.compile(r"\{\{((?:(?!\}\}).)*?)\}\}", re.S)  # one {{ ... }}, never across "}}"
 _NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\Z")
 _SCALARS = (str, int, float, bool)
+MAX_RENDERED = 65536
 
 
 def is_template(value: Any) -> bool:
@@ -237,7 +238,8 @@ def _render(template: str, lookup: Callable[[str], Any]) -> Any:
     """Substitute ``{{ name }}`` references; anything else Jinja can do is not guessed."""
     if "{%" in template or "{#" in template:
         return _UNRESOLVED
-    if "{{" in _EXPR.sub("", template) or "}}" in _EXPR.sub("", template):
+    rest = _EXPR.sub("", template)
+    if "{{" in rest or "}}" in rest:
         return _UNRESOLVED  # an unbalanced brace pair
     whole = _EXPR.fullmatch(template.strip())
     if whole and template == template.strip():
@@ -257,7 +259,8 @@ def _render(template: str, lookup: Callable[[str], Any]) -> Any:
         return str(value)
 
     out = _EXPR.sub(sub, template)
-    return _UNRESOLVED if failed else out
+    # "{{ b }}{{ b }}" chains double at every level; a value this long is no address or mode
+    return _UNRESOLVED if failed or len(out) > MAX_RENDERED else out
 
 
 def resolve_templates(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -215,6 +215,14 @@ def test_template_cycles_are_unresolved_not_infinite():
     assert resolved["e"] == "ok 1"
 
 
+def test_template_blowup_is_bounded():
+    values = {f"v{i}": f"{{{{ v{i + 1} }}}}{{{{ v{i + 1} }}}}" for i in range(80)}
+    values["v80"] = "x"
+    resolved, unresolved = resolve_templates(values)
+    assert resolved["v70"] == "x" * 1024
+    assert "v0" in unresolved
+
+
 def test_resolved_template_feeds_the_config_and_the_source_shows_it():
     layers = [
         VarsLayer("a.yml", {"bootstrap": "198.18.0.2", "registry_host": "{{ bootstrap }}:5000"}),
