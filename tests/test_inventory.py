@@ -686,3 +686,24 @@ def test_plan_with_broken_inventory_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(p) in lines[0] and "YAML error at line" in lines[0]
+
+
+def test_documented_example_is_the_fixture(tmp_path):
+    """The site file example in docs/site-file.md loads, and means what the fixture means."""
+    import re
+    import shutil
+
+    doc = (ROOT / "docs" / "site-file.md").read_text()
+    example = re.search(r"```yaml\n(portmesh_site:.*?)```", doc, re.S).group(1)
+    shutil.copytree(DATA / "site", tmp_path / "site")
+    (tmp_path / "site" / "site.yml").write_text(example)
+    documented = load_site([str(tmp_path / "site" / "site.yml")])
+    fixture = load_site([inv("site/site.yml")])
+    assert [(h.name, h.address, h.roles, h.cluster) for h in documented.hosts()] == [
+        (h.name, h.address, h.roles, h.cluster) for h in fixture.hosts()
+    ]
+    assert documented.vips == fixture.vips
+    assert [c.vips for c in documented.clusters] == [c.vips for c in fixture.clusters]
+    assert [{k: s.value for k, s in c.config.features.items()} for c in documented.clusters] == [
+        {k: s.value for k, s in c.config.features.items()} for c in fixture.clusters
+    ]
