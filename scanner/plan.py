@@ -226,6 +226,32 @@ def explain(catalog: Catalog, site: Site, selection: Selection) -> Iterator[dict
         }
 
 
+def flow_record(f: Flow) -> dict[str, Any]:
+    """The NDJSON record of one planned flow (``portmesh plan``)."""
+    return {
+        "type": "flow",
+        "src": f.src,
+        "src_host": f.src_host,
+        "dst": f.dst,
+        "host": f.host,
+        "proto": f.proto,
+        "port": f.port,
+        "req": f.req,
+    }
+
+
+def requirements_for(catalog: Catalog, selection: Selection) -> Iterator[Requirement]:
+    """The entries that apply to a cluster with the selection's CNI and features (on top of the
+    defaults); cluster-kind conditions are not checked (``portmesh catalog --cni/--with``)."""
+    eff = effective(Cluster("catalog", "standalone", ()), selection)
+    for req in catalog:
+        cond = req.condition
+        if cond.cni and eff.cni.value not in cond.cni:
+            continue
+        if all(eff.feature(f).value for f in cond.features):
+            yield req
+
+
 def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, Any]:
     """What the plan was built from, for the start record of plan/check/mesh."""
     k = selection.nodeport_sample

@@ -1,0 +1,183 @@
+"""`portmesh catalog` and `portmesh plan` as a user runs them: real processes, exit codes 0/2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from scanner.catalog import load_catalog
+
+HOSTS = "a=198.18.9.1,b=198.18.9.2,c=198.18.9.3"
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scanner", *args], capture_output=True, timeout=timeout
+    )
+
+
+def lines(out: bytes) -> list[dict]:
+    return [orjson.loads(x) for x in out.splitlines()]
+
+
+def test_plan_ndjson_meta_then_flows_and_count_agrees():
+    p = run("plan", "--hosts", HOSTS, "--nodeport-sample", "2")
+    assert p.returncode == 0, p.stderr
+    recs = lines(p.stdout)
+    assert recs[0]["type"] == "plan"
+    assert recs[0]["nodeport"] == "sample" and recs[0]["nodeport_sample"] == 2
+    flows = recs[1:]
+    assert flows and all(r["type"] == "flow" for r in flows)
+    assert set(flows[0]) == {"type", "src", "src_host", "dst", "host", "proto", "port", "req"}
+    assert all(r["src_host"] != r["host"] for r in flows)
+    ports = {r["port"] for r in flows if r["req"] == "k8s.nodeport"}
+    assert ports == {30000, 30922, 31845, 32767}  # K=2 spread + both ends
+    c = run("plan", "--hosts", HOSTS, "--nodeport-sample", "2", "--count")
+    assert c.returncode == 0, c.stderr
+    assert lines(c.stdout)[0]["flows"] == len(flows)
+    t = run("plan", "--hosts", HOSTS, "--nodeport-sample", "2", "--count", "--format", "table")
+    assert t.stdout == f"{len(flows)}\n".encode()
+
+
+def test_plan_from_one_host_and_flags():
+    p = run("plan", "--hosts", HOSTS, "--from", "b", "--with", "metallb", "--without", "vxlan")
+    assert p.returncode == 0, p.stderr
+    flows = lines(p.stdout)[1:]
+    assert {r["src_host"] for r in flows} == {"b"}
+    reqs = {r["req"] for r in flows}
+    assert "metallb.memberlist.udp" in reqs and "calico.vxlan" not in reqs
+
+
+def test_plan_explain():
+    p = run("plan", "--hosts", HOSTS, "--cni", "cilium", "--explain")
+    assert p.returncode == 0, p.stderr
+    recs = {r["req"]: r for r in lines(p.stdout)}
+    assert len(recs) == len(load_catalog())
+    assert recs["cilium.health"]["included"] and "flag --cni" in recs["cilium.health"]["why"]
+    assert not recs["calico.vxlan"]["included"]
+
+
+INVENTORY = """\
+all:
+  hosts:
+    cp1: {ansible_host: 198.18.7.1}
+    n1: {ansible_host: 198.18.7.2}
+    n2: {ansible_host: 198.18.7.3}
+  children:
+    kube_control_plane: {hosts: {cp1: {}}}
+    kube_node: {hosts: {n1: {}, n2: {}}}
+    etcd: {hosts: {cp1: {}}}
+    k8s_cluster: {children: {kube_control_plane: {}, kube_node: {}}}
+"""
+
+
+def test_plan_from_an_inventory_and_vars(tmp_path):
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(INVENTORY)
+    gv = tmp_path / "vars.yml"
+    gv.write_text(
+        "calico_network_backend: bird\ncalico_ipip_mode: Always\ncalico_vxlan_mode: Never\n"
+    )
+    p = run("plan", "-i", str(inv), "--vars", str(gv), "--nodeport-sample", "0")
+    assert p.returncode == 0, p.stderr
+    flows = lines(p.stdout)[1:]
+    reqs = {r["req"] for r in flows}
+    assert {"calico.ipip", "calico.bgp"} <= reqs and "calico.vxlan" not in reqs
+    assert {(r["src_host"], r["host"]) for r in flows if r["req"] == "etcd.client"} == {
+        ("n1", "cp1"),
+        ("n2", "cp1"),
+    }
+    # the flag wins over the variable
+    p = run("plan", "-i", str(inv), "--vars", str(gv), "--without", "ipip", "--explain")
+    rec = {r["req"]: r for r in lines(p.stdout)}
+    assert not rec["calico.ipip"]["included"] and "flag --without" in rec["calico.ipip"]["why"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("plan",), b"--inventory"),
+        (("plan", "--hosts", HOSTS, "--with", "bogus"), b"unknown feature 'bogus'"),
+        (("plan", "--hosts", HOSTS, "--cni", "cillium"), b"unknown CNI 'cillium'"),
+        (("plan", "--hosts", HOSTS, "--with", "ipip", "--without", "ipip"), b"both name"),
+        (("plan", "--hosts", HOSTS, "--nodeport-sample", "-1"), b"nodeport-sample"),
+        (("plan", "--hosts", HOSTS, "--count", "--explain"), b"not both"),
+        (("plan", "--hosts", HOSTS, "--from", "zz"), b"no host named 'zz'"),
+        (("plan", "--hosts", HOSTS, "--format", "xml"), b"format"),
+        (("plan", "-i", "/nonexistent/hosts.yml"), b"/nonexistent/hosts.yml"),
+        (("plan", "--hosts", HOSTS, "--catalog", "/nonexistent/c.toml"), b"/nonexistent/c.toml"),
+        (("catalog", "--with", "nope"), b"unknown feature 'nope'"),
+        (("catalog", "--format", "yaml"), b"format"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, words):
+    p = run(*args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.startswith(b"portmesh: ")
+    assert p.stderr.count(b"\n") == 1 and b"Traceback" not in p.stderr
+    assert words in p.stderr
+
+
+def test_bad_catalog_file_names_file_entry_field(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        '[[requirement]]\nid = "x.y"\ncomponent = "x"\nproto = "sctp"\nports = "1"\n'
+        'description = "x"\ndst_role = "node"\nsrc_roles = ["node"]\n'
+    )
+    p = run("plan", "--hosts", HOSTS, "--catalog", str(path))
+    assert p.returncode == 2
+    assert str(path).encode() in p.stderr
+    assert b"requirement 'x.y'" in p.stderr and b"'proto'" in p.stderr
+
+
+def test_plan_into_a_closed_pipe_is_quiet():
+    hosts = ",".join(f"h{i}=198.18.8.{i}" for i in range(1, 31))  # ~2.4 million flows
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scanner", "plan", "--hosts", hosts],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert orjson.loads(first)["type"] == "plan"
+    assert rc == 0, err
+    assert b"Traceback" not in err and b"Broken" not in err
+
+
+def test_catalog_ndjson_lists_every_entry():
+    p = run("catalog")
+    assert p.returncode == 0, p.stderr
+    recs = lines(p.stdout)
+    assert [r["id"] for r in recs] == [r.id for r in load_catalog()]
+    keys = {"id", "component", "proto", "ports", "description", "dst_role", "src_roles"}
+    assert all(keys | {"condition", "reference"} <= set(r) for r in recs)
+
+
+def test_catalog_filters_and_formats(tmp_path):
+    p = run("catalog", "--cni", "cilium", "--format", "ndjson")
+    ids = {r["id"] for r in lines(p.stdout)}
+    assert "cilium.health" in ids and "cilium.wireguard" not in ids
+    assert "calico.vxlan" not in ids and "etcd.client" in ids and "metallb.metrics.tcp" not in ids
+    p = run("catalog", "--with", "metallb,wireguard")
+    ids = {r["id"] for r in lines(p.stdout)}
+    assert {"metallb.metrics.tcp", "calico.wireguard", "calico.vxlan"} <= ids
+    assert "cilium.wireguard" not in ids and "calico.ipip" not in ids
+    t = run("catalog", "--format", "table").stdout.decode()
+    assert t.splitlines()[0].split()[:3] == ["ID", "PROTO", "PORTS"]
+    assert any(line.startswith("calico.vxlan ") and " udp " in line for line in t.splitlines())
+    m = run("catalog", "--format", "markdown").stdout.decode()
+    assert m.startswith("| id | proto | ports |")
+    assert "`k8s.scheduler`" in m and "swaps 10257 and 10259" in m
+    extra = tmp_path / "extra.toml"
+    extra.write_text(
+        '[[requirement]]\nid = "harbor.https"\ncomponent = "harbor"\nproto = "tcp"\n'
+        'ports = "8443"\ndescription = "Harbor"\ndst_role = "bootstrap"\nsrc_roles = ["node"]\n'
+    )
+    recs = lines(run("catalog", "--catalog", str(extra)).stdout)
+    assert recs[-1]["id"] == "harbor.https"
