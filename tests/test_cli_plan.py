@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -181,3 +182,24 @@ def test_catalog_filters_and_formats(tmp_path):
     )
     recs = lines(run("catalog", "--catalog", str(extra)).stdout)
     assert recs[-1]["id"] == "harbor.https"
+
+
+SITE_FILE = pathlib.Path(__file__).parent / "data" / "inventories" / "site" / "site.yml"
+
+
+@pytest.mark.skipif(not SITE_FILE.exists(), reason="the site-file fixture of the inventory tests")
+def test_plan_of_a_dce_site_file():
+    p = run("plan", "-i", str(SITE_FILE), "--explain")
+    assert p.returncode == 0, p.stderr
+    rec = {(r["req"], r["cluster"]): r for r in lines(p.stdout)}
+    included = {k for k, r in rec.items() if r["included"]}
+    kinds = {r["cluster"]: r["kind"] for r in rec.values()}
+    glob = [c for c, k in kinds.items() if k == "global"]
+    workers = [c for c, k in kinds.items() if k == "worker"]
+    assert len(glob) == 1 and workers
+    assert {("istio.gateway.https", glob[0]), ("insight.logs", glob[0])} <= included
+    for w in workers:
+        assert ("worker.apiserver", w) in included and ("worker.ssh", w) in included
+        assert ("istio.gateway.https", w) not in included
+    n = lines(run("plan", "-i", str(SITE_FILE), "--count").stdout)[0]["flows"]
+    assert n == sum(r["flows"] for r in rec.values())
