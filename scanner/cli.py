@@ -80,7 +80,20 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
-    sys.exit(rv if isinstance(rv, int) else 0)
+    code = rv if isinstance(rv, int) else 0
+    if FAST_EXIT:
+        # Every output file was closed by the command: skip the interpreter's teardown
+        # (~15 ms of module and object finalisation that a 0.2 s scan would notice).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(code)
+    sys.exit(code)
+
+
+# Set by commands whose every output is closed before they return (scan, check).
+FAST_EXIT = False
 
 
 def _quiet_broken_pipe() -> None:

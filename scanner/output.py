@@ -18,8 +18,9 @@ FLUSH_BYTES = 1 << 16
 
 
 class NdjsonOutput:
-    def __init__(self, path: str | None = None, stdout: bool = True) -> None:
-        self._fd: int | None = sys.stdout.fileno() if stdout else None
+    def __init__(self, path: str | None = None, stdout: bool = True, fd: int | None = None) -> None:
+        self._fd: int | None = fd if fd is not None else (sys.stdout.fileno() if stdout else None)
+        self._is_stdout = fd is None
         self._file: BinaryIO | None = None
         if path is not None:
             try:
@@ -74,10 +75,19 @@ class NdjsonOutput:
             except OSError as e:
                 if e.errno in (errno.EPIPE, errno.EBADF, errno.ECONNRESET):
                     self.stdout_closed = True
-                    _silence_stdout()
+                    if self._is_stdout:
+                        _silence_stdout()
                     return
                 raise
             view = view[n:]
+
+    def write_raw(self, data: bytes) -> None:
+        """Complete lines produced elsewhere (a shard process), written through at once."""
+        self.flush()
+        if self._file is not None:
+            self._file.write(data)
+        if self._fd is not None and not self.stdout_closed:
+            self._write_fd(data)
 
     def close(self) -> None:
         self.flush()

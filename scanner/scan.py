@@ -21,6 +21,7 @@ class ScanConfig:
     progress: bool = False
     argv: list[str] = field(default_factory=list)
     loop: str = "uvloop"
+    workers: int | None = None
 
 
 def run_scan(cfg: ScanConfig) -> int:
@@ -35,6 +36,10 @@ def run_scan(cfg: ScanConfig) -> int:
         only=cfg.only,
         progress=cfg.progress,
         loop=cfg.loop,
+        workers=cfg.workers,
     )
     outcome = run(spec)
+    import scanner.cli
+
+    scanner.cli.FAST_EXIT = True
     return 130 if outcome.interrupted else 0

@@ -42,7 +42,7 @@ def engine_options(f: Callable) -> Callable:
             help="Timeout of the first probe to a host; later ones adapt to the measured RTT.",
         ),
         click.option(
-            "--min-timeout", type=float, default=0.1, show_default=True, metavar="SECONDS"
+            "--min-timeout", type=float, default=0.05, show_default=True, metavar="SECONDS"
         ),
         click.option(
             "--max-timeout", type=float, default=3.0, show_default=True, metavar="SECONDS"
@@ -85,6 +85,13 @@ def engine_options(f: Callable) -> Callable:
             help="UDP payload kind for a port: vxlan, wireguard, memberlist, tag, empty.",
         ),
         click.option("--source", default=None, metavar="ADDR", help="Local address to probe from."),
+        click.option(
+            "--workers",
+            type=int,
+            default=None,
+            metavar="N",
+            help="Shard processes (default: one per core, at most 4, for plans of 1,000+ flows).",
+        ),
         click.option(
             "--loop",
             type=click.Choice(["uvloop", "asyncio"]),
@@ -148,6 +155,7 @@ def build_engine_config(opts: dict[str, Any]):
     positive("max_timeout", opts["max_timeout"])
     positive("retries", opts["retries"], zero_ok=True)
     positive("max_retries", opts["max_retries"], zero_ok=True)
+    positive("workers", opts["workers"])
     if not 0 <= opts["vxlan_vni"] < 1 << 24:
         raise InputError(f"--vxlan-vni must be 0-16777215, got {opts['vxlan_vni']}")
     payloads: dict[int, str] = {}

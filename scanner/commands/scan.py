@@ -68,5 +68,6 @@ def command(
         progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),
         argv=["portmesh", *sys.argv[1:]],
         loop=opts["loop"],
+        workers=opts["workers"],
     )
     return run_scan(cfg)

@@ -12,8 +12,11 @@ filtered/net-unreach, filtered/local-prohibited (our own host's firewall refused
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import heapq
+import select
 import socket
 import struct
 import time
@@ -26,6 +29,9 @@ LINGER0 = struct.pack("ii", 1, 0)
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
 _SO_LINGER = socket.SO_LINGER
+_AF_INET = socket.AF_INET
+_AF_INET6 = socket.AF_INET6
+_EINPROGRESS = errno.EINPROGRESS
 _IPPROTO_TCP = socket.IPPROTO_TCP
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _unpack_rtt = struct.Struct("I").unpack_from  # tcp_info.tcpi_rtt (microseconds) at offset 68
@@ -66,10 +72,21 @@ def _done(fut: asyncio.Future, value: bool) -> None:
 # How often an in-flight attempt re-reads the destination's current timeout. The first wave
 # of probes to a host starts with the initial --timeout; once the first answers arrive the
 # estimate drops (to 100 ms on a LAN) and those early probes must not wait the full second.
-RECHECK = 0.05
+RECHECK = 0.02
+# Granularity of the timeout sweep: one loop timer for all in-flight connects.
+TICK = 0.005
+_EPOLL_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 class TcpProber:
+    """Connect probes multiplexed on one private epoll set.
+
+    Each connecting socket is registered once (EPOLLONESHOT; closing it deregisters it), and
+    the epoll descriptor itself is the only thing the event loop watches: no per-socket
+    add_writer/remove_writer pair and no per-attempt loop timer, which were the two largest
+    costs per flow under uvloop (measured with cProfile on a 65,535-port loopback sweep).
+    """
+
     proto = "tcp"
     needs_raw = False
 
@@ -79,19 +96,64 @@ class TcpProber:
         self.loop: asyncio.AbstractEventLoop | None = None
         # set by the engine: destination -> its current adaptive timeout (seconds)
         self.timeout_for: Callable[[str], float] | None = None
+        self._ep: select.epoll | None = None
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._heap: list[tuple[float, int, int, asyncio.Future, float, float, str]] = []
+        self._seq = 0
+        self._ticking: asyncio.TimerHandle | None = None
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._ep = select.epoll()
+        loop.add_reader(self._ep.fileno(), self._on_events)
 
     def close(self) -> None:
-        pass
+        if self._ep is not None and self.loop is not None:
+            self.loop.remove_reader(self._ep.fileno())
+            self._ep.close()
+            self._ep = None
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result(False)
+        self._waiting.clear()
+
+    def _on_events(self) -> None:
+        assert self._ep is not None
+        waiting = self._waiting
+        for fd, _ev in self._ep.poll(0, 4096):
+            fut = waiting.pop(fd, None)
+            if fut is not None and not fut.done():
+                fut.set_result(True)
+
+    def _tick(self) -> None:
+        """Expire attempts whose (current, adaptive) timeout has passed."""
+        self._ticking = None
+        heap = self._heap
+        now = time.perf_counter()
+        timeout_for = self.timeout_for
+        while heap and heap[0][0] <= now:
+            _, seq, fd, fut, t0, timeout, dst = heapq.heappop(heap)
+            if fut.done():
+                continue
+            limit = timeout if timeout_for is None else min(timeout, timeout_for(dst))
+            if now - t0 >= limit:
+                self._waiting.pop(fd, None)
+                fut.set_result(False)
+            else:
+                heapq.heappush(heap, (min(t0 + limit, now + RECHECK), seq, fd, fut, t0, timeout, dst))
+        if heap and self.loop is not None:
+            self._ticking = self.loop.call_later(max(heap[0][0] - now, TICK), self._tick)
 
     async def probe(self, flow: Flow, timeout: float) -> Outcome:
         loop = self.loop
-        assert loop is not None, "start() first"
-        family = socket.AF_INET6 if ":" in flow.dst else socket.AF_INET
+        ep = self._ep
+        assert loop is not None and ep is not None, "start() first"
+        family = _AF_INET6 if ":" in flow.dst else _AF_INET
         try:
-            sock = socket.socket(family, _STREAM)
+            sock = _socket.socket(family, _STREAM)
         except OSError as e:
             return Outcome("error", RESOURCE_ERRNOS.get(e.errno or 0, f"socket-{e.errno}"))
         if self.opts.source:
@@ -103,19 +165,21 @@ class TcpProber:
         fd = sock.fileno()
         t0 = time.perf_counter()
         err = sock.connect_ex((flow.dst, flow.port))
-        if err == errno.EINPROGRESS:
+        if err == _EINPROGRESS:
             fut = loop.create_future()
-            loop.add_writer(fd, _done, fut, True)
-            timer = [
-                loop.call_later(min(timeout, RECHECK), self._expire, fut, t0, timeout, flow.dst)
-            ]
+            self._waiting[fd] = fut
+            ep.register(fd, _EPOLL_OUT)
+            self._seq += 1
+            deadline = t0 + (timeout if timeout < RECHECK else RECHECK)
+            heapq.heappush(self._heap, (deadline, self._seq, fd, fut, t0, timeout, flow.dst))
+            if self._ticking is None:
+                self._ticking = loop.call_later(max(deadline - t0, TICK), self._tick)
             try:
                 await fut
             finally:
-                loop.remove_writer(fd)
-                timer[0].cancel()
-            # Whether the writer or the timer fired first, the socket tells the truth: a busy
-            # loop may run an expired timer before it polls the already-writable socket.
+                self._waiting.pop(fd, None)
+            # Whether the poll or the sweep came first, the socket tells the truth: a busy
+            # loop may expire an attempt before it polls the already-writable socket.
             err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
             if err == 0:
                 try:
@@ -147,23 +211,7 @@ class TcpProber:
         silent = reason == "no-response"
         return Outcome(state, reason, None if silent else rtt, silent)
 
-    def _expire(
-        self, fut: asyncio.Future, t0: float, timeout: float, dst: str, timer: list | None = None
-    ) -> None:
-        if fut.done():
-            return
-        limit = timeout
-        if self.timeout_for is not None:
-            limit = min(timeout, self.timeout_for(dst))
-        left = limit - (time.perf_counter() - t0)
-        if left <= 0:
-            fut.set_result(False)
-            return
-        assert self.loop is not None
-        h = self.loop.call_later(min(left, RECHECK), self._expire, fut, t0, timeout, dst)
-        fut.add_done_callback(lambda _f: h.cancel())
-
-    async def _read_token(self, sock: socket.socket, port: int, timeout: float) -> str:
+    async def _read_token(self, sock: _socket.socket, port: int, timeout: float) -> str:
         """Read our responder's token; 'responder' when it is ours, 'syn-ack' for anything else."""
         from scanner.tags import TOKEN_LEN, tcp_token
 

@@ -1,0 +1,187 @@
+"""Shard processes: one event loop per core, each probing every n-th flow of the same plan.
+
+A TCP connect sweep is CPU-bound on one core (the kernel's work for the far end of a veth
+runs in the prober's context too), so a large plan is split across forked shard processes.
+Each shard streams complete NDJSON lines to the parent through a pipe and sends its counters
+on a second pipe when it is done; the parent writes the start record, forwards the lines
+(never a partial one), merges the counters and writes the one summary.
+
+Shards sit in their own process group, so a terminal's Ctrl-C reaches only the parent, which
+forwards it once per press: the first press is the graceful stop, the second the hard one.
+If the parent dies, a shard's next write fails with EPIPE and the shard stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+
+import orjson
+
+from scanner.engine import Stats
+from scanner.output import NdjsonOutput
+from scanner.results import start_record
+
+
+def _shard_spec(spec, n: int):
+    e = spec.engine
+
+    def share(v):
+        return None if v is None else max(1, math.ceil(v / n))
+
+    eng = dataclasses.replace(
+        e,
+        concurrency=share(e.concurrency) if e.concurrency else None,
+        rate=None if e.rate is None else e.rate / n,
+        max_per_host=share(e.max_per_host),
+    )
+    return dataclasses.replace(spec, engine=eng, progress=False)
+
+
+def run_sharded(spec, n: int):
+    from scanner.runner import RunOutcome, _progress, write_summary
+
+    out: NdjsonOutput = spec.output
+    # import before forking what every shard needs, so each does not pay for it again
+    import importlib
+
+    from scanner.privileges import raise_nofile
+
+    raise_nofile()
+    if spec.loop == "uvloop":
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401
+    for proto in ("tcp",):
+        importlib.import_module(f"scanner.probes.{proto}")
+    out.record(start_record(spec.scan_id, spec.argv, spec.planned, **spec.start_extra))
+    out.flush()
+    t0 = time.perf_counter()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: list[tuple[int, int, int]] = []  # (pid, data fd, stats fd)
+    for k in range(n):
+        r_data, w_data = os.pipe()
+        r_stat, w_stat = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the shard
+            code = 0
+            try:
+                os.setpgid(0, 0)
+                os.close(r_data)
+                os.close(r_stat)
+                for _, d, s in children:
+                    os.close(d)
+                    os.close(s)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                child = _shard_spec(spec, n)
+                child.output = NdjsonOutput(stdout=False, fd=w_data)
+                from scanner.runner import run_shard
+
+                stats = run_shard(child, k, n)
+                d = dataclasses.asdict(stats)
+                d["concurrency"] = getattr(stats, "concurrency", 0)
+                os.write(w_stat, orjson.dumps(d))
+            except BaseException:  # noqa: BLE001 - a shard must never unwind into the parent's code
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w_data)
+        os.close(w_stat)
+        children.append((pid, r_data, r_stat))
+
+    presses = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal presses
+        presses += 1
+        if signum == signal.SIGINT and presses == 1:
+            sys.stderr.write(
+                "\nportmesh: interrupted: finishing in-flight probes (Ctrl-C again to quit now)\n"
+            )
+        for pid, _, _ in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+
+    old_int = signal.signal(signal.SIGINT, forward)
+    old_term = signal.signal(signal.SIGTERM, forward)
+    sel = selectors.DefaultSelector()
+    bufs: dict[int, bytearray] = {}
+    stats_raw: dict[int, bytearray] = {}
+    for _, d, s in children:
+        sel.register(d, selectors.EVENT_READ, "data")
+        sel.register(s, selectors.EVENT_READ, "stats")
+        bufs[d] = bytearray()
+        stats_raw[s] = bytearray()
+    open_fds = 2 * n
+    lines = 0
+    last_progress = 0.0
+    try:
+        while open_fds:
+            for key, _ in sel.select(timeout=0.2):
+                fd = key.fd
+                try:
+                    chunk = os.read(fd, 1 << 17)
+                except InterruptedError:
+                    continue
+                if not chunk:
+                    sel.unregister(fd)
+                    os.close(fd)
+                    open_fds -= 1
+                    continue
+                if key.data == "stats":
+                    stats_raw[fd] += chunk
+                    continue
+                buf = bufs[fd]
+                buf += chunk
+                cut = buf.rfind(b"\n")
+                if cut >= 0:
+                    data = bytes(buf[: cut + 1])
+                    del buf[: cut + 1]
+                    lines += data.count(b"\n")
+                    out.write_raw(data)
+                    if out.dead:
+                        forward(signal.SIGTERM, None)
+            if spec.progress:
+                now = time.perf_counter()
+                if now - last_progress > 0.2:
+                    last_progress = now
+                    _progress(lines, spec.planned, now - t0)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        for pid, _, _ in children:
+            os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - t0
+    if spec.progress:
+        _progress(lines, spec.planned, elapsed)
+        sys.stderr.write("\n")
+    total = Stats()
+    concurrency = 0
+    for raw in stats_raw.values():
+        if not raw:
+            sys.stderr.write("portmesh: a shard process failed; its results may be incomplete\n")
+            continue
+        d = orjson.loads(bytes(raw))
+        concurrency += d.pop("concurrency", 0)
+        total.results += d["results"]
+        for k, v in d["states"].items():
+            total.states[k] = total.states.get(k, 0) + v
+        total.attempts += d["attempts"]
+        total.retries += d["retries"]
+        total.late_answers += d["late_answers"]
+        total.answered += d["answered"]
+        for k, v in d["backoffs"].items():
+            total.backoffs[k] = total.backoffs.get(k, 0) + v
+        for k, v in d["skipped"].items():
+            total.skipped[k] = total.skipped.get(k, 0) + v
+        total.interrupted = total.interrupted or d["interrupted"]
+    summary = write_summary(spec, total, elapsed, concurrency, n)
+    return RunOutcome(total, elapsed, total.interrupted, summary)
