@@ -1,0 +1,154 @@
+"""`portmesh respond`: temporary responders on this host's ports (see scanner.responder)."""
+
+from __future__ import annotations
+
+import click
+
+from scanner.selection import SelectionOptions, selection_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-p",
+    "--ports",
+    "ports",
+    metavar="PORTS",
+    help="Ports to answer on, nmap syntax: 2379-2380,U:4789 (instead of --inventory/--as).",
+)
+@click.option(
+    "--as",
+    "as_name",
+    metavar="NAME",
+    help="This host's inventory name: answer on every port the plan probes it on.",
+)
+@selection_options
+@click.option(
+    "--bind", default="0.0.0.0", show_default=True, metavar="ADDR", help="Address to bind."
+)
+@click.option("--secret", metavar="S", help="The scan secret (as given to scan/check --secret).")
+@click.option("--secret-file", metavar="FILE", help="Read the scan secret from FILE (first line).")
+@click.option(
+    "--ttl",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Exit after SECONDS (default: 300).",
+)
+@click.option(
+    "--parent-channel",
+    is_flag=True,
+    help="Also exit when stdin reaches end of file (the parent that started it went away).",
+)
+@click.option(
+    "--witness",
+    is_flag=True,
+    help="Also capture tagged probes (ICMP, IP-in-IP, kernel-owned UDP) with an AF_PACKET socket.",
+)
+def command(
+    ports: str | None,
+    as_name: str | None,
+    selection_opts: SelectionOptions,
+    bind: str,
+    secret: str | None,
+    secret_file: str | None,
+    ttl: float | None,
+    parent_channel: bool,
+    witness: bool,
+) -> int:
+    """Answer probes on this host's ports until the TTL runs out or a signal arrives.
+
+    TCP: on accept, a token derived from the secret, then close. UDP: a 20-byte reply only to
+    datagrams tagged with the secret, never more bytes than received. Prints one NDJSON
+    {"type":"ready"} line once bound (with what could not be bound and by which process it is
+    held), and {"type":"exit"} when it ends. Without --secret a fresh secret is made and shown
+    in the ready line.
+    """
+    from scanner.responder import DEFAULT_TTL, ResponderConfig, run_responder
+
+    tcp, udp = resolve_ports(ports, as_name, selection_opts)
+    sec, generated = resolve_secret(secret, secret_file)
+    cfg = ResponderConfig(
+        tcp_ports=tcp,
+        udp_ports=udp,
+        secret=sec,
+        bind=check_bind(bind),
+        ttl=check_ttl(DEFAULT_TTL if ttl is None else ttl),
+        exit_on_stdin_close=parent_channel,
+        witness=witness,
+        name=as_name,
+        show_secret=generated,
+    )
+    return run_responder(cfg)
+
+
+def resolve_ports(
+    ports: str | None, as_name: str | None, opts: SelectionOptions
+) -> tuple[list[int], list[int]]:
+    from scanner.errors import InputError
+
+    has_inventory = bool(opts.inventories or opts.hosts)
+    if ports and (as_name or has_inventory):
+        raise InputError("give either -p PORTS or --inventory FILE --as NAME, not both")
+    if ports:
+        from scanner.targets import parse_ports
+
+        pairs = parse_ports(ports)
+        return [p for pr, p in pairs if pr == "tcp"], [p for pr, p in pairs if pr == "udp"]
+    if not as_name or not has_inventory:
+        raise InputError("no ports: give -p PORTS, or --inventory FILE with --as NAME")
+    return ports_for_host(opts, as_name)
+
+
+def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[int]]:
+    """The TCP and UDP ports the plan probes host ``name`` on (from any source)."""
+    from scanner.errors import InputError
+    from scanner.plan import plan
+
+    catalog, site, selection = opts.resolve()
+    host = site.host(name)
+    if host is None:
+        names = ", ".join(h.name for h in site.hosts()[:20])
+        raise InputError(f"--as: no host named {name!r} in {site.source or 'the site'} ({names})")
+    tcp: set[int] = set()
+    udp: set[int] = set()
+    for f in plan(catalog, site, selection):
+        if f.dst == host.address and f.port is not None:
+            (tcp if f.proto == "tcp" else udp if f.proto == "udp" else set()).add(f.port)
+    return sorted(tcp), sorted(udp)
+
+
+def resolve_secret(secret: str | None, secret_file: str | None) -> tuple[bytes, bool]:
+    from scanner.errors import InputError
+    from scanner.tags import load_secret, new_secret
+
+    if secret is not None and secret_file is not None:
+        raise InputError("give --secret or --secret-file, not both")
+    try:
+        got = load_secret(secret, secret_file)
+    except OSError as e:
+        raise InputError(f"--secret-file: cannot read {secret_file}: {e.strerror or e}") from None
+    if got is None:
+        return new_secret(), True
+    if not got:
+        raise InputError("the secret is empty" + (f" ({secret_file})" if secret_file else ""))
+    return got, False
+
+
+def check_bind(bind: str) -> str:
+    import ipaddress
+
+    from scanner.errors import InputError
+
+    try:
+        return str(ipaddress.ip_address(bind))
+    except ValueError:
+        raise InputError(f"--bind: {bind!r} is not an IPv4 or IPv6 address") from None
+
+
+def check_ttl(ttl: float) -> float:
+    from scanner.errors import InputError
+    from scanner.responder import MAX_TTL
+
+    if not (ttl > 0) or ttl > MAX_TTL:
+        raise InputError(f"--ttl: {ttl:g} is not within 0-{MAX_TTL:g} seconds (exclusive of 0)")
+    return ttl

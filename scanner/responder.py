@@ -1,0 +1,484 @@
+"""Temporary responders: make the far side answer before the cluster is installed.
+
+TCP: one listening socket per port; on accept the responder sends ``tags.tcp_token(secret,
+port)`` (16 bytes) and closes, so a prober holding the secret reports ``open``/``responder``
+rather than ``open``/``syn-ack`` (another service answered).
+
+UDP: one socket per port; a datagram that carries a valid probe tag (``tags.find_tag``) gets
+``tags.reply_for(secret, nonce)`` back (20 bytes, never more than the datagram that asked, since
+a valid tag alone is 20 bytes). Untagged, truncated or garbage datagrams get nothing: the
+responder cannot be used for reflection or amplification. Replies leave from the address the
+probe was sent to (IP_PKTINFO), so a multi-homed host answers a connected prober correctly.
+
+Lifecycle: everything is bound first, then ONE line is printed on stdout::
+
+    {"type":"ready","bound":{"tcp":"2379-2380,30000-32767","udp":"4789"},
+     "failed":[{"proto":"tcp","port":22,"error":"address in use","pid":812,"process":"sshd"}],
+     "addr":"0.0.0.0","pid":4711,"ttl":300}
+
+A port that is already in use is answered by its real service, which is fine for the firewall
+question: it is listed under ``failed`` with the owning process when /proc tells. The responder
+exits when its TTL runs out (default ``DEFAULT_TTL`` = 300 s), on SIGTERM or SIGINT, or - only
+with ``exit_on_stdin_close`` (``--parent-channel``) - when its stdin reaches end of file; it then
+closes every socket and prints ``{"type":"exit","reason":...,"stats":{...}}``. A standalone
+responder ignores stdin, so ``</dev/null`` or a closed terminal do not stop it. It opens no
+control port.
+
+The NodePort range alone is 2,768 TCP sockets: RLIMIT_NOFILE is raised to its hard limit first
+(scanner.privileges.raise_nofile); ports beyond the budget are reported as failed (EMFILE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from scanner import tags
+
+DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
+MAX_TTL = 7 * 24 * 3600.0
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not export it
+_PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_UDP_BATCH = 64  # datagrams drained per readiness callback, so one busy port cannot starve others
+_ACCEPT_BATCH = 64
+
+
+def ranges_text(ports: Iterable[int]) -> str:
+    """Ports -> nmap range syntax: [22, 2379, 2380, 2381] -> "22,2379-2381"."""
+    out: list[str] = []
+    run: list[int] = []
+    for p in sorted(set(ports)):
+        if run and p == run[-1] + 1:
+            run.append(p)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [p]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
+@dataclass
+class ResponderConfig:
+    tcp_ports: list[int]
+    udp_ports: list[int]
+    secret: bytes
+    bind: str = "0.0.0.0"
+    ttl: float = DEFAULT_TTL
+    exit_on_stdin_close: bool = False
+    witness: bool = False  # also capture tagged probes with an AF_PACKET socket (scanner.witness)
+    name: str | None = None  # the inventory host name, echoed in the ready record
+    show_secret: bool = False  # put the secret in the ready record (it was generated here)
+    use_uvloop: bool = True
+
+
+@dataclass
+class Stats:
+    tcp_accepted: int = 0
+    udp_replied: int = 0
+    udp_ignored: int = 0  # untagged, truncated, garbage, or a tag for another secret
+    witnessed: int = 0
+
+
+@dataclass
+class Failure:
+    proto: str
+    port: int
+    error: str
+    pid: int | None = None
+    process: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"proto": self.proto, "port": self.port, "error": self.error}
+        if self.pid is not None:
+            d["pid"] = self.pid
+        if self.process is not None:
+            d["process"] = self.process
+        return d
+
+
+@dataclass
+class Responder:
+    """Bound responder sockets on one event loop. ``start`` binds, ``close`` releases all."""
+
+    tcp_ports: list[int]
+    udp_ports: list[int]
+    secret: bytes
+    bind: str = "0.0.0.0"
+    stats: Stats = field(default_factory=Stats)
+    bound_tcp: list[int] = field(default_factory=list)
+    bound_udp: list[int] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    _socks: list[socket.socket] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Bind every port and register the readers (synchronous: binding does not block)."""
+        from scanner.privileges import raise_nofile
+
+        self._loop = loop or asyncio.get_running_loop()
+        raise_nofile()
+        addr = ipaddress.ip_address(self.bind)
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        pktinfo = family == socket.AF_INET and addr.is_unspecified
+        for port in dict.fromkeys(self.tcp_ports):
+            s = self._open(family, socket.SOCK_STREAM, "tcp", port)
+            if s is None:
+                continue
+            token = tags.tcp_token(self.secret, port)
+            self._loop.add_reader(s.fileno(), self._on_accept, s, token)
+            self.bound_tcp.append(port)
+        for port in dict.fromkeys(self.udp_ports):
+            s = self._open(family, socket.SOCK_DGRAM, "udp", port)
+            if s is None:
+                continue
+            if pktinfo:
+                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo)
+            self.bound_udp.append(port)
+        if self.failed:
+            _annotate_owners(self.failed)
+
+    def _open(self, family: int, kind: int, proto: str, port: int) -> socket.socket | None:
+        try:
+            s = socket.socket(family, kind)
+        except OSError as e:
+            self.failed.append(Failure(proto, port, _errtext(e)))
+            return None
+        try:
+            s.setblocking(False)
+            if kind == socket.SOCK_STREAM:
+                # lets a restarted responder rebind while old connections sit in TIME_WAIT
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((self.bind, port))
+            if kind == socket.SOCK_STREAM:
+                s.listen(128)
+        except OSError as e:
+            s.close()
+            self.failed.append(Failure(proto, port, _errtext(e)))
+            return None
+        self._socks.append(s)
+        return s
+
+    def _on_accept(self, s: socket.socket, token: bytes) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = s.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ECONNABORTED, EMFILE...: the client retries; never let one accept end us
+                return
+            self.stats.tcp_accepted += 1
+            try:
+                conn.setblocking(False)
+                conn.send(token)  # 16 bytes into an empty send buffer: never blocks
+                conn.shutdown(socket.SHUT_WR)
+                # drain what the peer sent, so close() sends a FIN and not a RST that could
+                # overtake the token
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _on_datagram(self, s: socket.socket, pktinfo: bool) -> None:
+        secret = self.secret
+        for _ in range(_UDP_BATCH):
+            try:
+                if pktinfo:
+                    data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+                else:
+                    data, peer = s.recvfrom(65535)
+                    anc = []
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # e.g. ECONNREFUSED queued from an earlier reply's ICMP error: keep serving
+                continue
+            nonce = tags.find_tag(data, secret) if len(data) >= tags.TAG_LEN else None
+            if nonce is None:
+                self.stats.udp_ignored += 1
+                continue
+            reply = tags.reply_for(secret, nonce)
+            if len(reply) > len(data):  # cannot happen with a valid tag; the rule is absolute
+                self.stats.udp_ignored += 1
+                continue
+            try:
+                if anc:
+                    cmsg = _reply_pktinfo(anc)
+                    s.sendmsg([reply], cmsg, 0, peer)
+                else:
+                    s.sendto(reply, peer)
+                self.stats.udp_replied += 1
+            except OSError:
+                self.stats.udp_ignored += 1
+
+    def close(self) -> None:
+        loop = self._loop
+        for s in self._socks:
+            if loop is not None and not loop.is_closed():
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(s.fileno())
+            s.close()
+        self._socks.clear()
+
+    def ready_record(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "type": "ready",
+            "bound": {"tcp": ranges_text(self.bound_tcp), "udp": ranges_text(self.bound_udp)},
+            "failed": [f.as_dict() for f in self.failed],
+            "addr": self.bind,
+            "pid": os.getpid(),
+            **extra,
+        }
+
+
+def _reply_pktinfo(anc: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _PKTINFO.size:
+            _ifindex, _spec, dst = _PKTINFO.unpack(data[: _PKTINFO.size])
+            # answer from the address the probe was sent to; let routing pick the interface
+            return [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, dst, b"\0\0\0\0"))]
+    return []
+
+
+def _errtext(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "address in use"
+    if e.errno == errno.EMFILE or e.errno == errno.ENFILE:
+        return "too many open files"
+    if e.errno == errno.EACCES:
+        return "permission denied"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return "address not available"
+    return e.strerror or str(e)
+
+
+# ---- who owns a port (best effort, from /proc) ----------------------------------------------
+
+
+def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
+    """port -> socket inode of a listening TCP / bound UDP socket, from /proc/net."""
+    out: dict[int, int] = {}
+    files = [f"/proc/net/{proto}", f"/proc/net/{proto}6"]
+    for path in files:
+        try:
+            with open(path, encoding="ascii") as fh:
+                next(fh, None)
+                for line in fh:
+                    f = line.split()
+                    if len(f) < 10:
+                        continue
+                    port = int(f[1].rsplit(":", 1)[1], 16)
+                    if port not in ports or (proto == "tcp" and f[3] != "0A"):
+                        continue
+                    inode = int(f[9])
+                    if inode:
+                        out.setdefault(port, inode)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _annotate_owners(failed: list[Failure]) -> None:
+    want: dict[tuple[str, int], int] = {}
+    for proto in ("tcp", "udp"):
+        ports = {f.port for f in failed if f.proto == proto and f.error == "address in use"}
+        if ports:
+            for port, inode in _socket_inodes(proto, ports).items():
+                want[(proto, port)] = inode
+    if not want:
+        return
+    by_inode = {f"socket:[{ino}]": key for key, ino in want.items()}
+    owners: dict[tuple[str, int], tuple[int, str | None]] = {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        if len(owners) == len(want):
+            break
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            key = by_inode.get(target)
+            if key is not None and key not in owners:
+                try:
+                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
+                        comm: str | None = fh.read().strip()
+                except OSError:
+                    comm = None
+                owners[key] = (int(pid), comm)
+    for f in failed:
+        o = owners.get((f.proto, f.port))
+        if o is not None:
+            f.pid, f.process = o
+
+
+# ---- the process: run until TTL, signal or parent channel -----------------------------------
+
+
+def _emit_to(stream: Any) -> Callable[[dict[str, Any]], None]:
+    out = getattr(stream, "buffer", stream)
+
+    def emit(rec: dict[str, Any]) -> None:
+        try:
+            out.write(orjson.dumps(rec) + b"\n")
+            out.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the reader went away; keep serving until TTL or signal
+
+    return emit
+
+
+async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) -> str:
+    """Bind, print ready, serve until TTL / signal / parent channel end; return the reason."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+
+    def finish(reason: str) -> None:
+        if not done.done():
+            done.set_result(reason)
+
+    r = Responder(list(cfg.tcp_ports), list(cfg.udp_ports), cfg.secret, cfg.bind)
+    witness = None
+    handlers: list[int] = []
+    stdin_fd: int | None = None
+    try:
+        r.start(loop)
+        if cfg.witness:
+            from scanner.witness import Witness
+
+            kernel_owned = [
+                f.port for f in r.failed if f.proto == "udp" and f.error == "address in use"
+            ]
+            witness = Witness(cfg.secret, lambda rec: (_count(r), emit(rec)), kernel_owned)
+            werr = witness.start(loop)
+            if werr:
+                r.failed.append(Failure("witness", 0, werr))
+                witness = None
+        for sig, name in ((signal.SIGTERM, "sigterm"), (signal.SIGINT, "sigint")):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, finish, name)
+                handlers.append(sig)
+        if cfg.exit_on_stdin_close:
+            stdin_fd = _watch_stdin(loop, finish)
+        loop.call_later(cfg.ttl, finish, "ttl")
+        extra: dict[str, Any] = {"ttl": cfg.ttl, "witness": witness is not None}
+        if cfg.name is not None:
+            extra["host"] = cfg.name
+        if cfg.show_secret:
+            extra["secret"] = cfg.secret.decode()
+        emit(r.ready_record(**extra))
+        reason = await done
+    finally:
+        for sig in handlers:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        if stdin_fd is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(stdin_fd)
+        if witness is not None:
+            witness.close()
+        r.close()
+    emit(
+        {
+            "type": "exit",
+            "reason": reason,
+            "pid": os.getpid(),
+            "stats": {
+                "tcp_accepted": r.stats.tcp_accepted,
+                "udp_replied": r.stats.udp_replied,
+                "udp_ignored": r.stats.udp_ignored,
+                "witnessed": r.stats.witnessed,
+            },
+        }
+    )
+    return reason
+
+
+def _count(r: Responder) -> None:
+    r.stats.witnessed += 1
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, finish: Callable[[str], None]) -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        finish("stdin-closed")
+        return None
+    os.set_blocking(fd, False)
+
+    def on_read() -> None:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            finish("stdin-closed")
+
+    try:
+        loop.add_reader(fd, on_read)
+    except (PermissionError, ValueError, OSError):
+        # a regular file (or /dev/null) cannot be polled: it is at its end already, or will be
+        finish("stdin-closed")
+        return None
+    return fd
+
+
+def run_responder(cfg: ResponderConfig, stream: Any = None) -> int:
+    """Run a responder process to completion (the body of ``portmesh respond``)."""
+    emit = _emit_to(stream if stream is not None else sys.stdout)
+    if cfg.use_uvloop:
+        try:
+            import uvloop
+
+            runner = uvloop.run  # type: ignore[attr-defined]
+        except (ImportError, AttributeError):
+            runner = asyncio.run
+    else:
+        runner = asyncio.run
+    # SIGINT is handled in the loop; until the loop runs, the default handler would raise
+    # KeyboardInterrupt, which the CLI turns into exit 130
+    reason = runner(serve(cfg, emit))
+    return 0 if reason in ("ttl", "sigterm", "sigint", "stdin-closed") else 1
+
+
+def wait_ready(readline: Callable[[], bytes | str], timeout: float = 10.0) -> dict[str, Any]:
+    """Read lines until the ready record (for callers that start a responder as a process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = readline()
+        if not line:
+            break
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "ready":
+            return rec
+    raise TimeoutError("the responder did not report ready")
