@@ -106,7 +106,7 @@ def collect(agg: Aggregate) -> list[HostFix]:
                 if c.closed_ports:
                     hf.closed.append(
                         f"{req.key}: {port_label(req.proto, c.closed_ports)} from {sname} "
-                        "answered 'closed': nothing listens, no firewall rule will help"
+                        "answered closed: nothing listens, no firewall rule will help"
                     )
                 if req.proto in ("tcp", "udp") and not c.fail_ports:
                     continue
