@@ -15,7 +15,14 @@ from typing import Any
 from scanner.engine import Engine, EngineConfig, Stats
 from scanner.flows import Flow
 from scanner.output import NdjsonOutput
-from scanner.results import Result, encode_results, new_scan_id, start_record, summary_record
+from scanner.results import (
+    Result,
+    encode_results,
+    new_scan_id,
+    result_dict,
+    start_record,
+    summary_record,
+)
 
 BATCH = 512  # results per write; a flush also happens every FLUSH_INTERVAL seconds
 FLUSH_INTERVAL = 0.2
@@ -35,7 +42,9 @@ class RunSpec:
     summary_extra: Callable[[Stats], dict[str, Any]] | None = None
     scan_id: str = field(default_factory=new_scan_id)
     loop: str = "uvloop"  # or "asyncio"
-    on_result: Callable[[Result], None] | None = None  # sees every result (after annotate)
+    # sees every result record as the dict that is written (after annotate, before --only);
+    # in sharded runs the parent calls it on the parsed lines it forwards
+    on_record: Callable[[dict[str, Any]], None] | None = None
     workers: int | None = None  # shard processes; None = default_workers(planned)
 
 
@@ -77,7 +86,7 @@ def default_workers(planned: int) -> int:
 
 def run(spec: RunSpec) -> RunOutcome:
     workers = spec.workers if spec.workers is not None else default_workers(spec.planned)
-    if workers > 1 and spec.on_result is None:
+    if workers > 1:
         from scanner.shards import run_sharded
 
         return run_sharded(spec, workers)
@@ -107,7 +116,7 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
     pending: list[Result] = []
     only = spec.only
     annotate = spec.annotate
-    on_result = spec.on_result
+    on_record = None if shard else spec.on_record
 
     def flush() -> None:
         if pending:
@@ -118,8 +127,8 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
     def emit(r: Result) -> None:
         if annotate is not None:
             annotate(r)
-        if on_result is not None:
-            on_result(r)
+        if on_record is not None:
+            on_record(result_dict(r, scan_id))
         if only is None or r.state in only or (r.verdict is not None and r.verdict in only):
             pending.append(r)
             if len(pending) >= BATCH:

@@ -42,7 +42,8 @@ def _shard_spec(spec, n: int):
         rate=None if e.rate is None else e.rate / n,
         max_per_host=share(e.max_per_host),
     )
-    return dataclasses.replace(spec, engine=eng, progress=False)
+    # --only is applied by the parent, which must see every line for on_record
+    return dataclasses.replace(spec, engine=eng, progress=False, only=None)
 
 
 def run_sharded(spec, n: int):
@@ -123,6 +124,9 @@ def run_sharded(spec, n: int):
     open_fds = 2 * n
     lines = 0
     last_progress = 0.0
+    on_record = spec.on_record
+    only = spec.only
+    loads = orjson.loads
     try:
         while open_fds:
             for key, _ in sel.select(timeout=0.2):
@@ -146,7 +150,10 @@ def run_sharded(spec, n: int):
                     data = bytes(buf[: cut + 1])
                     del buf[: cut + 1]
                     lines += data.count(b"\n")
-                    out.write_raw(data)
+                    if on_record is not None or only is not None:
+                        data = _filter(data, on_record, only, loads)
+                    if data:
+                        out.write_raw(data)
                     if out.dead:
                         forward(signal.SIGTERM, None)
             if spec.progress:
@@ -185,3 +192,15 @@ def run_sharded(spec, n: int):
         total.interrupted = total.interrupted or d["interrupted"]
     summary = write_summary(spec, total, elapsed, concurrency, n)
     return RunOutcome(total, elapsed, total.interrupted, summary)
+
+
+def _filter(data: bytes, on_record, only, loads) -> bytes:
+    """Call on_record on every line; keep the lines --only asks for."""
+    keep: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        rec = loads(line)
+        if on_record is not None:
+            on_record(rec)
+        if only is None or rec.get("state") in only or rec.get("verdict") in only:
+            keep.append(line)
+    return b"".join(keep)

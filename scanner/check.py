@@ -1,0 +1,134 @@
+"""`check`: the planned flows whose source is this host, probed, each with a verdict.
+
+The library side of `portmesh check`: plan (pure, lazy) -> engine -> NDJSON with ``req`` and
+``verdict`` per result, plus a human summary of the failures grouped by requirement and
+destination on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from scanner.engine import EngineConfig
+from scanner.output import NdjsonOutput
+from scanner.results import Result
+from scanner.runner import RunSpec, run
+from scanner.verdicts import verdict
+
+
+@dataclass
+class CheckConfig:
+    catalog: Any
+    site: Any
+    selection: Any  # scanner.selection.Selection, with sources = {this host}
+    host: str  # the inventory name of this host
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: NdjsonOutput | None = None
+    expect: str = "reachable"
+    only: frozenset[str] | None = None
+    progress: bool = False
+    argv: list[str] = field(default_factory=list)
+    loop: str = "uvloop"
+    workers: int | None = None
+    summary_to: TextIO | None = None  # the human summary (stderr by default)
+
+
+class Failures:
+    """Failed flows grouped by (requirement, destination, proto, state, reason) -> ports.
+
+    Memory is bounded by requirements x destinations; ports are kept per group (a NodePort
+    sweep has at most one range of them per destination).
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple, list[int]] = defaultdict(list)
+        self.verdicts: dict[str, int] = {"pass": 0, "fail": 0, "unknown": 0}
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        v = rec.get("verdict") or "unknown"
+        self.verdicts[v] = self.verdicts.get(v, 0) + 1
+        if v == "fail":
+            key = (
+                rec.get("req") or "-",
+                rec.get("host") or rec["dst"],
+                rec["dst"],
+                rec["proto"],
+                rec["state"],
+                rec["reason"],
+            )
+            port = rec.get("port")
+            self.groups[key].append(port if port is not None else -1)
+
+    def lines(self) -> list[str]:
+        out = []
+        for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items()):
+            where = host if host == dst else f"{host} ({dst})"
+            what = proto if ports == [-1] else f"{proto}/{compress_ports(ports)}"
+            out.append(f"FAIL {req:<28} {what:<22} -> {where}: {state} ({reason})")
+        return out
+
+
+def compress_ports(ports: list[int]) -> str:
+    """[1,2,3,7] -> '1-3,7'"""
+    ps = sorted(set(p for p in ports if p >= 0))
+    if not ps:
+        return "-"
+    parts = []
+    lo = prev = ps[0]
+    for p in ps[1:]:
+        if p == prev + 1:
+            prev = p
+            continue
+        parts.append(str(lo) if lo == prev else f"{lo}-{prev}")
+        lo = prev = p
+    parts.append(str(lo) if lo == prev else f"{lo}-{prev}")
+    return ",".join(parts)
+
+
+def run_check(cfg: CheckConfig) -> int:
+    """Run the check; exit code 0 all pass, 1 any fail, 130 interrupted."""
+    from scanner.plan import count_plan, plan, plan_meta
+
+    responder = cfg.engine.probe_options.secret is not None
+    expect = cfg.expect
+
+    def annotate(r: Result) -> None:
+        r.verdict = verdict(r.flow.proto, r.state, expect, responder)
+
+    failures = Failures()
+    planned = count_plan(cfg.catalog, cfg.site, cfg.selection)
+    meta = plan_meta(cfg.catalog, cfg.site, cfg.selection)
+    spec = RunSpec(
+        flows=plan(cfg.catalog, cfg.site, cfg.selection),
+        planned=planned,
+        engine=cfg.engine,
+        argv=cfg.argv,
+        output=cfg.output or NdjsonOutput(),
+        annotate=annotate,
+        only=cfg.only,
+        progress=cfg.progress,
+        start_extra={
+            "check": {"host": cfg.host, "expect": expect, "responder": responder},
+            "plan": meta,
+        },
+        summary_extra=lambda _s: {"verdicts": dict(failures.verdicts)},
+        loop=cfg.loop,
+        workers=cfg.workers,
+        on_record=failures,
+    )
+    outcome = run(spec)
+    err = cfg.summary_to or sys.stderr
+    v = failures.verdicts
+    err.write(
+        f"portmesh check from {cfg.host}: {planned} flows, {v.get('pass', 0)} pass, "
+        f"{v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown ({outcome.elapsed:.2f}s)\n"
+    )
+    for line in failures.lines():
+        err.write(line + "\n")
+    err.flush()
+    if outcome.interrupted:
+        return 130
+    return 1 if v.get("fail", 0) else 0
