@@ -1,0 +1,69 @@
+"""`portmesh lab up|down|status`: a simulated cluster in network namespaces (scanner.lab)."""
+
+from __future__ import annotations
+
+import click
+
+CTX = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CTX)
+def command() -> None:
+    """Build or remove a simulated cluster in network namespaces (needs root)."""
+
+
+@command.command("up", context_settings=CTX)
+@click.option("--hosts", "hosts", type=int, default=4, show_default=True, metavar="N")
+@click.option("--name", default="pm", show_default=True, metavar="NAME", help="Lab name.")
+@click.option("--faults", "faults_file", metavar="FILE", help="YAML fault file (see README).")
+@click.option("--no-responders", is_flag=True, help="Do not start responders in the hosts.")
+@click.option(
+    "--ttl",
+    type=float,
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Lifetime of the responders.",
+)
+@click.option(
+    "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
+)
+def up(
+    hosts: int,
+    name: str,
+    faults_file: str | None,
+    no_responders: bool,
+    ttl: float,
+    show_flows: bool,
+) -> int:
+    """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
+    from scanner.commands.respond import check_ttl
+    from scanner.lab import LabUpConfig, lab_up
+
+    cfg = LabUpConfig(
+        hosts=hosts,
+        name=name,
+        faults_file=faults_file,
+        responders=not no_responders,
+        ttl=check_ttl(ttl),
+        show_flows=show_flows,
+    )
+    return lab_up(cfg)
+
+
+@command.command("down", context_settings=CTX)
+@click.option("--name", default="pm", show_default=True, metavar="NAME", help="Lab name.")
+def down(name: str) -> int:
+    """Remove every namespace, link, rule and responder of the lab (also of a crashed run)."""
+    from scanner.lab import lab_down
+
+    return lab_down(name)
+
+
+@command.command("status", context_settings=CTX)
+@click.option("--name", default=None, metavar="NAME", help="Only this lab.")
+def status(name: str | None) -> int:
+    """List the labs on this machine and what exists of them."""
+    from scanner.lab import lab_status
+
+    return lab_status(name)
