@@ -1,0 +1,157 @@
+"""ICMP helpers shared by the udp, icmp and ipip probes: reason words, packet parsing, and one
+raw ICMPv4 receiver per event loop that dispatches every packet to the probers subscribed to it.
+
+A raw ``IPPROTO_ICMP`` socket receives a copy of every ICMP packet the host gets (with its IP
+header). The icmp prober sends its echo requests through the same socket; the ipip prober only
+listens on it for protocol unreachables quoting its packets. Subscribers match replies exactly
+(identifier + sequence + nonce, or the quoted header); nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+
+ICMP_ECHO_REPLY = 0
+ICMP_DEST_UNREACH = 3
+ICMP_ECHO = 8
+ICMP_TIME_EXCEEDED = 11
+ICMP6_DEST_UNREACH = 1
+ICMP6_TIME_EXCEEDED = 3
+
+# nmap --reason words for ICMPv4 destination unreachable codes (RFC 792, RFC 1122, RFC 1812).
+UNREACH_REASONS: dict[int, str] = {
+    0: "net-unreach",
+    1: "host-unreach",
+    2: "proto-unreach",
+    3: "port-unreach",
+    4: "needfrag",
+    5: "source-route-failed",
+    6: "net-unknown",
+    7: "host-unknown",
+    8: "host-isolated",
+    9: "admin-prohibited",  # network administratively prohibited
+    10: "admin-prohibited",  # host administratively prohibited
+    11: "net-tos-unreach",
+    12: "host-tos-unreach",
+    13: "admin-prohibited",  # communication administratively prohibited (nft/iptables reject)
+    14: "host-precedence-violation",
+    15: "precedence-cutoff",
+}
+
+# ICMPv6 destination unreachable codes (RFC 4443).
+UNREACH6_REASONS: dict[int, str] = {
+    0: "net-unreach",  # no route to destination
+    1: "admin-prohibited",
+    2: "beyond-scope",
+    3: "host-unreach",  # address unreachable
+    4: "port-unreach",
+    5: "admin-prohibited",  # source address failed ingress/egress policy
+    6: "admin-prohibited",  # reject route to destination
+}
+
+
+def icmp_reason(icmp_type: int, code: int, v6: bool = False) -> str:
+    """The nmap reason word for an ICMP error."""
+    if v6:
+        if icmp_type == ICMP6_DEST_UNREACH:
+            return UNREACH6_REASONS.get(code, f"unreach-code-{code}")
+        if icmp_type == ICMP6_TIME_EXCEEDED:
+            return "time-exceeded"
+        return f"icmp6-type-{icmp_type}"
+    if icmp_type == ICMP_DEST_UNREACH:
+        return UNREACH_REASONS.get(code, f"unreach-code-{code}")
+    if icmp_type == ICMP_TIME_EXCEEDED:
+        return "time-exceeded"
+    return f"icmp-type-{icmp_type}"
+
+
+def ip_header_len(pkt: bytes | memoryview, off: int = 0) -> int:
+    """The IPv4 header length at ``off``, or 0 when it is not a plausible IPv4 header."""
+    if len(pkt) < off + 20 or pkt[off] >> 4 != 4:
+        return 0
+    ihl = (pkt[off] & 0x0F) * 4
+    return ihl if ihl >= 20 and len(pkt) >= off + ihl else 0
+
+
+# A subscriber gets (packet with its IPv4 header, ip header length, receive time).
+Handler = Callable[[bytes, int, float], None]
+
+
+class RawIcmp:
+    """A raw ICMPv4 socket registered once with the loop; packets go to every subscriber."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        self.sock.setblocking(False)
+        # Bursts of thousands of replies must not overflow the default ~200 KiB buffer.
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.handlers: list[Handler] = []
+        self.users = 0
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        recv = self.sock.recv
+        now = self.loop.time()
+        for _ in range(256):  # drain, but give the loop back now and then
+            try:
+                pkt = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            ihl = ip_header_len(pkt)
+            if not ihl or len(pkt) < ihl + 8:
+                continue
+            for h in self.handlers:
+                h(pkt, ihl, now)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+_shared: dict[int, RawIcmp] = {}
+
+
+def acquire(loop: asyncio.AbstractEventLoop, handler: Handler) -> RawIcmp:
+    """The loop's shared raw ICMP receiver (opened on first use), with ``handler`` subscribed.
+
+    Raises PermissionError without CAP_NET_RAW.
+    """
+    rx = _shared.get(id(loop))
+    if rx is None or rx.loop is not loop or rx.sock.fileno() < 0:
+        rx = _shared[id(loop)] = RawIcmp(loop)
+    rx.handlers.append(handler)
+    rx.users += 1
+    return rx
+
+
+def release(rx: RawIcmp, handler: Handler) -> None:
+    with contextlib.suppress(ValueError):
+        rx.handlers.remove(handler)
+    rx.users -= 1
+    if rx.users <= 0:
+        rx.close()
+        if _shared.get(id(rx.loop)) is rx:
+            del _shared[id(rx.loop)]
+
+
+def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
+    """(ee_errno, ee_origin, ee_type, ee_code, offender address) from a sock_extended_err cmsg."""
+    errno_, origin, typ, code, _pad, _info, _data = struct.unpack_from("=IBBBBII", data)
+    offender = None
+    rest = data[16:]
+    if len(rest) >= 8:
+        fam = struct.unpack_from("=H", rest)[0]
+        if fam == socket.AF_INET:
+            offender = socket.inet_ntop(socket.AF_INET, rest[4:8])
+        elif fam == socket.AF_INET6 and len(rest) >= 24:
+            offender = socket.inet_ntop(socket.AF_INET6, rest[8:24])
+    return errno_, origin, typ, code, offender

@@ -1,0 +1,243 @@
+"""UDP probe: one connected datagram socket per attempt, ICMP errors read from the error queue.
+
+Each attempt opens a non-blocking UDP socket, turns on IP_RECVERR (IPV6_RECVERR), connects it
+to the flow and sends one payload (``scanner.probes.payloads``: VXLAN, WireGuard, memberlist or a
+short tag, each carrying our tag). The kernel matches whatever comes back to the socket by its
+4-tuple, so nothing is guessed: a datagram is a reply from that port, and an ICMP error quoting
+our datagram is queued on the socket's error queue with its exact type and code
+(``sock_extended_err``), readable without any privilege. Classification, as nmap does it:
+
+    UDP reply                       open            udp-response (responder: our tag checked)
+    ICMP port unreachable           closed          port-unreach
+    other ICMP unreachable          filtered        admin-prohibited, host-unreach, ...
+    silence until the timeout       open|filtered   no-response (silent: the engine retries)
+
+ICMP error rate limits, and what they cost
+------------------------------------------
+Linux limits the ICMP errors a host sends (Documentation/networking/ip-sysctl.rst):
+``net.ipv4.icmp_ratelimit`` (default 1000 ms) is a per-destination token bucket
+(``inet_peer_xrlim_allow``: one token per 1000 ms, at most 6 banked) for the types in
+``icmp_ratemask`` (destination unreachable, source quench, time exceeded, parameter problem),
+and ``icmp_msgs_per_sec``/``icmp_msgs_burst`` (1000/s, burst 50) caps all ICMP a host sends.
+Both apply to nftables ``reject`` too. Loopback is exempt from the per-destination bucket, which
+is why a closed-port sweep of 127.0.0.1 looks instant and one of a real host does not.
+
+So a far host tells us about at most ~6 closed ports at once and then ONE per second; every
+other closed port looks exactly like a dropped one (silence). Measured in the lab (kernel 6.18,
+defaults, 198.18.x host reached over veth, 200 closed ports): sending all 200 at once gave 6
+``closed`` and 194 silent; paced at 1 probe/s per host after a burst of 6, all 200 ``closed``
+in ~195 s. nmap -sU meets the same wall (it detects the drops and slows to ~1 probe/s).
+The engine therefore paces UDP per destination host at ``UDP_PER_HOST_PPS`` after
+``UDP_PER_HOST_BURST`` (different hosts run in parallel, so a cluster sweep costs ~1 s per UDP
+port per host pair, not per flow overall). A silent attempt is retried by the engine as usual;
+pacing, not retries, is what keeps closed ports from being called open|filtered.
+``benchmarks/udp_icmp.py`` repeats the measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from scanner import tags
+from scanner.flows import Flow
+from scanner.probes import payloads
+from scanner.probes.base import NO_RESPONSE_OPEN_FILTERED, Outcome, ProbeOptions
+from scanner.probes.rawrecv import icmp_reason, parse_extended_err
+
+# <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>: not all exported by Python's socket module.
+IP_RECVERR = 11
+IPV6_RECVERR = 25
+SOL_IPV6 = 41
+SO_EE_ORIGIN_LOCAL = 1
+SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
+
+# Per-destination pacing the engine honours for UDP (see the module docstring): the far
+# kernel's icmp_ratelimit default (1000 ms) allows one ICMP error per second after a burst of 6.
+UDP_PER_HOST_PPS = 1.0
+UDP_PER_HOST_BURST = 6
+
+_ERRNO_OUTCOMES: dict[int, Outcome] = {
+    errno.ECONNREFUSED: Outcome("closed", "port-unreach"),
+    errno.EHOSTUNREACH: Outcome("filtered", "host-unreach"),
+    errno.ENETUNREACH: Outcome("filtered", "net-unreach"),
+    errno.EACCES: Outcome("filtered", "admin-prohibited"),  # local firewall reject on output
+    errno.EPERM: Outcome("filtered", "admin-prohibited"),
+}
+_RETRYABLE = {errno.EAGAIN, errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def errno_outcome(err: OSError, rtt_ms: float | None = None) -> Outcome:
+    """A local socket error as an outcome (never raised to the engine)."""
+    o = _ERRNO_OUTCOMES.get(err.errno or 0)
+    if o is not None:
+        return Outcome(o.state, o.reason, rtt_ms)
+    name = errno.errorcode.get(err.errno or 0, "oserror").lower()
+    return Outcome("error", name, rtt_ms, silent=(err.errno in _RETRYABLE))
+
+
+def classify_icmp(
+    origin: int, icmp_type: int, code: int, ee_errno: int, rtt_ms: float | None
+) -> Outcome:
+    """The outcome for a queued socket error (pure; table-tested)."""
+    if origin == SO_EE_ORIGIN_ICMP:
+        if icmp_type == 3 and code == 3:
+            return Outcome("closed", "port-unreach", rtt_ms)
+        return Outcome("filtered", icmp_reason(icmp_type, code), rtt_ms)
+    if origin == SO_EE_ORIGIN_ICMP6:
+        if icmp_type == 1 and code == 4:
+            return Outcome("closed", "port-unreach", rtt_ms)
+        return Outcome("filtered", icmp_reason(icmp_type, code, v6=True), rtt_ms)
+    return errno_outcome(OSError(ee_errno, ""), rtt_ms)
+
+
+class _Attempt:
+    __slots__ = ("loop", "sock", "fut", "nonce", "t0", "dst")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        fut: asyncio.Future,
+        nonce: bytes,
+        t0: float,
+        dst: str,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fut = fut
+        self.nonce = nonce
+        self.t0 = t0
+        self.dst = dst
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(NO_RESPONSE_OPEN_FILTERED)
+
+
+class UdpProber:
+    proto = "udp"
+    needs_raw = False
+
+    def __init__(self, opts: ProbeOptions) -> None:
+        self.opts = opts
+        self.secret = opts.secret or b""
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # Build every template now (scapy's import and build take ~0.5 s): doing it lazily in
+        # the middle of a sweep would stall the loop while other attempts' timers run.
+        kinds = set(payloads.DEFAULT_PORT_KINDS.values()) | {"tag"}
+        kinds |= set((self.opts.udp_payloads or {}).values())
+        for kind in kinds:
+            payloads.udp_template(kind, self.opts.vxlan_vni)
+
+    def payload(self, flow: Flow, tag: bytes, src: str | None) -> bytes:
+        """The datagram for one attempt (public for the benchmark and the tests)."""
+        assert flow.port is not None
+        kind = payloads.kind_for_port(flow.port, self.opts.udp_payloads)
+        tpl = payloads.udp_template(kind, self.opts.vxlan_vni)
+        if tpl.ip_off is None:
+            return tpl.render(tag)
+        inner_src = inner_dst = None
+        if src and ":" not in src and ":" not in flow.dst:
+            inner_src, inner_dst = socket.inet_aton(src), socket.inet_aton(flow.dst)
+        seq = int.from_bytes(tag[8:12], "big")
+        return tpl.render(
+            tag, inner_src, inner_dst, ip_id=seq, icmp_id=seq >> 16, icmp_seq=seq & 0xFFFF
+        )
+
+    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        if flow.port is None:
+            return Outcome("error", "no-port")
+        v6 = ":" in flow.dst
+        try:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as e:
+            return errno_outcome(e)
+        try:
+            sock.setblocking(False)
+            if v6:
+                sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            if self.opts.source:
+                sock.bind((self.opts.source, 0))
+            sock.connect((flow.dst, flow.port))
+            src = sock.getsockname()[0]
+        except OSError as e:
+            sock.close()
+            return errno_outcome(e)
+        nonce = payloads.new_nonce()
+        data = self.payload(flow, tags.make_tag(self.secret, nonce), src)
+        fut = loop.create_future()
+        fd = sock.fileno()
+        att = _Attempt(loop, sock, fut, nonce, loop.time(), flow.dst)
+        loop.add_reader(fd, self._readable, att)
+        timer = None
+        try:
+            try:
+                sock.send(data)
+            except OSError as e:
+                return errno_outcome(e)
+            timer = loop.call_later(timeout, _expire, fut)
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            loop.remove_reader(fd)
+            sock.close()
+
+    def _readable(self, att: _Attempt) -> None:
+        if att.fut.done():
+            return
+        rtt = round((att.loop.time() - att.t0) * 1000.0, 3)
+        sock = att.sock
+        try:
+            _, anc, _, _ = sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            anc = None
+        except OSError:
+            anc = None
+        if anc:
+            for level, ctype, cdata in anc:
+                if (level, ctype) in ((socket.SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)):
+                    ee_errno, origin, typ, code, offender = parse_extended_err(cdata)
+                    out = classify_icmp(origin, typ, code, ee_errno, rtt)
+                    if offender and offender != att.dst:
+                        out = Outcome(out.state, out.reason, rtt, extra={"icmp_from": offender})
+                    att.fut.set_result(out)
+                    return
+        try:
+            reply = sock.recv(65535)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            att.fut.set_result(errno_outcome(e, rtt))
+            return
+        reason = "udp-response"
+        if self.secret and tags.check_reply(reply, self.secret) == att.nonce:
+            reason = "responder"
+        att.fut.set_result(Outcome("open", reason, rtt))
+
+    def close(self) -> None:
+        self.loop = None
+
+
+def make_prober(opts: ProbeOptions) -> UdpProber:
+    return UdpProber(opts)
+
+
+__all__ = [
+    "UDP_PER_HOST_BURST",
+    "UDP_PER_HOST_PPS",
+    "UdpProber",
+    "classify_icmp",
+    "errno_outcome",
+    "make_prober",
+]
