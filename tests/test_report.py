@@ -519,6 +519,7 @@ def test_fix_script_is_valid_shell_and_dry_runs(kind: str, tmp_path: Path) -> No
 
 def test_fix_skips_closed_ports_and_unsourced_flows_are_open_to_any(tmp_path: Path) -> None:
     recs = [
+        {"type": "start", "scan_id": "c", "argv": ["portmesh", "check", "--expect", "listening"]},
         {"type": "result", "scan_id": "c", "dst": "198.18.0.9", "host": "db1", "proto": "tcp",
          "port": 5432, "state": "closed", "reason": "conn-refused", "verdict": "fail",
          "src": "198.18.0.1", "src_host": "app1", "req": "pg"},
@@ -535,6 +536,22 @@ def test_fix_skips_closed_ports_and_unsourced_flows_are_open_to_any(tmp_path: Pa
     assert "'meta nfproto ipv4 tcp dport { 22 } accept comment \"portmesh tcp/22\"'" in script
     assert "'meta nfproto ipv4 icmp type echo-request accept comment \"portmesh icmp\"'" in script
     assert "icmpv6 type echo-request" in script
+
+
+def test_fix_opens_a_closed_fail_when_the_run_did_not_check_for_listeners(tmp_path: Path) -> None:
+    """mesh with responders: 'closed' where our responder should answer is a firewall's reject."""
+    rec = {"type": "result", "scan_id": "m", "src": "198.18.0.1", "src_host": "node1",
+           "dst": "198.18.0.2", "host": "node2", "proto": "tcp", "port": 179, "state": "closed",
+           "reason": "conn-refused", "req": "calico.bgp", "verdict": "fail"}  # fmt: skip
+    p = tmp_path / "m.ndjson"
+    p.write_bytes(orjson.dumps(rec) + b"\n")
+    code, script, _ = report(p, fix="nftables")
+    assert code == 1
+    assert "'ip saddr { 198.18.0.1 } tcp dport { 179 } accept" in script
+    _, text, _ = report(p)
+    assert (
+        "one-way" not in text and "node1 -> node2: tcp/179 rejected (closed: conn-refused)" in text
+    )
 
 
 def test_fix_with_nothing_failed_says_so() -> None:

@@ -19,18 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.verdicts import verdict
+
 VERDICTS = ("pass", "fail", "unknown")
-# A plain scan's state -> verdict. open and closed both prove the packets get through (closed
-# is an RST: reachable, nothing listening yet), as `check` decides. filtered is a drop.
-# open|filtered is what a UDP/IP-in-IP probe says when nothing answered, which an open port
-# without a responder also does: undecidable, so unknown rather than a false failure.
-STATE_VERDICT = {
-    "open": "pass",
-    "closed": "pass",
-    "filtered": "fail",
-    "open|filtered": "unknown",
-    "error": "unknown",
-}
 LOCAL = "(local)"  # source name of a plain scan's results (no src / src_host recorded)
 MAX_RANGES = 64  # beyond this many disjoint ranges a PortSet switches to a 8 KiB bitmap
 MAX_REASONS = 4
@@ -38,10 +29,13 @@ MAX_SAMPLES = 5
 
 
 def derive_verdict(rec: dict[str, Any]) -> str:
+    """The record's own verdict (check, mesh); for a plain scan, what `check` would say with
+    ``--expect reachable`` and no responder (scanner/verdicts.py): open and closed pass (an RST
+    proves the packets got through), filtered fails, an unanswered UDP probe is unknown."""
     v = rec.get("verdict")
     if v in VERDICTS:
         return v
-    return STATE_VERDICT.get(rec.get("state", ""), "unknown")
+    return verdict(str(rec.get("proto")), str(rec.get("state")))
 
 
 class PortSet:
@@ -236,12 +230,16 @@ class Cell:
             return "unknown"
         return "pass"
 
-    def note(self, verdict: str, rec: dict[str, Any]) -> None:
+    def note(self, verdict: str, rec: dict[str, Any], listening: bool = False) -> None:
+        """``listening``: the run checked for listeners (check --expect listening), so a failed
+        'closed' means nothing listens; otherwise it is a reject (an RST from a firewall, or
+        from the host where our responder should have answered)."""
         port = rec.get("port")
         if verdict == "fail":
             self.nfail += 1
             if port is not None:
-                (self.closed_ports if rec.get("state") == "closed" else self.fail_ports).add(port)
+                nothing_listens = listening and rec.get("state") == "closed"
+                (self.closed_ports if nothing_listens else self.fail_ports).add(port)
         else:
             self.nunknown += 1
             if port is not None:
@@ -295,6 +293,7 @@ class Run:
 
     scan_id: str
     argv: list[str] | None = None
+    listening: bool = False  # check --expect listening: 'closed' means nothing listens
     started: str | None = None
     planned: int | None = None
     summary: dict[str, Any] | None = None
@@ -363,6 +362,7 @@ class Aggregate:
                 run.host(rec["name"], rec.get("address"))
         elif t == "start":
             run.argv = rec.get("argv")
+            run.listening = _expects_listening(run.argv) or rec.get("expect") == "listening"
             run.started = rec.get("ts")
             run.planned = rec.get("planned")
         elif t == "summary":
@@ -402,7 +402,7 @@ class Aggregate:
             req.nunknown += 1
         if not isinstance(cur, Cell):
             cur = req.cells[ck] = Cell(cur or 0)
-        cur.note(verdict, rec)
+        cur.note(verdict, rec, run.listening)
 
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
@@ -450,6 +450,15 @@ class Aggregate:
                     cell.nunknown = 1
             else:
                 cell.note(verdict, fake)
+
+
+def _expects_listening(argv: Any) -> bool:
+    if not isinstance(argv, list):
+        return False
+    args = [str(a) for a in argv]
+    if "--expect=listening" in args:
+        return True
+    return any(a == "--expect" and b == "listening" for a, b in zip(args, args[1:], strict=False))
 
 
 def _pair_ports(ports: Any) -> list[int]:

@@ -43,7 +43,8 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
     nres = sum(r.results for r in runs)
     npairs = sum(r.pairs for r in runs)
     head = (
-        f"portmesh report: {len(runs)} run{'s' if len(runs) != 1 else ''}, {nres} results "
+        f"portmesh report: {len(runs)} run{'s' if len(runs) != 1 else ''}, "
+        f"{nres} result{'s' if nres != 1 else ''} "
         f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
     )
     if npairs:
@@ -63,7 +64,7 @@ def _render_run(run: Run, multi: bool) -> Iterator[str]:
     yield (
         f"run {run.scan_id}: {what}"
         + (f", started {run.started}" if run.started else "")
-        + f", {len(names)} hosts, {run.results} results"
+        + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
     )
     if run.summary and run.planned is not None and run.summary.get("results") != run.planned:
         yield f"  warning: planned {run.planned} flows, summary counts {run.summary.get('results')}"
@@ -115,7 +116,7 @@ def _verb(reasons: dict[str, int]) -> tuple[str, str]:
     """(present, participle) for how the packets were stopped, from the fail reasons."""
     words = " ".join(reasons).lower()
     if reasons and all(r.startswith("closed") for r in reasons):
-        return "refuses", "refused"
+        return "rejects", "rejected"  # an RST came back
     if any(w in words for w in ("unreach", "prohibit", "reject", "refused", "reset")):
         return "rejects", "rejected"
     if any(w in words for w in ("no-response", "timeout", "filtered")):
