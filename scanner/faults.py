@@ -17,7 +17,8 @@ A fault file is YAML::
 A bare list of faults (without ``faults:``) is accepted too. Each fault becomes one nftables
 rule in the host's table ``inet portmesh`` (chains ``input`` / ``output``), matching only the
 first packet of a connection (``ct state new``), so replies and ICMP errors of other flows are
-never caught by a fault. ``icmp`` means ICMP echo requests; ``ipip`` means IP protocol 4.
+never caught by a fault. ``icmp`` means ICMP echo requests; ``ipip`` means IP protocol 4 (every
+packet: conntrack cannot tell the directions of protocol 4 apart).
 
 Actions, and what a prober then sees (measured in the lab, kernel 6.x):
 
@@ -288,7 +289,10 @@ def _addr(lab: _AddrBook | Mapping[str, str], name: str) -> str:
 
 
 def nft_rule(f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0) -> str:
-    parts = ["ct state new"]
+    # TCP, UDP and ICMP echo: only a connection's first packet, so replies and ICMP errors of
+    # other flows pass. Not for IP-in-IP: conntrack tracks protocol 4 by addresses alone, so a
+    # probe B->A would count as the reply of an earlier probe A->B and slip past the rule.
+    parts = [] if f.proto == "ipip" else ["ct state new"]
     if f.peer is not None:
         parts.append(f"ip {'saddr' if f.direction == 'in' else 'daddr'} {_addr(lab, f.peer)}")
     if f.proto in ("tcp", "udp"):

@@ -350,7 +350,10 @@ class Lab:
         while True:
             procs = [
                 subprocess.Popen(
-                    ["ip", "-n", ns, "-o", "link", "show"], stdout=subprocess.PIPE, text=True
+                    ["ip", "-n", ns, "-o", "link", "show"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
                 )
                 for ns in nss
             ]
@@ -359,6 +362,7 @@ class Lab:
                     subprocess.Popen(
                         ["ip", "-o", "link", "show", self.root_if],
                         stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
                         text=True,
                     )
                 )
@@ -366,10 +370,13 @@ class Lab:
                 subprocess.Popen(
                     ["bridge", "-n", self.switch_ns, "link", "show"],
                     stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
                     text=True,
                 )
                 if shutil.which("bridge")
-                else subprocess.Popen(["true"], stdout=subprocess.PIPE, text=True)
+                else subprocess.Popen(
+                    ["true"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+                )
             )
             outs = [p.communicate()[0] for p in procs]
             bridge_out = outs.pop()

@@ -212,7 +212,7 @@ def test_garbage_documents_raise_input_error_or_parse(doc: object) -> None:
             Fault("node1", "in", "icmp", None, "reject"),
             "ct state new icmp type echo-request reject with icmpx type port-unreachable",
         ),
-        (Fault("node1", "out", "ipip", None, "drop"), "ct state new ip protocol 4 drop"),
+        (Fault("node1", "out", "ipip", None, "drop"), "ip protocol 4 drop"),
     ],
 )
 def test_nft_rules(fault: Fault, rule: str) -> None:
@@ -517,3 +517,159 @@ def test_peer_faults_are_one_way(fault_lab) -> None:
     for src in ("node1", "node3"):
         fl = Flow(lab.host("node2").addr, 2380, "tcp", src=lab.host(src).addr)
         assert expected(fl, faults, lab).verdict == ("fail" if src == "node3" else "pass")
+
+
+# ---- random fault sets: responders + nftables + kernel == ground truth, for every flow ---------
+
+BATCH_PROBER = r"""
+import json, os, select, socket, struct, sys, threading, time
+from scanner import tags
+secret, timeout = sys.argv[1].encode(), float(sys.argv[2])
+flows = json.loads(sys.stdin.read())
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+    return ~s & 0xFFFF
+def echo(ident):
+    h = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + tags.make_tag(secret, os.urandom(8))
+    return h[:2] + struct.pack("!H", csum(h)) + h[4:]
+ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "send-eperm"}
+def one(i, dst, proto, port):
+    try:
+        if proto == "tcp":
+            s = socket.socket(); s.settimeout(timeout)
+            try:
+                s.connect((dst, port))
+                return ("open", "responder" if s.recv(64) == tags.tcp_token(secret, port) else "syn-ack")
+            except socket.timeout: return ("filtered", "no-response")
+            except OSError as e:
+                st = "closed" if e.errno == 111 else "filtered"
+                return (st, ERR.get(e.errno, str(e)))
+        if proto == "udp":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout); s.connect((dst, port))
+            try:
+                s.send(tags.make_tag(secret, os.urandom(8))); d = s.recv(64)
+                return ("open", "responder") if tags.check_reply(d, secret) else ("open", "udp-response")
+            except socket.timeout: return ("open|filtered", "no-response")
+            except OSError as e:
+                if e.errno == 111: return ("closed", "port-unreach")
+                return ("filtered", ERR.get(e.errno, str(e)))
+        r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        ident = (os.getpid() * 64 + i) & 0xFFFF
+        if proto == "icmp":
+            pkt, s, want = echo(ident), r, 1
+        else:
+            inner = echo(ident)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(inner), ident, 0, 64, 1, 0,
+                             socket.inet_aton("10.99.0.1"), socket.inet_aton("10.99.0.2"))
+            ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+            # IPPROTO_RAW, outer header built here: an IPPROTO_IPIP raw socket would also
+            # *receive* protocol 4, and while it is open the kernel does not answer other hosts'
+            # IP-in-IP probes with protocol-unreachable (the raw socket "consumed" them)
+            outer = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(inner), ident, 0, 64, 4, 0,
+                                socket.inet_aton("0.0.0.0"), socket.inet_aton(dst))
+            pkt, s, want = outer + ip + inner, socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW), 4
+        try:
+            s.sendto(pkt, (dst, 0))
+        except OSError as e:
+            return ("filtered", ERR.get(e.errno, str(e)))
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            if not select.select([r], [], [], left)[0]: break
+            d = r.recv(4096); ihl = (d[0] & 15) * 4; t, c = d[ihl], d[ihl + 1]
+            if t == 0 and proto == "icmp" and struct.unpack("!H", d[ihl + 4:ihl + 6])[0] == ident:
+                return ("open", "echo-reply")
+            o = d[ihl + 8:]
+            if t == 3 and len(o) >= 28 and socket.inet_ntoa(o[16:20]) == dst and o[9] == want:
+                oi = (o[0] & 15) * 4
+                mine = struct.unpack("!H", o[oi + 4:oi + 6])[0] == ident if want == 1 else struct.unpack("!H", o[4:6])[0] == ident
+                if mine:
+                    return {2: ("closed", "proto-unreach"), 3: ("filtered", "port-unreach"),
+                            13: ("filtered", "admin-prohibited")}.get(c, ("filtered", "unreach-%d" % c))
+        return ("filtered" if proto == "icmp" else "open|filtered", "no-response")
+    except Exception as e:
+        return ("error", repr(e))
+out = [None] * len(flows)
+def run(i, f): out[i] = one(i, *f)
+ts = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate(flows)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(out))
+"""
+
+TRUTH_PORTS = (
+    ("tcp", (2380, 2380)),
+    ("tcp", (10250, 10250)),
+    ("udp", (4789, 4789)),
+    ("udp", (8472, 8472)),
+)
+
+
+@pytest.fixture(scope="module")
+def truth_lab(module_lab):
+    lab = module_lab(hosts=3)
+    procs = []
+    for h in lab.hosts:
+        # per-namespace sysctl: no ICMP error rate limit, so every reject answers every probe
+        lab.run(h.name, ["sh", "-c", "echo 0 > /proc/sys/net/ipv4/icmp_ratelimit"], check=True)
+        p = lab.popen(
+            h.name,
+            [sys.executable, "-m", "scanner", "respond", "-p", "2380,10250,U:4789,8472",
+             "--secret", "truth", "--ttl", "120"],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert p.stdout is not None and json.loads(p.stdout.readline())["type"] == "ready"
+        procs.append(p)
+    yield lab
+    for p in procs:
+        p.terminate()
+        p.wait()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("seed", range(4))
+def test_random_faults_kernel_equals_ground_truth(truth_lab, seed: int) -> None:
+    lab = truth_lab
+    faults = random_faults(lab.hosts, seed, 6, ports=TRUTH_PORTS)
+    lab.apply_faults(faults)
+    flows = {
+        src.name: [
+            Flow(dst.addr, port, proto, src=src.addr)
+            for dst in lab.hosts
+            if dst is not src
+            for proto, port in (
+                ("tcp", 2380),
+                ("tcp", 10250),
+                ("udp", 4789),
+                ("udp", 8472),
+                ("icmp", None),
+                ("ipip", None),
+            )
+        ]
+        for src in lab.hosts
+    }
+    procs = {
+        name: lab.popen(
+            name,
+            [sys.executable, "-c", BATCH_PROBER, "truth", "0.5"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in flows
+    }
+    wrong = []
+    fails = 0
+    for name, p in procs.items():
+        out, _ = p.communicate(
+            json.dumps([[f.dst, f.proto, f.port] for f in flows[name]]), timeout=30
+        )
+        for fl, got in zip(flows[name], json.loads(out), strict=True):
+            want = expected(fl, faults, lab)
+            fails += want.verdict == "fail"
+            if tuple(got) != (want.state, want.reason):
+                wrong.append(
+                    f"{name}->{lab.by_addr(fl.dst).name} {fl.proto}/{fl.port}: kernel {got}, truth {want}"
+                )
+    assert not wrong, "\n".join(wrong + [f.describe() for f in faults])
+    assert fails > 0  # the seeds do inject something
