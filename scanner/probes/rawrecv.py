@@ -104,7 +104,7 @@ class RawIcmp:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return
+                continue  # a pending socket error (see send_to), consumed by this call
             ihl = ip_header_len(pkt)
             if not ihl or len(pkt) < ihl + 8:
                 continue
@@ -141,6 +141,26 @@ def release(rx: RawIcmp, handler: Handler) -> None:
         rx.close()
         if _shared.get(id(rx.loop)) is rx:
             del _shared[id(rx.loop)]
+
+
+def send_to(sock: socket.socket, data: bytes, addr: tuple) -> None:
+    """sendto() that does not report an earlier packet's ICMP error as this packet's failure.
+
+    A raw or ICMP datagram socket shared by many probes gets ``sk_err`` set when an ICMP error
+    with a "fatal" code (admin-prohibited, protocol unreachable, ...) quotes ANY packet it sent;
+    the next sendto() then fails with that errno (EHOSTUNREACH, ENOPROTOOPT, ...) and clears
+    it, without sending. The error itself is matched by the receiver; here it is just retried.
+    A genuine local error (no route) repeats every time and is raised.
+    """
+    for _ in range(3):
+        try:
+            sock.sendto(data, addr)
+            return
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError as e:
+            err = e
+    raise err
 
 
 def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:

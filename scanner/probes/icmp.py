@@ -1,0 +1,227 @@
+"""ICMP echo probe: one socket for every attempt, replies matched by identifier, sequence and nonce.
+
+Sockets, in order of preference:
+
+- raw (``SOCK_RAW``/``IPPROTO_ICMP``, needs CAP_NET_RAW): the loop's shared receiver in
+  ``rawrecv``; requests carry this prober's identifier and a 16-bit sequence, the payload starts
+  with our tag. An echo reply matches on (source, identifier, sequence) and must echo the tag; a
+  destination unreachable / time exceeded matches on the request it quotes (destination,
+  identifier, sequence).
+- the unprivileged ICMP datagram socket (``SOCK_DGRAM``/``IPPROTO_ICMP``, allowed when the
+  process's group is in ``net.ipv4.ping_group_range``): the kernel rewrites the identifier to the
+  socket's own and delivers only our replies, so matching is on (source, sequence) and the tag;
+  ICMP errors come through IP_RECVERR's error queue with the quoted request.
+- neither: every attempt is ``error``/``needs-cap-net-raw``.
+
+Outcomes: ``open``/``echo-reply``; ``filtered`` with the unreachable code's reason; silence is
+``filtered``/``no-response`` (silent, the engine retries). Flow.port is None. IPv4 only: an IPv6
+flow is ``error``/``ipv6-unsupported``.
+
+Echo replies are not rate limited by Linux (icmp_ratemask leaves type 0 out), so a sweep of
+thousands of hosts needs no pacing beyond the engine's global rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+
+from scanner import privileges, tags
+from scanner.flows import Flow
+from scanner.probes import payloads, rawrecv
+from scanner.probes.base import NO_RESPONSE_FILTERED, Outcome, ProbeOptions
+
+IP_RECVERR = 11
+TAG_OFF = 8  # the tag's offset inside the ICMP message (right after the echo header)
+TAG_LEN = tags.TAG_LEN
+NEEDS_RAW = Outcome("error", "needs-cap-net-raw")
+OPEN = Outcome("open", "echo-reply")
+
+
+def _expire(pending: dict, key: tuple[str, int], fut: asyncio.Future) -> None:
+    if pending.get(key, (None,))[0] is fut:
+        del pending[key]
+    if not fut.done():
+        fut.set_result(NO_RESPONSE_FILTERED)
+
+
+class IcmpProber:
+    proto = "icmp"
+    needs_raw = False  # the datagram socket serves when raw sockets are not allowed
+
+    def __init__(self, opts: ProbeOptions, mode: str | None = None) -> None:
+        self.opts = opts
+        self.secret = opts.secret or b""
+        self.forced_mode = mode  # "raw" | "dgram" | "none" (tests); None: decide in start()
+        self.mode = "none"
+        self.ident = int.from_bytes(os.urandom(2), "big")
+        self.seq = int.from_bytes(os.urandom(2), "big")
+        # (destination, sequence) -> (future, tag sent, send time)
+        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, float]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.rx: rawrecv.RawIcmp | None = None
+        self.sock: socket.socket | None = None
+        self.template: payloads.Template | None = None
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.template = payloads.icmp_echo_template()
+        mode = self.forced_mode
+        if mode is None:
+            mode = (
+                "raw"
+                if privileges.can_raw()
+                else "dgram"
+                if privileges.can_ping_dgram()
+                else "none"
+            )
+        self.mode = mode
+        try:
+            if mode == "raw":
+                self.rx = rawrecv.acquire(loop, self._on_raw)
+                self.sock = self.rx.sock
+            elif mode == "dgram":
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                s.setblocking(False)
+                s.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                if self.opts.source:
+                    s.bind((self.opts.source, 0))
+                self.sock = s
+                loop.add_reader(s.fileno(), self._on_dgram)
+        except OSError:
+            self.mode = "none"
+
+    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+        if self.mode == "none" or self.sock is None or self.loop is None:
+            return NEEDS_RAW
+        if ":" in flow.dst:
+            return Outcome("error", "ipv6-unsupported")
+        loop = self.loop
+        nonce = payloads.new_nonce()
+        tag = tags.make_tag(self.secret, nonce)
+        # the next sequence whose slot for this destination is free
+        for _ in range(65536):
+            self.seq = (self.seq + 1) & 0xFFFF
+            key = (flow.dst, self.seq)
+            if key not in self.pending:
+                break
+        else:
+            return Outcome("error", "too-many-in-flight", silent=True)
+        assert self.template is not None
+        data = payloads.render_echo(self.template, tag, self.ident, self.seq)
+        fut = loop.create_future()
+        self.pending[key] = (fut, tag, loop.time())
+        try:
+            rawrecv.send_to(self.sock, data, (flow.dst, 0))
+        except OSError as e:
+            del self.pending[key]
+            from scanner.probes.udp import errno_outcome
+
+            return errno_outcome(e)
+        timer = loop.call_later(timeout, _expire, self.pending, key, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            if self.pending.get(key, (None,))[0] is fut:
+                del self.pending[key]
+
+    # ---- receiving ----------------------------------------------------------------------------
+
+    def _resolve(self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None):
+        entry = self.pending.get(key)
+        if entry is None:
+            return
+        fut, tag, t0 = entry
+        if echoed is not None and echoed[:TAG_LEN] != tag:
+            return  # same sequence, not our request: a stale or foreign reply
+        del self.pending[key]
+        if not fut.done():
+            rtt = round((now - t0) * 1000.0, 3)
+            fut.set_result(Outcome(outcome.state, outcome.reason, rtt, extra=outcome.extra))
+
+    def _on_raw(self, pkt: bytes, ihl: int, now: float) -> None:
+        typ = pkt[ihl]
+        if typ == rawrecv.ICMP_ECHO_REPLY:
+            ident, seq = struct.unpack_from("!HH", pkt, ihl + 4)
+            if ident == self.ident:
+                src = socket.inet_ntoa(pkt[12:16])
+                self._resolve((src, seq), now, OPEN, pkt[ihl + TAG_OFF :])
+        elif typ in (rawrecv.ICMP_DEST_UNREACH, rawrecv.ICMP_TIME_EXCEEDED):
+            q = ihl + 8
+            qihl = rawrecv.ip_header_len(pkt, q)
+            if not qihl or pkt[q + 9] != socket.IPPROTO_ICMP or len(pkt) < q + qihl + 8:
+                return
+            if pkt[q + qihl] != rawrecv.ICMP_ECHO:
+                return
+            ident, seq = struct.unpack_from("!HH", pkt, q + qihl + 4)
+            if ident != self.ident:
+                return
+            dst = socket.inet_ntoa(pkt[q + 16 : q + 20])
+            quoted = pkt[q + qihl + TAG_OFF :]
+            src = socket.inet_ntoa(pkt[12:16])
+            out = _error_outcome(typ, pkt[ihl + 1], src, dst)
+            self._resolve((dst, seq), now, out, quoted if len(quoted) >= TAG_LEN else None)
+
+    def _on_dgram(self) -> None:
+        sock, loop = self.sock, self.loop
+        if sock is None or loop is None:
+            return
+        now = loop.time()
+        for _ in range(256):
+            try:
+                data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            for level, ctype, cdata in anc:
+                if level == socket.SOL_IP and ctype == IP_RECVERR and len(data) >= 8:
+                    _, origin, typ, code, offender = rawrecv.parse_extended_err(cdata)
+                    if origin != 2 or data[0] != rawrecv.ICMP_ECHO:
+                        continue
+                    seq = struct.unpack_from("!H", data, 6)[0]
+                    out = _error_outcome(typ, code, offender, addr[0])
+                    quoted = data[TAG_OFF:]
+                    self._resolve(
+                        (addr[0], seq), now, out, quoted if len(quoted) >= TAG_LEN else None
+                    )
+        for _ in range(256):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an error the queue above reports; keep draining
+            if len(data) >= 8 and data[0] == rawrecv.ICMP_ECHO_REPLY:
+                seq = struct.unpack_from("!H", data, 6)[0]
+                self._resolve((addr[0], seq), now, OPEN, data[TAG_OFF:])
+
+    def close(self) -> None:
+        for fut, _, _ in self.pending.values():
+            if not fut.done():
+                fut.set_result(Outcome("error", "closed"))
+        self.pending.clear()
+        if self.rx is not None:
+            rawrecv.release(self.rx, self._on_raw)
+            self.rx = None
+        elif self.sock is not None and self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        self.sock = None
+        self.mode = "none"
+
+
+def _error_outcome(typ: int, code: int, offender: str | None, dst: str) -> Outcome:
+    extra = {"icmp_from": offender} if offender and offender != dst else None
+    return Outcome("filtered", rawrecv.icmp_reason(typ, code), extra=extra)
+
+
+def make_prober(opts: ProbeOptions) -> IcmpProber:
+    return IcmpProber(opts)
