@@ -48,8 +48,11 @@ A fault makes the flow fail, with the state the prober reads:
 Note the rejected TCP flow: ``closed`` alone would pass a pre-install check (the firewall let the
 SYN through and nothing listens), but with a responder expected on that port, ``closed`` means
 something other than our responder answered with a RST: the firewall. So in responder mode a
-``closed`` TCP or UDP flow is a *fail*. In ``mode="bare"`` (nothing listens), unfaulted TCP and
-UDP flows are ``closed`` and pass, and ``reject`` cannot be told from a pass (reported as such).
+``closed`` TCP or UDP flow is a *fail* (as scanner.verdicts says with ``responder=True``).
+In ``mode="bare"`` (nothing listens), unfaulted TCP and UDP flows are ``closed`` and pass, the
+verdict of a faulted flow is what scanner.verdicts gives a correct prober (a dropped UDP flow is
+``open|filtered`` -> ``unknown``; a ``reject`` cannot be told from a pass and is reported so).
+``Expected.fault`` is the fault that hit the flow: the truth, whatever a prober can tell.
 """
 
 from __future__ import annotations
@@ -473,9 +476,14 @@ def expected(
         return Expected(state, "pass", reason)
     table = _IN_FAULT if f.direction == "in" else _OUT_FAULT
     state, reason = table[(flow.proto, f.action)]
-    if mode == "bare" and (state, reason) == _PASS["bare"][flow.proto]:
-        # a reject looks exactly like "nothing listens" to a prober without responders
-        return Expected(state, "pass", reason + " (indistinguishable without a responder)", f)
+    if mode == "bare":
+        from scanner.verdicts import verdict
+
+        v = verdict(flow.proto, state, "reachable", responder=False)
+        if (state, reason) == _PASS["bare"][flow.proto]:
+            # a reject looks exactly like "nothing listens" to a prober without responders
+            reason += " (indistinguishable without a responder)"
+        return Expected(state, v, reason, f)
     return Expected(state, "fail", reason, f)
 
 

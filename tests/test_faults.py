@@ -331,6 +331,8 @@ def test_expected_table(flow: Flow, faults: list[Fault], want: tuple[str, str, s
         (F12, [fault(action="reject")], ("closed", "pass")),  # indistinguishable without responder
         (F12, [fault()], ("filtered", "fail")),
         (U12, [fault(proto="udp", action="reject-admin")], ("filtered", "fail")),
+        (U12, [fault(proto="udp")], ("open|filtered", "unknown")),
+        (P12, [fault(proto="ipip")], ("open|filtered", "fail")),
     ],
 )
 def test_expected_bare_mode(flow: Flow, faults: list[Fault], want: tuple[str, str]) -> None:
