@@ -204,3 +204,24 @@ def test_import_does_not_load_scapy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ipip_outer() -> None:
+    from scapy.layers.inet import ICMP, IP
+
+    nonce, tag = _tag()
+    tpl = payloads.ipip_outer_template()
+    data = tpl.render(tag, SRC, DST, ip_id=5, icmp_id=6, icmp_seq=7)
+    outer = IP(data)
+    assert (outer.proto, outer.len, outer.src, outer.id, outer.chksum) == (
+        4,
+        len(data),
+        "0.0.0.0",  # filled in by the kernel
+        0,
+        0,
+    )
+    inner = IP(data[20:])
+    assert (inner.src, inner.dst, inner.id) == ("198.18.0.254", "198.18.0.1", 5)
+    assert (inner[ICMP].type, inner[ICMP].id, inner[ICMP].seq) == (8, 6, 7)
+    assert payloads.checksum(data[20:40]) == 0
+    assert tags.find_tag(data, SECRET) == nonce

@@ -229,3 +229,16 @@ def ipip_template() -> Template:
     """The inner packet of an IP-in-IP probe: IPv4 (our address -> far host) / ICMP echo / tag."""
     data = bytes(_inner_ipv4_icmp())
     return Template("ipip", data, tag_off=28, ip_off=0)
+
+
+@functools.lru_cache(maxsize=4)
+def ipip_outer_template() -> Template:
+    """A whole IP-in-IP packet for an IPPROTO_RAW socket: outer IPv4 (protocol 4, source, id and
+    checksum left zero for the kernel to fill), then ``ipip_template``'s inner packet. The outer
+    destination is at offset 16; the inner packet at offset 20."""
+    from scapy.layers.inet import IP
+
+    outer = IP(src="0.0.0.0", dst="0.0.0.0", proto=4, ttl=64, id=0, flags=0)
+    data = bytearray(bytes(outer / _inner_ipv4_icmp()))
+    data[10:12] = b"\0\0"  # the kernel computes the outer checksum (IP_HDRINCL)
+    return Template("ipip-outer", bytes(data), tag_off=20 + 28, ip_off=20)
