@@ -98,6 +98,8 @@ def test_only_pairs_with_both_directions_and_mesh_hosts() -> None:
 
 def test_portless_and_port_fields() -> None:
     j = PairJoin(["a", "b"])
+    j.add(rec("a", "b", "pass", port=2380, req="one"))
+    j.add(rec("b", "a", "pass", port=2380, req="one"))
     j.add(rec("a", "b", "pass", proto="icmp", port=None, req="icmp"))
     j.add(rec("b", "a", "pass", proto="icmp", port=None, req="icmp"))
     for port in (30000, 30001, 30002, 30010):
@@ -106,6 +108,7 @@ def test_portless_and_port_fields() -> None:
     by_req = {p["req"]: p for p in j.pairs()}
     assert by_req["icmp"]["port"] is None and "ports" not in by_req["icmp"]
     assert by_req["np"]["ports"] == "30000-30002,30010" and "port" not in by_req["np"]
+    assert by_req["one"]["port"] == 2380 and "ports" not in by_req["one"]
 
 
 def test_nodeport_sweep_collapses_to_counts_and_ranges() -> None:

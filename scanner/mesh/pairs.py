@@ -228,13 +228,12 @@ class PairJoin:
     def pair(self, req: str, a: str, b: str, ab: Direction, ba: Direction) -> dict[str, Any]:
         va, vb = ab.verdict(), ba.verdict()
         rec: dict[str, Any] = {"type": "pair", "a": a, "b": b, "req": req, "proto": ab.proto}
-        ports = PortSet()
-        for ps in (ab.ports, ba.ports):
-            if ps.exact is not None:
-                for p in ps.exact:
-                    ports.add(p)
-            else:
-                ports = ps if len(ps) >= len(ports) else ports
+        if ab.ports.exact is not None and ba.ports.exact is not None:
+            ports = PortSet()
+            for p in sorted(ab.ports.exact | ba.ports.exact):
+                ports.add(p)
+        else:  # a collapsed sweep: the larger side describes it
+            ports = ab.ports if ab.ports.count >= ba.ports.count else ba.ports
         single = ports.single()
         if ports.count == 0 or single is not None:
             rec["port"] = single

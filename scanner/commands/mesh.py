@@ -1,0 +1,118 @@
+"""`portmesh mesh`: an agent on every host, every host probes every peer, pairs joined."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from scanner.commands.common import engine_options, output_options
+from scanner.selection import SelectionOptions, selection_options
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@selection_options
+@click.option(
+    "--exec",
+    "exec_template",
+    default=None,
+    metavar="TEMPLATE",
+    help="How a command reaches a host; placeholders {name} {address} {user} "
+    "(default: ssh -o BatchMode=yes [{user}@]{address}; in a lab: `portmesh lab status`).",
+)
+@click.option(
+    "--agent-cmd",
+    default="portmesh agent",
+    show_default=True,
+    metavar="CMD",
+    help="The agent command run after the exec template on every host.",
+)
+@click.option(
+    "--bundle",
+    default=None,
+    metavar="DIR",
+    help="Air-gapped hosts: copy the wheels in DIR over the exec channel and run from them.",
+)
+@click.option(
+    "--bundle-python",
+    default="python3",
+    show_default=True,
+    metavar="PYTHON",
+    help="The Python (3.10+) on the hosts that runs a --bundle.",
+)
+@click.option(
+    "--ttl",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Responders' own time limit (default 3600; they end with their agent anyway).",
+)
+@click.option(
+    "--hello-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time for an agent to start and answer (exec, login, interpreter start).",
+)
+@engine_options
+@output_options
+def command(
+    selection_opts: SelectionOptions,
+    exec_template: str | None,
+    agent_cmd: str,
+    bundle: str | None,
+    bundle_python: str,
+    ttl: float | None,
+    hello_timeout: float,
+    **opts,
+) -> int:
+    """Probe every planned flow from every host while every host responds; join both ends.
+
+    One NDJSON result per flow (from every source), one pair record per host pair and
+    requirement planned in both directions (pass, fail, one-way, unknown), then a summary.
+    --concurrency and --rate are totals, divided among the agents. Exit 0 all pass, 1 any
+    failure or unreachable host, 2 bad input, 130 interrupted.
+    """
+    from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.errors import InputError
+    from scanner.mesh import transport
+    from scanner.mesh.coordinator import DEFAULT_TTL, MeshConfig, run_mesh
+
+    for flag in ("secret", "secret_file", "source", "workers"):
+        if opts.get(flag) is not None:
+            raise InputError(
+                f"--{flag.replace('_', '-')} does not apply to mesh "
+                "(each run makes its own secret; agents probe from their own host with one loop)"
+            )
+    engine = build_engine_config(opts)
+    if exec_template is not None:
+        transport.check_template(exec_template)
+    if bundle is None:
+        transport.check_template(agent_cmd)
+    ttl = DEFAULT_TTL if ttl is None else ttl
+    if not 0 < ttl <= 7 * 86400:
+        raise InputError(f"--ttl: {ttl:g} is not within (0, 604800] seconds")
+    if not hello_timeout > 0:
+        raise InputError("--hello-timeout must be > 0")
+    catalog, site, selection = selection_opts.resolve()
+    if bundle is not None:
+        transport.bundle_payload(bundle)  # fail early, before any host is contacted
+    cfg = MeshConfig(
+        catalog=catalog,
+        site=site,
+        selection=selection,
+        exec_template=exec_template,
+        agent_cmd=agent_cmd,
+        bundle=bundle,
+        bundle_python=bundle_python,
+        engine=engine,
+        output=build_output(opts),
+        argv=["portmesh", *sys.argv[1:]],
+        ttl=ttl,
+        hello_timeout=hello_timeout,
+        loop=opts["loop"],
+        only=parse_only(opts["only"]),
+        progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),
+    )
+    return run_mesh(cfg)

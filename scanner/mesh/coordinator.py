@@ -1,0 +1,713 @@
+"""The mesh coordinator: an agent on every host, responders everywhere, every host probes.
+
+Phases (each a barrier over the live agents):
+
+  1. start  every agent through the exec template; ``hello`` (protocol version, the secret)
+  2. respond  every agent starts its responder on the ports the plan probes it on; wait for
+              every ``ready``
+  3. probe  every agent plans its own slice (``sources={its name}``) and streams results;
+            the coordinator forwards them, folds them into the pair join and the failure
+            matrix, and keeps a per-agent window of plan indexes (what is still owed)
+  4. stop   every agent ends its responder (the witness reports are in by then) and exits
+  5. join   pair records, the summary record, the human summary on stderr
+
+A host whose exec fails, whose agent dies, answers with an error or times out is reported
+once as ``{"type":"host","name","state":"unreachable","reason"}`` and every flow it owed as a
+source is emitted as ``error`` with that reason, so planned == results over every source.
+
+Memory: O(hosts^2 x requirements) for the pair join and the matrix, O(hosts x legs) for the
+responder port lists, and per agent a window of plan indexes as wide as its in-flight probes.
+Nothing per flow is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import orjson
+
+from scanner.engine import EngineConfig
+from scanner.mesh import transport
+from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
+from scanner.mesh.pairs import PairJoin, ranges
+from scanner.output import NdjsonOutput
+from scanner.results import encode, new_scan_id, start_record, summary_record
+
+HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
+READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
+STOP_TIMEOUT = 10.0
+DEFAULT_TTL = 3600.0  # responders' own TTL: a safety net, the parent channel ends them first
+
+
+@dataclass
+class MeshConfig:
+    """Everything ``run_mesh`` needs; ``portmesh mesh`` and ``portmesh demo`` build one.
+
+    catalog, site, selection: from ``SelectionOptions.resolve()`` (selection.sources is
+        replaced by every host of the site; the "scanner" source is not part of a mesh).
+    exec_template: None -> ssh per host (``transport.default_template(host.user)``).
+    engine: the TOTAL concurrency and rate; each agent gets its share. The secret in
+        engine.probe_options is ignored: every mesh run makes a fresh one.
+    bundle: a directory of wheels copied to every host (see scanner.mesh.transport).
+    """
+
+    catalog: Any
+    site: Any
+    selection: Any
+    exec_template: str | None = None
+    agent_cmd: str = transport.DEFAULT_AGENT_CMD
+    bundle: str | None = None
+    bundle_python: str = "python3"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: NdjsonOutput | None = None
+    argv: list[str] = field(default_factory=list)
+    ttl: float = DEFAULT_TTL
+    hello_timeout: float = HELLO_TIMEOUT
+    ready_timeout: float = READY_TIMEOUT
+    loop: str = "uvloop"  # the agents' probing loop
+    witness: bool = True
+    expect: str = "reachable"
+    summary_to: TextIO | None = None
+    progress: bool = False
+    only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+
+def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
+    """Planned flows per source host, arithmetically (sums to count_plan)."""
+    from scanner.plan import legs
+
+    counts: Counter[str] = Counter()
+    for leg in legs(catalog, site, selection):
+        if not (leg.applies and leg.srcs and leg.dsts and leg.ports):
+            continue
+        by_name = Counter(n for n, _ in leg.dsts)
+        by_addr = Counter(a for _, a in leg.dsts)
+        by_both = Counter(leg.dsts)
+        nd, np_ = len(leg.dsts), len(leg.ports)
+        for s in leg.srcs:
+            name, addr = s
+            selfs = by_name[name] + (by_addr[addr] - by_both[s] if addr is not None else 0)
+            counts[name] += (nd - selfs) * np_
+    return counts
+
+
+def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[str, str]]:
+    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on."""
+    from scanner.plan import legs
+
+    hosts = {h.name for h in site.hosts()}
+    want: dict[str, list[tuple[str, tuple[int | None, ...]]]] = {}
+    for leg in legs(catalog, site, selection):
+        if not (leg.applies and leg.srcs and leg.dsts and leg.ports):
+            continue
+        proto = leg.req.proto
+        if proto not in ("tcp", "udp"):
+            continue
+        for name, _ in leg.dsts:
+            if name in hosts and any(s != name for s, _ in leg.srcs):
+                want.setdefault(name, []).append((proto, leg.ports))
+    out: dict[str, tuple[str, str]] = {}
+    for name, items in want.items():
+        tcp = {p for pr, ps in items if pr == "tcp" for p in ps if p is not None}
+        udp = {p for pr, ps in items if pr == "udp" for p in ps if p is not None}
+        out[name] = (ranges(tcp), ranges(udp))
+    return out
+
+
+class Window:
+    """Which plan indexes got a result: everything below ``low``, plus the set above it."""
+
+    __slots__ = ("low", "above")
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.above: set[int] = set()
+
+    def add(self, i: int) -> bool:
+        """Mark i; False if it was already marked (a duplicate)."""
+        if i < self.low or i in self.above:
+            return False
+        self.above.add(i)
+        while self.low in self.above:
+            self.above.discard(self.low)
+            self.low += 1
+        return True
+
+    def __contains__(self, i: int) -> bool:
+        return i < self.low or i in self.above
+
+
+class Matrix:
+    """Failures per (requirement, destination host), and verdict counts (bounded)."""
+
+    def __init__(self) -> None:
+        self.cells: Counter[tuple[str, str]] = Counter()
+        self.verdicts: Counter[str] = Counter()
+
+    def add(self, rec: dict[str, Any]) -> None:
+        v = rec.get("verdict") or "unknown"
+        self.verdicts[v] += 1
+        if v == "fail":
+            self.cells[(rec.get("req") or "-", rec.get("host") or rec.get("dst") or "?")] += 1
+
+
+# ---- one agent ------------------------------------------------------------------------------
+
+
+class AgentLink:
+    """The coordinator's side of one agent: its process, its phase futures, its window."""
+
+    def __init__(self, mesh: Mesh, host: Any, argv: list[str]) -> None:
+        self.mesh = mesh
+        self.host = host
+        self.name: str = host.name
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.window = Window()
+        self.results = 0
+        self.planned = mesh.planned_by.get(self.name, 0)
+        self.failed: str | None = None
+        self.stderr: deque[str] = deque(maxlen=8)
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.err_reader: asyncio.Task[None] | None = None
+        self.eof = asyncio.get_running_loop().create_future()
+        self.done_rec: dict[str, Any] | None = None
+        self.exit_rec: dict[str, Any] | None = None
+        self.hello_rec: dict[str, Any] | None = None
+        self.ready_rec: dict[str, Any] | None = None
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        p = self.proc
+        if p is None or p.stdin is None or p.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            p.stdin.write(orjson.dumps(msg) + b"\n")
+
+    async def expect(self, kind: str, timeout: float | None) -> dict[str, Any]:
+        """Wait for the next record of this kind (or the agent's end / an error record)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[kind] = fut
+        waits = [fut, self.eof]
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        self.waiting.pop(kind, None)
+        if fut in done:
+            return fut.result()
+        if self.eof.done():
+            raise AgentFailed(self.eof.result())
+        fut.cancel()
+        raise AgentFailed(f"no {kind} record within {timeout:g} s")
+
+    async def start(self, payload: bytes | None) -> None:
+        try:
+            self.proc = await transport.start(self.argv)
+        except OSError as e:
+            raise AgentFailed(f"exec failed: {self.argv[0]}: {e.strerror or e}") from None
+        self.reader = asyncio.create_task(self._read())
+        self.err_reader = asyncio.create_task(self._read_err())
+        if payload is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(payload)
+
+    async def _read_err(self) -> None:
+        p = self.proc
+        assert p is not None and p.stderr is not None
+        while True:
+            try:
+                line = await p.stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                self.stderr.append(text[:300])
+
+    async def _read(self) -> None:
+        p = self.proc
+        assert p is not None and p.stdout is not None
+        mesh = self.mesh
+        while True:
+            try:
+                line = await p.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                break
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            t = rec.get("type")
+            if t == "result":
+                if self.failed is None:
+                    mesh.on_result(self, rec, line)
+                continue
+            if t == "witness":
+                mesh.join.witness(rec)
+                continue
+            if t == "done":
+                self.done_rec = rec
+            elif t == "exit":
+                self.exit_rec = rec
+            elif t == "probing" and rec.get("planned") != self.planned:
+                self._resolve_error(
+                    f"the agent planned {rec.get('planned')} flows, the coordinator "
+                    f"{self.planned} (different portmesh versions on the two ends?)"
+                )
+                continue
+            elif t == "error":
+                self._resolve_error(f"agent error: {rec.get('reason')}")
+                continue
+            fut = self.waiting.get(t) if isinstance(t, str) else None
+            if fut is not None and not fut.done():
+                fut.set_result(rec)
+        code = await p.wait()
+        await asyncio.sleep(0)  # let the stderr reader catch up with the last lines
+        if self.err_reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.err_reader), 1.0)
+        tail = f": {self.stderr[-1]}" if self.stderr else ""
+        if not self.eof.done():
+            self.eof.set_result(f"the agent exited with status {code}{tail}")
+
+    def _resolve_error(self, reason: str) -> None:
+        # fail at once: not one more line of this agent may be counted
+        self.mesh.fail(self, reason)
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(AgentFailed(reason))
+
+    def kill(self) -> None:
+        p = self.proc
+        if p is not None and p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+
+
+class AgentFailed(Exception):
+    pass
+
+
+# ---- the mesh -------------------------------------------------------------------------------
+
+
+class Mesh:
+    def __init__(self, cfg: MeshConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.output or NdjsonOutput()
+        self.scan_id = new_scan_id()
+        self.hosts = _unique_hosts(cfg.site)
+        names = frozenset(h.name for h in self.hosts)
+        self.selection = dataclasses.replace(cfg.selection, sources=names, scanner=None)
+        self.planned_by = per_source_counts(cfg.catalog, cfg.site, self.selection)
+        self.planned = sum(self.planned_by.values())
+        self.join = PairJoin(names)
+        self.matrix = Matrix()
+        self.states: Counter[str] = Counter()
+        self.results = 0
+        self.links: list[AgentLink] = []
+        self.unreachable: dict[str, str] = {}
+        self.interrupted = False
+        self.t0 = time.perf_counter()
+
+    # -- results -----------------------------------------------------------------------------
+
+    def on_result(self, link: AgentLink, rec: dict[str, Any], line: bytes) -> None:
+        i = rec.pop("i", None)
+        if isinstance(i, int) and not link.window.add(i):
+            return  # a duplicate line: every flow has exactly one result
+        link.results += 1
+        # forward the agent's own bytes minus the index field (it is the last one written)
+        cut = line.rfind(b',"i":')
+        self.emit(rec, line[:cut] + b"}\n" if cut > 0 else None)
+
+    def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
+        self.results += 1
+        self.states[rec.get("state", "?")] += 1
+        self.join.add(rec)
+        self.matrix.add(rec)
+        only = self.cfg.only
+        if only is None or rec.get("state") in only or rec.get("verdict") in only:
+            self.out.write(raw if raw is not None else encode(rec))
+
+    def fail(self, link: AgentLink, reason: str) -> None:
+        if link.failed is not None:
+            return
+        link.failed = reason
+        self.unreachable[link.name] = reason
+        link.kill()
+        self.out.record(
+            {
+                "type": "host",
+                "scan_id": self.scan_id,
+                "name": link.name,
+                "address": link.host.address,
+                "state": "unreachable",
+                "reason": reason,
+            }
+        )
+        self.out.flush()
+
+    def owed(self, link: AgentLink, reason: str) -> None:
+        """Every flow of this source without a result: error with the host's reason."""
+        from scanner.plan import plan
+        from scanner.results import iso_ts
+
+        sel = dataclasses.replace(self.selection, sources=frozenset({link.name}))
+        ts = iso_ts(time.time())
+        for i, f in enumerate(plan(self.cfg.catalog, self.cfg.site, sel)):
+            if i in link.window:
+                continue
+            link.window.add(i)
+            rec = {
+                "type": "result",
+                "scan_id": self.scan_id,
+                "ts": ts,
+                "src": f.src,
+                "dst": f.dst,
+                "host": f.host,
+                "proto": f.proto,
+                "port": f.port,
+                "state": "error",
+                "reason": reason,
+                "rtt_ms": None,
+                "attempts": 0,
+                "src_host": f.src_host,
+                "req": f.req,
+                "verdict": "unknown",
+            }
+            self.emit(rec)
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def agent_argv(self, host: Any) -> list[str]:
+        cfg = self.cfg
+        tpl = cfg.exec_template or transport.default_template(host.user)
+        prefix = transport.render(tpl, host.name, host.address, host.user)
+        if cfg.bundle is not None:
+            agent = transport.bootstrap_argv(cfg.bundle_python)
+        else:
+            agent = transport.check_template(cfg.agent_cmd)
+        return transport.command_argv(prefix, agent)
+
+    async def _phase(self, links: list[AgentLink], step: Any) -> None:
+        async def one(link: AgentLink) -> None:
+            if link.failed is not None:
+                return
+            try:
+                await step(link)
+            except AgentFailed as e:
+                self.fail(link, str(e))
+
+        await asyncio.gather(*(one(x) for x in links))
+
+    def live(self) -> list[AgentLink]:
+        return [x for x in self.links if x.failed is None]
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        from scanner.tags import new_secret
+
+        secret = new_secret().decode()
+        payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
+        ports = responder_ports(cfg.catalog, cfg.site, self.selection)
+        self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
+
+        async def hello(link: AgentLink) -> None:
+            await link.start(payload)
+            link.send(
+                {
+                    "type": "hello",
+                    "version": PROTOCOL_VERSION,
+                    "secret": secret,
+                    "name": link.name,
+                    "roles": sorted(link.host.roles),
+                }
+            )
+            link.hello_rec = await link.expect("hello", cfg.hello_timeout)
+
+        async def respond(link: AgentLink) -> None:
+            tcp, udp = ports.get(link.name, ("", ""))
+            link.send(
+                {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl, "witness": cfg.witness}
+            )
+            link.ready_rec = await link.expect("ready", cfg.ready_timeout)
+
+        await self._phase(self.links, hello)
+        if not self.interrupted:
+            await self._phase(self.live(), respond)
+        live = self.live()
+        probe = {
+            "type": "probe",
+            "scan_id": self.scan_id,
+            "site": site_to_wire(cfg.site),
+            "catalog": {"files": _catalog_files(cfg.catalog)},
+            "selection": {
+                "cni": self.selection.cni,
+                "with": sorted(self.selection.with_features),
+                "without": sorted(self.selection.without_features),
+                "nodeport_sample": self.selection.nodeport_sample,
+            },
+            "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
+            "expect": cfg.expect,
+        }
+
+        async def probe_one(link: AgentLink) -> None:
+            link.send(probe)
+            if self.interrupted:
+                link.send({"type": "stop"})
+            await link.expect("done", None)
+
+        if not self.interrupted:
+            await self._phase(live, probe_one)
+
+        async def stop(link: AgentLink) -> None:
+            link.send({"type": "stop"})
+            with contextlib.suppress(AgentFailed):
+                await link.expect("exit-of-agent", STOP_TIMEOUT)
+
+        await self._phase(self.live(), stop)
+        for link in self.links:
+            link.kill()
+            if link.reader is not None:
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(link.reader, 2.0)
+        for link in self.links:
+            if link.failed is not None:
+                self.owed(link, f"agent unreachable: {link.failed}")
+            elif link.window.low < link.planned or link.results < link.planned:
+                # the agent ended without every result (interrupted before it probed, or it
+                # said done too early): never silently lose a flow
+                why = "interrupted" if self.interrupted else "the agent ended without a result"
+                self.owed(link, why)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: every agent stops launching probes and reports the rest as interrupted."""
+        if self.interrupted:
+            for link in self.links:
+                link.kill()
+            return
+        self.interrupted = True
+        for link in self.live():
+            link.send({"type": "stop"})
+
+
+def _unique_hosts(site: Any) -> list[Any]:
+    seen: set[str] = set()
+    out = []
+    for h in site.hosts():
+        if h.name not in seen:
+            seen.add(h.name)
+            out.append(h)
+    return out
+
+
+def _catalog_files(catalog: Any) -> list[dict[str, str]]:
+    """The user's catalog files (the packaged one is the agent's own)."""
+    out = []
+    for path in list(catalog.files)[1:]:
+        with open(path, encoding="utf-8") as fh:
+            out.append({"name": path, "text": fh.read()})
+    return out
+
+
+def _engine_share(e: EngineConfig, n: int, loop: str) -> dict[str, Any]:
+    """Each agent's engine settings: the totals divided by the number of agents."""
+    po = e.probe_options
+    return {
+        "concurrency": None if e.concurrency is None else max(1, e.concurrency // n),
+        "rate": None if e.rate is None else e.rate / n,
+        "max_per_host": e.max_per_host,
+        "timeout": e.timeout,
+        "min_timeout": e.min_timeout,
+        "max_timeout": e.max_timeout,
+        "retries": e.retries,
+        "max_retries": e.max_retries,
+        "vxlan_vni": po.vxlan_vni,
+        "udp_payloads": {str(k): v for k, v in (po.udp_payloads or {}).items()},
+        "loop": loop,
+    }
+
+
+# ---- the entry point ------------------------------------------------------------------------
+
+
+def run_mesh(cfg: MeshConfig) -> int:
+    """Run the mesh; exit code 0 all pass, 1 any fail or unreachable host, 130 interrupted."""
+    from scanner.plan import plan_meta
+    from scanner.privileges import raise_nofile
+
+    raise_nofile()  # three pipes per agent
+    mesh = Mesh(cfg)
+    out = mesh.out
+    out.record(
+        start_record(
+            mesh.scan_id,
+            cfg.argv,
+            mesh.planned,
+            mesh={
+                "hosts": len(mesh.hosts),
+                "exec": cfg.exec_template or transport.DEFAULT_SSH,
+                "agent_cmd": cfg.agent_cmd if cfg.bundle is None else "bundle",
+                "protocol": PROTOCOL_VERSION,
+            },
+            plan=plan_meta(cfg.catalog, cfg.site, mesh.selection),
+        )
+    )
+    out.flush()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, mesh.interrupt)
+                installed.append(sig)
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.2)
+                out.flush()
+                if cfg.progress:
+                    _progress(mesh)
+
+        tick = asyncio.create_task(ticker())
+        try:
+            await mesh.run()
+        finally:
+            tick.cancel()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for link in mesh.links:
+                link.kill()
+
+    asyncio.run(main())
+    if cfg.progress:
+        sys.stderr.write("\n")
+    elapsed = time.perf_counter() - mesh.t0
+    pairs = Counter()
+    one_way: list[dict[str, Any]] = []
+    two_way: list[dict[str, Any]] = []
+    for rec in mesh.join.pairs():
+        rec = {
+            "type": "pair",
+            "scan_id": mesh.scan_id,
+            **{k: v for k, v in rec.items() if k != "type"},
+        }
+        pairs[rec["verdict"]] += 1
+        if rec["verdict"] == "one-way":
+            one_way.append(_short(rec))
+        elif rec["verdict"] == "fail":
+            two_way.append(_short(rec))
+        out.record(rec)
+    agents = {
+        link.name: {
+            "planned": link.planned,
+            "results": link.results,
+            "elapsed_s": (link.done_rec or {}).get("elapsed_s"),
+            "rate_pps": (link.done_rec or {}).get("rate_pps"),
+        }
+        for link in mesh.links
+        if link.failed is None
+    }
+    summary = summary_record(
+        mesh.scan_id,
+        mesh.planned,
+        mesh.results,
+        dict(mesh.states),
+        elapsed,
+        verdicts={k: mesh.matrix.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
+        pairs={k: pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
+        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable)},
+        agents=agents,
+        **({"interrupted": True} if mesh.interrupted else {}),
+    )
+    out.record(summary)
+    out.close()
+    _human(cfg.summary_to or sys.stderr, mesh, pairs, one_way, two_way, elapsed)
+    if mesh.interrupted:
+        return 130
+    if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
+        return 1
+    return 0
+
+
+_SHORT_CAP = 200  # pairs listed on stderr per kind; the NDJSON has them all
+
+
+def _short(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec.get(k) for k in ("a", "b", "req", "proto", "port", "ports", "reason")}
+
+
+def _progress(mesh: Mesh) -> None:
+    el = time.perf_counter() - mesh.t0
+    rate = mesh.results / el if el > 0 else 0.0
+    live = len(mesh.live())
+    sys.stderr.write(f"\r{mesh.results}/{mesh.planned} flows  {rate:8.0f} flows/s  {live} agents  ")
+    sys.stderr.flush()
+
+
+def _human(
+    err: TextIO,
+    mesh: Mesh,
+    pairs: Counter[str],
+    one_way: list[dict[str, Any]],
+    two_way: list[dict[str, Any]],
+    elapsed: float,
+) -> None:
+    v = mesh.matrix.verdicts
+    w = err.write
+    w(
+        f"portmesh mesh: {len(mesh.hosts)} hosts, {mesh.results}/{mesh.planned} flows: "
+        f"{v.get('pass', 0)} pass, {v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown; "
+        f"pairs: {pairs.get('pass', 0)} pass, {pairs.get('one-way', 0)} one-way, "
+        f"{pairs.get('fail', 0)} fail, {pairs.get('unknown', 0)} unknown ({elapsed:.1f}s)\n"
+    )
+    if mesh.interrupted:
+        w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
+    for name, reason in sorted(mesh.unreachable.items()):
+        w(f"UNREACHABLE {name}: {reason}\n")
+    for kind, items in (("ONE-WAY", one_way), ("FAIL   ", two_way)):
+        for p in items[:_SHORT_CAP]:
+            port = p.get("ports") or p.get("port")
+            what = p["proto"] if port is None else f"{p['proto']}/{port}"
+            w(f"{kind} {p['req']:<26} {what:<16} {p['a']} <-> {p['b']}: {p.get('reason', '')}\n")
+        if len(items) > _SHORT_CAP:
+            w(f"{kind} ... and {len(items) - _SHORT_CAP} more (see the pair records)\n")
+    cells = mesh.matrix.cells
+    if cells:
+        reqs = sorted({r for r, _ in cells})
+        hosts = sorted({h for _, h in cells})[:30]
+        width = max(len(r) for r in reqs)
+        w("failing flows by requirement (rows) and destination host (columns):\n")
+        w(" " * (width + 1) + " ".join(f"{h:>8}" for h in hosts) + "\n")
+        for r in reqs:
+            row = " ".join(f"{cells.get((r, h), 0) or '.':>8}" for h in hosts)
+            w(f"{r:<{width}} {row}\n")
+    err.flush()
+
+
+def flows_of(cfg: MeshConfig, name: str) -> Iterator[Any]:
+    """The planned flows of one source host (for tests and tools)."""
+    from scanner.plan import plan
+
+    names = frozenset(h.name for h in _unique_hosts(cfg.site))
+    sel = dataclasses.replace(cfg.selection, sources=names & {name}, scanner=None)
+    return plan(cfg.catalog, cfg.site, sel)

@@ -1,0 +1,163 @@
+"""How a command reaches a host: the exec template, and the optional wheel bundle.
+
+The template is split like a shell would (``shlex``) and ``{name}``, ``{address}`` and
+``{user}`` are substituted inside each word, so an address or a name can never become a second
+word or an option. The agent command follows the template's words:
+
+    ip netns exec pm-{name}            + ["portmesh", "agent"]      (exec'd as is)
+    ssh -o BatchMode=yes {address}     + ["portmesh agent"]         (one word: ssh hands it to
+                                                                      the remote shell, which
+                                                                      splits it back)
+
+When the template's program is ``ssh`` the agent command is joined with ``shlex.join``, so the
+remote shell sees exactly the words we meant; any other program gets the words themselves.
+
+Air-gapped hosts (``--bundle DIR``): DIR holds wheels (``pip wheel . -w DIR`` for portmesh and
+``pip download -d DIR ...`` for its dependencies, built for the hosts' Python and platform).
+The agent command becomes ``python3 -c BOOTSTRAP``; the coordinator writes one header line
+(the payload's length) and the wheels as an uncompressed tar, base64, to the agent's stdin
+before the first control message. The bootstrap reads exactly that many bytes (``os.read`` on
+fd 0, no buffering, so the control channel that follows is untouched), unpacks every wheel
+into a fresh temporary directory, runs ``python -m scanner agent`` from there with the same
+stdin and stdout, and removes the directory when the agent exits. Nothing is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import shlex
+import subprocess
+import tarfile
+from collections.abc import Sequence
+
+from scanner.errors import InputError
+
+DEFAULT_SSH = "ssh -o BatchMode=yes {address}"
+DEFAULT_SSH_USER = "ssh -o BatchMode=yes {user}@{address}"
+DEFAULT_AGENT_CMD = "portmesh agent"
+PLACEHOLDERS = ("name", "address", "user")
+_FIELD = re.compile(r"\{([^{}]*)\}")
+READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 bytes)
+
+
+def check_template(template: str) -> list[str]:
+    """Split and validate a template (InputError on bad quoting or unknown placeholders)."""
+    try:
+        words = shlex.split(template)
+    except ValueError as e:
+        raise InputError(f"--exec {template!r}: {e}") from None
+    if not words:
+        raise InputError("--exec: the template is empty")
+    for w in words:
+        for m in _FIELD.finditer(w):
+            if m.group(1) not in PLACEHOLDERS:
+                raise InputError(
+                    f"--exec {template!r}: unknown placeholder {{{m.group(1)}}} "
+                    f"(use {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
+                )
+    return words
+
+
+def default_template(user: str | None) -> str:
+    return DEFAULT_SSH_USER if user else DEFAULT_SSH
+
+
+def render(template: str, name: str, address: str, user: str | None) -> list[str]:
+    """The template's words with the placeholders filled (no word is ever split)."""
+    values = {"name": name, "address": address, "user": user or ""}
+    if user is None and any("{user}" in w for w in check_template(template)):
+        raise InputError(f"--exec uses {{user}} but host {name!r} has no ansible_user")
+    return [_FIELD.sub(lambda m: values[m.group(1)], w) for w in check_template(template)]
+
+
+def is_remote_shell(argv: Sequence[str]) -> bool:
+    """Does this program hand its trailing words to a remote shell (ssh does)?"""
+    return bool(argv) and os.path.basename(argv[0]) == "ssh"
+
+
+def command_argv(prefix: list[str], agent_argv: list[str]) -> list[str]:
+    if is_remote_shell(prefix):
+        return [*prefix, shlex.join(agent_argv)]
+    return [*prefix, *agent_argv]
+
+
+async def start(argv: list[str]) -> asyncio.subprocess.Process:
+    """Start the exec channel: stdin/stdout pipes for the protocol, stderr kept for reasons.
+
+    A session of its own: a Ctrl-C at the terminal reaches the coordinator only, which stops the
+    agents through the protocol instead of having them killed mid-line.
+    """
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        limit=READ_LIMIT,
+    )
+
+
+# ---- the bundle ----------------------------------------------------------------------------
+
+BOOTSTRAP = r"""
+import os, sys, shutil, subprocess, tempfile, zipfile, tarfile, io, base64
+def rd(n):
+    b = bytearray()
+    while len(b) < n:
+        c = os.read(0, min(n - len(b), 1 << 20))
+        if not c:
+            sys.stderr.write("portmesh bootstrap: the bundle was cut short\n"); sys.exit(3)
+        b += c
+    return bytes(b)
+h = bytearray()
+while not h.endswith(b"\n"):
+    c = os.read(0, 1)
+    if not c:
+        sys.stderr.write("portmesh bootstrap: no bundle header\n"); sys.exit(3)
+    h += c
+n = int(h)
+d = tempfile.mkdtemp(prefix="portmesh-bundle-")
+try:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(rd(n))), mode="r:") as t:
+        for m in t.getmembers():
+            if m.isfile() and m.name.endswith(".whl") and "/" not in m.name:
+                with zipfile.ZipFile(io.BytesIO(t.extractfile(m).read())) as z:
+                    for zi in z.infolist():
+                        p = os.path.normpath(zi.filename)
+                        if p.startswith("..") or os.path.isabs(p):
+                            continue
+                        z.extract(zi, d)
+    env = dict(os.environ, PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rc = subprocess.call([sys.executable, "-m", "scanner", "agent"], env=env)
+finally:
+    shutil.rmtree(d, ignore_errors=True)
+sys.exit(rc)
+"""
+
+
+def bootstrap_argv(python: str = "python3") -> list[str]:
+    code = base64.b64encode(BOOTSTRAP.encode()).decode()
+    return [python, "-c", f"import base64;exec(base64.b64decode('{code}'))"]
+
+
+def bundle_payload(directory: str) -> bytes:
+    """Header line + base64 of an uncompressed tar of DIR/*.whl (InputError if there are none)."""
+    try:
+        names = sorted(f for f in os.listdir(directory) if f.endswith(".whl"))
+    except OSError as e:
+        raise InputError(f"--bundle {directory}: {e.strerror or e}") from None
+    if not any(n.startswith("portmesh-") for n in names):
+        raise InputError(
+            f"--bundle {directory}: no portmesh wheel (*.whl) in it; "
+            f"build one with: pip wheel . --no-deps -w {directory}"
+        )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as t:
+        for n in names:
+            t.add(os.path.join(directory, n), arcname=n)
+    data = base64.b64encode(buf.getvalue())
+    return str(len(data)).encode() + b"\n" + data
