@@ -211,10 +211,23 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
         secret = d / "secret"
         secret.write_bytes(new_secret() + b"\n")
         sel = ["--inventory", str(inv)]
+        catalogs: tuple[str, ...] = ()
+        from scanner.privileges import CAP_NET_BIND_SERVICE, has_cap
+
+        if not has_cap(CAP_NET_BIND_SERVICE):
+            # a responder cannot open ports below 1024 without the capability: leave ssh out
+            extra = d / "no-low-ports.toml"
+            extra.write_text('[[requirement]]\nid = "node.ssh"\ndisabled = true\n')
+            catalogs = (str(extra),)
+            sel += ["--catalog", str(extra)]
+            err.write(
+                "portmesh demo: also left out: tcp/22 (ssh), a port below 1024 that a responder "
+                "cannot open without CAP_NET_BIND_SERVICE.\n"
+            )
         procs = []
         try:
             for n in names:
-                ports = _responder_ports(sel, n, LOOPBACK_FAULTS.get(n, set()))
+                ports = _responder_ports(str(inv), catalogs, n, LOOPBACK_FAULTS.get(n, set()))
                 p = subprocess.Popen(
                     [sys.executable, "-m", "scanner", "respond", "-p", ports, "--bind", addr[n],
                      "--secret-file", str(secret), "--ttl", "120", "--parent-channel"],
@@ -245,13 +258,14 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
                 p.wait(timeout=10)
 
 
-def _responder_ports(sel: list[str], name: str, withheld: set[int]) -> str:
+def _responder_ports(inv: str, catalogs: tuple[str, ...], name: str, withheld: set[int]) -> str:
     """The ports the plan probes `name` on, minus the withheld ones, as a -p spec."""
     from scanner.plan import plan
     from scanner.responder import ranges_text
     from scanner.selection import SelectionOptions
 
-    catalog, site, selection = SelectionOptions(inventories=(sel[1],)).resolve()
+    opts = SelectionOptions(inventories=(inv,), catalog_files=catalogs)
+    catalog, site, selection = opts.resolve()
     tcp: set[int] = set()
     udp: set[int] = set()
     for fl in plan(catalog, site, selection):

@@ -55,7 +55,7 @@ DEFAULT_CONCURRENCY = 1024
 class HostState:
     """RTT estimate and in-flight count of one destination."""
 
-    __slots__ = ("srtt", "rttvar", "inflight", "waiters", "answered", "late")
+    __slots__ = ("srtt", "rttvar", "inflight", "waiters", "answered", "late", "buckets")
 
     def __init__(self) -> None:
         self.srtt: float | None = None
@@ -64,6 +64,21 @@ class HostState:
         self.waiters: list[asyncio.Future] = []
         self.answered = 0
         self.late = 0  # answered only on a retry (loss evidence)
+        # proto -> [tokens, last refill]: per-destination pacing a probe asks for (UDP: the far
+        # kernel answers at most ~1 ICMP error per second after a burst, see probes/udp.py)
+        self.buckets: dict[str, list[float]] | None = None
+
+    def pace(self, proto: str, pps: float, burst: int, now: float) -> float:
+        """Reserve the next send slot for ``proto``; return how long to wait for it (GCRA)."""
+        if self.buckets is None:
+            self.buckets = {}
+        b = self.buckets.get(proto)
+        if b is None:
+            b = self.buckets[proto] = [float(burst), now]
+        tokens = min(float(burst), b[0] + (now - b[1]) * pps) - 1.0
+        b[0] = tokens
+        b[1] = now
+        return -tokens / pps if tokens < 0 else 0.0
 
     def update(self, rtt_s: float) -> None:
         # RFC 6298 smoothing, as nmap does for its timeouts
@@ -262,7 +277,13 @@ class Engine:
         attempts = 0
         backoff = 0
         rate = cfg.rate
+        pps = getattr(prober, "per_host_pps", None)
+        burst = getattr(prober, "per_host_burst", 1)
         while True:
+            if pps:
+                wait = hs.pace(flow.proto, pps, burst, asyncio.get_running_loop().time())
+                if wait > 0:
+                    await asyncio.sleep(wait)
             if rate:
                 loop = asyncio.get_running_loop()
                 now = loop.time()

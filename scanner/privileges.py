@@ -11,8 +11,10 @@ import os
 import resource
 import socket
 
+CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
 CAP_NET_RAW = 13
+CAP_SYS_ADMIN = 21  # setns / unshare of network namespaces
 
 
 def _effective_caps() -> int:
@@ -53,8 +55,12 @@ def can_ping_dgram() -> bool:
 
 
 def can_admin_net() -> bool:
-    """True when this process may create network namespaces and nftables rules."""
-    return os.geteuid() == 0 or has_cap(CAP_NET_ADMIN)
+    """True when this process may create network namespaces and nftables rules.
+
+    Asked of the capability, not the uid: root without CAP_NET_ADMIN (a container, setpriv)
+    cannot build a lab.
+    """
+    return has_cap(CAP_NET_ADMIN) and has_cap(CAP_SYS_ADMIN)
 
 
 # Descriptors kept back for stdout/stderr, the event loop, raw receivers, files and the mesh.
