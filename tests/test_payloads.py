@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from scanner import tags
+from scanner.errors import InputError
 from scanner.probes import payloads
 
 SECRET = b"s3cret"
@@ -61,7 +62,7 @@ def _without_chksum(layer):
 
 
 def test_vxlan_bad_vni() -> None:
-    with pytest.raises(ValueError, match="VNI"):
+    with pytest.raises(InputError, match="vxlan-vni"):
         payloads.udp_template("vxlan", 1 << 24)
 
 
@@ -129,7 +130,7 @@ def test_every_tagged_kind_carries_the_tag(kind: str) -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ValueError, match="unknown UDP payload kind"):
+    with pytest.raises(InputError, match="unknown UDP payload kind"):
         payloads.udp_template("dns")
 
 

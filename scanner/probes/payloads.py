@@ -30,6 +30,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from scanner.errors import InputError
 from scanner.tags import MAGIC, NONCE_LEN, TAG_LEN
 
 KINDS = ("vxlan", "wireguard", "memberlist", "tag", "empty")
@@ -163,7 +164,7 @@ def udp_template(kind: str, vni: int = DEFAULT_VNI) -> Template:
         return Template(kind, b"")
     if kind == "vxlan":
         if not 0 <= vni < 1 << 24:
-            raise ValueError(f"VXLAN VNI {vni} out of range 0-16777215")
+            raise InputError(f"--vxlan-vni: {vni} is out of range 0-16777215")
         from scapy.layers.l2 import Ether
         from scapy.layers.vxlan import VXLAN
 
@@ -188,7 +189,7 @@ def udp_template(kind: str, vni: int = DEFAULT_VNI) -> Template:
         return Template(kind, data, tag_off=8, nonce4=(("<I", 4),))
     if kind == "memberlist":
         return _memberlist_template()
-    raise ValueError(f"unknown UDP payload kind {kind!r} (expected one of {', '.join(KINDS)})")
+    raise InputError(f"unknown UDP payload kind {kind!r} (expected one of {', '.join(KINDS)})")
 
 
 def _memberlist_template() -> Template:
