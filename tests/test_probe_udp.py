@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -469,3 +470,32 @@ def _wait_line(stream, needle: bytes, timeout: float = 10.0) -> None:
             if not chunk:
                 break
     raise AssertionError(f"never saw {needle!r} (got {seen!r})")
+
+
+UNPRIV = r"""
+import asyncio, json, socket, sys
+from scanner.flows import Flow
+from scanner.probes import udp
+from scanner.probes.base import ProbeOptions
+
+async def main():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    p = udp.make_prober(ProbeOptions())
+    await p.start(asyncio.get_running_loop())
+    out = await p.probe(Flow("127.0.0.1", port, "udp"), 1.0)
+    print(json.dumps([out.state, out.reason]))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_no_capabilities_needed() -> None:
+    """IP_RECVERR's error queue gives the exact ICMP code to a process with no capabilities."""
+    argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", UNPRIV]
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == ["closed", "port-unreach"]
