@@ -67,7 +67,9 @@ class BenchLab:
         return self.lab.host(name).addr
 
     def mac(self, name: str) -> str:
-        cp = self.lab.run(name, ["cat", "/sys/class/net/eth0/address"], capture_output=True, text=True)
+        cp = self.lab.run(
+            name, ["cat", "/sys/class/net/eth0/address"], capture_output=True, text=True
+        )
         return cp.stdout.strip()
 
     def target_addrs(self, n: int | None = None) -> list[str]:
@@ -77,7 +79,7 @@ class BenchLab:
         lo, hi = NODEPORTS
         logs = []
         for t in self.names:
-            log = tempfile.TemporaryFile()
+            log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after ready
             p = self.lab.popen(
                 t,
                 [sys.executable, "-m", "scanner", "respond", "-p", f"{lo}-{hi}", "--ttl", "7200"],
@@ -101,6 +103,7 @@ class BenchLab:
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"responder in {t} did not start: {text.strip()[-300:]}")
                 time.sleep(0.05)
+            log.close()
 
     def set_loss(self, target: str, pct: int) -> None:
         """(Re)load the target's table: the drop and reject ports, plus pct% random SYN loss."""
@@ -180,7 +183,13 @@ def timed(argv: Sequence[str], ns: str | None = None, timeout: float = 300.0) ->
         out.seek(0)
         err.seek(0)
         return Measure(
-            wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss / 1024, p.returncode, out.read(), err.read()
+            wall,
+            ru.ru_utime,
+            ru.ru_stime,
+            ru.ru_maxrss / 1024,
+            p.returncode,
+            out.read(),
+            err.read(),
         )
 
 
@@ -261,10 +270,7 @@ def compare(
     wrong: list[str] = []
     for key, want in truth.items():
         got = found.get(key, absent)
-        if only_open:
-            bad = (got == "open") != (want == "open")
-        else:
-            bad = got != want
+        bad = (got == "open") != (want == "open") if only_open else got != want
         if bad:
             wrong.append(f"{key[0]}:{key[1]} {got or 'missing'}!={want}")
     wrong += [f"{k[0]}:{k[1]} unexpected" for k in found.keys() - truth.keys()]
@@ -374,14 +380,16 @@ def table(rows: Iterable[Row]) -> str:
         wall = r.med("wall")
         b = base.get(r.case)
         ratio = f"{wall / b:.2f}" if b else "-"
+        rss = max(m.maxrss_mb for m in r.runs)
+        whole = rss > 0  # 0: timed in-process by another script, no rusage
         lines.append(
             (
                 r.case,
                 r.label,
                 f"{wall:.3f}",
-                f"{r.med('user'):.2f}",
-                f"{r.med('sys'):.2f}",
-                f"{max(m.maxrss_mb for m in r.runs):.0f}",
+                f"{r.med('user'):.2f}" if whole else "-",
+                f"{r.med('sys'):.2f}" if whole else "-",
+                f"{rss:.0f}" if whole else "-",
                 f"{r.flows / wall:,.0f}" if r.flows else "-",
                 ("1.00*" if r.baseline else ratio),
                 str(len(r.runs)),
@@ -391,7 +399,9 @@ def table(rows: Iterable[Row]) -> str:
     widths = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
     out = []
     for j, x in enumerate(lines):
-        out.append("  ".join(c.ljust(w) for c, w in zip(x[:-1], widths)) + "  " + x[-1])
+        out.append(
+            "  ".join(c.ljust(w) for c, w in zip(x[:-1], widths, strict=True)) + "  " + x[-1]
+        )
         if j == 0:
             out.append("  ".join("-" * w for w in widths) + "  " + "-" * 7)
     return "\n".join(out)

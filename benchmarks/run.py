@@ -16,7 +16,6 @@ always removes the lab (also on Ctrl-C or an error). Needs root for cases 1-4 an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import signal
@@ -126,7 +125,9 @@ def case_sweep(
     ]
     if "syn" in tools:
         ts.append(
-            C.Tool("nmap -sS -T4 --min-rate 5000", lambda: nmap_argv(addrs, "-sS"), C.parse_nmap_grep)
+            C.Tool(
+                "nmap -sS -T4 --min-rate 5000", lambda: nmap_argv(addrs, "-sS"), C.parse_nmap_grep
+            )
         )
     if "naive" in tools:
         ts.append(
@@ -199,47 +200,64 @@ def case_loss(lab: C.BenchLab, runs: int, quick: bool) -> list[C.Row]:
 
 
 def external_case(case: str, script: str, runs: int, quick: bool) -> list[C.Row]:
-    """Run benchmarks/<script> (it builds its own lab) and fold its table into ours.
+    """Run benchmarks/<script> (another helper's; it builds its own lab) as a subprocess.
 
-    If the module exposes ``bench(runs: int, quick: bool) -> list[dict]`` (keys: label, wall,
-    user, sys, rss_mb, flows, baseline, correct, runs), its rows join the table; otherwise its
-    own output is printed verbatim after the table.
+    ``--quick`` and ``--runs`` are passed only when its --help lists them. Its final table
+    lines of the form ``LABEL  MEDIAN_S  RIGHT/TOTAL  RUNS`` join our table (in-process timing
+    of its own; rows whose label starts with nmap are the baseline); its whole output is also
+    printed after our table.
     """
+    import re
+
     path = C.HERE / script
     if not path.exists():
         return [C.Row(case, script, note="not available yet")]
-    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    try:
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    except Exception as e:  # another helper's script: report, do not crash our run
-        return [C.Row(case, script, note=f"import failed: {e}")]
-    if hasattr(mod, "bench"):
-        out: list[C.Row] = []
-        for d in mod.bench(runs=runs, quick=quick):
-            row = C.Row(
-                f"{case} {d.get('case', '')}".strip(),
-                d["label"],
-                flows=int(d.get("flows") or 0),
-                baseline=bool(d.get("baseline")),
-                note=str(d.get("note", "")),
-            )
-            for _ in range(int(d.get("runs") or 1)):
-                row.runs.append(
-                    C.Measure(
-                        d["wall"], d.get("user", 0.0), d.get("sys", 0.0), d.get("rss_mb", 0.0), 0, b""
-                    )
-                )
-                wrong = int(d.get("wrong") or 0)
-                row.checks.append(C.Check(wrong, str(d.get("detail", ""))))
-            out.append(row)
-        return out
-    argv = [sys.executable, str(path)] + (["--quick"] if quick else [])
+    helptext = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=C.ROOT
+    ).stdout
+    argv = [sys.executable, str(path)]
+    if quick and "--quick" in helptext:
+        argv.append("--quick")
+    if "--runs" in helptext:
+        argv += ["--runs", "1"]  # its UDP runs take minutes each (ICMP rate limit)
+    log(f"{case}: {' '.join(argv[1:])}")
     cp = subprocess.run(argv, capture_output=True, text=True, cwd=C.ROOT)
-    EXTERNAL_OUTPUT.append(f"== case {case}: {' '.join(argv[1:])} (rc {cp.returncode})\n{cp.stdout}")
+    cmd = " ".join(
+        [
+            "python",
+            *(Path(a).relative_to(C.ROOT).as_posix() if a == str(path) else a for a in argv[1:]),
+        ]
+    )
+    EXTERNAL_OUTPUT.append(f"== case {case}: {cmd} (exit {cp.returncode})\n{cp.stdout}")
     if cp.returncode:
         EXTERNAL_OUTPUT.append(cp.stderr[-2000:])
-    return [C.Row(case, script, note=f"own output below (rc {cp.returncode})")]
+        return [C.Row(case, script, note=f"FAILED exit {cp.returncode}: output below")]
+    rows: list[C.Row] = []
+    line_re = re.compile(r"^(\S.*?)\s+(\d+\.\d+)\s+(\d+)/(\d+)\s+(\d+)\s*$")
+    for line in cp.stdout.splitlines():
+        m = line_re.match(line)
+        if not m:
+            continue
+        label = m.group(1)
+        sub = (
+            "icmp"
+            if ("icmp" in label or "-sn" in label)
+            else "udp"
+            if ("udp" in label or "-sU" in label)
+            else ""
+        )
+        right, total = int(m.group(3)), int(m.group(4))
+        row = C.Row(
+            f"{case.split()[0]} {sub}".strip() if sub else case,
+            label,
+            flows=total,
+            baseline=label.startswith("nmap"),
+            note=f"{script}'s own timing (in-process), {m.group(5)} run(s)",
+        )
+        row.runs.append(C.Measure(float(m.group(2)), 0.0, 0.0, 0.0, 0, b""))
+        row.checks.append(C.Check(total - right, f"{right}/{total} right"))
+        rows.append(row)
+    return rows or [C.Row(case, script, note="no table found in its output: see below")]
 
 
 EXTERNAL_OUTPUT: list[str] = []
@@ -280,7 +298,19 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
     with tempfile.TemporaryDirectory() as d:
         inv = Path(d) / "inv1000.yml"
         write_inventory(inv, 1000)
-        argv = [*pm, "plan", "--inventory", str(inv), "--with", "metallb", "--nodeport-sample", "16", "--count", "--format", "table"]
+        argv = [
+            *pm,
+            "plan",
+            "--inventory",
+            str(inv),
+            "--with",
+            "metallb",
+            "--nodeport-sample",
+            "16",
+            "--count",
+            "--format",
+            "table",
+        ]
         row = C.Row("5 scale", "plan --count, 1,000 nodes, calico+metallb, sample 16")
         C.timed(argv)
         flows = 0
@@ -292,9 +322,8 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
             flows = int(m.out.strip()) if ok else 0
         row.flows = flows
         wall, rss = row.med("wall"), max(x.maxrss_mb for x in row.runs)
-        row.note = (
-            f"{flows:,} flows; target < 5 s and < 150 MB: "
-            + ("met" if wall < 5 and rss < 150 else "MISSED")
+        row.note = f"{flows:,} flows; target < 5 s and < 150 MB: " + (
+            "met" if wall < 5 and rss < 150 else "MISSED"
         )
         rows.append(row)
 
@@ -304,7 +333,18 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
         for n in sizes:
             p = Path(d) / f"inv{n}.yml"
             write_inventory(p, n)
-            argv = [*pm, "plan", "--inventory", str(p), "--with", "metallb", "--nodeport-sample", "16", "--format", "ndjson"]
+            argv = [
+                *pm,
+                "plan",
+                "--inventory",
+                str(p),
+                "--with",
+                "metallb",
+                "--nodeport-sample",
+                "16",
+                "--format",
+                "ndjson",
+            ]
             cnt = C.timed([*argv[:-2], "--count", "--format", "table"])
             row = C.Row("5 scale", f"plan streamed to /dev/null, {n} nodes")
             m = _timed_devnull(argv)
@@ -326,7 +366,22 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
 
     n = 200_000 if quick else 1_000_000
     proto = [
-        Result(Flow("198.18.0.1", 30000 + i % 2768, "tcp", host="t1", src="198.18.0.9", src_host="scan", req="nodeport"), "open", "syn-ack", 0.123, 1, 1.7e9 + i * 1e-4)
+        Result(
+            Flow(
+                "198.18.0.1",
+                30000 + i % 2768,
+                "tcp",
+                host="t1",
+                src="198.18.0.9",
+                src_host="scan",
+                req="nodeport",
+            ),
+            "open",
+            "syn-ack",
+            0.123,
+            1,
+            1.7e9 + i * 1e-4,
+        )
         for i in range(512)
     ]
     best = []
@@ -370,7 +425,13 @@ def _timed_devnull(argv: list[str]) -> C.Measure:
         _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return C.Measure(
-        time.perf_counter() - t0, ru.ru_utime, ru.ru_stime, ru.ru_maxrss / 1024, p.returncode, b"", err
+        time.perf_counter() - t0,
+        ru.ru_utime,
+        ru.ru_stime,
+        ru.ru_maxrss / 1024,
+        p.returncode,
+        b"",
+        err,
     )
 
 
@@ -418,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t_start = time.perf_counter()
     print(f"# portmesh benchmarks, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    print("# " + " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]))
+    print(
+        "# "
+        + " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
+    )
     print("# " + machine().rstrip().replace("\n", "\n# "))
     sys.stdout.flush()
     rows: list[C.Row] = []
@@ -429,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"lab: building {n} target host(s) + scanner ...")
             lab = C.BenchLab(n, name=args.lab_name)
             if 1 in cases:
-                rows += case_sweep(lab, "1 nodeports x1", 1, runs, args.quick, {"syn", "naive", "masscan"})
+                rows += case_sweep(
+                    lab, "1 nodeports x1", 1, runs, args.quick, {"syn", "naive", "masscan"}
+                )
             if 2 in cases:
                 rows += case_sweep(lab, "2 nodeports x8", 8, runs, args.quick, {"masscan"})
             if 6 in cases:
