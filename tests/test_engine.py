@@ -485,7 +485,7 @@ def test_lab_runner_stream_with_filtered(fault_lab, loop_kind: str, tmp_path: Pa
 def test_lab_link_down_mid_run(make_lab, loop_kind: str, tmp_path: Path) -> None:
     lab = make_lab(hosts=2)
     far = lab.host("node2")
-    ports = list(range(7000, 7200))
+    ports = list(range(7000, 7100))
     proc = start_listener(lab, "node2", ports)
     downed_after = 20
     seen = 0
@@ -502,7 +502,7 @@ def test_lab_link_down_mid_run(make_lab, loop_kind: str, tmp_path: Path) -> None
             loop_kind,
             (Flow(far.addr, p) for p in ports),
             len(ports),
-            engine=EngineConfig(concurrency=16, timeout=0.3, max_timeout=0.3, retries=1),
+            engine=EngineConfig(concurrency=16, timeout=0.2, max_timeout=0.2, retries=1),
             workers=1,
             on_record=take_link_down,
         )
