@@ -49,6 +49,7 @@ import orjson
 from scanner.output import NdjsonOutput
 
 PROTOCOL_VERSION = 1
+STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
 ENGINE_KEYS = {
     "concurrency": (int, type(None)),
@@ -350,6 +351,7 @@ class Agent:
         roles = msg.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise ProtocolError("hello: field 'roles' must be a list of strings")
+        import scanner
         from scanner import __version__
 
         self.secret, self.name, self.state = secret.encode(), name, "hello"
@@ -361,6 +363,7 @@ class Agent:
                 "python": ".".join(map(str, sys.version_info[:3])),
                 "name": name,
                 "pid": os.getpid(),
+                "module": os.path.dirname(os.path.abspath(scanner.__file__)),
             }
         )
 
@@ -531,7 +534,7 @@ class Agent:
         t = self.probe_thread
         if t is not None and why == "stop":
             # in-flight probes finish (at most max_timeout); unlaunched flows are reported
-            await self.loop.run_in_executor(None, t.join, 30.0)
+            await self.loop.run_in_executor(None, t.join, STOP_DRAIN)
         await self.end_responder(grace=2.0 if why == "stop" else 0.5)
         if not self.done.done():
             self.done.set_result(why)
@@ -643,6 +646,9 @@ async def _serve(stdin_fd: int, out: Channel) -> str:
             del buf[: nl + 1]
             if skipping:
                 skipping = False
+                continue
+            if len(line) > MAX_LINE:
+                agent.error(f"a control line longer than {MAX_LINE} bytes was dropped")
                 continue
             agent.line(line)
         if len(buf) > MAX_LINE:

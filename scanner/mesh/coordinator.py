@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -45,7 +46,8 @@ from scanner.results import encode, new_scan_id, start_record, summary_record
 HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
 READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
 STOP_TIMEOUT = 10.0
-DEFAULT_TTL = 3600.0  # responders' own TTL: a safety net, the parent channel ends them first
+DEFAULT_TTL = 3600.0
+RATE_WINDOW = 2.0  # seconds of probes in flight per agent under --rate (see _engine_share)  # responders' own TTL: a safety net, the parent channel ends them first
 
 
 @dataclass
@@ -351,6 +353,11 @@ class Mesh:
         if link.failed is not None:
             return
         link.failed = reason
+        if self.interrupted:
+            # an agent cut short by the operator's Ctrl-C is not an unreachable host
+            link.failed = "interrupted"
+            link.kill()
+            return
         self.unreachable[link.name] = reason
         link.kill()
         self.out.record(
@@ -490,7 +497,9 @@ class Mesh:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(link.reader, 2.0)
         for link in self.links:
-            if link.failed is not None:
+            if link.failed == "interrupted" and link.name not in self.unreachable:
+                self.owed(link, "interrupted")
+            elif link.failed is not None:
                 self.owed(link, f"agent unreachable: {link.failed}")
             elif link.window.low < link.planned or link.results < link.planned:
                 # the agent ended without every result (interrupted before it probed, or it
@@ -531,8 +540,15 @@ def _catalog_files(catalog: Any) -> list[dict[str, str]]:
 def _engine_share(e: EngineConfig, n: int, loop: str) -> dict[str, Any]:
     """Each agent's engine settings: the totals divided by the number of agents."""
     po = e.probe_options
+    conc = None if e.concurrency is None else max(1, e.concurrency // n)
+    if e.rate is not None:
+        # Under a rate limit, in-flight probes ~ rate x probe time; more workers only queue
+        # for rate slots, and a stop (Ctrl-C) waits for every queued slot: 1,024 workers at
+        # 20 probes/s is a 50 s drain (measured in the lab). Two seconds' worth is plenty.
+        cap = max(8, math.ceil(e.rate / n * RATE_WINDOW))
+        conc = cap if conc is None else min(conc, cap)
     return {
-        "concurrency": None if e.concurrency is None else max(1, e.concurrency // n),
+        "concurrency": conc,
         "rate": None if e.rate is None else e.rate / n,
         "max_per_host": e.max_per_host,
         "timeout": e.timeout,
@@ -623,6 +639,9 @@ def run_mesh(cfg: MeshConfig) -> int:
             "results": link.results,
             "elapsed_s": (link.done_rec or {}).get("elapsed_s"),
             "rate_pps": (link.done_rec or {}).get("rate_pps"),
+            "agent": (link.hello_rec or {}).get("agent"),
+            "python": (link.hello_rec or {}).get("python"),
+            "module": (link.hello_rec or {}).get("module"),
         }
         for link in mesh.links
         if link.failed is None
