@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import signal
 import socket
 import subprocess
@@ -123,12 +124,15 @@ def test_hostname_is_kept_in_the_records(
     assert [(r["host"], r["state"]) for r in results] == [("localhost", "open"), (None, "open")]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_only_open_prints_open_but_counts_everything(
-    tmp_path: Path, ports: tuple[list[int], list[int]]
+    tmp_path: Path, ports: tuple[list[int], list[int]], workers: str
 ) -> None:
     opened, closed = ports
     out = tmp_path / "all.ndjson"
-    cp = scan(LOCAL, "-p", csv(opened + closed), "--only", "open", "-o", str(out))
+    cp = scan(
+        LOCAL, "-p", csv(opened + closed), "--only", "open", "-o", str(out), "--workers", workers
+    )
     assert cp.returncode == 0, cp.stderr
     lines = parse(cp.stdout)
     assert lines[0]["type"] == "start" and lines[-1]["type"] == "summary"
@@ -164,6 +168,24 @@ def test_workers_keep_planned_equal_to_results(
     states = {r["port"]: r["state"] for r in results}
     assert all(states[p] == "open" for p in opened)
     assert all(states[p] == "closed" for p in closed)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_tight_descriptor_limit_shrinks_the_pool_and_loses_nothing(workers: str) -> None:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    cp = subprocess.run(
+        [*SCAN, LOCAL, "-p", "1-3000", "--workers", workers],
+        capture_output=True,
+        timeout=60,
+        preexec_fn=limit,
+    )
+    assert cp.returncode == 0, cp.stderr
+    _, results, summary = check_stream(parse(cp.stdout))
+    assert summary["concurrency"] < 48 * int(workers)
+    assert "error" not in summary["states"]
+    assert len({r["port"] for r in results}) == 3000
 
 
 def test_version_and_no_heavy_imports() -> None:

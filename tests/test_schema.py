@@ -345,6 +345,8 @@ DROP = object()
         mutate("summary", interrupted=False),
         mutate("summary", workers=0),
         mutate("summary", loss_observed=1.5),
+        mutate("summary", verdicts={"maybe": 1}),
+        mutate("start", check="node1"),
         mutate("host", name=DROP),
         mutate("pair", verdict="maybe"),
         mutate("pair", port=DROP),  # udp needs port or ports
@@ -360,6 +362,11 @@ def test_pair_with_a_port_range_and_a_portless_pair() -> None:
     assert errors(mutate("pair", port=DROP, ports="30000-32767")) == []
     assert errors(mutate("pair", port=DROP, ports=[4789, 8472])) == []
     assert errors(mutate("pair", port=DROP, proto="ipip")) == []
+
+
+def test_check_extras_validate() -> None:
+    assert errors(mutate("summary", verdicts={"pass": 3, "fail": 1, "unknown": 0})) == []
+    assert errors(mutate("start", check={"host": "node1"}, plan={"catalog": "x.toml"})) == []
 
 
 def test_extra_fields_are_allowed() -> None:
