@@ -151,11 +151,18 @@ def test_witness_says_arrived_but_answer_lost(seen: bool, proto: str, port, said
     assert ("arrived at b (witness)" in p["reason"]) is said
 
 
-def test_witness_never_explains_a_reject() -> None:
+@pytest.mark.parametrize(
+    ("proto", "port", "state", "reason"),
+    [
+        ("tcp", 2380, "closed", "conn-refused"),
+        ("icmp", None, "filtered", "admin-prohibited"),  # the reject's ICMP error came back
+    ],
+)
+def test_witness_never_explains_a_reject(proto, port, state, reason) -> None:
     j = PairJoin(["a", "b"])
-    j.add(rec("a", "b", "fail", state="closed", reason="conn-refused"))
-    j.add(rec("b", "a", "pass"))
-    j.witness({"proto": "tcp", "src": ADDR["a"], "dst": ADDR["b"], "port": 2380})
+    j.add(rec("a", "b", "fail", proto=proto, port=port, state=state, reason=reason))
+    j.add(rec("b", "a", "pass", proto=proto, port=port))
+    j.witness({"proto": proto, "src": ADDR["a"], "dst": ADDR["b"], "port": port})
     (p,) = j.pairs()
     assert "witness" not in p["reason"]
 

@@ -580,7 +580,7 @@ def run_mesh(cfg: MeshConfig) -> int:
             mesh.planned,
             mesh={
                 "hosts": len(mesh.hosts),
-                "exec": cfg.exec_template or transport.DEFAULT_SSH,
+                "exec": cfg.exec_template or "ssh -o BatchMode=yes [{user}@]{address}",
                 "agent_cmd": cfg.agent_cmd if cfg.bundle is None else "bundle",
                 "protocol": PROTOCOL_VERSION,
             },

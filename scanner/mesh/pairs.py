@@ -203,9 +203,9 @@ class PairJoin:
         """Did every silent failure of this direction reach the destination (witness)?"""
         if not d.failed or d.src is None or d.dst is None:
             return False
-        for (state, _reason), ps in d.failures.items():
-            if state not in SILENT:
-                return False
+        for (state, reason), ps in d.failures.items():
+            if state not in SILENT or reason != "no-response":
+                return False  # an answer came back (a reject): nothing was lost
             if ps.none and (d.src, d.dst, d.proto, None) not in self.seen:
                 return False
             if ps.count:
