@@ -1,0 +1,25 @@
+"""The mesh: an agent on every host, every host probes every peer, both ends joined.
+
+  agent.py        ``portmesh agent``: the NDJSON control protocol over stdin/stdout
+  coordinator.py  ``portmesh mesh``: phases, forwarding, unreachable hosts, the summaries
+  transport.py    exec templates (ssh, ip netns exec, ...) and the air-gapped wheel bundle
+  pairs.py        the pair join (pure): per (req, a, b) verdicts, bounded by hosts^2
+
+``from scanner.mesh import MeshConfig, run_mesh`` is the library entry point (``portmesh
+demo`` uses it); the names load lazily so that the agent's responder child, which imports
+``scanner.mesh.agent``, does not pay for the coordinator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MeshConfig", "run_mesh"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from scanner.mesh import coordinator
+
+        return getattr(coordinator, name)
+    raise AttributeError(f"module 'scanner.mesh' has no attribute {name!r}")
