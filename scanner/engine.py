@@ -127,18 +127,20 @@ class Engine:
         self.stopping = False
         self._should_stop = should_stop
         self.hosts: dict[str, HostState] = {}
-        self.global_rtt = HostState()
         self.probers: dict[str, object] = {}
         self._starting: dict[str, asyncio.Future] = {}
         self._next_slot = 0.0
         self.concurrency = 0
 
     # -- lifecycle -------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Graceful stop: launch nothing new; in-flight attempts finish without retries."""
+    def stop(self, interrupted: bool = True) -> None:
+        """Graceful stop: launch nothing new; in-flight attempts finish without retries.
+
+        interrupted=False is the quiet stop when nobody reads the output any more (| head).
+        """
         if not self.stopping:
             self.stopping = True
-            self.stats.interrupted = True
+            self.stats.interrupted = interrupted
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
         from scanner.privileges import fd_budget
@@ -172,7 +174,7 @@ class Engine:
         should_stop = self._should_stop
         while not self.stopping:
             if should_stop is not None and should_stop():
-                self.stop()
+                self.stop(interrupted=False)
                 break
             flow = next(it, None)
             if flow is None:
@@ -220,16 +222,18 @@ class Engine:
         return res
 
     def _timeout_for(self, dst: str) -> float:
+        """A destination's current timeout; the initial --timeout until it has answered once
+        (other hosts' RTTs say nothing about a far or slow one)."""
         hs = self.hosts.get(dst)
         if hs is not None and hs.srtt is not None:
             return hs.timeout(self.cfg)
-        return self.global_rtt.timeout(self.cfg)
+        return self.cfg.timeout
 
     def _host(self, dst: str) -> HostState:
         hs = self.hosts.get(dst)
         if hs is None:
             if len(self.hosts) >= 200_000:
-                # bound memory on huge sweeps: forget idle hosts (their RTT falls back to global)
+                # bound memory on huge sweeps: forget idle hosts (they start over at --timeout)
                 for k in [k for k, v in self.hosts.items() if v.inflight == 0]:
                     del self.hosts[k]
             hs = self.hosts[dst] = HostState()
@@ -257,7 +261,7 @@ class Engine:
         cfg = self.cfg
         hs = self._host(flow.dst)
         cap = cfg.max_per_host
-        if cap and hs.inflight >= cap:
+        while cap and hs.inflight >= cap:
             fut = asyncio.get_running_loop().create_future()
             hs.waiters.append(fut)
             await fut
@@ -291,7 +295,7 @@ class Engine:
                 self._next_slot = t + 1.0 / rate
                 if t > now:
                     await asyncio.sleep(t - now)
-            timeout = hs.timeout(cfg) if hs.srtt is not None else self.global_rtt.timeout(cfg)
+            timeout = hs.timeout(cfg)
             out: Outcome = await prober.probe(flow, timeout)
             st.attempts += 1
             if out.state == "error" and out.reason in RESOURCE_REASONS:
@@ -309,7 +313,6 @@ class Engine:
             elif out.rtt_ms is not None:
                 rtt_s = out.rtt_ms / 1000.0
                 hs.update(rtt_s)
-                self.global_rtt.update(rtt_s)
                 hs.answered += 1
                 st.answered += 1
                 if attempts > 1:

@@ -52,11 +52,13 @@ class _Clock:
         self._prefix = ""
 
     def __call__(self, t: float) -> str:
-        sec = int(t)
+        # whole milliseconds, truncated; the 1 us nudge undoes float error (x.123 is stored as
+        # x.12299999...), which (t - int(t)) * 1000 would turn into .122
+        sec, ms = divmod(int(t * 1000 + 0.001), 1000)
         if sec != self._sec:
             self._sec = sec
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._prefix}.{int((t - sec) * 1000):03d}Z"
+        return f"{self._prefix}.{ms:03d}Z"
 
 
 iso_ts = _Clock()

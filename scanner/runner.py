@@ -24,6 +24,7 @@ from scanner.results import (
     summary_record,
 )
 
+SHARD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 BATCH = 512  # results per write; a flush also happens every FLUSH_INTERVAL seconds
 FLUSH_INTERVAL = 0.2
 
@@ -142,7 +143,7 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
         nonlocal interrupts
         interrupts += 1
         engine.stop()
-        if interrupts == 1:
+        if interrupts == 1 and not shard:  # a shard's parent has said it already
             sys.stderr.write(
                 "\nportmesh: interrupted: finishing in-flight probes (Ctrl-C again to quit now)\n"
             )
@@ -159,6 +160,12 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
+    if shard:
+        # the parent's quiet stop (its stdout went away), then let through the signals the
+        # parent blocked around fork() (see scanner.shards): they reach the handlers above
+        loop.add_signal_handler(signal.SIGUSR1, engine.stop, False)
+        installed.append(signal.SIGUSR1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SHARD_SIGNALS)
 
     if not shard:
         out.record(start_record(scan_id, spec.argv, spec.planned, **spec.start_extra))
@@ -181,6 +188,9 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
         _fill_interrupted(engine, spec.flows)
     finally:
         tick.cancel()
+        if shard:
+            # late signals stay pending until the shard exits, never a KeyboardInterrupt
+            signal.pthread_sigmask(signal.SIG_BLOCK, SHARD_SIGNALS)
         for sig in installed:
             loop.remove_signal_handler(sig)
     elapsed = time.perf_counter() - t0

@@ -61,6 +61,12 @@ def run_sharded(spec, n: int):
             import uvloop  # noqa: F401
     for proto in ("tcp",):
         importlib.import_module(f"scanner.probes.{proto}")
+    from scanner.runner import SHARD_SIGNALS
+
+    # Ctrl-C between here and the handler below must not be lost nor kill a half-started
+    # shard: block it; the parent unblocks once `forward` is installed, a shard once its
+    # event loop's handlers are (runner._run).
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHARD_SIGNALS)
     out.record(start_record(spec.scan_id, spec.argv, spec.planned, **spec.start_extra))
     out.flush()
     t0 = time.perf_counter()
@@ -99,11 +105,20 @@ def run_sharded(spec, n: int):
         children.append((pid, r_data, r_stat))
 
     presses = 0
+    told_quiet = False
+
+    def quiet_stop() -> None:
+        nonlocal told_quiet
+        if not told_quiet:
+            told_quiet = True
+            for pid, _, _ in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal presses
         presses += 1
-        if signum == signal.SIGINT and presses == 1:
+        if presses == 1:
             sys.stderr.write(
                 "\nportmesh: interrupted: finishing in-flight probes (Ctrl-C again to quit now)\n"
             )
@@ -113,6 +128,7 @@ def run_sharded(spec, n: int):
 
     old_int = signal.signal(signal.SIGINT, forward)
     old_term = signal.signal(signal.SIGTERM, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     sel = selectors.DefaultSelector()
     bufs: dict[int, bytearray] = {}
     stats_raw: dict[int, bytearray] = {}
@@ -155,7 +171,7 @@ def run_sharded(spec, n: int):
                     if data:
                         out.write_raw(data)
                     if out.dead:
-                        forward(signal.SIGTERM, None)
+                        quiet_stop()
             if spec.progress:
                 now = time.perf_counter()
                 if now - last_progress > 0.2:

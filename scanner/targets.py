@@ -54,7 +54,7 @@ def parse_ports(spec: str, default_proto: str = "tcp") -> list[tuple[str, int]]:
 
 
 def _port_number(tok: str, whole: str) -> int:
-    if not tok.isdigit():
+    if not (tok.isascii() and tok.isdigit()):
         raise InputError(f"bad port {whole!r}: not a number")
     n = int(tok)
     if not 1 <= n <= 65535:

@@ -258,11 +258,6 @@ def test_graceful_stop_reports_every_flow(loop_kind: str) -> None:
     assert all(r.state == "error" and r.attempts == 0 for r in skipped)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine.Engine._probe_flow: a waiter woken by a finishing flow does not re-check "
-    "the cap, and the finishing worker takes the freed slot first, so --max-per-host is exceeded",
-)
 def test_max_per_host_is_never_exceeded(listen: Callable[..., Listener]) -> None:
     # With a secret, each probe stays in flight while it waits for a token that never comes
     # (~0.2 s), so in-flight counts are observable from a sampler task on the same loop.

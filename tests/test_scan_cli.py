@@ -236,12 +236,6 @@ def test_head_3_with_a_file_still_gets_every_line(tmp_path: Path, workers: str) 
     assert "interrupted" not in summary  # the file was still being read: the scan went on
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: shards.run_sharded calls forward() for every chunk read once stdout is closed: "
-    "shards get SIGINT again and again, print the Ctrl-C notice, and one that is past its loop "
-    "dies with a KeyboardInterrupt traceback ('a shard process failed')",
-)
 def test_head_3_with_shards_ends_quietly(tmp_path: Path) -> None:
     for _ in range(2):
         cp, lines = head3(f"{LOCAL} -p 1-20000 --workers 2", tmp_path)
@@ -375,11 +369,6 @@ def test_sigint_with_shards_running(tmp_path: Path) -> None:
     assert summary["states"]["error"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: runner._run's on_sigint also runs in every shard process (the parent forwards "
-    "SIGINT), so one Ctrl-C prints the 'finishing in-flight probes' notice 1 + N times",
-)
 def test_one_ctrl_c_one_notice_with_shards() -> None:
     proc, first = start(LOCAL, "-p", "-", "--workers", "2", "--concurrency", "8")
     wait_both_shards(proc)
@@ -389,14 +378,6 @@ def test_one_ctrl_c_one_notice_with_shards() -> None:
     assert err.count(b"Ctrl-C again") == 1, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: shards.run_sharded writes the start record and forks before it installs its "
-    "SIGINT handler (and the shards run with SIG_DFL until their loop starts): a Ctrl-C right "
-    "after the start line either ends the run with no summary (KeyboardInterrupt in the parent) "
-    "or is swallowed by a fork hook ('Exception ignored ... KeyboardInterrupt') and the scan "
-    "runs to the end with exit 0",
-)
 def test_sigint_right_after_the_start_line_with_shards() -> None:
     for _ in range(3):
         proc, first = start(LOCAL, "-p", "-", "--workers", "2", "--concurrency", "8")

@@ -447,11 +447,6 @@ def test_iso_ts(t: float, want: str) -> None:
     assert iso_ts(t) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: results._Clock truncates (t - sec) * 1000 after a float subtraction, so "
-    "x.123 prints as .122 and x.001 as .000; round to milliseconds (carrying into the second)",
-)
 @pytest.mark.parametrize(
     ("t", "want"),
     [

@@ -114,22 +114,12 @@ def test_bad_port_specs_name_the_bad_token(spec: str, names: str) -> None:
     assert "\n" not in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: targets._port_number uses str.isdigit(), which accepts Unicode digits such as "
-    "'²' that int() rejects: ValueError escapes instead of InputError",
-)
 @pytest.mark.parametrize("spec", ["²", "22-²", "¹²"])
 def test_unicode_superscript_digits_are_input_errors(spec: str) -> None:
     with pytest.raises(InputError):
         parse_ports(spec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: targets._port_number accepts non-ASCII decimal digits ('١٢' is read as port 12); "
-    "nmap accepts only 0-9",
-)
 def test_non_ascii_decimal_digits_are_rejected() -> None:
     with pytest.raises(InputError):
         parse_ports("١٢")
@@ -320,13 +310,8 @@ PORT_PIECES = st.lists(
 TARGET_ALPHABET = st.sampled_from(list("0123456789abcdefx.:/-,*[]%_ ") + ["²", "é", "\x00"])
 
 
-def _no_unicode_digits(s: str) -> bool:
-    # non-ASCII digits hit a known bug with its own xfail tests above; keep this test about the rest
-    return not any(c.isdigit() and not c.isascii() for c in s)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.text(max_size=30), PORT_PIECES).filter(_no_unicode_digits))
+@given(st.one_of(st.text(max_size=30), PORT_PIECES))
 @example("T:22,,")
 @example("-0")
 def test_parse_ports_returns_or_raises_input_error(spec: str) -> None:
@@ -404,22 +389,12 @@ def test_cli_bad_input_exits_2_with_one_line(args: list[str], names: str) -> Non
     assert names in lines[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: '-p ²' reaches int() in targets._port_number (str.isdigit() is true for "
-    "superscripts): a ValueError traceback, exit 1, instead of one line and exit 2",
-)
 def test_cli_superscript_port_exits_2() -> None:
     cp = _scan("127.0.0.1", "-p", "²")
     assert "Traceback" not in cp.stderr
     assert cp.returncode == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: commands/common.py build_engine_config checks --udp-payload's port with "
-    "str.isdigit(), then int('²') raises ValueError: a traceback instead of exit 2",
-)
 def test_cli_superscript_udp_payload_port_exits_2() -> None:
     cp = _scan("127.0.0.1", "-p", "22", "--udp-payload", "²=vxlan")
     assert "Traceback" not in cp.stderr

@@ -163,7 +163,7 @@ def build_engine_config(opts: dict[str, Any]):
         port_s, sep, kind = item.partition("=")
         if (
             not sep
-            or not port_s.isdigit()
+            or not (port_s.isascii() and port_s.isdigit())
             or not 1 <= int(port_s) <= 65535
             or kind not in PAYLOAD_KINDS
         ):
