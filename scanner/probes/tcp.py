@@ -143,7 +143,9 @@ class TcpProber:
                 self._waiting.pop(fd, None)
                 fut.set_result(False)
             else:
-                heapq.heappush(heap, (min(t0 + limit, now + RECHECK), seq, fd, fut, t0, timeout, dst))
+                heapq.heappush(
+                    heap, (min(t0 + limit, now + RECHECK), seq, fd, fut, t0, timeout, dst)
+                )
         if heap and self.loop is not None:
             self._ticking = self.loop.call_later(max(heap[0][0] - now, TICK), self._tick)
 
