@@ -55,6 +55,14 @@ from scanner.selection import SelectionOptions, selection_options
     metavar="SECONDS",
     help="Time for an agent to start and answer (exec, login, interpreter start).",
 )
+@click.option(
+    "--forks",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    metavar="N",
+    help="Agents being started (exec, login, bundle copy) at once.",
+)
 @engine_options
 @output_options
 def command(
@@ -65,6 +73,7 @@ def command(
     bundle_python: str,
     ttl: float | None,
     hello_timeout: float,
+    forks: int,
     **opts,
 ) -> int:
     """Probe every planned flow from every host while every host responds; join both ends.
@@ -111,6 +120,7 @@ def command(
         argv=["portmesh", *sys.argv[1:]],
         ttl=ttl,
         hello_timeout=hello_timeout,
+        forks=forks,
         loop=opts["loop"],
         only=parse_only(opts["only"]),
         progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),

@@ -81,6 +81,7 @@ class MeshConfig:
     summary_to: TextIO | None = None
     progress: bool = False
     only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
+    forks: int = 64  # execs (ssh handshakes, bundle copies) in progress at once, as Ansible's
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -224,6 +225,22 @@ class AgentLink:
         if payload is not None:
             assert self.proc.stdin is not None
             self.proc.stdin.write(payload)
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until what was written is in the pipe: bounds the coordinator's buffers."""
+        p = self.proc
+        if p is not None and p.stdin is not None and not p.stdin.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await p.stdin.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        p = self.proc
+        if p is None or p.stdin is None or p.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            p.stdin.write(data)
+        await self.drain()
 
     async def _read_err(self) -> None:
         p = self.proc
@@ -437,8 +454,11 @@ class Mesh:
         ports = responder_ports(cfg.catalog, cfg.site, self.selection)
         self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
 
+        gate = asyncio.Semaphore(cfg.forks)
+
         async def hello(link: AgentLink) -> None:
-            await link.start(payload)
+            async with gate:  # at most `forks` execs (and bundle copies) in progress
+                await link.start(payload)
             link.send(
                 {
                     "type": "hello",
@@ -461,7 +481,7 @@ class Mesh:
         if not self.interrupted:
             await self._phase(self.live(), respond)
         live = self.live()
-        probe = {
+        probe_msg = {
             "type": "probe",
             "scan_id": self.scan_id,
             "site": site_to_wire(cfg.site),
@@ -475,9 +495,10 @@ class Mesh:
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
         }
+        probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 
         async def probe_one(link: AgentLink) -> None:
-            link.send(probe)
+            await link.send_raw(probe)
             if self.interrupted:
                 link.send({"type": "stop"})
             await link.expect("done", None)
