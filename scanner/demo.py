@@ -1,4 +1,4 @@
-"""`portmesh demo`: a simulated cluster, injected firewall faults, checks from every host, and
+"""`portmesh demo`: a simulated cluster, injected firewall faults, a mesh from every host, and
 a report that names exactly the faults.
 
 With root: a 4-host lab in network namespaces (scanner.lab) with four faults in nftables:
@@ -6,9 +6,9 @@ With root: a 4-host lab in network namespaces (scanner.lab) with four faults in 
   2. Calico VXLAN (udp/4789) dropped one way: node3 drops it from node2 only,
   3. a slice of the NodePort range (tcp/30100-30199) rejected on node4,
   4. IP-in-IP (IP protocol 4) dropped on node2.
-Responders answer on every host, every host checks its planned flows (calico with VXLAN and
-IP-in-IP, the full NodePort range), the verdicts are compared with the ground truth the faults
-imply, and the lab is removed.
+`portmesh mesh` runs an agent with responders on every host over `ip netns exec`; every host
+probes its planned flows (calico with VXLAN and IP-in-IP, the full NodePort range), the
+verdicts are compared with the ground truth the faults imply, and the lab is removed.
 
 Without root (no namespaces, no nftables, no raw sockets): the same story on loopback, hosts
 127.0.0.2-127.0.0.5 with responders bound to them. A fault is simulated by a responder that does
@@ -19,7 +19,6 @@ and IP-in-IP need root and are left out; the demo says so.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -79,8 +78,10 @@ def _have(tool: str) -> bool:
 
 
 def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    from scanner.lab import Lab, start_responders, write_inventory
-    from scanner.tags import new_secret
+    from scanner.lab import Lab, write_inventory
+    from scanner.mesh import MeshConfig, run_mesh
+    from scanner.output import NdjsonOutput
+    from scanner.selection import SelectionOptions
 
     t0 = time.perf_counter()
     faults = demo_faults()
@@ -89,27 +90,32 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
     try:
         lab.apply_faults(faults)
         inv = write_inventory(lab)
-        secret = lab.state_dir() / "secret"
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(new_secret() + b"\n")
         err.write(f"portmesh demo: lab {lab.name}: 4 hosts on {lab.subnet}, injected faults:\n")
         for f in faults:
             err.write(f"  - {f.comment}: {f.describe()}\n")
-        start_responders(lab, ttl=300)
-        err.write(
-            f"portmesh demo: responders ready ({time.perf_counter() - t0:.1f}s); checking from every host\n"
-        )
         sel = ["--inventory", str(inv), "--with", "ipip"]
+        catalog, site, selection = SelectionOptions(
+            inventories=(str(inv),), with_features=("ipip",)
+        ).resolve()
         result_file = lab.state_dir() / "demo.ndjson"
-        with open(result_file, "wb") as out:
-            for h in lab.hosts:
-                argv = [sys.executable, "-m", "scanner", "check", *sel, "--from", h.name,
-                        "--secret-file", str(secret), "--no-progress"]  # fmt: skip
-                p = lab.run(h.name, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                if p.returncode not in (0, 1):
-                    raise RuntimeError(f"check from {h.name} failed: {p.stderr.decode()[-300:]}")
-                out.write(p.stdout)
+        err.write(
+            "portmesh demo: `portmesh mesh` over `ip netns exec`: an agent and responders on every "
+            "host, every host probes every peer\n"
+        )
+        mesh_rc = run_mesh(
+            MeshConfig(
+                catalog=catalog,
+                site=site,
+                selection=selection,
+                exec_template=lab.exec_template(),
+                agent_cmd=f"{sys.executable} -m scanner agent",
+                output=NdjsonOutput(str(result_file), stdout=False),
+                argv=["portmesh", "mesh", *sel, "--exec", lab.exec_template()],
+                summary_to=err,
+            )
+        )
+        if mesh_rc not in (0, 1):
+            raise RuntimeError(f"the mesh ended with exit code {mesh_rc}")
         rc = _finish(cfg, err, result_file, faults, lab, sel, t0)
     finally:
         if cfg.keep:

@@ -281,13 +281,18 @@ class Engine:
         attempts = 0
         backoff = 0
         rate = cfg.rate
+        # Per-destination pacing a probe asks for (UDP: the far kernel sends ~1 ICMP error per
+        # second), switched on for a destination only once it has left an attempt unanswered:
+        # ports that answer (responders) never wait for it.
         pps = getattr(prober, "per_host_pps", None)
-        burst = getattr(prober, "per_host_burst", 1)
+        last: Outcome | None = None
         while True:
-            if pps:
-                wait = hs.pace(flow.proto, pps, burst, asyncio.get_running_loop().time())
+            if pps and hs.buckets is not None and flow.proto in hs.buckets:
+                wait = hs.pace(flow.proto, pps, 1, asyncio.get_running_loop().time())
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    if self.stopping and last is not None:
+                        return Result(flow, last.state, last.reason, None, attempts)
             if rate:
                 loop = asyncio.get_running_loop()
                 now = loop.time()
@@ -295,8 +300,14 @@ class Engine:
                 self._next_slot = t + 1.0 / rate
                 if t > now:
                     await asyncio.sleep(t - now)
+                    if self.stopping:
+                        # a stop while waiting for a rate slot: launch nothing more
+                        if last is None:
+                            return Result(flow, "error", "interrupted", None, 0)
+                        return Result(flow, last.state, last.reason, None, attempts)
             timeout = hs.timeout(cfg)
             out: Outcome = await prober.probe(flow, timeout)
+            last = out
             st.attempts += 1
             if out.state == "error" and out.reason in RESOURCE_REASONS:
                 st.backoffs[out.reason] = st.backoffs.get(out.reason, 0) + 1
@@ -306,6 +317,11 @@ class Engine:
                 await asyncio.sleep(min(0.005 * backoff, 0.2))
                 continue
             attempts += 1
+            if out.silent and pps and (hs.buckets is None or flow.proto not in hs.buckets):
+                if hs.buckets is None:
+                    hs.buckets = {}
+                # start with an empty bucket: the far host just spent its burst on us
+                hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
             if out.silent:
                 if not self.stopping and attempts <= self._retries_allowed(hs):
                     st.retries += 1
