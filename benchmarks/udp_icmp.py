@@ -169,12 +169,12 @@ async def portmesh_icmp(addrs: list[str], timeout: float, retries: int) -> dict:
 
 def nmap_udp(dst: str, ports: list[int]) -> dict:
     spec = ",".join(str(p) for p in ports)
-    out = subprocess.run(
-        ["nmap", "-sU", "-n", "-Pn", "-p", spec, "-oX", "-", dst],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    cp = subprocess.run(
+        ["nmap", "-sU", "-n", "-Pn", "-p", spec, "-oX", "-", dst], capture_output=True, text=True
+    )
+    if cp.returncode != 0:
+        raise SystemExit(f"nmap -sU failed ({cp.returncode}): {cp.stderr.strip()[-500:]}")
+    out = cp.stdout
     root = ET.fromstring(out)
     states: dict[int, str] = {}
     for host in root.iter("host"):
@@ -233,7 +233,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1.0)
     ap.add_argument("--icmp-ratelimit", type=int, default=None, metavar="MS")
     ap.add_argument("--skip-nmap", action="store_true")
-    ap.add_argument("--name", default="pmbench")
+    ap.add_argument("--name", default=f"pmudp{os.getpid() % 10000}")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, raw sockets)", file=sys.stderr)
