@@ -158,16 +158,30 @@ class Measure:
     err: bytes = b""
 
 
-def timed(argv: Sequence[str], ns: str | None = None, timeout: float = 300.0) -> Measure:
-    """Run argv (inside netns ns) as one child; wall around it, rusage from os.wait4.
+def timed(
+    argv: Sequence[str], ns: str | None = None, timeout: float = 300.0, devnull: bool = False
+) -> Measure:
+    """Run argv (inside netns ns) as one child; wall around it, user/sys from os.wait4.
 
-    ``ip netns exec`` execs the command in place (no fork outside batch mode), so the rusage
-    of the waited pid is the tool's own, including any children it reaped (scan shards).
+    ``ip netns exec`` execs the command in place (no fork outside batch mode), so the user/sys
+    of the waited pid are the tool's own, including any children it reaped (scan shards).
+    Peak RSS is NOT taken from that rusage: a child made by fork/vfork starts with a copy of
+    this (large) process's memory map, and the kernel keeps its high-water mark across exec
+    into ru_maxrss (every tool read 45 MB here once this process had grown). GNU time, a
+    1-2 MB process, forks the tool instead, and its %M is the tool's own peak.
+    ``devnull``: the tool's stdout goes to /dev/null (Measure.out is then empty).
     """
-    full = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    rss_via_time = Path("/usr/bin/time").exists()
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r") as rss_file,
+    ):
+        wrap = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name] if rss_via_time else []
+        full = (["ip", "netns", "exec", ns] if ns else []) + wrap + list(argv)
         t0 = time.perf_counter()
-        p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT)
+        sink = subprocess.DEVNULL if devnull else out
+        p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=sink, stderr=err, cwd=ROOT)
         deadline = t0 + timeout
         while True:
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -180,17 +194,14 @@ def timed(argv: Sequence[str], ns: str | None = None, timeout: float = 300.0) ->
             time.sleep(0.002)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen quiet
+        rss_mb = ru.ru_maxrss / 1024
+        if rss_via_time:
+            # the last line is %M in KiB ("Command exited with non-zero status N" may precede)
+            lines = rss_file.read().split()
+            rss_mb = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else 0.0
         out.seek(0)
         err.seek(0)
-        return Measure(
-            wall,
-            ru.ru_utime,
-            ru.ru_stime,
-            ru.ru_maxrss / 1024,
-            p.returncode,
-            out.read(),
-            err.read(),
-        )
+        return Measure(wall, ru.ru_utime, ru.ru_stime, rss_mb, p.returncode, out.read(), err.read())
 
 
 # ---- parsers: tool output -> {(addr, port): state} ----------------------------------------
@@ -334,7 +345,7 @@ def paired(
         order = list(range(len(tools)))
         k = r % len(tools)
         order = order[k:] + order[:k]
-        if r % 2:
+        if r % 2 and len(tools) > 2:  # with two tools the rotation alone alternates them
             order.reverse()
         for i in order:
             t = tools[i]

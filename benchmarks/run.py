@@ -220,6 +220,8 @@ def external_case(case: str, script: str, runs: int, quick: bool) -> list[C.Row]
         argv.append("--quick")
     if "--runs" in helptext:
         argv += ["--runs", "1"]  # its UDP runs take minutes each (ICMP rate limit)
+    if "--repeat" in helptext:
+        argv += ["--repeat", str(1 if quick else min(runs, 3))]
     log(f"{case}: {' '.join(argv[1:])}")
     cp = subprocess.run(argv, capture_output=True, text=True, cwd=C.ROOT)
     cmd = " ".join(
@@ -257,6 +259,24 @@ def external_case(case: str, script: str, runs: int, quick: bool) -> list[C.Row]
         row.runs.append(C.Measure(float(m.group(2)), 0.0, 0.0, 0.0, 0, b""))
         row.checks.append(C.Check(total - right, f"{right}/{total} right"))
         rows.append(row)
+    # mesh.py: "HOSTS FLOWS WALL_S AGENT_PROBE_S FLOWS/S/AGENT FLOWS/S_TOTAL", then an
+    # optional "note: N failing flows in a run" line under the row it concerns
+    mesh_re = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+)\s+(\d+)\s*$")
+    for line in cp.stdout.splitlines():
+        m = mesh_re.match(line)
+        if m:
+            row = C.Row(
+                case,
+                f"portmesh mesh, {m.group(1)} hosts",
+                flows=int(m.group(2)),
+                note=f"{m.group(5)} flows/s per agent; {script}'s own timing",
+            )
+            row.runs.append(C.Measure(float(m.group(3)), 0.0, 0.0, 0.0, 0, b""))
+            row.checks.append(C.Check(0, ""))
+            rows.append(row)
+        fm = re.match(r"^\s*note: (\d+) failing flows", line)
+        if fm and rows:
+            rows[-1].checks[-1] = C.Check(int(fm.group(1)), "failing flows in a run")
     return rows or [C.Row(case, script, note="no table found in its output: see below")]
 
 
@@ -347,7 +367,7 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
             ]
             cnt = C.timed([*argv[:-2], "--count", "--format", "table"])
             row = C.Row("5 scale", f"plan streamed to /dev/null, {n} nodes")
-            m = _timed_devnull(argv)
+            m = C.timed(argv, devnull=True)
             row.runs.append(m)
             row.checks.append(C.Check(0 if m.rc == 0 else 1, m.err.decode(errors="replace")[-200:]))
             row.flows = int(cnt.out.strip() or 0)
@@ -415,24 +435,6 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
         )
     )
     return rows
-
-
-def _timed_devnull(argv: list[str]) -> C.Measure:
-    t0 = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        p = subprocess.Popen(argv, stdout=null, stderr=subprocess.PIPE, cwd=C.ROOT)
-        err = p.stderr.read() if p.stderr else b""
-        _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return C.Measure(
-        time.perf_counter() - t0,
-        ru.ru_utime,
-        ru.ru_stime,
-        ru.ru_maxrss / 1024,
-        p.returncode,
-        b"",
-        err,
-    )
 
 
 # ---- main ---------------------------------------------------------------------------------
