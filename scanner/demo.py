@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -116,7 +117,7 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
         )
         if mesh_rc not in (0, 1):
             raise RuntimeError(f"the mesh ended with exit code {mesh_rc}")
-        rc = _finish(cfg, err, result_file, faults, lab, sel, t0)
+        rc = _finish(cfg, err, result_file, _lab_truth(faults, lab), "injected", t0)
     finally:
         if cfg.keep:
             err.write(
@@ -127,11 +128,18 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
     return rc
 
 
-def _finish(cfg: DemoConfig, err: IO[str], result_file: Path, faults: list, lab: Any,
-            sel: list[str], t0: float) -> int:  # fmt: skip
-    """Write the NDJSON, the report, and the comparison with the ground truth."""
-    from scanner.faults import expected
-    from scanner.flows import Flow
+def _finish(
+    cfg: DemoConfig,
+    err: IO[str],
+    result_file: Path,
+    expect_fail: Callable[[dict[str, Any]], tuple[bool, str]],
+    what: str,
+    t0: float,
+) -> int:
+    """Write the NDJSON and the report; compare every verdict with the ground truth.
+
+    ``expect_fail(result record) -> (should it fail, the expected state)``.
+    """
     from scanner.report import ReportConfig, run_report
 
     data = result_file.read_bytes()
@@ -146,7 +154,6 @@ def _finish(cfg: DemoConfig, err: IO[str], result_file: Path, faults: list, lab:
     buf = _TextBuf()
     run_report(ReportConfig(inputs=[str(result_file)]), buf, err)
     err.write("\n" + buf.text())
-    # ground truth: every result's verdict against what the faults imply
     wrong = 0
     total = 0
     for line in data.splitlines():
@@ -154,24 +161,38 @@ def _finish(cfg: DemoConfig, err: IO[str], result_file: Path, faults: list, lab:
         if rec.get("type") != "result":
             continue
         total += 1
-        fl = Flow(
-            rec["dst"], rec["port"], rec["proto"], rec["host"], rec["src"], rec.get("src_host")
-        )
-        exp = expected(fl, faults, lab)
-        if exp.verdict != rec.get("verdict"):
+        fail, state = expect_fail(rec)
+        if fail != (rec.get("verdict") == "fail"):
             wrong += 1
             if wrong <= 10:
-                err.write(f"  MISMATCH {rec.get('src_host')} -> {rec['host']} {rec['proto']}/{rec['port']}: "
-                          f"got {rec['state']}/{rec.get('verdict')}, expected {exp.state}/{exp.verdict}\n")  # fmt: skip
+                err.write(
+                    f"  MISMATCH {rec.get('src_host')} -> {rec['host']} {rec['proto']}/{rec['port']}: "
+                    f"got {rec['state']}/{rec.get('verdict')}, expected {state}\n"
+                )
     verdict = (
-        "exactly the injected faults"
+        f"exactly the {what} faults"
         if wrong == 0
         else f"{wrong} flows differ from the ground truth"
     )
     err.write(
-        f"portmesh demo: {total} flows checked in {time.perf_counter() - t0:.1f}s; the report shows {verdict}.\n"
+        f"portmesh demo: {total} flows checked in {time.perf_counter() - t0:.1f}s; "
+        f"the report shows {verdict}.\n"
     )
     return 0 if wrong == 0 else 1
+
+
+def _lab_truth(faults: list, lab: Any) -> Callable[[dict[str, Any]], tuple[bool, str]]:
+    from scanner.faults import expected
+    from scanner.flows import Flow
+
+    def truth(rec: dict[str, Any]) -> tuple[bool, str]:
+        fl = Flow(
+            rec["dst"], rec["port"], rec["proto"], rec["host"], rec["src"], rec.get("src_host")
+        )
+        e = expected(fl, faults, lab)
+        return e.verdict == "fail", f"{e.state}/{e.verdict}"
+
+    return truth
 
 
 class _TextBuf:
@@ -255,7 +276,12 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
                     if p.returncode not in (0, 1):
                         raise RuntimeError(f"check from {n} failed: {p.stderr.decode()[-300:]}")
                     out.write(p.stdout)
-            return _finish_loopback(cfg, err, result_file, addr, t0)
+
+            def truth(rec: dict[str, Any]) -> tuple[bool, str]:
+                fail = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
+                return fail, "closed/fail" if fail else "open/pass"
+
+            return _finish(cfg, err, result_file, truth, "simulated", t0)
         finally:
             for p in procs:
                 with contextlib.suppress(OSError):
@@ -283,41 +309,3 @@ def _responder_ports(inv: str, catalogs: tuple[str, ...], name: str, withheld: s
     if udp:
         parts.append("U:" + ranges_text(udp))
     return ",".join(parts)
-
-
-def _finish_loopback(
-    cfg: DemoConfig, err: IO[str], result_file: Path, addr: dict[str, str], t0: float
-) -> int:
-    from scanner.report import ReportConfig, run_report
-
-    data = result_file.read_bytes()
-    if cfg.output:
-        Path(cfg.output).write_bytes(data)
-    else:
-        from scanner.output import NdjsonOutput
-
-        o = NdjsonOutput()
-        o.write_raw(data)
-        o.close()
-    buf = _TextBuf()
-    run_report(ReportConfig(inputs=[str(result_file)]), buf, err)
-    err.write("\n" + buf.text())
-    wrong = 0
-    total = 0
-    for line in data.splitlines():
-        rec = orjson.loads(line)
-        if rec.get("type") != "result":
-            continue
-        total += 1
-        faulty = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
-        if (rec.get("verdict") == "fail") != faulty:
-            wrong += 1
-    verdict = (
-        "exactly the simulated faults"
-        if wrong == 0
-        else f"{wrong} flows differ from the ground truth"
-    )
-    err.write(
-        f"portmesh demo: {total} flows checked in {time.perf_counter() - t0:.1f}s; the report shows {verdict}.\n"
-    )
-    return 0 if wrong == 0 else 1

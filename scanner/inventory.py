@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner import kubean
+from scanner.catalog.loader import FEATURES  # the catalog's feature words: one list
 from scanner.errors import InventoryError
 from scanner.kubean import VarsLayer
 from scanner.model import Cluster, Host, Setting, Site
@@ -45,19 +46,6 @@ KNOWN_GROUPS = frozenset(
     ("all", "ungrouped", "etcd", "calico_rr", "bastion", "kube_control_plane", "kube-master")
     + NODE_GROUPS
     + CLUSTER_GROUPS
-)
-FEATURES = (
-    "vxlan",
-    "ipip",
-    "bgp",
-    "typha",
-    "wireguard",
-    "wireguard6",
-    "metallb",
-    "kube-vip",
-    "istio",
-    "insight",
-    "deploy",
 )
 # --role words for --hosts (and a site cluster's inline hosts) -> the roles each host gets
 QUICK_ROLES: dict[str, frozenset[str]] = {
