@@ -90,7 +90,9 @@ def compress_ports(ports: list[int]) -> str:
 
 def run_check(cfg: CheckConfig) -> int:
     """Run the check; exit code 0 all pass, 1 any fail, 130 interrupted."""
-    from scanner.plan import count_plan, plan, plan_meta
+    import dataclasses
+
+    from scanner.plan import count_plan, legs, plan, plan_meta
 
     responder = cfg.engine.probe_options.secret is not None
     expect = cfg.expect
@@ -100,6 +102,8 @@ def run_check(cfg: CheckConfig) -> int:
 
     failures = Failures()
     planned = count_plan(cfg.catalog, cfg.site, cfg.selection)
+    protos = {leg.req.proto for leg in legs(cfg.catalog, cfg.site, cfg.selection) if leg.count()}
+    cfg.engine = dataclasses.replace(cfg.engine, protos=tuple(sorted(protos)))
     meta = plan_meta(cfg.catalog, cfg.site, cfg.selection)
     spec = RunSpec(
         flows=plan(cfg.catalog, cfg.site, cfg.selection),

@@ -27,6 +27,10 @@ class ScanConfig:
 def run_scan(cfg: ScanConfig) -> int:
     """Run the scan; return the exit code (0 completed, 130 interrupted)."""
     planned = count_flows(cfg.targets, cfg.ports, len(cfg.extra))
+    import dataclasses
+
+    protos = tuple(dict.fromkeys([*(p for p, _ in cfg.ports), *cfg.extra]))
+    cfg.engine = dataclasses.replace(cfg.engine, protos=protos)
     spec = RunSpec(
         flows=iter_flows(cfg.targets, cfg.ports, cfg.extra),
         planned=planned,

@@ -269,12 +269,6 @@ def test_tcp_syn_loss_20pct_default_sweep_sees_and_reports_the_loss(lossy) -> No
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine._retries_allowed gives up a flow whose retry was silent before the "
-    "late answers of the retries sent with it are counted (same loop iteration): the first "
-    "wave's doubly-dropped ports end filtered/no-response after 2 attempts (1 sweep in 3)",
-)
 def test_tcp_syn_loss_20pct_default_sweep_is_exact_sweep_after_sweep(lossy) -> None:
     """The issue's claim: a default sweep under 20% SYN loss calls every port open, every time.
 
@@ -349,12 +343,6 @@ def test_icmp_loss_20pct_many_flows_in_one_run_is_exact(lossy) -> None:
     assert 0.05 * len(results) <= late <= 0.4 * len(results)  # the loss was there
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a run with fewer than 20 answered flows (ICMP to a 3-node cluster) never "
-    "raises its retries (engine._retries_allowed), so at 20% loss 4% of hosts read "
-    "filtered/no-response after 2 attempts",
-)
 def test_icmp_loss_20pct_small_runs_are_exact(lossy) -> None:
     """60 independent `scan --icmp` runs of a 3-host cluster (180 flows) at 20% echo loss."""
     lab = lossy

@@ -124,6 +124,9 @@ def _expire(fut: asyncio.Future) -> None:
 class UdpProber:
     proto = "udp"
     needs_raw = False
+    # the engine paces attempts to a destination at this rate once that destination has left
+    # a UDP attempt unanswered (its ICMP errors are being rate-limited; see the docstring)
+    per_host_pps = UDP_PER_HOST_PPS
 
     def __init__(self, opts: ProbeOptions) -> None:
         self.opts = opts
