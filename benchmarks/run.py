@@ -269,7 +269,8 @@ def external_case(case: str, script: str, runs: int, quick: bool) -> list[C.Row]
                 case,
                 f"portmesh mesh, {m.group(1)} hosts",
                 flows=int(m.group(2)),
-                note=f"{m.group(5)} flows/s per agent; {script}'s own timing",
+                note=f"{m.group(5)} flows/s per agent; {script}'s own timing, median of "
+                + ("1" if quick else str(min(runs, 3))),
             )
             row.runs.append(C.Measure(float(m.group(3)), 0.0, 0.0, 0.0, 0, b""))
             row.checks.append(C.Check(0, ""))
