@@ -54,6 +54,10 @@ class EngineConfig:
     # protocols to start before the first flow (the UDP prober builds its scapy templates in
     # start(), ~0.2-0.5 s that would otherwise stall the loop in the middle of a sweep)
     protos: tuple[str, ...] = ()
+    # TCP: "connect" (a kernel socket per probe; no privilege), "syn" (raw half-open SYNs,
+    # CAP_NET_RAW), or "auto": syn when raw sockets are allowed and no scan secret asks for
+    # our responder's token (which needs a full connection), else connect. As nmap's -sS/-sT.
+    tcp_method: str = "auto"
 
 
 # Default pool size. A sweep of 2,768 ports on a LAN host is done in ~0.3 s with 1,024
@@ -117,6 +121,7 @@ class Stats:
     backoffs: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> flows not probed
     interrupted: bool = False
+    tcp_method: str | None = None  # connect | syn, once a TCP flow was probed
 
     def loss(self) -> float:
         """Observed loss: the share of answered flows whose first attempt(s) went unanswered."""
@@ -210,7 +215,7 @@ class Engine:
         fut = loop.create_future()
         self._starting[proto] = fut
         try:
-            mod = importlib.import_module(f"scanner.probes.{proto}")
+            mod = importlib.import_module(f"scanner.probes.{self._module(proto)}")
         except ModuleNotFoundError:
             res: object = Outcome("error", f"{proto}-probe-unavailable")
         else:
@@ -232,6 +237,19 @@ class Engine:
         self.probers[proto] = res
         fut.set_result(res)
         return res
+
+    def _module(self, proto: str) -> str:
+        """The probe module for a protocol (TCP: the connect or the raw SYN probe)."""
+        if proto != "tcp":
+            return proto
+        method = self.cfg.tcp_method
+        if method == "auto":
+            from scanner.privileges import can_raw
+
+            syn_ok = can_raw() and self.cfg.probe_options.secret is None
+            method = "syn" if syn_ok else "connect"
+        self.stats.tcp_method = method
+        return "syn" if method == "syn" else "tcp"
 
     def _timeout_for(self, dst: str) -> float:
         """A destination's current timeout; the initial --timeout until it has answered once

@@ -224,6 +224,8 @@ def write_summary(
         extra["skipped"] = stats.skipped
     if stats.interrupted:
         extra["interrupted"] = True
+    if stats.tcp_method:
+        extra["tcp_method"] = stats.tcp_method
     if spec.summary_extra is not None:
         extra.update(spec.summary_extra(stats))
     summary = summary_record(

@@ -30,7 +30,7 @@ from scanner.output import NdjsonOutput
 from scanner.results import start_record
 
 
-def _shard_spec(spec, n: int):
+def _shard_spec(spec, k: int, n: int):
     e = spec.engine
 
     def share(v):
@@ -38,6 +38,7 @@ def _shard_spec(spec, n: int):
 
     eng = dataclasses.replace(
         e,
+        probe_options=dataclasses.replace(e.probe_options, shard=(k, n)),
         concurrency=share(e.concurrency) if e.concurrency else None,
         rate=None if e.rate is None else e.rate / n,
         max_per_host=share(e.max_per_host),
@@ -87,7 +88,7 @@ def run_sharded(spec, n: int):
                     os.close(d)
                     os.close(s)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                child = _shard_spec(spec, n)
+                child = _shard_spec(spec, k, n)
                 child.output = NdjsonOutput(stdout=False, fd=w_data)
                 from scanner.runner import run_shard
 
@@ -206,6 +207,7 @@ def run_sharded(spec, n: int):
         for k, v in d["skipped"].items():
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
+        total.tcp_method = total.tcp_method or d.get("tcp_method")
     summary = write_summary(spec, total, elapsed, concurrency, n)
     return RunOutcome(total, elapsed, total.interrupted, summary)
 

@@ -170,16 +170,31 @@ def check_stream(lines: list[dict], planned: int) -> tuple[list[dict], dict]:
 # ---- loopback: open, closed, responder ---------------------------------------------------------
 
 
-def test_open_and_closed(loop_kind: str, listen: Callable[..., Listener]) -> None:
+# closed: connect() reads ECONNREFUSED (nmap -sT: conn-refused); a raw SYN reads the RST
+CLOSED_REASON = {"connect": "conn-refused", "syn": "reset"}
+
+
+def _method_or_skip(method: str) -> None:
+    from scanner.privileges import can_raw
+
+    if method == "syn" and not can_raw():
+        pytest.skip("the raw SYN probe needs CAP_NET_RAW")
+
+
+@pytest.mark.parametrize("method", ["connect", "syn"])
+def test_open_and_closed(loop_kind: str, listen: Callable[..., Listener], method: str) -> None:
+    _method_or_skip(method)
     opened = [listen().port for _ in range(3)]
     closed = [freed_port() for _ in range(3)]
-    results, engine = run_engine(loop_kind, [Flow(LOCAL, p) for p in opened + closed])
+    cfg = EngineConfig(timeout=0.5, tcp_method=method)
+    results, engine = run_engine(loop_kind, [Flow(LOCAL, p) for p in opened + closed], cfg)
     assert len(results) == 6
+    assert engine.stats.tcp_method == method
     got = by_port(results)
     for p in opened:
         assert got[p] == ("open", "syn-ack")
     for p in closed:
-        assert got[p] == ("closed", "conn-refused")
+        assert got[p] == ("closed", CLOSED_REASON[method])
     for r in results:
         assert r.attempts == 1
         assert r.rtt_ms is not None and r.rtt_ms >= 0
@@ -435,11 +450,15 @@ def fault_lab(module_lab):
 
 
 @pytest.mark.lab
+@pytest.mark.parametrize("method", ["connect", "syn"])
 @pytest.mark.parametrize("retries", [0, 2])
-def test_lab_drop_reset_and_admin_prohibited(fault_lab, loop_kind: str, retries: int) -> None:
+def test_lab_drop_reset_and_admin_prohibited(
+    fault_lab, loop_kind: str, retries: int, method: str
+) -> None:
+    _method_or_skip(method)
     far = fault_lab.host("node2").addr
     ports = (OPEN_1, OPEN_2, DROP, RESET, ADMIN, CLOSED)
-    cfg = EngineConfig(timeout=0.3, retries=retries)
+    cfg = EngineConfig(timeout=0.3, retries=retries, tcp_method=method)
     results, engine = run_engine(loop_kind, [Flow(far, p) for p in ports], cfg)
     assert len(results) == len(ports)
     got = {r.flow.port: r for r in results}
@@ -448,10 +467,11 @@ def test_lab_drop_reset_and_admin_prohibited(fault_lab, loop_kind: str, retries:
         OPEN_1: ("open", "syn-ack"),
         OPEN_2: ("open", "syn-ack"),
         DROP: ("filtered", "no-response"),
-        RESET: ("closed", "conn-refused"),
-        # connect() reports an ICMP admin-prohibited as EHOSTUNREACH, as it does host-unreach
-        ADMIN: ("filtered", "host-unreach"),
-        CLOSED: ("closed", "conn-refused"),
+        RESET: ("closed", CLOSED_REASON[method]),
+        # connect() reports an ICMP admin-prohibited as EHOSTUNREACH, as it does host-unreach;
+        # the raw SYN probe reads the ICMP code itself
+        ADMIN: ("filtered", "host-unreach" if method == "connect" else "admin-prohibited"),
+        CLOSED: ("closed", CLOSED_REASON[method]),
     }
     assert got[DROP].attempts == retries + 1
     assert got[DROP].rtt_ms is None

@@ -196,7 +196,9 @@ def test_a_lab_scan_with_filtered_validates(make_lab: Any) -> None:
     lab.nft("node1", DROP_RESET_ADMIN)
     addr = lab.host("node1").addr
     cp = subprocess.run(
-        [*SCAN, addr, "-p", "5003-5006", "--timeout", "0.3"], capture_output=True, timeout=60
+        [*SCAN, addr, "-p", "5003-5006", "--timeout", "0.3", "--method", "connect"],
+        capture_output=True,
+        timeout=60,
     )
     assert cp.returncode == 0, cp.stderr
     lines = validate_stream(cp.stdout)

@@ -86,6 +86,15 @@ def engine_options(f: Callable) -> Callable:
         ),
         click.option("--source", default=None, metavar="ADDR", help="Local address to probe from."),
         click.option(
+            "--method",
+            "tcp_method",
+            type=click.Choice(["auto", "connect", "syn"]),
+            default="auto",
+            show_default=True,
+            help="TCP probe: connect(), raw half-open SYN (CAP_NET_RAW), or auto (syn when "
+            "allowed and no --secret, as nmap picks -sS/-sT).",
+        ),
+        click.option(
             "--workers",
             type=int,
             default=None,
@@ -171,6 +180,11 @@ def build_engine_config(opts: dict[str, Any]):
                 f"bad --udp-payload {item!r}: want PORT=KIND with KIND one of {', '.join(PAYLOAD_KINDS)}"
             )
         payloads[int(port_s)] = kind
+    if opts["tcp_method"] == "syn" and (opts["secret"] or opts["secret_file"]):
+        raise InputError(
+            "--method syn cannot read a responder's token (it needs a full connection): "
+            "use --method connect or auto with --secret"
+        )
     if opts["secret"] is not None and opts["secret_file"] is not None:
         raise InputError("give --secret or --secret-file, not both")
     try:
@@ -192,6 +206,7 @@ def build_engine_config(opts: dict[str, Any]):
         min_timeout=min(opts["min_timeout"], opts["timeout"]),
         max_timeout=max(opts["max_timeout"], opts["timeout"]),
         retries=opts["retries"],
+        tcp_method=opts["tcp_method"],
         max_retries=max(opts["max_retries"], opts["retries"]),
         probe_options=ProbeOptions(
             secret=secret,

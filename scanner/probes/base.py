@@ -54,3 +54,4 @@ class ProbeOptions:
     # per-port UDP payload kind override: {port: "vxlan" | "wireguard" | "memberlist" | "tag" | "empty"}
     udp_payloads: dict[int, str] | None = None
     source: str | None = None  # local address to bind, when set
+    shard: tuple[int, int] = (0, 1)  # (index, count) of this shard process: splits source ports

@@ -15,7 +15,6 @@ from __future__ import annotations
 import _socket
 import asyncio
 import errno
-import heapq
 import select
 import socket
 import struct
@@ -24,6 +23,7 @@ from collections.abc import Callable
 
 from scanner.flows import Flow
 from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.deadlines import Deadlines
 
 LINGER0 = struct.pack("ii", 1, 0)
 _SOL_SOCKET = socket.SOL_SOCKET
@@ -69,12 +69,6 @@ def _done(fut: asyncio.Future, value: bool) -> None:
         fut.set_result(value)
 
 
-# How often an in-flight attempt re-reads the destination's current timeout. The first wave
-# of probes to a host starts with the initial --timeout; once the first answers arrive the
-# estimate drops (to 100 ms on a LAN) and those early probes must not wait the full second.
-RECHECK = 0.02
-# Granularity of the timeout sweep: one loop timer for all in-flight connects.
-TICK = 0.005
 _EPOLL_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 
 
@@ -94,16 +88,22 @@ class TcpProber:
         self.opts = opts or ProbeOptions()
         self.secret = self.opts.secret
         self.loop: asyncio.AbstractEventLoop | None = None
-        # set by the engine: destination -> its current adaptive timeout (seconds)
-        self.timeout_for: Callable[[str], float] | None = None
         self._ep: select.epoll | None = None
         self._waiting: dict[int, asyncio.Future] = {}
-        self._heap: list[tuple[float, int, int, asyncio.Future, float, float, str]] = []
-        self._seq = 0
-        self._ticking: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines(self._expire)
+
+    @property
+    def timeout_for(self) -> Callable[[str], float] | None:
+        """Set by the engine: destination -> its current adaptive timeout (seconds)."""
+        return self._deadlines.timeout_for
+
+    @timeout_for.setter
+    def timeout_for(self, fn: Callable[[str], float] | None) -> None:
+        self._deadlines.timeout_for = fn
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._deadlines.loop = loop
         self._ep = select.epoll()
         loop.add_reader(self._ep.fileno(), self._on_events)
 
@@ -112,9 +112,7 @@ class TcpProber:
             self.loop.remove_reader(self._ep.fileno())
             self._ep.close()
             self._ep = None
-        if self._ticking is not None:
-            self._ticking.cancel()
-            self._ticking = None
+        self._deadlines.close()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_result(False)
@@ -128,26 +126,9 @@ class TcpProber:
             if fut is not None and not fut.done():
                 fut.set_result(True)
 
-    def _tick(self) -> None:
-        """Expire attempts whose (current, adaptive) timeout has passed."""
-        self._ticking = None
-        heap = self._heap
-        now = time.perf_counter()
-        timeout_for = self.timeout_for
-        while heap and heap[0][0] <= now:
-            _, seq, fd, fut, t0, timeout, dst = heapq.heappop(heap)
-            if fut.done():
-                continue
-            limit = timeout if timeout_for is None else min(timeout, timeout_for(dst))
-            if now - t0 >= limit:
-                self._waiting.pop(fd, None)
-                fut.set_result(False)
-            else:
-                heapq.heappush(
-                    heap, (min(t0 + limit, now + RECHECK), seq, fd, fut, t0, timeout, dst)
-                )
-        if heap and self.loop is not None:
-            self._ticking = self.loop.call_later(max(heap[0][0] - now, TICK), self._tick)
+    def _expire(self, fd: int, fut: asyncio.Future) -> None:
+        self._waiting.pop(fd, None)
+        fut.set_result(False)
 
     async def probe(self, flow: Flow, timeout: float) -> Outcome:
         loop = self.loop
@@ -171,21 +152,17 @@ class TcpProber:
             fut = loop.create_future()
             self._waiting[fd] = fut
             ep.register(fd, _EPOLL_OUT)
-            self._seq += 1
-            deadline = t0 + (timeout if timeout < RECHECK else RECHECK)
-            heapq.heappush(self._heap, (deadline, self._seq, fd, fut, t0, timeout, flow.dst))
-            if self._ticking is None:
-                self._ticking = loop.call_later(max(deadline - t0, TICK), self._tick)
+            self._deadlines.add(fd, fut, t0, timeout, flow.dst)
             try:
-                await fut
+                woke = await fut
             finally:
                 self._waiting.pop(fd, None)
             # Whether the poll or the sweep came first, the socket tells the truth: a busy
             # loop may expire an attempt before it polls the already-writable socket.
             err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
-            if err == 0:
+            if err == 0 and not woke:
                 try:
-                    sock.getpeername()
+                    sock.getpeername()  # writable is not asked: still connecting?
                 except OSError:
                     sock.close()
                     return _SILENT

@@ -1,0 +1,296 @@
+"""Raw SYN probe (``--method syn``): a half-open scan with stateless, keyed matching.
+
+Per attempt: one SYN, built from a 24-byte template (TCP header + MSS option) with the
+destination port, a source port and a sequence number patched in and the checksum completed,
+sent from one raw socket. Replies are matched without per-connection kernel state:
+
+  - the sequence number is a keyed hash of (destination, destination port, source port), so a
+    SYN-ACK or RST is ours only if its acknowledgement number is that cookie + 1 (masscan and
+    zmap do the same);
+  - SYN-ACK -> open (``syn-ack``), RST -> closed (``reset``, nmap's word for -sS), an ICMP
+    unreachable quoting our SYN -> filtered with the exact code (``admin-prohibited`` is
+    readable here, unlike with connect()), silence -> filtered (``no-response``).
+
+No socket owns our source port, so this host's kernel answers the far end's SYN-ACK with an
+RST: the far service never sees a connection (nothing to accept(), no TIME_WAIT anywhere).
+Source ports come from 61000-65535 (above Linux's default ephemeral range), split between
+shard processes; a classic BPF filter on the raw socket lets through only TCP packets to
+this prober's ports, so a busy host's other traffic is not parsed in Python.
+
+Needs CAP_NET_RAW and IPv4; IPv6 destinations and runs with a scan secret (whose responder
+token needs a full connection) use the connect probe. The template is packed by hand with
+struct (24 bytes; importing scapy would cost ~0.5 s of start-up); tests decode it with scapy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from scanner.flows import Flow
+from scanner.probes import rawrecv
+from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.deadlines import Deadlines
+
+SPORT_LO = 61000
+SPORT_HI = 65535
+MSS = 1460
+TH_SYN = 0x02
+TH_RST = 0x04
+TH_ACK = 0x10
+
+_HDR = struct.Struct("!HHIIBBHHH")  # sport dport seq ack off flags window csum urg
+_OPT_MSS = struct.pack("!BBH", 2, 4, MSS)
+_SILENT = Outcome("filtered", "no-response", None, True)
+_ERR_OUTCOMES = {
+    errno.EPERM: Outcome("filtered", "local-prohibited"),
+    errno.EACCES: Outcome("filtered", "local-prohibited"),
+    errno.EHOSTUNREACH: Outcome("filtered", "host-unreach"),
+    errno.ENETUNREACH: Outcome("filtered", "net-unreach"),
+}
+_RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOMEM: "no-buffers"}
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data`` (even length)."""
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def build_syn(src: bytes, dst: bytes, sport: int, dport: int, seq: int) -> bytes:
+    """A TCP SYN header with an MSS option and a correct checksum (src/dst: packed IPv4)."""
+    hdr = _HDR.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, 64240, 0, 0) + _OPT_MSS
+    pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(hdr))
+    csum = checksum(pseudo + hdr)
+    return hdr[:16] + struct.pack("!H", csum) + hdr[18:]
+
+
+def cookie(dst: str, dport: int, sport: int) -> int:
+    """The keyed sequence number of a probe. Python's str/tuple hash is SipHash keyed per
+    process (forked shards share the key), which is what a stateless match needs."""
+    return hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
+
+
+def bpf_port_range(lo: int, hi: int) -> bytes:
+    """A classic BPF program for a raw IPv4 TCP socket: accept only packets whose TCP
+    destination port is in [lo, hi] and that carry SYN+ACK or RST."""
+    # struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }
+    ins = [
+        (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): IP header length
+        (0x48, 0, 0, 2),  # ldh [x+2]: TCP destination port
+        (0x35, 0, 6, lo),  # jge lo ? next : drop
+        (0x25, 5, 0, hi),  # jgt hi ? drop : next
+        (0x50, 0, 0, 13),  # ldb [x+13]: TCP flags
+        (0x45, 2, 0, TH_RST),  # jset RST ? accept : next
+        (0x54, 0, 0, TH_SYN | TH_ACK),  # and SYN|ACK
+        (0x15, 0, 1, TH_SYN | TH_ACK),  # jeq SYN|ACK ? accept : drop
+        (0x06, 0, 0, 0xFFFF),  # accept
+        (0x06, 0, 0, 0),  # drop
+    ]
+    return b"".join(struct.pack("HBBI", *i) for i in ins)
+
+
+def _attach_filter(sock: socket.socket, prog: bytes) -> None:
+    import ctypes
+
+    SO_ATTACH_FILTER = 26
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+class SynProber:
+    proto = "tcp"
+    needs_raw = True
+
+    def __init__(self, opts: ProbeOptions | None = None) -> None:
+        self.opts = opts or ProbeOptions()
+        shard = self.opts.shard
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sock: socket.socket | None = None
+        self._rx: rawrecv.RawIcmp | None = None
+        # (dst, dport, sport) -> (future, t0)
+        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future, float]] = {}
+        self._deadlines = Deadlines(self._expire)
+        k, n = shard
+        span = (SPORT_HI - SPORT_LO + 1) // n
+        self._lo = SPORT_LO + k * span
+        self._hi = self._lo + span - 1
+        self._next = self._lo
+        self._src: dict[str, bytes] = {}
+        self._fallback = None  # the connect prober, for IPv6
+
+    @property
+    def timeout_for(self) -> Callable[[str], float] | None:
+        return self._deadlines.timeout_for
+
+    @timeout_for.setter
+    def timeout_for(self, fn: Callable[[str], float] | None) -> None:
+        self._deadlines.timeout_for = fn
+        if self._fallback is not None:
+            self._fallback.timeout_for = fn
+
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._deadlines.loop = loop
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        s.setblocking(False)
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        with contextlib.suppress(OSError):
+            _attach_filter(s, bpf_port_range(self._lo, self._hi))
+        self.sock = s
+        loop.add_reader(s.fileno(), self._on_tcp)
+        self._rx = rawrecv.acquire(loop, self._on_icmp)
+
+    def close(self) -> None:
+        if self.sock is not None and self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        if self._rx is not None:
+            rawrecv.release(self._rx, self._on_icmp)
+            self._rx = None
+        self._deadlines.close()
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._pending.clear()
+        if self._fallback is not None:
+            self._fallback.close()
+
+    # -- receiving ------------------------------------------------------------------------------
+    def _on_tcp(self) -> None:
+        assert self.sock is not None
+        recv = self.sock.recv
+        pending = self._pending
+        now = time.perf_counter()
+        for _ in range(512):
+            try:
+                pkt = recv(128)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            if len(pkt) < 20:
+                continue
+            ihl = (pkt[0] & 0x0F) * 4
+            if len(pkt) < ihl + 14:
+                continue
+            sport, dport, _seq, ack = struct.unpack_from("!HHII", pkt, ihl)
+            key = (socket.inet_ntoa(pkt[12:16]), sport, dport)
+            entry = pending.get(key)
+            if entry is None:
+                continue
+            if ack != (cookie(*key) + 1) & 0xFFFFFFFF:
+                continue  # not an answer to our SYN (a stray or forged segment)
+            fut, t0 = entry
+            flags = pkt[ihl + 13]
+            del pending[key]
+            if not fut.done():
+                rtt = (now - t0) * 1000.0
+                if flags & TH_RST:
+                    fut.set_result(Outcome("closed", "reset", rtt))
+                elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
+                    fut.set_result(Outcome("open", "syn-ack", rtt))
+
+    def _on_icmp(self, pkt: bytes, ihl: int, now_loop: float) -> None:
+        """An ICMP unreachable quoting one of our SYNs."""
+        icmp_type, code = pkt[ihl], pkt[ihl + 1]
+        if icmp_type not in (rawrecv.ICMP_DEST_UNREACH, rawrecv.ICMP_TIME_EXCEEDED):
+            return
+        q = ihl + 8
+        qihl = rawrecv.ip_header_len(pkt, q)
+        if not qihl or pkt[q + 9] != socket.IPPROTO_TCP or len(pkt) < q + qihl + 8:
+            return
+        sport, dport, seq = struct.unpack_from("!HHI", pkt, q + qihl)
+        key = (socket.inet_ntoa(pkt[q + 16 : q + 20]), dport, sport)
+        entry = self._pending.get(key)
+        if entry is None or seq != cookie(*key):
+            return
+        fut, t0 = entry
+        del self._pending[key]
+        if not fut.done():
+            rtt = (time.perf_counter() - t0) * 1000.0
+            fut.set_result(Outcome("filtered", rawrecv.icmp_reason(icmp_type, code), rtt))
+
+    def _expire(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
+        self._pending.pop(key, None)
+        fut.set_result(None)
+
+    # -- sending ----------------------------------------------------------------------------
+    def _source(self, dst: str) -> bytes:
+        src = self._src.get(dst)
+        if src is None:
+            if self.opts.source:
+                addr = self.opts.source
+            else:
+                # the address the routing table would use for dst (no packet is sent)
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.connect((dst, 9))
+                    addr = u.getsockname()[0]
+            src = socket.inet_aton(addr)
+            if len(self._src) > 65536:
+                self._src.clear()
+            self._src[dst] = src
+        return src
+
+    def _sport(self, dst: str, dport: int) -> int:
+        p = self._next
+        for _ in range(self._hi - self._lo + 1):
+            p = p + 1 if p < self._hi else self._lo
+            if (dst, dport, p) not in self._pending:
+                break
+        self._next = p
+        return p
+
+    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+        loop = self.loop
+        sock = self.sock
+        assert loop is not None and sock is not None, "start() first"
+        dst, dport = flow.dst, flow.port
+        if ":" in dst:
+            return await self._connect(flow, timeout)
+        try:
+            src = self._source(dst)
+        except OSError as e:
+            return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"route-{e.errno}"))
+        sport = self._sport(dst, dport)  # type: ignore[arg-type]
+        key = (dst, dport, sport)
+        pkt = build_syn(src, socket.inet_aton(dst), sport, dport, cookie(*key))  # type: ignore[arg-type]
+        fut = loop.create_future()
+        t0 = time.perf_counter()
+        self._pending[key] = (fut, t0)  # type: ignore[index]
+        try:
+            sock.sendto(pkt, (dst, 0))
+        except OSError as e:
+            self._pending.pop(key, None)  # type: ignore[arg-type]
+            res = _RESOURCE.get(e.errno or 0)
+            if res is not None:
+                return Outcome("error", res)
+            return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"send-{e.errno}"))
+        self._deadlines.add(key, fut, t0, timeout, dst)
+        out = await fut
+        return _SILENT if out is None else out
+
+    async def _connect(self, flow: Flow, timeout: float) -> Outcome:
+        if self._fallback is None:
+            from scanner.probes.tcp import TcpProber
+
+            self._fallback = TcpProber(self.opts)
+            self._fallback.timeout_for = self.timeout_for
+            assert self.loop is not None
+            await self._fallback.start(self.loop)
+        return await self._fallback.probe(flow, timeout)
+
+
+def make_prober(opts: ProbeOptions | None = None) -> SynProber:
+    return SynProber(opts)
