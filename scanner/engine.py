@@ -325,8 +325,9 @@ class Engine:
         backoff = 0
         rate = cfg.rate
         # Per-destination pacing a probe asks for (UDP: the far kernel sends ~1 ICMP error per
-        # second), switched on for a destination only once it has left an attempt unanswered:
-        # ports that answer (responders) never wait for it.
+        # second), switched on for a destination only once it has answered with ICMP errors and
+        # then left an attempt unanswered: ports that answer (responders) and plain loss (a
+        # silence from a host that never sent an error) never wait for it.
         pps = getattr(prober, "per_host_pps", None)
         last: Outcome | None = None
         counted = False  # this flow is in hs.retrying
@@ -362,11 +363,20 @@ class Engine:
                     await asyncio.sleep(min(0.005 * backoff, 0.2))
                     continue
                 attempts += 1
-                if out.silent and pps and (hs.buckets is None or flow.proto not in hs.buckets):
-                    if hs.buckets is None:
-                        hs.buckets = {}
-                    # start with an empty bucket: the far host just spent its burst on us
-                    hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
+                if pps:
+                    if not out.silent and out.state in ("closed", "filtered"):
+                        if hs.buckets is None:
+                            hs.buckets = {}
+                        hs.buckets.setdefault(f"{flow.proto}:icmp", [0.0, 0.0])
+                    elif (
+                        out.silent
+                        and hs.buckets is not None
+                        and f"{flow.proto}:icmp" in hs.buckets
+                        and flow.proto not in hs.buckets
+                    ):
+                        # It answers with ICMP errors and now fell silent: its error rate
+                        # limit, not loss. Start with an empty bucket: the burst is spent.
+                        hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
                 if out.silent:
                     if not self.stopping and attempts <= self._retries_allowed(hs, flow.proto):
                         st.retries += 1
