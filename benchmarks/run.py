@@ -115,7 +115,13 @@ def case_sweep(
     py = sys.executable
     lo, hi = C.NODEPORTS
     ts: list[C.Tool] = [
-        C.Tool("portmesh scan (defaults)", lambda: portmesh_argv(addrs), C.parse_portmesh),
+        # as root the default TCP method is the raw SYN probe (as nmap's default is -sS)
+        C.Tool("portmesh scan (defaults: syn)", lambda: portmesh_argv(addrs), C.parse_portmesh),
+        C.Tool(
+            "portmesh scan --method connect",
+            lambda: [*portmesh_argv(addrs), "--method", "connect"],
+            C.parse_portmesh,
+        ),
         C.Tool(
             "nmap -sT -T4 --min-rate 5000",
             lambda: nmap_argv(addrs),
@@ -182,7 +188,14 @@ def case_loss(lab: C.BenchLab, runs: int, quick: bool) -> list[C.Row]:
             lab.set_loss("t1", pct)
             case = f"6 loss {pct}%"
             ts = [
-                C.Tool("portmesh scan (defaults)", lambda: portmesh_argv(addrs), C.parse_portmesh),
+                C.Tool(
+                    "portmesh scan (defaults: syn)", lambda: portmesh_argv(addrs), C.parse_portmesh
+                ),
+                C.Tool(
+                    "portmesh scan --method connect",
+                    lambda: [*portmesh_argv(addrs), "--method", "connect"],
+                    C.parse_portmesh,
+                ),
                 C.Tool(
                     "nmap -sT -T4 --min-rate 5000",
                     lambda: nmap_argv(addrs),
