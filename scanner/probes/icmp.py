@@ -41,13 +41,6 @@ NEEDS_RAW = Outcome("error", "needs-cap-net-raw")
 OPEN = Outcome("open", "echo-reply")
 
 
-def _expire(pending: dict, key: tuple[str, int], fut: asyncio.Future) -> None:
-    if pending.get(key, (None,))[0] is fut:
-        del pending[key]
-    if not fut.done():
-        fut.set_result(NO_RESPONSE_FILTERED)
-
-
 class IcmpProber:
     proto = "icmp"
     needs_raw = False  # the datagram socket serves when raw sockets are not allowed
@@ -114,36 +107,24 @@ class IcmpProber:
             return Outcome("error", "too-many-in-flight", silent=True)
         assert self.template is not None
         data = payloads.render_echo(self.template, tag, self.ident, self.seq)
-        fut = loop.create_future()
-        self.pending[key] = (fut, tag, loop.time())
-        try:
-            rawrecv.send_to(self.sock, data, (flow.dst, 0))
-        except OSError as e:
-            del self.pending[key]
-            from scanner.probes.udp import errno_outcome
-
-            return errno_outcome(e)
-        timer = loop.call_later(timeout, _expire, self.pending, key, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            if self.pending.get(key, (None,))[0] is fut:
-                del self.pending[key]
+        return await rawrecv.send_and_wait(  # type: ignore[return-value]
+            loop,
+            self.sock,
+            data,
+            (flow.dst, 0),
+            self.pending,
+            key,
+            tag,
+            timeout,
+            NO_RESPONSE_FILTERED,
+        )
 
     # ---- receiving ----------------------------------------------------------------------------
 
-    def _resolve(self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None):
-        entry = self.pending.get(key)
-        if entry is None:
-            return
-        fut, tag, t0 = entry
-        if echoed is not None and echoed[:TAG_LEN] != tag:
-            return  # same sequence, not our request: a stale or foreign reply
-        del self.pending[key]
-        if not fut.done():
-            rtt = round((now - t0) * 1000.0, 3)
-            fut.set_result(Outcome(outcome.state, outcome.reason, rtt, extra=outcome.extra))
+    def _resolve(
+        self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None
+    ) -> None:
+        rawrecv.resolve(self.pending, key, now, outcome, echoed)
 
     def _on_raw(self, pkt: bytes, ihl: int, now: float) -> None:
         typ = pkt[ihl]

@@ -46,13 +46,6 @@ OPEN = Outcome("open", "echo-reply")
 INNER_TAG_OFF = 28  # inside the inner packet: IPv4 header (20) + ICMP echo header (8)
 
 
-def _expire(pending: dict, key: tuple[str, int], fut: asyncio.Future) -> None:
-    if pending.get(key, (None,))[0] is fut:
-        del pending[key]
-    if not fut.done():
-        fut.set_result(NO_RESPONSE_OPEN_FILTERED)
-
-
 def classify_error(icmp_type: int, code: int) -> Outcome:
     """The outcome of an ICMP error quoting our IP-in-IP packet (pure)."""
     if icmp_type == rawrecv.ICMP_DEST_UNREACH and code in (2, 3):
@@ -130,36 +123,22 @@ class IpipProber:
             )
         )
         buf[16:20] = dst  # the outer destination
-        fut = loop.create_future()
-        self.pending[key] = (fut, tag, loop.time())
-        try:
-            rawrecv.send_to(self.sock, bytes(buf), (flow.dst, 0))
-        except OSError as e:
-            del self.pending[key]
-            from scanner.probes.udp import errno_outcome
-
-            return errno_outcome(e)
-        timer = loop.call_later(timeout, _expire, self.pending, key, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            if self.pending.get(key, (None,))[0] is fut:
-                del self.pending[key]
+        return await rawrecv.send_and_wait(  # type: ignore[return-value]
+            loop,
+            self.sock,
+            bytes(buf),
+            (flow.dst, 0),
+            self.pending,
+            key,
+            tag,
+            timeout,
+            NO_RESPONSE_OPEN_FILTERED,
+        )
 
     def _resolve(
-        self, key: tuple[str, int], now: float, out: Outcome, echoed: bytes | None
+        self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None
     ) -> None:
-        entry = self.pending.get(key)
-        if entry is None:
-            return
-        fut, tag, t0 = entry
-        if echoed is not None and echoed[: tags.TAG_LEN] != tag:
-            return
-        del self.pending[key]
-        if not fut.done():
-            rtt = round((now - t0) * 1000.0, 3)
-            fut.set_result(Outcome(out.state, out.reason, rtt, extra=out.extra))
+        rawrecv.resolve(self.pending, key, now, outcome, echoed)
 
     def _on_icmp(self, pkt: bytes, ihl: int, now: float) -> None:
         typ = pkt[ihl]

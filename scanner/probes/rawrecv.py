@@ -175,3 +175,67 @@ def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
         elif fam == socket.AF_INET6 and len(rest) >= 24:
             offender = socket.inet_ntop(socket.AF_INET6, rest[8:24])
     return errno_, origin, typ, code, offender
+
+
+# ---- one request, one reply: shared by the icmp and ipip probers ----------------------------
+
+
+async def send_and_wait(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    data: bytes,
+    addr: tuple,
+    pending: dict,
+    key: tuple,
+    tag: bytes,
+    timeout: float,
+    silence: object,
+) -> object:
+    """Send ``data`` and wait for ``resolve`` to answer ``key`` (or ``silence`` at the timeout).
+
+    ``pending[key] = (future, tag, send time)`` while it waits; a send error is an outcome.
+    """
+    fut = loop.create_future()
+    pending[key] = (fut, tag, loop.time())
+    try:
+        send_to(sock, data, addr)
+    except OSError as e:
+        del pending[key]
+        from scanner.probes.udp import errno_outcome
+
+        return errno_outcome(e)
+    timer = loop.call_later(timeout, _expire, pending, key, fut, silence)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+        if pending.get(key, (None,))[0] is fut:
+            del pending[key]
+
+
+def _expire(pending: dict, key: tuple, fut: asyncio.Future, silence: object) -> None:
+    if pending.get(key, (None,))[0] is fut:
+        del pending[key]
+    if not fut.done():
+        fut.set_result(silence)
+
+
+def resolve(pending: dict, key: tuple, now: float, outcome: object, echoed: bytes | None) -> None:
+    """Answer the request waiting on ``key`` with ``outcome`` (an Outcome; its rtt is set here).
+
+    ``echoed``: the payload that came back, when the reply quotes or echoes one; it must start
+    with the request's tag, else the reply is stale or someone else's and is ignored.
+    """
+    from scanner.probes.base import Outcome
+
+    entry = pending.get(key)
+    if entry is None:
+        return
+    fut, tag, t0 = entry
+    if echoed is not None and echoed[: len(tag)] != tag:
+        return
+    del pending[key]
+    if not fut.done():
+        assert isinstance(outcome, Outcome)
+        rtt = round((now - t0) * 1000.0, 3)
+        fut.set_result(Outcome(outcome.state, outcome.reason, rtt, extra=outcome.extra))
