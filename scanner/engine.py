@@ -122,6 +122,7 @@ class Stats:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> flows not probed
     interrupted: bool = False
     tcp_method: str | None = None  # connect | syn, once a TCP flow was probed
+    fd_limited: tuple[int, int] | None = None  # (asked, allowed) when the fd budget cut the pool
 
     def loss(self) -> float:
         """Observed loss: the share of answered flows whose first attempt(s) went unanswered."""
@@ -165,6 +166,9 @@ class Engine:
         # every in-flight attempt holds one descriptor; size the pool from what is left
         self.concurrency = max(1, min(n, budget))
         self.fd_budget = budget
+        if self.concurrency < n:
+            # the pool was sized down to the descriptors left (ulimit -n): say so
+            self.stats.fd_limited = (n, self.concurrency)
         it = iter(flows)
         for proto in self.cfg.protos:
             await self._prober(proto)

@@ -226,6 +226,13 @@ def write_summary(
         extra["interrupted"] = True
     if stats.tcp_method:
         extra["tcp_method"] = stats.tcp_method
+    if stats.fd_limited:
+        asked, allowed = stats.fd_limited
+        extra["fd_limited"] = {"asked": asked, "allowed": allowed}
+        sys.stderr.write(
+            f"portmesh: the file-descriptor limit allowed {allowed} probes in flight per process "
+            f"(asked {asked}); raise it with `ulimit -n` for more\n"
+        )
     if spec.summary_extra is not None:
         extra.update(spec.summary_extra(stats))
     summary = summary_record(

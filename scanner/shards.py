@@ -208,6 +208,9 @@ def run_sharded(spec, n: int):
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
         total.tcp_method = total.tcp_method or d.get("tcp_method")
+        if d.get("fd_limited"):
+            lim = tuple(d["fd_limited"])
+            total.fd_limited = lim if total.fd_limited is None else min(total.fd_limited, lim)  # type: ignore[assignment]
     summary = write_summary(spec, total, elapsed, concurrency, n)
     return RunOutcome(total, elapsed, total.interrupted, summary)
 
