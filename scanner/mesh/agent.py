@@ -410,18 +410,10 @@ class Agent:
             return
         self.responder = proc
         assert proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue
-            if not line:
-                break
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("type") in ("ready", "witness", "exit"):
+        from scanner.mesh.transport import ndjson_records
+
+        async for rec, _line in ndjson_records(proc.stdout):
+            if rec.get("type") in ("ready", "witness", "exit"):
                 self.out.send(rec)
         code = await proc.wait()
         if self.state != "stopped" and code != 0:

@@ -260,19 +260,7 @@ class AgentLink:
         p = self.proc
         assert p is not None and p.stdout is not None
         mesh = self.mesh
-        while True:
-            try:
-                line = await p.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue
-            if not line:
-                break
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict):
-                continue
+        async for rec, line in transport.ndjson_records(p.stdout):
             t = rec.get("type")
             if t == "result":
                 if self.failed is None:

@@ -32,7 +32,8 @@ import re
 import shlex
 import subprocess
 import tarfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from scanner.errors import InputError
 
@@ -161,3 +162,28 @@ def bundle_payload(directory: str) -> bytes:
             t.add(os.path.join(directory, n), arcname=n)
     data = base64.b64encode(buf.getvalue())
     return str(len(data)).encode() + b"\n" + data
+
+
+async def ndjson_records(
+    stream: asyncio.StreamReader,
+) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+    """(record, raw line) for every JSON object line of a child's stdout, until end of file.
+
+    Over-long lines (past the reader's limit), lines that are not JSON and JSON that is not an
+    object are skipped: a peer's garbage never ends the reader.
+    """
+    import orjson
+
+    while True:
+        try:
+            line = await stream.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            continue
+        if not line:
+            return
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            yield rec, line
