@@ -16,6 +16,7 @@ from scanner.engine import EngineConfig
 from scanner.output import NdjsonOutput
 from scanner.results import Result
 from scanner.runner import RunSpec, run
+from scanner.targets import ports_text
 from scanner.verdicts import verdict
 
 
@@ -66,26 +67,9 @@ class Failures:
         out = []
         for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items()):
             where = host if host == dst else f"{host} ({dst})"
-            what = proto if ports == [-1] else f"{proto}/{compress_ports(ports)}"
+            what = proto if ports == [-1] else f"{proto}/{ports_text(p for p in ports if p >= 0)}"
             out.append(f"FAIL {req:<28} {what:<22} -> {where}: {state} ({reason})")
         return out
-
-
-def compress_ports(ports: list[int]) -> str:
-    """[1,2,3,7] -> '1-3,7'"""
-    ps = sorted(set(p for p in ports if p >= 0))
-    if not ps:
-        return "-"
-    parts = []
-    lo = prev = ps[0]
-    for p in ps[1:]:
-        if p == prev + 1:
-            prev = p
-            continue
-        parts.append(str(lo) if lo == prev else f"{lo}-{prev}")
-        lo = prev = p
-    parts.append(str(lo) if lo == prev else f"{lo}-{prev}")
-    return ",".join(parts)
 
 
 def run_check(cfg: CheckConfig) -> int:

@@ -40,13 +40,14 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from scanner import tags
+from scanner.targets import ports_text as ranges_text  # one implementation, re-exported
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
 MAX_TTL = 7 * 24 * 3600.0
@@ -54,22 +55,6 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not ex
 _PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 _UDP_BATCH = 64  # datagrams drained per readiness callback, so one busy port cannot starve others
 _ACCEPT_BATCH = 64
-
-
-def ranges_text(ports: Iterable[int]) -> str:
-    """Ports -> nmap range syntax: [22, 2379, 2380, 2381] -> "22,2379-2381"."""
-    out: list[str] = []
-    run: list[int] = []
-    for p in sorted(set(ports)):
-        if run and p == run[-1] + 1:
-            run.append(p)
-            continue
-        if run:
-            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-        run = [p]
-    if run:
-        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
-    return ",".join(out)
 
 
 @dataclass

@@ -53,6 +53,23 @@ def parse_ports(spec: str, default_proto: str = "tcp") -> list[tuple[str, int]]:
     return out
 
 
+def ports_text(ports: Iterable[int]) -> str:
+    """Ports -> nmap range syntax, the inverse of parse_ports for one protocol:
+    [22, 2379, 2380, 2381] -> "22,2379-2381"."""
+    out: list[str] = []
+    lo = hi = -2
+    for p in sorted(set(ports)):
+        if p == hi + 1:
+            hi = p
+            continue
+        if hi >= 0:
+            out.append(str(lo) if lo == hi else f"{lo}-{hi}")
+        lo = hi = p
+    if hi >= 0:
+        out.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return ",".join(out)
+
+
 def _port_number(tok: str, whole: str) -> int:
     if not (tok.isascii() and tok.isdigit()):
         raise InputError(f"bad port {whole!r}: not a number")

@@ -429,3 +429,21 @@ def test_cli_garbage_targets_exit_2(a: str, b: str) -> None:
     assert cp.returncode == 2
     assert len(cp.stderr.splitlines()) == 1, cp.stderr
     assert cp.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("ports", "text"),
+    [
+        ([], ""),
+        ([22], "22"),
+        ([2381, 22, 2379, 2380, 2380], "22,2379-2381"),
+        (list(range(30000, 32768)), "30000-32767"),
+        ([1, 3, 5, 6], "1,3,5-6"),
+    ],
+)
+def test_ports_text_is_the_inverse_of_parse_ports(ports: list[int], text: str) -> None:
+    from scanner.targets import ports_text
+
+    assert ports_text(ports) == text
+    if text:
+        assert [p for _, p in parse_ports(text)] == sorted(set(ports))

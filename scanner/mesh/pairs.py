@@ -33,6 +33,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.targets import ports_text as ranges  # one implementation, re-exported
+
 EXACT_PORTS = 32  # a PortSet keeps the ports themselves up to this many, then count + range
 SILENT = frozenset({"filtered", "open|filtered"})
 
@@ -44,22 +46,6 @@ def pair_verdict(a_to_b: str, b_to_a: str) -> str:
     if a_to_b == b_to_a:
         return a_to_b  # pass or fail
     return "one-way"
-
-
-def ranges(ports: Iterable[int]) -> str:
-    """[22, 2379, 2380, 2381] -> "22,2379-2381"."""
-    out: list[str] = []
-    lo = hi = None
-    for p in sorted(set(ports)):
-        if hi is not None and p == hi + 1:
-            hi = p
-            continue
-        if lo is not None:
-            out.append(str(lo) if lo == hi else f"{lo}-{hi}")
-        lo = hi = p
-    if lo is not None:
-        out.append(str(lo) if lo == hi else f"{lo}-{hi}")
-    return ",".join(out)
 
 
 class PortSet:

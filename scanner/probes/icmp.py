@@ -98,13 +98,11 @@ class IcmpProber:
         nonce = payloads.new_nonce()
         tag = tags.make_tag(self.secret, nonce)
         # the next sequence whose slot for this destination is free
-        for _ in range(65536):
-            self.seq = (self.seq + 1) & 0xFFFF
-            key = (flow.dst, self.seq)
-            if key not in self.pending:
-                break
-        else:
+        seq = rawrecv.next_free_seq(self.pending, flow.dst, self.seq)
+        if seq is None:
             return Outcome("error", "too-many-in-flight", silent=True)
+        self.seq = seq
+        key = (flow.dst, seq)
         assert self.template is not None
         data = payloads.render_echo(self.template, tag, self.ident, self.seq)
         return await rawrecv.send_and_wait(  # type: ignore[return-value]

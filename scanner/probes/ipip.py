@@ -107,13 +107,11 @@ class IpipProber:
             from scanner.probes.udp import errno_outcome
 
             return errno_outcome(e)
-        for _ in range(65536):
-            self.seq = (self.seq + 1) & 0xFFFF
-            key = (flow.dst, self.seq)
-            if key not in self.pending:
-                break
-        else:
+        seq = rawrecv.next_free_seq(self.pending, flow.dst, self.seq)
+        if seq is None:
             return Outcome("error", "too-many-in-flight", silent=True)
+        self.seq = seq
+        key = (flow.dst, seq)
         nonce = payloads.new_nonce()
         tag = tags.make_tag(self.secret, nonce)
         dst = socket.inet_aton(flow.dst)

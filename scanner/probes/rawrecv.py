@@ -180,6 +180,15 @@ def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
 # ---- one request, one reply: shared by the icmp and ipip probers ----------------------------
 
 
+def next_free_seq(pending: dict, dst: str, seq: int) -> int | None:
+    """The next 16-bit sequence after ``seq`` with no request in flight to ``dst``."""
+    for _ in range(65536):
+        seq = (seq + 1) & 0xFFFF
+        if (dst, seq) not in pending:
+            return seq
+    return None
+
+
 async def send_and_wait(
     loop: asyncio.AbstractEventLoop,
     sock: socket.socket,
