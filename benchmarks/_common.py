@@ -36,7 +36,7 @@ TRUTH_STATES = ("open", "closed", "filtered")
 
 
 class BenchLab:
-    """A scanner host ``scan`` and targets t1..tN in a scanner.lab.Lab of our own name.
+    """A scanner host ``scan`` and targets t1..tN in a scanner.lab.netns.Lab of our own name.
 
     Every target runs ``portmesh respond`` on the NodePort range (a real accept()ing responder:
     a bare listen() without accept() fills its backlog after ~128 connections and then looks
@@ -47,7 +47,7 @@ class BenchLab:
     SCANNER = "scan"
 
     def __init__(self, targets: int, name: str = "bench") -> None:
-        from scanner.lab import Lab
+        from scanner.lab.netns import Lab
 
         Lab.cleanup(name)  # leftovers of a crashed earlier run of ours
         self.names = [f"t{i}" for i in range(1, targets + 1)]

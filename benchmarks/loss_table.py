@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from scanner.lab import Lab
+from scanner.lab.netns import Lab
 
 lab = Lab.up(2, "losstab")
 PM = [sys.executable, "-m", "scanner"]

@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson  # noqa: E402
 
-from scanner.lab import Lab, write_inventory  # noqa: E402
+from scanner.engine.output import NdjsonOutput  # noqa: E402
+from scanner.lab.lab import write_inventory
+from scanner.lab.netns import Lab  # noqa: E402
 from scanner.mesh.coordinator import Mesh, MeshConfig, run_mesh  # noqa: E402
-from scanner.output import NdjsonOutput  # noqa: E402
-from scanner.selection import SelectionOptions  # noqa: E402
+from scanner.plan.selection import SelectionOptions  # noqa: E402
 
 
 def one_mesh(n: int, sample: int, tmp: Path) -> dict:
@@ -75,7 +76,7 @@ def one_mesh(n: int, sample: int, tmp: Path) -> dict:
 
 def coordinator_ceiling(lines: int = 200_000) -> float:
     """Result lines per second through Mesh.on_result (parse, window, join, matrix, write)."""
-    from scanner.model import Cluster, Host, Site
+    from scanner.core.model import Cluster, Host, Site
 
     hosts = tuple(Host(f"n{i}", f"198.18.0.{i}", frozenset({"node"}), "c") for i in range(1, 51))
     site = Site((Cluster("c", "standalone", hosts),))
@@ -109,7 +110,7 @@ def coordinator_ceiling(lines: int = 200_000) -> float:
 
 def synthetic_counts(nodes: int, sample: int | None) -> int:
     """``portmesh plan --count`` of an N-node cluster: 3 control plane + etcd, the rest workers."""
-    from scanner.plan import count_plan
+    from scanner.plan.planner import count_plan
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "inv.ini"

@@ -395,8 +395,8 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
         )
 
     # NDJSON encoding in-process: the runner's path (encode_results in batches of 512)
-    from scanner.flows import Flow
-    from scanner.results import Result, encode_results
+    from scanner.core.flows import Flow
+    from scanner.core.results import Result, encode_results
 
     n = 200_000 if quick else 1_000_000
     proto = [

@@ -4,7 +4,7 @@
     sudo python benchmarks/udp_icmp.py [--hosts 8] [--closed 200] [--open 20] [--runs 1]
                                        [--icmp-runs 5] [--icmp-ratelimit MS]
 
-What it builds: a lab (scanner.lab) of N hosts. On node1: ``--open`` UDP ports answered by a
+What it builds: a lab (scanner.lab.lab) of N hosts. On node1: ``--open`` UDP ports answered by a
 plain UDP echo (it answers anything, so nmap's probes are answered too) and ``--closed`` ports
 with nothing bound. The last two hosts drop ICMP echo requests (nftables). Ground truth: the
 echo ports are open, the others closed; the ICMP-dropping hosts are filtered (nmap: down), the
@@ -40,8 +40,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from scanner.flows import Flow  # noqa: E402
-from scanner.lab import Lab  # noqa: E402
+from scanner.core.flows import Flow  # noqa: E402
+from scanner.lab.netns import Lab  # noqa: E402
 from scanner.probes import icmp, udp  # noqa: E402
 from scanner.probes.base import Outcome, ProbeOptions  # noqa: E402
 

@@ -4,7 +4,7 @@ Lab fixtures (real network namespaces, real nftables; skipped with a reason when
 when ``ip`` / ``nft`` are missing):
 
   make_lab       function-scoped factory: ``make_lab(hosts=2, names=None, host_link=True)``
-                 -> scanner.lab.Lab with a unique name; every lab it made is torn down after
+                 -> scanner.lab.netns.Lab with a unique name; every lab it made is torn down after
                  the test, pass or fail.
   module_lab     the same factory, module-scoped (one lab shared by a module's tests).
   lab            a ready 2-host lab (node1, node2) with a host link, function-scoped.
@@ -49,7 +49,7 @@ LabFactory = Callable[..., "object"]
 
 
 def _factory() -> tuple[LabFactory, list]:
-    from scanner.lab import Lab
+    from scanner.lab.netns import Lab
 
     made: list[Lab] = []
 
@@ -105,7 +105,7 @@ def lab_name() -> Iterator[str]:
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
-    from scanner.lab import Lab
+    from scanner.lab.netns import Lab
 
     name = unique_lab_name()
     try:

@@ -21,13 +21,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from scanner.engine import Engine, EngineConfig
-from scanner.flows import Flow
-from scanner.output import NdjsonOutput
+from scanner.core.flows import Flow
+from scanner.core.results import Result
+from scanner.core.tags import tcp_token
+from scanner.engine.engine import Engine, EngineConfig
+from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import new_loop
+from scanner.engine.runner import RunSpec, run
 from scanner.probes.base import ProbeOptions
-from scanner.results import Result
-from scanner.runner import RunSpec, new_loop, run
-from scanner.tags import tcp_token
 
 LOOPS = ["asyncio", "uvloop"]
 LOCAL = "127.0.0.1"
@@ -175,7 +176,7 @@ CLOSED_REASON = {"connect": "conn-refused", "syn": "reset"}
 
 
 def _method_or_skip(method: str) -> None:
-    from scanner.privileges import can_raw
+    from scanner.core.privileges import can_raw
 
     if method == "syn" and not can_raw():
         pytest.skip("the raw SYN probe needs CAP_NET_RAW")
@@ -494,7 +495,7 @@ def test_lab_runner_stream_with_filtered(fault_lab, loop_kind: str, tmp_path: Pa
     assert summary["states"] == {"open": 3, "filtered": 6, "closed": 6}
     assert {r["host"] for r in results} == {"node2"}
     # 15 flows are too few to estimate loss: each dropped flow gets the engine's prior retries
-    from scanner.engine import PRIOR_RETRIES
+    from scanner.engine.engine import PRIOR_RETRIES
 
     extra = 3 * PRIOR_RETRIES
     assert summary["retries"] == extra and summary["attempts"] == len(ports) + extra

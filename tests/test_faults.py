@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scanner.core.flows import Flow
 from scanner.errors import InputError
-from scanner.faults import (
+from scanner.lab.faults import (
     Expected,
     Fault,
     check_hosts,
@@ -28,7 +29,6 @@ from scanner.faults import (
     parse_fault_ports,
     random_faults,
 )
-from scanner.flows import Flow
 
 ADDRS = {"node1": "198.18.7.1", "node2": "198.18.7.2", "node3": "198.18.7.3"}
 
@@ -529,7 +529,7 @@ def test_peer_faults_are_one_way(fault_lab) -> None:
 
 BATCH_PROBER = r"""
 import json, os, select, socket, struct, sys, threading, time
-from scanner import tags
+from scanner.core import tags
 secret, timeout = sys.argv[1].encode(), float(sys.argv[2])
 flows = json.loads(sys.stdin.read())
 def csum(b):

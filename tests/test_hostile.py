@@ -37,7 +37,7 @@ import orjson
 import pytest
 import yaml
 
-from scanner import tags
+from scanner.core import tags
 
 pytestmark = pytest.mark.lab
 
@@ -140,7 +140,7 @@ def misses(results: list[dict]) -> Counter:
 
 def leftovers(lab, ports: tuple[int, int] | None = None) -> list[str]:
     """Processes still in a lab host, and sockets still listening there."""
-    from scanner.lab import netns_pids
+    from scanner.lab.netns import netns_pids
 
     left = []
     for h in lab.hosts:
@@ -314,8 +314,8 @@ def _icmp_runs(lab, runs: int, copies: int) -> list[list]:
     each probing every target ``copies`` times; the results of each run."""
     import asyncio
 
-    from scanner.engine import Engine, EngineConfig
-    from scanner.flows import Flow
+    from scanner.core.flows import Flow
+    from scanner.engine.engine import Engine, EngineConfig
     from scanner.probes.base import ProbeOptions
 
     async def one() -> list:
@@ -422,7 +422,7 @@ src_roles = ["node"]
 def lab_files(lab, tmp: Path, tcp_ports: str) -> tuple[Path, Path]:
     """(inventory, catalog): the lab's hosts, and one TCP requirement; packaged ones disabled."""
     from scanner.catalog import load_catalog
-    from scanner.lab import inventory_doc
+    from scanner.lab.lab import inventory_doc
 
     inv = tmp / "inventory.yml"
     inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
@@ -493,7 +493,7 @@ def test_check_host_dies_halfway(make_lab, tmp_path: Path, loop: str) -> None:
 
 
 def test_check_sigint_with_shards_exit_130_and_nothing_orphaned(make_lab, tmp_path: Path) -> None:
-    from scanner.lab import netns_pids
+    from scanner.lab.netns import netns_pids
 
     lab = make_lab(hosts=3)
     inv, cat = lab_files(lab, tmp_path, "30000-30749")  # 1,500 flows: shard processes
@@ -554,7 +554,7 @@ def test_mesh_sigkill_leaves_no_process_and_no_listener(make_lab, tmp_path: Path
         out = Lines(p)
         if when == "at-start":
             # as soon as the first agent runs: hello / respond phase, nothing probed yet
-            from scanner.lab import netns_pids
+            from scanner.lab.netns import netns_pids
 
             deadline = time.monotonic() + 30
             while not any(netns_pids(h.ns) for h in lab.hosts):

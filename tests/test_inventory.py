@@ -12,9 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scanner.core.model import Site
 from scanner.errors import InventoryError
-from scanner.inventory import expand_pattern, load_site, local_host, parse_inventory_text
-from scanner.model import Site
+from scanner.plan.inventory import load_site, local_host
+from scanner.plan.inventory_files import expand_pattern, parse_inventory_text
 
 DATA = Path(__file__).parent / "data" / "inventories"
 ROOT = Path(__file__).parent.parent
@@ -106,7 +107,7 @@ all:
     kube_node: {hosts: {a: , b: , c: , d: }}
 """
     i = parse_inventory_text(text, "x.yml")
-    from scanner.inventory import inventory_hosts
+    from scanner.plan.inventory import inventory_hosts
 
     assert [h.address for h in inventory_hosts(i, "c")] == [
         "198.18.0.1",
@@ -205,7 +206,7 @@ def test_same_host_in_two_inventories_is_an_error():
 
 def test_address_template_resolves_from_host_vars():
     text = "all:\n  vars: {net: 198.18.7}\n  hosts:\n    n1: {ip: '{{ net }}.1'}\n  children:\n    kube_node: {hosts: {n1: }}\n"
-    from scanner.inventory import inventory_hosts
+    from scanner.plan.inventory import inventory_hosts
 
     assert inventory_hosts(parse_inventory_text(text, "t.yml"), "c")[0].address == "198.18.7.1"
 
@@ -573,7 +574,7 @@ def test_local_host_normalises_ipv6():
 
 
 def test_local_host_reads_this_machines_addresses():
-    from scanner.inventory import local_addresses
+    from scanner.plan.inventory import local_addresses
 
     addrs = local_addresses()
     assert "127.0.0.1" in addrs  # /proc/net/fib_trie always lists loopback

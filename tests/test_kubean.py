@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scanner.errors import InventoryError
-from scanner.kubean import (
+from scanner.plan.kubean import (
     DEFAULT,
     VarsLayer,
     cluster_config,

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from scanner import lab as labmod
 from scanner.errors import InputError, PrivilegeError
-from scanner.lab import Lab, LabHost, root_ifname, subnet_for, subnet_index
+from scanner.lab import lab as labmod
+from scanner.lab.netns import Lab, LabHost, root_ifname, subnet_for, subnet_index
 
 # ---- pure parts ------------------------------------------------------------------------------
 

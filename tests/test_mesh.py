@@ -1,7 +1,7 @@
 """`portmesh mesh` / `portmesh agent` on real lab hosts, and the agent's control protocol.
 
 Lab tests: a 6-host lab with one-way and two-way faults in TCP, UDP, ICMP and IP-in-IP
-(nftables via scanner.faults); every flow's state and verdict and every pair verdict must equal
+(nftables via scanner.lab.faults); every flow's state and verdict and every pair verdict must equal
 the ground truth of ``faults.expected`` exactly, run after run. A host whose exec fails is
 reported and owes nothing; a killed coordinator leaves nothing running or listening.
 """
@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 from scanner.catalog import load_catalog
-from scanner.faults import Fault, expected
-from scanner.flows import Flow
+from scanner.core.flows import Flow
+from scanner.engine.output import NdjsonOutput
+from scanner.lab.faults import Fault, expected
 from scanner.mesh.agent import PROTOCOL_VERSION, site_from_wire, site_to_wire
 from scanner.mesh.coordinator import (
     MeshConfig,
@@ -38,8 +39,7 @@ from scanner.mesh.coordinator import (
 )
 from scanner.mesh.pairs import pair_verdict
 from scanner.mesh.transport import check_template, command_argv, render
-from scanner.output import NdjsonOutput
-from scanner.selection import SelectionOptions
+from scanner.plan.selection import SelectionOptions
 
 AGENT_CMD = f"{sys.executable} -m scanner agent"
 TCP_PORTS = "2380,7000"
@@ -97,7 +97,7 @@ def test_site_round_trips_through_the_wire(tmp_path: Path) -> None:
     inv = Path(__file__).parent / "data" / "inventories" / "kubespray-hosts.yml"
     catalog, site, selection = SelectionOptions(inventories=(str(inv),)).resolve()
     back = site_from_wire(orjson.loads(orjson.dumps(site_to_wire(site))))
-    from scanner.plan import plan
+    from scanner.plan.planner import plan
 
     assert list(plan(catalog, back, selection)) == list(plan(catalog, site, selection))
 
@@ -240,7 +240,7 @@ def lab_catalog(path: Path, protos: list[str]) -> Path:
 
 
 def write_inventory(lab, path: Path, ghost: str | None = None) -> Path:
-    from scanner.lab import inventory_doc
+    from scanner.lab.lab import inventory_doc
 
     doc = inventory_doc(lab)
     if ghost is not None:  # a host with no namespace: its exec fails
@@ -282,7 +282,7 @@ def faulted_lab(module_lab):
 
 
 def _truth(recs: list[dict], lab) -> tuple[dict, dict]:
-    """Per flow and per pair: the expected verdicts from scanner.faults."""
+    """Per flow and per pair: the expected verdicts from scanner.lab.faults."""
     flows = {}
     dirs: dict[tuple, set] = defaultdict(set)
     for r in recs:
@@ -363,7 +363,7 @@ def test_unreachable_host_is_reported_and_owes_every_flow(faulted_lab, tmp_path:
 
 
 def _lab_leftovers(lab) -> list[str]:
-    from scanner.lab import netns_pids
+    from scanner.lab.netns import netns_pids
 
     left = []
     for h in lab.hosts:

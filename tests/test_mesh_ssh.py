@@ -19,9 +19,9 @@ import orjson
 import pytest
 from test_mesh import lab_catalog, write_inventory  # tests/ is on sys.path (rootdir conftest)
 
+from scanner.engine.output import NdjsonOutput
 from scanner.mesh.coordinator import MeshConfig, run_mesh
-from scanner.output import NdjsonOutput
-from scanner.selection import SelectionOptions
+from scanner.plan.selection import SelectionOptions
 
 pytestmark = pytest.mark.lab
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from scanner import tags
+from scanner.core import tags
 from scanner.errors import InputError
 from scanner.probes import payloads
 

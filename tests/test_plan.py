@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 
-import scanner.plan as plan_mod
+import scanner.plan.planner as plan_mod
 from scanner.catalog import load_catalog
+from scanner.core.model import Cluster, ClusterConfig, Host, Setting, Site
 from scanner.errors import InputError
-from scanner.model import Cluster, ClusterConfig, Host, Setting, Site
-from scanner.plan import count_plan, explain, plan, plan_meta, sample_ports
-from scanner.selection import Selection, SelectionOptions
+from scanner.plan.planner import count_plan, explain, plan, plan_meta, sample_ports
+from scanner.plan.selection import Selection, SelectionOptions
 
 CATALOG = load_catalog()
 

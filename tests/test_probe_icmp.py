@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from scanner import privileges
-from scanner.flows import Flow
+from scanner.core import privileges
+from scanner.core.flows import Flow
 from scanner.probes import icmp
 from scanner.probes.base import Outcome, ProbeOptions
 
@@ -138,10 +138,10 @@ def test_lab_absent_host_is_host_unreach(make_lab) -> None:
 
 UNPRIV = r"""
 import asyncio, json, sys
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 from scanner.probes import icmp
 from scanner.probes.base import ProbeOptions
-from scanner.privileges import can_raw
+from scanner.core.privileges import can_raw
 
 async def main():
     p = icmp.make_prober(ProbeOptions())

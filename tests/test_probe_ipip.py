@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from scanner import privileges
-from scanner.flows import Flow
+from scanner.core import privileges
+from scanner.core.flows import Flow
 from scanner.probes import icmp, ipip
 from scanner.probes.base import Outcome, ProbeOptions
 
@@ -148,7 +148,7 @@ def test_lab_ipip_reject(make_lab) -> None:
 
 UNPRIV = r"""
 import asyncio, json, sys
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 from scanner.probes import ipip
 from scanner.probes.base import ProbeOptions
 

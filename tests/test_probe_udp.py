@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from scanner import tags
-from scanner.flows import Flow
-from scanner.probes import udp
+from scanner.core import tags
+from scanner.core.flows import Flow
+from scanner.probes import classify, udp
 from scanner.probes.base import Outcome, ProbeOptions
 
 LOOPS = ["asyncio", "uvloop"]
@@ -52,22 +52,22 @@ async def probe_all(opts: ProbeOptions, flows: list[Flow], timeout: float = 1.0)
 @pytest.mark.parametrize(
     ("origin", "typ", "code", "state", "reason"),
     [
-        (udp.SO_EE_ORIGIN_ICMP, 3, 3, "closed", "port-unreach"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 13, "filtered", "admin-prohibited"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 9, "filtered", "admin-prohibited"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 10, "filtered", "admin-prohibited"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 1, "filtered", "host-unreach"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 0, "filtered", "net-unreach"),
-        (udp.SO_EE_ORIGIN_ICMP, 3, 2, "filtered", "proto-unreach"),
-        (udp.SO_EE_ORIGIN_ICMP, 11, 0, "filtered", "time-exceeded"),
-        (udp.SO_EE_ORIGIN_ICMP6, 1, 4, "closed", "port-unreach"),
-        (udp.SO_EE_ORIGIN_ICMP6, 1, 1, "filtered", "admin-prohibited"),
-        (udp.SO_EE_ORIGIN_ICMP6, 1, 3, "filtered", "host-unreach"),
-        (udp.SO_EE_ORIGIN_LOCAL, 0, 0, "error", "emsgsize"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 3, "closed", "port-unreach"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 13, "filtered", "admin-prohibited"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 9, "filtered", "admin-prohibited"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 10, "filtered", "admin-prohibited"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 1, "filtered", "host-unreach"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 0, "filtered", "net-unreach"),
+        (classify.SO_EE_ORIGIN_ICMP, 3, 2, "filtered", "proto-unreach"),
+        (classify.SO_EE_ORIGIN_ICMP, 11, 0, "filtered", "time-exceeded"),
+        (classify.SO_EE_ORIGIN_ICMP6, 1, 4, "closed", "port-unreach"),
+        (classify.SO_EE_ORIGIN_ICMP6, 1, 1, "filtered", "admin-prohibited"),
+        (classify.SO_EE_ORIGIN_ICMP6, 1, 3, "filtered", "host-unreach"),
+        (classify.SO_EE_ORIGIN_LOCAL, 0, 0, "error", "emsgsize"),
     ],
 )
 def test_classify_icmp(origin: int, typ: int, code: int, state: str, reason: str) -> None:
-    out = udp.classify_icmp(origin, typ, code, errno.EMSGSIZE, 1.5)
+    out = classify.classify_icmp(origin, typ, code, errno.EMSGSIZE, 1.5)
     assert (out.state, out.reason, out.rtt_ms) == (state, reason, 1.5)
 
 
@@ -84,7 +84,7 @@ def test_classify_icmp(origin: int, typ: int, code: int, state: str, reason: str
     ],
 )
 def test_errno_outcome(err: int, state: str, reason: str, silent: bool) -> None:
-    out = udp.errno_outcome(OSError(err, "x"))
+    out = classify.errno_outcome(OSError(err, "x"))
     assert (out.state, out.reason, out.silent) == (state, reason, silent)
 
 
@@ -321,7 +321,7 @@ def test_lab_udp_verdicts(make_lab, loop_kind: str) -> None:
 def test_lab_responder_confirms(make_lab) -> None:
     lab = make_lab(hosts=1)
     h = lab.hosts[0]
-    from scanner.responder import wait_ready
+    from scanner.responder.server import wait_ready
 
     proc = lab.popen(
         h.name,
@@ -474,7 +474,7 @@ def _wait_line(stream, needle: bytes, timeout: float = 10.0) -> None:
 
 UNPRIV = r"""
 import asyncio, json, socket, sys
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 from scanner.probes import udp
 from scanner.probes.base import ProbeOptions
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from scanner import tags
-from scanner.responder import ranges_text
-from scanner.witness import bpf_program, parse_probe
+from scanner.core import tags
+from scanner.responder.server import ranges_text
+from scanner.responder.witness import bpf_program, parse_probe
 
 SECRET = b"test-secret"
 PY = [sys.executable, "-m", "scanner"]
@@ -331,8 +331,9 @@ def test_bad_options_one_line_exit_2(args: list[str], msg: str) -> None:
 
 def test_inventory_ports_for_a_host(tmp_path: Path) -> None:
     from scanner.commands.respond import ports_for_host
-    from scanner.lab import Lab, LabHost, inventory_doc
-    from scanner.selection import SelectionOptions
+    from scanner.lab.lab import inventory_doc
+    from scanner.lab.netns import Lab, LabHost
+    from scanner.plan.selection import SelectionOptions
 
     lab = Lab(
         "x",
@@ -374,7 +375,7 @@ def test_responder_in_a_lab_host_answers_other_hosts(lab) -> None:
         probe = textwrap.dedent(
             f"""
             import socket, struct
-            from scanner import tags
+            from scanner.core import tags
             s = socket.create_connection(({dst!r}, 2380), timeout=3)
             print(s.recv(64) == tags.tcp_token(b"k", 2380))
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
@@ -406,7 +407,7 @@ def _lab(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.lab
 def test_lab_up_status_down(lab_name: str, tmp_path: Path) -> None:
-    from scanner.lab import list_netns, netns_pids, run_dir
+    from scanner.lab.netns import list_netns, netns_pids, run_dir
 
     faults = tmp_path / "f.yml"
     faults.write_text(
@@ -463,7 +464,7 @@ def test_lab_bad_options_exit_2(args: list[str], msg: str) -> None:
 
 
 def test_lab_without_root_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import scanner.lab as labmod
+    import scanner.lab.lab as labmod
     from scanner.cli import main
 
     monkeypatch.setattr(labmod.os, "geteuid", lambda: 1000)

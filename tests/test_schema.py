@@ -18,10 +18,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from scanner import SCHEMA_VERSION
-from scanner.engine import Stats
-from scanner.flows import Flow
-from scanner.output import NdjsonOutput
-from scanner.results import (
+from scanner.core.flows import Flow
+from scanner.core.results import (
     STATES,
     VERDICTS,
     Result,
@@ -32,7 +30,9 @@ from scanner.results import (
     start_record,
     summary_record,
 )
-from scanner.runner import RunSpec, write_summary
+from scanner.engine.engine import Stats
+from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import RunSpec, write_summary
 
 LOCAL = "127.0.0.1"
 SCAN = [sys.executable, "-m", "scanner", "scan"]
@@ -417,7 +417,7 @@ def test_encode_results_is_the_lines_joined() -> None:
 
 
 def test_golden_start_and_summary(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scanner.results as results
+    import scanner.core.results as results
 
     monkeypatch.setattr(results.time, "time", lambda: TS)
     assert encode(start_record(SID, ["portmesh", "scan", "-p", "22"], 5)) == (

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from scanner.core.flows import Flow
+from scanner.core.ports import parse_ports
 from scanner.errors import InputError
-from scanner.flows import Flow
-from scanner.targets import (
+from scanner.plan.targets import (
     count_flows,
     iter_flows,
-    parse_ports,
     parse_target,
     parse_targets,
     read_target_file,
@@ -442,7 +442,7 @@ def test_cli_garbage_targets_exit_2(a: str, b: str) -> None:
     ],
 )
 def test_ports_text_is_the_inverse_of_parse_ports(ports: list[int], text: str) -> None:
-    from scanner.targets import ports_text
+    from scanner.core.ports import ports_text
 
     assert ports_text(ports) == text
     if text:

@@ -13,7 +13,7 @@ File format (TOML; the packaged file and user files are the same)::
     proto = "udp"                  # tcp | udp | icmp | ipip (one entry per protocol)
     ports = "4789"                 # nmap syntax (22,80 / 30000-32767); absent for icmp/ipip
     description = "Calico CNI with VXLAN enabled"
-    dst_role = "node"              # the role that opens the port (scanner/model.py ROLES)
+    dst_role = "node"              # the role that opens the port (scanner/core/model.py ROLES)
     dst_fallback = "control_plane" # optional: used when dst_role selects nobody in the cluster
     src_roles = ["node"]           # the roles that connect to it
     src_scope = "cluster"          # cluster (default): sources from the same cluster;
@@ -42,7 +42,9 @@ feature): ``cni`` the cluster's CNI (kube_network_plugin; calico is the default)
 ``feature`` feature words (vxlan, ipip, bgp, typha, wireguard, wireguard6, metallb, kube-vip,
 istio, insight, deploy, or any word a user file introduces), ``cluster`` the cluster kind
 (global, worker, standalone). Which features are on by default is the planner's business
-(scanner/plan.py, ``default_features``).
+(scanner/plan/planner.py, ``default_features``).
+
+May import: core.
 """
 
 from __future__ import annotations

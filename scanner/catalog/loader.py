@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from scanner.core.flows import PROTOS
+from scanner.core.model import CLUSTER_KINDS, ROLES
+from scanner.core.ports import parse_ports
 from scanner.errors import CatalogError, InputError
-from scanner.flows import PROTOS
-from scanner.model import CLUSTER_KINDS, ROLES
-from scanner.targets import parse_ports
 
 if sys.version_info >= (3, 11):
     import tomllib

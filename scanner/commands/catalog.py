@@ -39,9 +39,9 @@ def command(
     with that CNI and those features (kubespray defaults otherwise: calico with VXLAN).
     """
     from scanner.catalog import load_catalog
-    from scanner.output import NdjsonOutput
-    from scanner.plan import requirements_for
-    from scanner.selection import SelectionOptions
+    from scanner.engine.output import NdjsonOutput
+    from scanner.plan.planner import requirements_for
+    from scanner.plan.selection import SelectionOptions
 
     catalog = load_catalog(catalog_files)
     if cni or with_features:

@@ -7,7 +7,7 @@ import sys
 import click
 
 from scanner.commands.common import engine_options, output_options
-from scanner.selection import SelectionOptions, selection_options
+from scanner.plan.selection import SelectionOptions, selection_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,14 +33,14 @@ def command(selection_opts: SelectionOptions, from_host: str | None, expect: str
 
     Exit 0 when all pass, 1 when any fails, 2 on bad input. Failures are summarised on stderr.
     """
-    from scanner.check import CheckConfig, run_check
     from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.engine.check import CheckConfig, run_check
     from scanner.errors import InputError
 
     engine = build_engine_config(opts)
     only = parse_only(opts["only"])
     if from_host is None:
-        from scanner.inventory import local_host
+        from scanner.plan.inventory import local_host
 
         _, site0, _ = selection_opts.resolve()
         h = local_host(site0)

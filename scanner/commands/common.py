@@ -146,9 +146,9 @@ ONLY_WORDS = ("open", "closed", "filtered", "open|filtered", "error", "pass", "f
 
 
 def build_engine_config(opts: dict[str, Any]):
-    from scanner.engine import EngineConfig
+    from scanner.core.tags import load_secret
+    from scanner.engine.engine import EngineConfig
     from scanner.probes.base import ProbeOptions
-    from scanner.tags import load_secret
 
     def positive(name: str, value: float | None, zero_ok: bool = False) -> None:
         if value is not None and (value < 0 or (value == 0 and not zero_ok)):
@@ -218,7 +218,7 @@ def build_engine_config(opts: dict[str, Any]):
 
 
 def build_output(opts: dict[str, Any]):
-    from scanner.output import NdjsonOutput
+    from scanner.engine.output import NdjsonOutput
 
     return NdjsonOutput(opts["output"])
 

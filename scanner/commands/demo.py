@@ -1,4 +1,4 @@
-"""`portmesh demo`: the built-in demonstration (see scanner.demo)."""
+"""`portmesh demo`: the built-in demonstration (see scanner.lab.demo)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,6 @@ def command(output: str | None, loopback: bool, keep: bool) -> int:
     As root: network namespaces and nftables. Otherwise: loopback, TCP and UDP only.
     The human report goes to stderr, NDJSON to stdout (or -o FILE).
     """
-    from scanner.demo import DemoConfig, run_demo
+    from scanner.lab.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(output=output, force_loopback=loopback, keep=keep))

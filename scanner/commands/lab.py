@@ -1,4 +1,4 @@
-"""`portmesh lab up|down|status`: a simulated cluster in network namespaces (scanner.lab)."""
+"""`portmesh lab up|down|status`: a simulated cluster in network namespaces (scanner.lab.lab)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def up(
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
     from scanner.commands.respond import check_ttl
-    from scanner.lab import LabUpConfig, lab_up
+    from scanner.lab.lab import LabUpConfig, lab_up
 
     cfg = LabUpConfig(
         hosts=hosts,
@@ -55,7 +55,7 @@ def up(
 @click.option("--name", default="pm", show_default=True, metavar="NAME", help="Lab name.")
 def down(name: str) -> int:
     """Remove every namespace, link, rule and responder of the lab (also of a crashed run)."""
-    from scanner.lab import lab_down
+    from scanner.lab.lab import lab_down
 
     return lab_down(name)
 
@@ -64,6 +64,6 @@ def down(name: str) -> int:
 @click.option("--name", default=None, metavar="NAME", help="Only this lab.")
 def status(name: str | None) -> int:
     """List the labs on this machine and what exists of them."""
-    from scanner.lab import lab_status
+    from scanner.lab.lab import lab_status
 
     return lab_status(name)

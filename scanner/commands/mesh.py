@@ -7,7 +7,7 @@ import sys
 import click
 
 from scanner.commands.common import engine_options, output_options
-from scanner.selection import SelectionOptions, selection_options
+from scanner.plan.selection import SelectionOptions, selection_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from scanner.selection import SelectionOptions, selection_options
+from scanner.plan.selection import SelectionOptions, selection_options
 
 BATCH = 4096  # flows per write: one syscall per ~400 KB of NDJSON
 
@@ -47,10 +47,10 @@ def command(
     {"type":"flow"} record per flow; with --count the plan record carries "flows"; with
     --explain one {"type":"explain"} record per requirement and cluster.
     """
+    from scanner.engine.output import NdjsonOutput
     from scanner.errors import InputError
-    from scanner.output import NdjsonOutput
-    from scanner.plan import count_plan, explain, plan, plan_meta
-    from scanner.selection import split_hosts
+    from scanner.plan.planner import count_plan, explain, plan, plan_meta
+    from scanner.plan.selection import split_hosts
 
     if count and explain_:
         raise InputError("give --count or --explain, not both")
@@ -71,7 +71,7 @@ def command(
             out.write(b"REQ  CLUSTER  IN  FLOWS  WHY\n")
             _batched(out, recs, _explain_rows)
     else:
-        from scanner.plan import flow_record
+        from scanner.plan.planner import flow_record
 
         flows = (flow_record(f) for f in plan(catalog, site, selection))
         if fmt == "ndjson":

@@ -1,10 +1,10 @@
-"""`portmesh respond`: temporary responders on this host's ports (see scanner.responder)."""
+"""`portmesh respond`: temporary responders on this host's ports (see scanner.responder.server)."""
 
 from __future__ import annotations
 
 import click
 
-from scanner.selection import SelectionOptions, selection_options
+from scanner.plan.selection import SelectionOptions, selection_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +63,7 @@ def command(
     held), and {"type":"exit"} when it ends. Without --secret a fresh secret is made and shown
     in the ready line.
     """
-    from scanner.responder import DEFAULT_TTL, ResponderConfig, run_responder
+    from scanner.responder.server import DEFAULT_TTL, ResponderConfig, run_responder
 
     tcp, udp = resolve_ports(ports, as_name, selection_opts)
     sec, generated = resolve_secret(secret, secret_file)
@@ -90,7 +90,7 @@ def resolve_ports(
     if ports and (as_name or has_inventory):
         raise InputError("give either -p PORTS or --inventory FILE --as NAME, not both")
     if ports:
-        from scanner.targets import parse_ports
+        from scanner.core.ports import parse_ports
 
         pairs = parse_ports(ports)
         return [p for pr, p in pairs if pr == "tcp"], [p for pr, p in pairs if pr == "udp"]
@@ -102,7 +102,7 @@ def resolve_ports(
 def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[int]]:
     """The TCP and UDP ports the plan probes host ``name`` on (from any source)."""
     from scanner.errors import InputError
-    from scanner.plan import plan
+    from scanner.plan.planner import plan
 
     catalog, site, selection = opts.resolve()
     host = site.host(name)
@@ -118,8 +118,8 @@ def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[i
 
 
 def resolve_secret(secret: str | None, secret_file: str | None) -> tuple[bytes, bool]:
+    from scanner.core.tags import load_secret, new_secret
     from scanner.errors import InputError
-    from scanner.tags import load_secret, new_secret
 
     if secret is not None and secret_file is not None:
         raise InputError("give --secret or --secret-file, not both")
@@ -147,7 +147,7 @@ def check_bind(bind: str) -> str:
 
 def check_ttl(ttl: float) -> float:
     from scanner.errors import InputError
-    from scanner.responder import MAX_TTL
+    from scanner.responder.server import MAX_TTL
 
     if not (ttl > 0) or ttl > MAX_TTL:
         raise InputError(f"--ttl: {ttl:g} is not within 0-{MAX_TTL:g} seconds (exclusive of 0)")

@@ -1,4 +1,4 @@
-"""`portmesh scan TARGET... -p PORTS`: validate into a ScanConfig and call scanner.scan.run_scan."""
+"""`portmesh scan TARGET... -p PORTS`: validate into a ScanConfig and call scanner.engine.scan.run_scan."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import sys
 import click
 
 from scanner.commands.common import engine_options, output_options
+
+# run_scan closes every output before it returns: the CLI may end the process without the
+# interpreter's teardown (see scanner.cli.main).
+FAST_EXIT = True
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,9 +48,10 @@ def command(
     Targets: IPv4/IPv6 addresses, CIDR blocks, octet ranges (198.18.0.1-20), hostnames.
     """
     from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.core.ports import parse_ports
+    from scanner.engine.scan import ScanConfig, run_scan
     from scanner.errors import InputError
-    from scanner.scan import ScanConfig, run_scan
-    from scanner.targets import parse_ports, parse_targets, read_target_file
+    from scanner.plan.targets import parse_targets, read_target_file
 
     tokens = list(targets)
     if input_list:

@@ -8,6 +8,8 @@
 ``from scanner.mesh import MeshConfig, run_mesh`` is the library entry point (``portmesh
 demo`` uses it); the names load lazily so that the agent's responder child, which imports
 ``scanner.mesh.agent``, does not pay for the coordinator.
+
+May import: core, catalog, plan, probes (settings only), engine, responder.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from scanner.output import NdjsonOutput
+from scanner.engine.output import NdjsonOutput
 
 PROTOCOL_VERSION = 1
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
@@ -144,7 +144,7 @@ def _str_map(v: Any, where: str) -> dict[str, str]:
 
 
 def _setting_in(v: Any, where: str) -> Any:
-    from scanner.model import Setting
+    from scanner.core.model import Setting
 
     if v is None:
         return None
@@ -154,7 +154,7 @@ def _setting_in(v: Any, where: str) -> Any:
 
 
 def _host_in(d: Any, where: str) -> Any:
-    from scanner.model import Host
+    from scanner.core.model import Host
 
     roles = _want(d, "roles", (list,), where)
     if not all(isinstance(r, str) for r in roles):
@@ -170,7 +170,7 @@ def _host_in(d: Any, where: str) -> Any:
 
 def site_from_wire(d: Any) -> Any:
     """The inverse of site_to_wire; ProtocolError naming the field on anything malformed."""
-    from scanner.model import Cluster, ClusterConfig, Site
+    from scanner.core.model import Cluster, ClusterConfig, Site
 
     clusters = []
     for i, c in enumerate(_want(d, "clusters", (list,), "site")):
@@ -432,10 +432,10 @@ class Agent:
     def _probe_job(self, msg: dict[str, Any]) -> Callable[[], None]:
         """Validate a probe message into a function that runs it (in a thread)."""
         from scanner.catalog import load_catalog
-        from scanner.engine import EngineConfig
+        from scanner.engine.engine import EngineConfig
         from scanner.errors import ScannerError
+        from scanner.plan.selection import Selection
         from scanner.probes.base import ProbeOptions
-        from scanner.selection import Selection
 
         scan_id = _want(msg, "scan_id", (str,), "probe")
         site = site_from_wire(_want(msg, "site", (dict,), "probe"))
@@ -564,10 +564,10 @@ def probe_slice(
     loop_kind: str,
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``."""
-    from scanner.plan import count_plan, plan
-    from scanner.results import Result
-    from scanner.runner import RunSpec, run
-    from scanner.verdicts import verdict
+    from scanner.core.results import Result
+    from scanner.core.verdicts import verdict
+    from scanner.engine.runner import RunSpec, run
+    from scanner.plan.planner import count_plan, plan
 
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
 
@@ -675,7 +675,7 @@ def run_agent(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
 
 
 def _responder_main(arg: str) -> int:
-    from scanner.responder import ResponderConfig, run_responder
+    from scanner.responder.server import ResponderConfig, run_responder
 
     cfg = orjson.loads(arg)
     secret = os.environ.pop("PORTMESH_SECRET", "").encode()

@@ -36,12 +36,12 @@ from typing import Any, TextIO
 
 import orjson
 
-from scanner.engine import EngineConfig
+from scanner.core.results import encode, new_scan_id, start_record, summary_record
+from scanner.engine.engine import EngineConfig
+from scanner.engine.output import NdjsonOutput
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
 from scanner.mesh.pairs import PairJoin, ranges
-from scanner.output import NdjsonOutput
-from scanner.results import encode, new_scan_id, start_record, summary_record
 
 HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
 READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
@@ -89,7 +89,7 @@ class MeshConfig:
 
 def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
     """Planned flows per source host, arithmetically (sums to count_plan)."""
-    from scanner.plan import legs
+    from scanner.plan.planner import legs
 
     counts: Counter[str] = Counter()
     for leg in legs(catalog, site, selection):
@@ -108,7 +108,7 @@ def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
 
 def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[str, str]]:
     """host -> (tcp ports, udp ports) as range text: every port the plan probes it on."""
-    from scanner.plan import legs
+    from scanner.plan.planner import legs
 
     hosts = {h.name for h in site.hosts()}
     want: dict[str, list[tuple[str, tuple[int | None, ...]]]] = {}
@@ -379,8 +379,8 @@ class Mesh:
 
     def owed(self, link: AgentLink, reason: str) -> None:
         """Every flow of this source without a result: error with the host's reason."""
-        from scanner.plan import plan
-        from scanner.results import iso_ts
+        from scanner.core.results import iso_ts
+        from scanner.plan.planner import plan
 
         sel = dataclasses.replace(self.selection, sources=frozenset({link.name}))
         ts = iso_ts(time.time())
@@ -435,7 +435,7 @@ class Mesh:
 
     async def run(self) -> None:
         cfg = self.cfg
-        from scanner.tags import new_secret
+        from scanner.core.tags import new_secret
 
         secret = new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
@@ -576,8 +576,8 @@ def _engine_share(e: EngineConfig, n: int, loop: str) -> dict[str, Any]:
 
 def run_mesh(cfg: MeshConfig) -> int:
     """Run the mesh; exit code 0 all pass, 1 any fail or unreachable host, 130 interrupted."""
-    from scanner.plan import plan_meta
-    from scanner.privileges import raise_nofile
+    from scanner.core.privileges import raise_nofile
+    from scanner.plan.planner import plan_meta
 
     raise_nofile()  # three pipes per agent
     mesh = Mesh(cfg)
@@ -734,7 +734,7 @@ def _human(
 
 def flows_of(cfg: MeshConfig, name: str) -> Iterator[Any]:
     """The planned flows of one source host (for tests and tools)."""
-    from scanner.plan import plan
+    from scanner.plan.planner import plan
 
     names = frozenset(h.name for h in _unique_hosts(cfg.site))
     sel = dataclasses.replace(cfg.selection, sources=names & {name}, scanner=None)

@@ -19,7 +19,7 @@ The pair verdict: both pass -> pass; both fail -> fail; exactly one fails while 
 passes -> one-way; a direction unknown -> unknown (a one-way failure cannot be told from a
 two-way one without both sides).
 
-Witness reports (``scanner.witness``: a tagged ICMP echo, IP-in-IP packet or datagram to a
+Witness reports (``scanner.responder.witness``: a tagged ICMP echo, IP-in-IP packet or datagram to a
 kernel-owned UDP port seen on the destination's interface) refine a silent failure: the packet
 *reached* the destination's interface, so the path there is open and the loss is the
 destination's own input firewall or the way back. The reason says so; the verdict stays fail,
@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from scanner.targets import ports_text as ranges  # one implementation, re-exported
+from scanner.core.ports import ports_text as ranges  # one implementation, re-exported
 
 EXACT_PORTS = 32  # a PortSet keeps the ports themselves up to this many, then count + range
 SILENT = frozenset({"filtered", "open|filtered"})

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class Probe(Protocol):
 class ProbeOptions:
     """Settings shared by every prober, built by the engine from the scan config."""
 
-    secret: bytes | None = None  # the scan secret: confirms our responder (see scanner.tags)
+    secret: bytes | None = None  # the scan secret: confirms our responder (see scanner.core.tags)
     vxlan_vni: int = 4096  # Calico's default VNI
     # per-port UDP payload kind override: {port: "vxlan" | "wireguard" | "memberlist" | "tag" | "empty"}
     udp_payloads: dict[int, str] | None = None

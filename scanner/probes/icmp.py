@@ -29,9 +29,9 @@ import os
 import socket
 import struct
 
-from scanner import privileges, tags
-from scanner.flows import Flow
-from scanner.probes import payloads, rawrecv
+from scanner.core import privileges, tags
+from scanner.core.flows import Flow
+from scanner.probes import classify, payloads, rawrecv
 from scanner.probes.base import NO_RESPONSE_FILTERED, Outcome, ProbeOptions
 
 IP_RECVERR = 11
@@ -131,7 +131,7 @@ class IcmpProber:
             if ident == self.ident:
                 src = socket.inet_ntoa(pkt[12:16])
                 self._resolve((src, seq), now, OPEN, pkt[ihl + TAG_OFF :])
-        elif typ in (rawrecv.ICMP_DEST_UNREACH, rawrecv.ICMP_TIME_EXCEEDED):
+        elif typ in (classify.ICMP_DEST_UNREACH, classify.ICMP_TIME_EXCEEDED):
             q = ihl + 8
             qihl = rawrecv.ip_header_len(pkt, q)
             if not qihl or pkt[q + 9] != socket.IPPROTO_ICMP or len(pkt) < q + qihl + 8:
@@ -161,7 +161,7 @@ class IcmpProber:
                 break
             for level, ctype, cdata in anc:
                 if level == socket.SOL_IP and ctype == IP_RECVERR and len(data) >= 8:
-                    _, origin, typ, code, offender = rawrecv.parse_extended_err(cdata)
+                    _, origin, typ, code, offender = classify.parse_extended_err(cdata)
                     if origin != 2 or data[0] != rawrecv.ICMP_ECHO:
                         continue
                     seq = struct.unpack_from("!H", data, 6)[0]
@@ -199,7 +199,7 @@ class IcmpProber:
 
 def _error_outcome(typ: int, code: int, offender: str | None, dst: str) -> Outcome:
     extra = {"icmp_from": offender} if offender and offender != dst else None
-    return Outcome("filtered", rawrecv.icmp_reason(typ, code), extra=extra)
+    return Outcome("filtered", classify.icmp_reason(typ, code), extra=extra)
 
 
 def make_prober(opts: ProbeOptions) -> IcmpProber:

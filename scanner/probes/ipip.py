@@ -35,9 +35,9 @@ import os
 import socket
 import struct
 
-from scanner import privileges, tags
-from scanner.flows import Flow
-from scanner.probes import payloads, rawrecv
+from scanner.core import privileges, tags
+from scanner.core.flows import Flow
+from scanner.probes import classify, payloads, rawrecv
 from scanner.probes.base import NO_RESPONSE_OPEN_FILTERED, Outcome, ProbeOptions
 
 IPPROTO_IPIP = 4
@@ -48,9 +48,9 @@ INNER_TAG_OFF = 28  # inside the inner packet: IPv4 header (20) + ICMP echo head
 
 def classify_error(icmp_type: int, code: int) -> Outcome:
     """The outcome of an ICMP error quoting our IP-in-IP packet (pure)."""
-    if icmp_type == rawrecv.ICMP_DEST_UNREACH and code in (2, 3):
-        return Outcome("closed", rawrecv.icmp_reason(icmp_type, code))
-    return Outcome("filtered", rawrecv.icmp_reason(icmp_type, code))
+    if icmp_type == classify.ICMP_DEST_UNREACH and code in (2, 3):
+        return Outcome("closed", classify.icmp_reason(icmp_type, code))
+    return Outcome("filtered", classify.icmp_reason(icmp_type, code))
 
 
 class IpipProber:
@@ -104,9 +104,7 @@ class IpipProber:
         try:
             src = self._source_for(flow.dst)
         except OSError as e:
-            from scanner.probes.udp import errno_outcome
-
-            return errno_outcome(e)
+            return classify.errno_outcome(e)
         seq = rawrecv.next_free_seq(self.pending, flow.dst, self.seq)
         if seq is None:
             return Outcome("error", "too-many-in-flight", silent=True)
@@ -146,7 +144,7 @@ class IpipProber:
                 src = socket.inet_ntoa(pkt[12:16])
                 self._resolve((src, seq), now, OPEN, pkt[ihl + 8 :])
             return
-        if typ not in (rawrecv.ICMP_DEST_UNREACH, rawrecv.ICMP_TIME_EXCEEDED):
+        if typ not in (classify.ICMP_DEST_UNREACH, classify.ICMP_TIME_EXCEEDED):
             return
         q = ihl + 8
         qihl = rawrecv.ip_header_len(pkt, q)

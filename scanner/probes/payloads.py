@@ -3,7 +3,7 @@
 Scapy is imported lazily inside the builders (it costs ~0.5 s and is not needed by
 ``portmesh --version``); each template is built once per process (``functools.lru_cache``) and the
 hot path only copies the template and writes the tag (``MAGIC + nonce + mac``, see
-``scanner.tags``), a few nonce-derived fields and, for the packets that carry an inner IPv4
+``scanner.core.tags``), a few nonce-derived fields and, for the packets that carry an inner IPv4
 packet, the inner addresses and checksums.
 
 Kinds (``ProbeOptions.udp_payloads`` names them per port):
@@ -30,8 +30,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from scanner.core.tags import MAGIC, NONCE_LEN, TAG_LEN
 from scanner.errors import InputError
-from scanner.tags import MAGIC, NONCE_LEN, TAG_LEN
 
 KINDS = ("vxlan", "wireguard", "memberlist", "tag", "empty")
 

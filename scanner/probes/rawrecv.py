@@ -12,61 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections.abc import Callable
 
+from scanner.probes.classify import errno_outcome
+
 ICMP_ECHO_REPLY = 0
-ICMP_DEST_UNREACH = 3
 ICMP_ECHO = 8
-ICMP_TIME_EXCEEDED = 11
-ICMP6_DEST_UNREACH = 1
-ICMP6_TIME_EXCEEDED = 3
-
-# nmap --reason words for ICMPv4 destination unreachable codes (RFC 792, RFC 1122, RFC 1812).
-UNREACH_REASONS: dict[int, str] = {
-    0: "net-unreach",
-    1: "host-unreach",
-    2: "proto-unreach",
-    3: "port-unreach",
-    4: "needfrag",
-    5: "source-route-failed",
-    6: "net-unknown",
-    7: "host-unknown",
-    8: "host-isolated",
-    9: "admin-prohibited",  # network administratively prohibited
-    10: "admin-prohibited",  # host administratively prohibited
-    11: "net-tos-unreach",
-    12: "host-tos-unreach",
-    13: "admin-prohibited",  # communication administratively prohibited (nft/iptables reject)
-    14: "host-precedence-violation",
-    15: "precedence-cutoff",
-}
-
-# ICMPv6 destination unreachable codes (RFC 4443).
-UNREACH6_REASONS: dict[int, str] = {
-    0: "net-unreach",  # no route to destination
-    1: "admin-prohibited",
-    2: "beyond-scope",
-    3: "host-unreach",  # address unreachable
-    4: "port-unreach",
-    5: "admin-prohibited",  # source address failed ingress/egress policy
-    6: "admin-prohibited",  # reject route to destination
-}
-
-
-def icmp_reason(icmp_type: int, code: int, v6: bool = False) -> str:
-    """The nmap reason word for an ICMP error."""
-    if v6:
-        if icmp_type == ICMP6_DEST_UNREACH:
-            return UNREACH6_REASONS.get(code, f"unreach-code-{code}")
-        if icmp_type == ICMP6_TIME_EXCEEDED:
-            return "time-exceeded"
-        return f"icmp6-type-{icmp_type}"
-    if icmp_type == ICMP_DEST_UNREACH:
-        return UNREACH_REASONS.get(code, f"unreach-code-{code}")
-    if icmp_type == ICMP_TIME_EXCEEDED:
-        return "time-exceeded"
-    return f"icmp-type-{icmp_type}"
 
 
 def ip_header_len(pkt: bytes | memoryview, off: int = 0) -> int:
@@ -163,20 +114,6 @@ def send_to(sock: socket.socket, data: bytes, addr: tuple) -> None:
     raise err
 
 
-def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
-    """(ee_errno, ee_origin, ee_type, ee_code, offender address) from a sock_extended_err cmsg."""
-    errno_, origin, typ, code, _pad, _info, _data = struct.unpack_from("=IBBBBII", data)
-    offender = None
-    rest = data[16:]
-    if len(rest) >= 8:
-        fam = struct.unpack_from("=H", rest)[0]
-        if fam == socket.AF_INET:
-            offender = socket.inet_ntop(socket.AF_INET, rest[4:8])
-        elif fam == socket.AF_INET6 and len(rest) >= 24:
-            offender = socket.inet_ntop(socket.AF_INET6, rest[8:24])
-    return errno_, origin, typ, code, offender
-
-
 # ---- one request, one reply: shared by the icmp and ipip probers ----------------------------
 
 
@@ -210,8 +147,6 @@ async def send_and_wait(
         send_to(sock, data, addr)
     except OSError as e:
         del pending[key]
-        from scanner.probes.udp import errno_outcome
-
         return errno_outcome(e)
     timer = loop.call_later(timeout, _expire, pending, key, fut, silence)
     try:

@@ -32,8 +32,8 @@ import struct
 import time
 from collections.abc import Callable
 
-from scanner.flows import Flow
-from scanner.probes import rawrecv
+from scanner.core.flows import Flow
+from scanner.probes import classify, rawrecv
 from scanner.probes.base import Outcome, ProbeOptions
 from scanner.probes.deadlines import Deadlines
 
@@ -205,7 +205,7 @@ class SynProber:
     def _on_icmp(self, pkt: bytes, ihl: int, now_loop: float) -> None:
         """An ICMP unreachable quoting one of our SYNs."""
         icmp_type, code = pkt[ihl], pkt[ihl + 1]
-        if icmp_type not in (rawrecv.ICMP_DEST_UNREACH, rawrecv.ICMP_TIME_EXCEEDED):
+        if icmp_type not in (classify.ICMP_DEST_UNREACH, classify.ICMP_TIME_EXCEEDED):
             return
         q = ihl + 8
         qihl = rawrecv.ip_header_len(pkt, q)
@@ -220,7 +220,7 @@ class SynProber:
         del self._pending[key]
         if not fut.done():
             rtt = (time.perf_counter() - t0) * 1000.0
-            fut.set_result(Outcome("filtered", rawrecv.icmp_reason(icmp_type, code), rtt))
+            fut.set_result(Outcome("filtered", classify.icmp_reason(icmp_type, code), rtt))
 
     def _expire(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
         self._pending.pop(key, None)

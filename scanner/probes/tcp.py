@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 from scanner.probes.base import Outcome, ProbeOptions
 from scanner.probes.deadlines import Deadlines
 
@@ -192,7 +192,7 @@ class TcpProber:
 
     async def _read_token(self, sock: _socket.socket, port: int, timeout: float) -> str:
         """Read our responder's token; 'responder' when it is ours, 'syn-ack' for anything else."""
-        from scanner.tags import TOKEN_LEN, tcp_token
+        from scanner.core.tags import TOKEN_LEN, tcp_token
 
         loop = self.loop
         assert loop is not None and self.secret is not None

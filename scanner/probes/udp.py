@@ -40,61 +40,25 @@ nothing for answering ones; that is what the benchmark's driver does.
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 
-from scanner import tags
-from scanner.flows import Flow
+from scanner.core import tags
+from scanner.core.flows import Flow
 from scanner.probes import payloads
 from scanner.probes.base import NO_RESPONSE_OPEN_FILTERED, Outcome, ProbeOptions
-from scanner.probes.rawrecv import icmp_reason, parse_extended_err
-
-# <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>: not all exported by Python's socket module.
-IP_RECVERR = 11
-IPV6_RECVERR = 25
-SOL_IPV6 = 41
-SO_EE_ORIGIN_LOCAL = 1
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
+from scanner.probes.classify import (
+    IP_RECVERR,
+    IPV6_RECVERR,
+    SOL_IPV6,
+    classify_icmp,
+    errno_outcome,
+    parse_extended_err,
+)
 
 # Per-destination pacing the engine honours for UDP (see the module docstring): the far
 # kernel's icmp_ratelimit default (1000 ms) allows one ICMP error per second after a burst of 6.
 UDP_PER_HOST_PPS = 1.0
 UDP_PER_HOST_BURST = 6
-
-_ERRNO_OUTCOMES: dict[int, Outcome] = {
-    errno.ECONNREFUSED: Outcome("closed", "port-unreach"),
-    errno.EHOSTUNREACH: Outcome("filtered", "host-unreach"),
-    errno.ENETUNREACH: Outcome("filtered", "net-unreach"),
-    errno.EACCES: Outcome("filtered", "admin-prohibited"),  # local firewall reject on output
-    errno.EPERM: Outcome("filtered", "admin-prohibited"),
-}
-_RETRYABLE = {errno.EAGAIN, errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-
-
-def errno_outcome(err: OSError, rtt_ms: float | None = None) -> Outcome:
-    """A local socket error as an outcome (never raised to the engine)."""
-    o = _ERRNO_OUTCOMES.get(err.errno or 0)
-    if o is not None:
-        return Outcome(o.state, o.reason, rtt_ms)
-    name = errno.errorcode.get(err.errno or 0, "oserror").lower()
-    return Outcome("error", name, rtt_ms, silent=(err.errno in _RETRYABLE))
-
-
-def classify_icmp(
-    origin: int, icmp_type: int, code: int, ee_errno: int, rtt_ms: float | None
-) -> Outcome:
-    """The outcome for a queued socket error (pure; table-tested)."""
-    if origin == SO_EE_ORIGIN_ICMP:
-        if icmp_type == 3 and code == 3:
-            return Outcome("closed", "port-unreach", rtt_ms)
-        return Outcome("filtered", icmp_reason(icmp_type, code), rtt_ms)
-    if origin == SO_EE_ORIGIN_ICMP6:
-        if icmp_type == 1 and code == 4:
-            return Outcome("closed", "port-unreach", rtt_ms)
-        return Outcome("filtered", icmp_reason(icmp_type, code, v6=True), rtt_ms)
-    return errno_outcome(OSError(ee_errno, ""), rtt_ms)
-
 
 class _Attempt:
     __slots__ = ("loop", "sock", "fut", "nonce", "t0", "dst")
@@ -243,7 +207,5 @@ __all__ = [
     "UDP_PER_HOST_BURST",
     "UDP_PER_HOST_PPS",
     "UdpProber",
-    "classify_icmp",
-    "errno_outcome",
     "make_prober",
 ]

@@ -7,6 +7,8 @@ The input is streamed once. For ``ecs`` every result is converted as it is read 
 for the other views the records are folded into an Aggregate (memory O(hosts^2 x
 requirements), never O(lines)) and rendered at the end. Exit code: 0 when the input holds no
 failure, 1 when it holds any (as ``check``); bad input raises InputError (exit 2).
+
+May import: core. (It reads NDJSON, not the engine's objects.)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from scanner.verdicts import verdict
+from scanner.core.verdicts import verdict
 
 VERDICTS = ("pass", "fail", "unknown")
 LOCAL = "(local)"  # source name of a plain scan's results (no src / src_host recorded)
@@ -30,7 +30,7 @@ MAX_SAMPLES = 5
 
 def derive_verdict(rec: dict[str, Any]) -> str:
     """The record's own verdict (check, mesh); for a plain scan, what `check` would say with
-    ``--expect reachable`` and no responder (scanner/verdicts.py): open and closed pass (an RST
+    ``--expect reachable`` and no responder (scanner/core/verdicts.py): open and closed pass (an RST
     proves the packets got through), filtered fails, an unanswered UDP probe is unknown."""
     v = rec.get("verdict")
     if v in VERDICTS:

@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from scanner.flows import Flow
+from scanner.core.flows import Flow
+from scanner.core.results import Result
 from scanner.probes.base import Outcome, ProbeOptions
-from scanner.results import Result
 
 # Retries of a silent flow while there is no basis to estimate loss (fewer than 20 answers):
 # at 20% loss, 3 attempts miss an answering port with p = 0.008; port-less probes (ICMP, IP-in-IP:
@@ -159,7 +159,7 @@ class Engine:
             self.stats.interrupted = interrupted
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
-        from scanner.privileges import fd_budget
+        from scanner.core.privileges import fd_budget
 
         budget = fd_budget()
         n = self.cfg.concurrency or DEFAULT_CONCURRENCY
@@ -225,7 +225,7 @@ class Engine:
         else:
             prober = mod.make_prober(self.cfg.probe_options)
             if prober.needs_raw:
-                from scanner.privileges import can_raw
+                from scanner.core.privileges import can_raw
 
                 if not can_raw():
                     res = Outcome("error", "needs-cap-net-raw")
@@ -248,7 +248,7 @@ class Engine:
             return proto
         method = self.cfg.tcp_method
         if method == "auto":
-            from scanner.privileges import can_raw
+            from scanner.core.privileges import can_raw
 
             syn_ok = can_raw() and self.cfg.probe_options.secret is None
             method = "syn" if syn_ok else "connect"

@@ -24,7 +24,7 @@ from scanner.errors import InputError
 
 if TYPE_CHECKING:
     from scanner.catalog import Catalog
-    from scanner.model import Site
+    from scanner.core.model import Site
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class SelectionOptions:
     ) -> tuple[Catalog, Site, Selection]:
         """Load the catalog and the site and build the validated Selection."""
         from scanner.catalog import load_catalog
-        from scanner.inventory import load_site
+        from scanner.plan.inventory import load_site
 
         catalog = load_catalog(self.catalog_files)
         selection = self.selection(catalog, sources=sources, scanner=scanner)

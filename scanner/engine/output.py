@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, BinaryIO
 
-from scanner.results import encode
+from scanner.core.results import encode
 
 FLUSH_BYTES = 1 << 16
 

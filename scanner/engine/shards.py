@@ -25,9 +25,10 @@ import traceback
 
 import orjson
 
-from scanner.engine import Stats
-from scanner.output import NdjsonOutput
-from scanner.results import start_record
+from scanner.core.results import start_record
+from scanner.engine.engine import Stats
+from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import SHARD_SIGNALS, RunOutcome, _progress, run_shard, write_summary
 
 
 def _shard_spec(spec, k: int, n: int):
@@ -48,13 +49,11 @@ def _shard_spec(spec, k: int, n: int):
 
 
 def run_sharded(spec, n: int):
-    from scanner.runner import RunOutcome, _progress, write_summary
-
     out: NdjsonOutput = spec.output
     # import before forking what every shard needs, so each does not pay for it again
     import importlib
 
-    from scanner.privileges import raise_nofile
+    from scanner.core.privileges import raise_nofile
 
     raise_nofile()
     if spec.loop == "uvloop":
@@ -62,11 +61,10 @@ def run_sharded(spec, n: int):
             import uvloop  # noqa: F401
     for proto in ("tcp",):
         importlib.import_module(f"scanner.probes.{proto}")
-    from scanner.runner import SHARD_SIGNALS
 
     # Ctrl-C between here and the handler below must not be lost nor kill a half-started
     # shard: block it; the parent unblocks once `forward` is installed, a shard once its
-    # event loop's handlers are (runner._run).
+    # event loop's handlers are (process._run).
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SHARD_SIGNALS)
     out.record(start_record(spec.scan_id, spec.argv, spec.planned, **spec.start_extra))
     out.flush()
@@ -90,8 +88,6 @@ def run_sharded(spec, n: int):
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 child = _shard_spec(spec, k, n)
                 child.output = NdjsonOutput(stdout=False, fd=w_data)
-                from scanner.runner import run_shard
-
                 stats = run_shard(child, k, n)
                 d = dataclasses.asdict(stats)
                 d["concurrency"] = getattr(stats, "concurrency", 0)

@@ -1,7 +1,7 @@
 """The shared data model of hosts, clusters and the site (pure data, no I/O).
 
-Inventory readers (scanner/inventory.py, scanner/kubean.py) build a Site; the planner
-(scanner/plan.py) turns catalog x Site x Selection into flows.
+Inventory readers (scanner/plan/inventory.py, scanner/plan/kubean.py) build a Site; the planner
+(scanner/plan/planner.py) turns catalog x Site x Selection into flows.
 
 Role vocabulary (used by the catalog's dst_role / src_roles):
   node            every Kubernetes node of a cluster (control plane and workers)

@@ -25,7 +25,7 @@ responder ignores stdin, so ``</dev/null`` or a closed terminal do not stop it. 
 control port.
 
 The NodePort range alone is 2,768 TCP sockets: RLIMIT_NOFILE is raised to its hard limit first
-(scanner.privileges.raise_nofile); ports beyond the budget are reported as failed (EMFILE).
+(scanner.core.privileges.raise_nofile); ports beyond the budget are reported as failed (EMFILE).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from typing import Any
 
 import orjson
 
-from scanner import tags
-from scanner.targets import ports_text as ranges_text  # one implementation, re-exported
+from scanner.core import tags
+from scanner.core.ports import ports_text as ranges_text  # one implementation, re-exported
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
 MAX_TTL = 7 * 24 * 3600.0
@@ -65,7 +65,7 @@ class ResponderConfig:
     bind: str = "0.0.0.0"
     ttl: float = DEFAULT_TTL
     exit_on_stdin_close: bool = False
-    witness: bool = False  # also capture tagged probes with an AF_PACKET socket (scanner.witness)
+    witness: bool = False  # also capture tagged probes with an AF_PACKET socket (scanner.responder.witness)
     name: str | None = None  # the inventory host name, echoed in the ready record
     show_secret: bool = False  # put the secret in the ready record (it was generated here)
     use_uvloop: bool = True
@@ -113,7 +113,7 @@ class Responder:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind every port and register the readers (synchronous: binding does not block)."""
-        from scanner.privileges import raise_nofile
+        from scanner.core.privileges import raise_nofile
 
         self._loop = loop or asyncio.get_running_loop()
         raise_nofile()
@@ -354,7 +354,7 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
     try:
         r.start(loop)
         if cfg.witness:
-            from scanner.witness import Witness
+            from scanner.responder.witness import Witness
 
             kernel_owned = [
                 f.port for f in r.failed if f.proto == "udp" and f.error == "address in use"

@@ -1,7 +1,7 @@
 """`portmesh demo`: a simulated cluster, injected firewall faults, a mesh from every host, and
 a report that names exactly the faults.
 
-With root: a 4-host lab in network namespaces (scanner.lab) with four faults in nftables:
+With root: a 4-host lab in network namespaces (scanner.lab.lab) with four faults in nftables:
   1. the etcd peer port (tcp/2380) dropped on the control-plane node,
   2. Calico VXLAN (udp/4789) dropped one way: node3 drops it from node2 only,
   3. a slice of the NodePort range (tcp/30100-30199) rejected on node4,
@@ -43,7 +43,7 @@ class DemoConfig:
 
 
 def demo_faults() -> list:
-    from scanner.faults import Fault
+    from scanner.lab.faults import Fault
 
     return [
         Fault("node1", "in", "tcp", ((2380, 2380),), "drop", None, "etcd peer port dropped"),
@@ -54,7 +54,7 @@ def demo_faults() -> list:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from scanner.privileges import can_admin_net
+    from scanner.core.privileges import can_admin_net
 
     err = cfg.err or sys.stderr
     if not cfg.force_loopback and can_admin_net() and _have("ip") and _have("nft"):
@@ -79,10 +79,11 @@ def _have(tool: str) -> bool:
 
 
 def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    from scanner.lab import Lab, write_inventory
+    from scanner.engine.output import NdjsonOutput
+    from scanner.lab.lab import write_inventory
+    from scanner.lab.netns import Lab
     from scanner.mesh import MeshConfig, run_mesh
-    from scanner.output import NdjsonOutput
-    from scanner.selection import SelectionOptions
+    from scanner.plan.selection import SelectionOptions
 
     t0 = time.perf_counter()
     faults = demo_faults()
@@ -146,7 +147,7 @@ def _finish(
     if cfg.output:
         Path(cfg.output).write_bytes(data)
     else:
-        from scanner.output import NdjsonOutput
+        from scanner.engine.output import NdjsonOutput
 
         o = NdjsonOutput()
         o.write_raw(data)
@@ -182,8 +183,8 @@ def _finish(
 
 
 def _lab_truth(faults: list, lab: Any) -> Callable[[dict[str, Any]], tuple[bool, str]]:
-    from scanner.faults import expected
-    from scanner.flows import Flow
+    from scanner.core.flows import Flow
+    from scanner.lab.faults import expected
 
     def truth(rec: dict[str, Any]) -> tuple[bool, str]:
         fl = Flow(
@@ -217,8 +218,8 @@ LOOPBACK_FAULTS = {"node1": {2380}, "node4": set(range(30100, 30200))}
 def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
     import yaml
 
-    from scanner.responder import wait_ready
-    from scanner.tags import new_secret
+    from scanner.core.tags import new_secret
+    from scanner.responder.server import wait_ready
 
     t0 = time.perf_counter()
     names = [f"node{i}" for i in range(1, 5)]
@@ -239,7 +240,7 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
         secret.write_bytes(new_secret() + b"\n")
         sel = ["--inventory", str(inv)]
         catalogs: tuple[str, ...] = ()
-        from scanner.privileges import CAP_NET_BIND_SERVICE, has_cap
+        from scanner.core.privileges import CAP_NET_BIND_SERVICE, has_cap
 
         if not has_cap(CAP_NET_BIND_SERVICE):
             # a responder cannot open ports below 1024 without the capability: leave ssh out
@@ -292,9 +293,9 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
 
 def _responder_ports(inv: str, catalogs: tuple[str, ...], name: str, withheld: set[int]) -> str:
     """The ports the plan probes `name` on, minus the withheld ones, as a -p spec."""
-    from scanner.plan import plan
-    from scanner.responder import ranges_text
-    from scanner.selection import SelectionOptions
+    from scanner.plan.planner import plan
+    from scanner.plan.selection import SelectionOptions
+    from scanner.responder.server import ranges_text
 
     opts = SelectionOptions(inventories=(inv,), catalog_files=catalogs)
     catalog, site, selection = opts.resolve()

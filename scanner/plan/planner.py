@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from scanner.catalog import Catalog, Requirement, expand_ports
-from scanner.flows import Flow
-from scanner.model import Cluster, ClusterConfig, Setting, Site
-from scanner.selection import Selection
-from scanner.targets import parse_ports
+from scanner.core.flows import Flow
+from scanner.core.model import Cluster, ClusterConfig, Setting, Site
+from scanner.core.ports import parse_ports
+from scanner.plan.selection import Selection
 
 NODE_ROLES = frozenset({"node", "control_plane", "worker"})
 

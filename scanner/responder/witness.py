@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from scanner import tags
+from scanner.core import tags
 
 ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26

@@ -48,9 +48,9 @@ A fault makes the flow fail, with the state the prober reads:
 Note the rejected TCP flow: ``closed`` alone would pass a pre-install check (the firewall let the
 SYN through and nothing listens), but with a responder expected on that port, ``closed`` means
 something other than our responder answered with a RST: the firewall. So in responder mode a
-``closed`` TCP or UDP flow is a *fail* (as scanner.verdicts says with ``responder=True``).
+``closed`` TCP or UDP flow is a *fail* (as scanner.core.verdicts says with ``responder=True``).
 In ``mode="bare"`` (nothing listens), unfaulted TCP and UDP flows are ``closed`` and pass, the
-verdict of a faulted flow is what scanner.verdicts gives a correct prober (a dropped UDP flow is
+verdict of a faulted flow is what scanner.core.verdicts gives a correct prober (a dropped UDP flow is
 ``open|filtered`` -> ``unknown``; a ``reject`` cannot be told from a pass and is reported so).
 ``Expected.fault`` is the fault that hit the flow: the truth, whatever a prober can tell.
 """
@@ -62,8 +62,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from scanner.core.flows import Flow
 from scanner.errors import InputError
-from scanner.flows import Flow
 
 DIRECTIONS = ("in", "out")
 FAULT_PROTOS = ("tcp", "udp", "icmp", "ipip")
@@ -477,7 +477,7 @@ def expected(
     table = _IN_FAULT if f.direction == "in" else _OUT_FAULT
     state, reason = table[(flow.proto, f.action)]
     if mode == "bare":
-        from scanner.verdicts import verdict
+        from scanner.core.verdicts import verdict
 
         v = verdict(flow.proto, state, "reachable", responder=False)
         if (state, reason) == _PASS["bare"][flow.proto]:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from scanner import SCHEMA_VERSION
-from scanner.flows import Flow
+from scanner.core.flows import Flow
 
 # nmap's state words, plus "error" for a probe that could not be made and "skipped"-like
 # situations reported as error with a reason (e.g. needs-cap-net-raw).

@@ -12,19 +12,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from scanner.engine import EngineConfig
-from scanner.output import NdjsonOutput
-from scanner.results import Result
-from scanner.runner import RunSpec, run
-from scanner.targets import ports_text
-from scanner.verdicts import verdict
+from scanner.core.ports import ports_text
+from scanner.core.results import Result
+from scanner.core.verdicts import verdict
+from scanner.engine.engine import EngineConfig
+from scanner.engine.output import NdjsonOutput
+from scanner.engine.runner import RunSpec, run
 
 
 @dataclass
 class CheckConfig:
     catalog: Any
     site: Any
-    selection: Any  # scanner.selection.Selection, with sources = {this host}
+    selection: Any  # scanner.plan.selection.Selection, with sources = {this host}
     host: str  # the inventory name of this host
     engine: EngineConfig = field(default_factory=EngineConfig)
     output: NdjsonOutput | None = None
@@ -76,7 +76,7 @@ def run_check(cfg: CheckConfig) -> int:
     """Run the check; exit code 0 all pass, 1 any fail, 130 interrupted."""
     import dataclasses
 
-    from scanner.plan import count_plan, legs, plan, plan_meta
+    from scanner.plan.planner import count_plan, legs, plan, plan_meta
 
     responder = cfg.engine.probe_options.secret is not None
     expect = cfg.expect

@@ -1,5 +1,7 @@
-"""Run flows through the engine and stream NDJSON: the one place that owns the event loop,
-signals, batching, progress and the start/summary records (used by scan, check and mesh agents).
+"""One process's run: flows through the engine to NDJSON. The one place that owns the event
+loop, signals, batching, progress and the start/summary records. ``scanner.engine.runner``
+decides between this (one process) and ``scanner.engine.shards`` (forked shards, each of which
+runs ``run_shard`` from here); both sit above this module, so neither imports the other.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from scanner.engine import Engine, EngineConfig, Stats
-from scanner.flows import Flow
-from scanner.output import NdjsonOutput
-from scanner.results import (
+from scanner.core.flows import Flow
+from scanner.core.results import (
     Result,
     encode_results,
     new_scan_id,
@@ -23,6 +23,8 @@ from scanner.results import (
     start_record,
     summary_record,
 )
+from scanner.engine.engine import Engine, EngineConfig, Stats
+from scanner.engine.output import NdjsonOutput
 
 SHARD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 BATCH = 512  # results per write; a flush also happens every FLUSH_INTERVAL seconds
@@ -68,29 +70,8 @@ def new_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def default_workers(planned: int) -> int:
-    """Shard processes for a run: one per core (at most 4) once the plan is big enough.
-
-    One process spends ~40 us of CPU per TCP flow on this lab (half in the kernel: the veth
-    peer's SYN handling runs in our context), so a 2,768-port sweep is CPU-bound on one core;
-    a second shard halves that. Below ~1,000 flows the fork is not worth it.
-    """
-    import os
-
-    cores = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
-    if planned < 1000 or cores < 2:
-        return 1
-    return min(cores, 4)
-
-
-def run(spec: RunSpec) -> RunOutcome:
-    workers = spec.workers if spec.workers is not None else default_workers(spec.planned)
-    if workers > 1:
-        from scanner.shards import run_sharded
-
-        return run_sharded(spec, workers)
+def run_single(spec: RunSpec) -> RunOutcome:
+    """The whole run in this process's own event loop."""
     loop = new_loop(spec.loop)
     try:
         return loop.run_until_complete(_run(spec))
@@ -162,7 +143,7 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
             pass
     if shard:
         # the parent's quiet stop (its stdout went away), then let through the signals the
-        # parent blocked around fork() (see scanner.shards): they reach the handlers above
+        # parent blocked around fork() (see scanner.engine.shards): they reach the handlers above
         loop.add_signal_handler(signal.SIGUSR1, engine.stop, False)
         installed.append(signal.SIGUSR1)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SHARD_SIGNALS)

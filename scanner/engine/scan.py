@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scanner.engine import EngineConfig
-from scanner.output import NdjsonOutput
-from scanner.runner import RunSpec, run
-from scanner.targets import Target, count_flows, iter_flows
+from scanner.engine.engine import EngineConfig
+from scanner.engine.output import NdjsonOutput
+from scanner.engine.runner import RunSpec, run
+from scanner.plan.targets import Target, count_flows, iter_flows
 
 
 @dataclass
@@ -43,7 +43,4 @@ def run_scan(cfg: ScanConfig) -> int:
         workers=cfg.workers,
     )
     outcome = run(spec)
-    import scanner.cli
-
-    scanner.cli.FAST_EXIT = True
     return 130 if outcome.interrupted else 0

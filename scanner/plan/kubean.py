@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from scanner.core.model import ClusterConfig, Setting
 from scanner.errors import InventoryError
-from scanner.model import ClusterConfig, Setting
 
 try:  # the C loader is ~10x faster on large inventories; same safe semantics
     _Loader: Any = yaml.CSafeLoader

@@ -1,0 +1,301 @@
+"""The `portmesh lab` commands on top of scanner.lab.netns: a lab as a cluster. Its kubespray
+inventory, its responders, its faults and ground truth, and ``lab up`` / ``down`` / ``status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scanner.errors import InputError
+from scanner.lab.netns import (
+    MAX_HOSTS,
+    Lab,
+    LabError,
+    check_name,
+    list_netns,
+    netns_pids,
+    require_root,
+    run_dir,
+)
+
+# fault-file role words -> kubespray inventory groups
+_ROLE_GROUPS = {
+    "control_plane": "kube_control_plane",
+    "etcd": "etcd",
+    "worker": "kube_node",
+    "node": "kube_node",
+    "calico_rr": "calico_rr",
+}
+
+
+def default_roles(names: list[str]) -> dict[str, tuple[str, ...]]:
+    """The first host is control plane + etcd (and a node), the rest are workers."""
+    out: dict[str, tuple[str, ...]] = {}
+    for i, n in enumerate(names):
+        out[n] = ("control_plane", "etcd") if i == 0 else ("worker",)
+    return out
+
+
+def inventory_doc(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """A kubespray/Kubean-style YAML inventory (the hosts.yml of Kubean's hosts-conf ConfigMap)."""
+    roles = {**default_roles(lab.host_names()), **(roles or {})}
+    groups: dict[str, dict[str, Any]] = {g: {} for g in dict.fromkeys(_ROLE_GROUPS.values())}
+    for h in lab.hosts:
+        for r in roles.get(h.name, ()):
+            g = _ROLE_GROUPS.get(r)
+            if g is None:
+                raise InputError(
+                    f"roles of {h.name!r}: unknown role {r!r} (use {', '.join(_ROLE_GROUPS)})"
+                )
+            groups[g][h.name] = None
+    return {
+        "all": {
+            "hosts": {
+                h.name: {"ansible_host": h.addr, "ip": h.addr, "access_ip": h.addr}
+                for h in lab.hosts
+            },
+            "children": {
+                **{g: {"hosts": members} for g, members in groups.items()},
+                "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}},
+            },
+        }
+    }
+
+
+def write_inventory(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> Path:
+    import yaml
+
+    p = lab.state_dir() / "inventory.yml"
+    p.write_text(
+        f"# portmesh lab {lab.name}: {lab.subnet}\n"
+        + yaml.safe_dump(inventory_doc(lab, roles), sort_keys=False)
+    )
+    return p
+
+
+def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Start ``portmesh respond --inventory ... --as NAME`` in every lab host, detached.
+
+    Each one logs its NDJSON to ``<state>/<host>.responder.ndjson`` and its pid goes to
+    ``<state>/<host>.responder.pid``. Returns host -> ready record (LabError if one fails).
+    """
+    import sys
+
+    d = lab.state_dir()
+    inv = d / "inventory.yml"
+    secret = d / "secret"
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    for h in lab.hosts:
+        log = d / f"{h.name}.responder.ndjson"
+        with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
+            p = lab.popen(
+                h.name,
+                [
+                    sys.executable, "-m", "scanner", "respond",
+                    "--inventory", str(inv), "--as", h.name,
+                    "--secret-file", str(secret), "--ttl", f"{ttl:g}",
+                ],
+                stdin=devnull,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # detached: survives the terminal, ends by TTL or down
+            )  # fmt: skip
+        (d / f"{h.name}.responder.pid").write_text(f"{p.pid}\n")
+        procs[h.name] = (p, log)
+    ready: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(ready) < len(procs):
+        for name, (p, log) in procs.items():
+            if name in ready:
+                continue
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("{") and '"ready"' in line:
+                    ready[name] = json.loads(line)
+            if name not in ready and p.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise LabError(f"the responder in {name} exited ({p.returncode}): {tail[0]}")
+        if len(ready) < len(procs):
+            if time.monotonic() > deadline:
+                raise LabError(f"responders not ready after {timeout:g} s")
+            time.sleep(0.05)
+    return ready
+
+
+@dataclass
+class LabUpConfig:
+    hosts: int = 4
+    name: str = "pm"
+    faults_file: str | None = None
+    responders: bool = True
+    ttl: float = 600.0
+    show_flows: bool = False
+
+
+def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
+    """``portmesh lab up``: build, fault, inventory, responders, ground truth summary."""
+    import sys
+
+    from scanner.core.tags import new_secret
+    from scanner.lab.faults import check_hosts, load_fault_file
+
+    out = out or sys.stdout
+    check_name("lab", cfg.name)
+    require_root()
+    names = [f"node{i}" for i in range(1, cfg.hosts + 1)] if 1 <= cfg.hosts <= MAX_HOSTS else []
+    if not names:
+        raise InputError(f"--hosts: {cfg.hosts} is not within 1-{MAX_HOSTS}")
+    ff = load_fault_file(cfg.faults_file) if cfg.faults_file else None
+    faults = list(ff.faults) if ff else []
+    check_hosts(faults, names, cfg.faults_file or "faults")
+    if ff:
+        unknown = sorted(set(ff.roles) - set(names))
+        if unknown:
+            raise InputError(f"{cfg.faults_file}: roles: {unknown[0]!r} is not a lab host")
+    lab = Lab.up(cfg.hosts, cfg.name)
+    try:
+        lab.apply_faults(faults)
+        inv = write_inventory(lab, ff.roles if ff else None)
+        secret = lab.state_dir() / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(new_secret() + b"\n")
+        if cfg.faults_file:
+            shutil.copyfile(cfg.faults_file, lab.state_dir() / "faults.yml")
+        ready = start_responders(lab, cfg.ttl) if cfg.responders else {}
+    except BaseException:
+        lab.down()
+        raise
+    w = out.write
+    w(f"lab {lab.name}: {len(lab.hosts)} hosts on {lab.subnet}")
+    w(f" (this host: {lab.host_addr})\n" if lab.host_addr else "\n")
+    for h in lab.hosts:
+        r = ready.get(h.name)
+        resp = ""
+        if r:
+            resp = f"  responder pid {r['pid']}: tcp {r['bound']['tcp'] or '-'} udp {r['bound']['udp'] or '-'}"
+        w(f"  {h.name:<8} {h.addr:<15} netns {h.ns}{resp}\n")
+    w(f"inventory: {inv}\n")
+    w(f"secret file: {lab.state_dir() / 'secret'}\n")
+    w(f"exec template: {lab.exec_template()}\n")
+    for f in faults:
+        w(f"fault: {f.describe()}\n")
+    truth_summary(lab, inv, faults, out, cfg.show_flows, "responder" if cfg.responders else "bare")
+    w(f"remove with: portmesh lab down --name {lab.name}\n")
+    return 0
+
+
+def truth_summary(
+    lab: Lab, inventory: Path, faults: list, out: Any, show_flows: bool, mode: str
+) -> None:
+    """Plan every host's flows, write the ground truth NDJSON and print what should fail."""
+    import orjson
+
+    from scanner.lab.faults import expected
+    from scanner.plan.selection import SelectionOptions
+    from scanner.responder.server import ranges_text
+
+    catalog, site, selection = SelectionOptions(inventories=(str(inventory),)).resolve()
+    from scanner.plan.planner import plan
+
+    path = lab.state_dir() / "truth.ndjson"
+    counts = {"pass": 0, "fail": 0}
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    with open(path, "wb") as fh:
+        for fl in plan(catalog, site, selection):
+            e = expected(fl, faults, lab, mode=mode)
+            counts[e.verdict] = counts.get(e.verdict, 0) + 1
+            rec = {
+                "type": "truth",
+                "src": fl.src,
+                "src_host": fl.src_host,
+                "dst": fl.dst,
+                "host": fl.host,
+                "proto": fl.proto,
+                "port": fl.port,
+                "req": fl.req,
+                "state": e.state,
+                "reason": e.reason,
+                "verdict": e.verdict,
+            }
+            fh.write(orjson.dumps(rec) + b"\n")
+            if e.verdict == "fail":
+                key = (
+                    fl.src_host,
+                    fl.host,
+                    fl.proto,
+                    e.state,
+                    e.reason,
+                    fl.req if show_flows else None,
+                )
+                groups.setdefault(key, []).append(fl.port or 0)
+    total = counts["pass"] + counts["fail"]
+    out.write(
+        f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, {counts['fail']} fail -> {path}\n"
+    )
+    for (src, dst, proto, state, reason, req), ports in sorted(
+        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
+    ):
+        pr = ranges_text(p for p in ports if p)
+        what = f"{proto}/{pr}" if pr else proto
+        extra = f" [{req}]" if req else ""
+        out.write(f"  fail {src} -> {dst} {what}: {state} ({reason}){extra}\n")
+
+
+def lab_down(name: str, out: Any = None) -> int:
+    import sys
+
+    out = out or sys.stdout
+    check_name("lab", name)
+    require_root()
+    existed = (run_dir() / name / "lab.json").exists() or any(
+        ns.startswith(f"{name}-") for ns in list_netns()
+    )
+    _kill_recorded_responders(name)
+    Lab.cleanup(name)
+    out.write(f"lab {name}: removed\n" if existed else f"lab {name}: nothing to remove\n")
+    return 0
+
+
+def _kill_recorded_responders(name: str) -> None:
+    # down() ends every process inside the lab's namespaces; these pid files only cover a
+    # responder whose namespace is already gone. A pid is signalled only when its command line
+    # still says it is a portmesh responder (pids are reused).
+    for pidfile in (run_dir() / name).glob("*.responder.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"respond" in cmd and b"--as" in cmd:
+                os.kill(pid, signal.SIGTERM)
+
+
+def lab_status(name: str | None, out: Any = None) -> int:
+    import sys
+
+    out = out or sys.stdout
+    names = [check_name("lab", name)] if name else Lab.names()
+    if not names:
+        out.write("no labs\n")
+        return 0
+    for n in names:
+        try:
+            lab = Lab.load(n)
+        except LabError as e:
+            out.write(f"lab {n}: {e}\n")
+            continue
+        st = lab.status()
+        out.write(f"lab {n}: {lab.subnet}, exec: {st['exec']}\n")
+        for h in st["hosts"]:
+            pids = netns_pids(h["ns"]) if h["present"] else []
+            state = "up" if h["present"] else "MISSING"
+            out.write(f"  {h['name']:<8} {h['addr']:<15} {h['ns']} {state}")
+            out.write(f" processes {','.join(map(str, pids))}\n" if pids else "\n")
+    return 0

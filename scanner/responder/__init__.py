@@ -1,0 +1,5 @@
+"""The temporary responder a host runs before install (server) and the witness that counts
+incoming probes per source (witness), so a mesh can tell a one-way drop.
+
+May import: core.
+"""

@@ -1,0 +1,179 @@
+"""The tree shows the data flow (issue 17): no import cycle inside ``scanner/``, and each
+package imports only the packages below it, as README.md's Design section lists them.
+
+The walk reads every module's source with ``ast`` (imports inside functions count too: a
+lazy import is still a dependency), so it sees what a run would import, without running it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "scanner"
+
+# package -> the scanner packages it may import (besides itself). "top" is scanner/__init__.py,
+# errors.py and schema.json: the version and the error tree, importable from anywhere.
+ALLOWED: dict[str, set[str]] = {
+    "top": set(),
+    "core": {"top"},
+    "catalog": {"top", "core"},
+    "plan": {"top", "core", "catalog"},
+    "probes": {"top", "core"},
+    "engine": {"top", "core", "catalog", "plan", "probes"},
+    "responder": {"top", "core"},
+    "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
+    "report": {"top", "core"},
+    "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
+    "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
+                 "report", "lab"},
+    "cli": {"top", "commands"},
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("scanner"):
+                    out.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_pkg else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            if not base.startswith("scanner"):
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.add(sub if sub in known else base)
+    return {m for m in out if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = all_modules()
+    known = set(mods)
+    return {name: imports_of(path, name, known) for name, path in mods.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def package_of(mod: str) -> str:
+    parts = mod.split(".")
+    if len(parts) == 1 or parts[1] in ("errors", "__main__"):
+        return "top" if parts[-1] != "__main__" else "cli"
+    return parts[1]
+
+
+def test_no_import_cycle() -> None:
+    found = cycles(graph())
+    assert not found, f"import cycles inside scanner/: {found}"
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    # the check itself can fail: a two-module loop and a three-module loop are found
+    g = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+    assert sorted(cycles(g)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_packages_import_only_downstream() -> None:
+    bad = []
+    for mod, deps in graph().items():
+        pkg = package_of(mod)
+        assert pkg in ALLOWED, f"{mod}: package {pkg!r} is not in the layering table"
+        for dep in deps:
+            dpkg = package_of(dep)
+            if dpkg != pkg and dpkg not in ALLOWED[pkg]:
+                bad.append(f"{mod} -> {dep}")
+    assert not bad, "imports against the data flow:\n" + "\n".join(sorted(bad))
+
+
+def test_library_never_imports_the_cli() -> None:
+    g = graph()
+    offenders = [m for m, deps in g.items() if "scanner.cli" in deps and package_of(m) != "cli"]
+    assert not offenders, f"library modules that import scanner.cli: {offenders}"
+
+
+def test_every_package_says_what_it_owns() -> None:
+    for init in sorted(PKG.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        assert doc.strip(), f"{init.relative_to(ROOT)} has no docstring"
+        assert "May import" in doc, f"{init.relative_to(ROOT)}: say which packages it may import"
+
+
+def test_readme_tree_matches_the_code() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```text\nscanner/\n(.*?)```", readme, re.S)
+    assert block, "README.md: the Design section's ```text scanner/ tree is missing"
+    named = set(re.findall(r"^  ([a-z_]+)/", block.group(1), re.M))
+    real = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert named == real, f"README tree {sorted(named)} != packages {sorted(real)}"
+
+
+@pytest.mark.parametrize("pkg", sorted(ALLOWED))
+def test_layer_table_is_acyclic(pkg: str) -> None:
+    # the table itself must be a DAG, or "downstream" means nothing
+    seen: set[str] = set()
+    todo = [pkg]
+    while todo:
+        p = todo.pop()
+        for d in ALLOWED[p]:
+            assert d != pkg, f"layering table: {pkg} reaches itself through {p}"
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
