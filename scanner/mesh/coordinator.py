@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import shlex
 import signal
 import sys
 import time
@@ -66,7 +67,7 @@ class MeshConfig:
     site: Any
     selection: Any
     exec_template: str | None = None
-    agent_cmd: str = transport.DEFAULT_AGENT_CMD
+    agent_cmd: str | None = None  # None: this interpreter through a local template, else portmesh agent
     bundle: str | None = None
     bundle_python: str = "python3"
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -172,11 +173,14 @@ class Matrix:
 class AgentLink:
     """The coordinator's side of one agent: its process, its phase futures, its window."""
 
-    def __init__(self, mesh: Mesh, host: Any, argv: list[str]) -> None:
+    def __init__(
+        self, mesh: Mesh, host: Any, parts: tuple[list[str], list[str]]
+    ) -> None:
         self.mesh = mesh
         self.host = host
         self.name: str = host.name
-        self.argv = argv
+        self.prefix, self.agent = parts  # the exec template's words, the agent command's
+        self.argv = transport.command_argv(*parts)
         self.proc: asyncio.subprocess.Process | None = None
         self.window = Window()
         self.results = 0
@@ -291,6 +295,8 @@ class AgentLink:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self.err_reader), 1.0)
         tail = f": {self.stderr[-1]}" if self.stderr else ""
+        if self.hello_rec is None:
+            tail += transport.start_hint(self.prefix, self.agent, code, "\n".join(self.stderr))
         if not self.eof.done():
             self.eof.set_result(f"the agent exited with status {code}{tail}")
 
@@ -410,14 +416,18 @@ class Mesh:
     # -- phases ------------------------------------------------------------------------------
 
     def agent_argv(self, host: Any) -> list[str]:
+        return transport.command_argv(*self.agent_parts(host))
+
+    def agent_parts(self, host: Any) -> tuple[list[str], list[str]]:
+        """(the exec template's words for this host, the agent command's words)."""
         cfg = self.cfg
         tpl = cfg.exec_template or transport.default_template(host.user)
         prefix = transport.render(tpl, host.name, host.address, host.user)
         if cfg.bundle is not None:
             agent = transport.bootstrap_argv(cfg.bundle_python)
         else:
-            agent = transport.check_template(cfg.agent_cmd)
-        return transport.command_argv(prefix, agent)
+            agent = transport.agent_words(prefix, cfg.agent_cmd)
+        return prefix, agent
 
     async def _phase(self, links: list[AgentLink], step: Any) -> None:
         async def one(link: AgentLink) -> None:
@@ -440,7 +450,7 @@ class Mesh:
         secret = new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
         ports = responder_ports(cfg.catalog, cfg.site, self.selection)
-        self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
+        self.links = [AgentLink(self, h, self.agent_parts(h)) for h in self.hosts]
 
         gate = asyncio.Semaphore(cfg.forks)
 
@@ -590,7 +600,9 @@ def run_mesh(cfg: MeshConfig) -> int:
             mesh={
                 "hosts": len(mesh.hosts),
                 "exec": cfg.exec_template or "ssh -o BatchMode=yes [{user}@]{address}",
-                "agent_cmd": cfg.agent_cmd if cfg.bundle is None else "bundle",
+                "agent_cmd": "bundle" if cfg.bundle is not None else (
+                    shlex.join(mesh.agent_parts(mesh.hosts[0])[1]) if mesh.hosts else cfg.agent_cmd
+                ),
                 "protocol": PROTOCOL_VERSION,
             },
             plan=plan_meta(cfg.catalog, cfg.site, mesh.selection),
