@@ -195,7 +195,11 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
 
 
 def natural_key(s: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+    """node2 before node10. ASCII digits only: '²' is a digit to str.isdigit, not to int()."""
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(s)))
+
+
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 class Cell:
@@ -303,6 +307,7 @@ class Run:
     unreachable: dict[str, str] = field(default_factory=dict)  # host name -> reason
     reqs: dict[str, Requirement] = field(default_factory=dict)
     results: int = 0
+    starts: int = 0  # start records seen: more than one means the run was fed twice
     pairs: int = 0
     pair_verdicts: dict[str, int] = field(default_factory=dict)
 
@@ -361,6 +366,7 @@ class Aggregate:
                 run.unreachable[rec["name"]] = str(rec.get("reason") or "")
                 run.host(rec["name"], rec.get("address"))
         elif t == "start":
+            run.starts += 1
             run.argv = rec.get("argv")
             run.listening = _expects_listening(run.argv) or rec.get("expect") == "listening"
             run.started = rec.get("ts")
@@ -450,6 +456,21 @@ class Aggregate:
                     cell.nunknown = 1
             else:
                 cell.note(verdict, fake)
+
+
+def duplicate_warning(run: Run) -> str | None:
+    """A run fed more than once (a truncated copy and the full file): the counts add up twice.
+    Flows are not remembered (memory stays O(hosts^2)), so this is told from the counts."""
+    over = run.planned is not None and run.results > run.planned
+    if not over and run.starts <= 1:
+        return None
+    what = f"{run.results} results for {run.planned} planned flows" if over else (
+        f"its start record {run.starts} times"
+    )
+    return (
+        f"duplicate results of one run: {what} (the same run fed twice, e.g. a truncated copy "
+        "and the full file?); counts include the duplicates"
+    )
 
 
 def _expects_listening(argv: Any) -> bool:

@@ -18,6 +18,7 @@ from scanner.report.aggregate import (
     Requirement,
     Run,
     compress_names,
+    duplicate_warning,
     natural_key,
     port_label,
 )
@@ -66,6 +67,9 @@ def _render_run(run: Run, multi: bool) -> Iterator[str]:
         + (f", started {run.started}" if run.started else "")
         + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
     )
+    dup = duplicate_warning(run)
+    if dup:
+        yield f"  warning: {dup}"
     if run.summary and run.planned is not None and run.summary.get("results") != run.planned:
         yield f"  warning: planned {run.planned} flows, summary counts {run.summary.get('results')}"
     if run.summary is None and run.results:
