@@ -331,7 +331,7 @@ def test_mesh_equals_ground_truth(faulted_lab, tmp_path: Path, protos: list[str]
             assert {"one-way", "fail", "pass"} <= kinds, (proto, kinds)
         assert code == 1
         assert summary["pairs"]["one-way"] == sum(v == "one-way" for v in pairs.values())
-        assert "ONE-WAY" in err and err.index("ONE-WAY") < err.index("FAIL ")
+        _assert_summary_is_the_report(recs, err, tmp_path)
 
 
 @pytest.mark.lab
@@ -359,7 +359,22 @@ def test_unreachable_host_is_reported_and_owes_every_flow(faulted_lab, tmp_path:
     pairs = [p for p in recs if p["type"] == "pair" and "ghost" in (p["a"], p["b"])]
     assert pairs and all(p["verdict"] == "unknown" for p in pairs)
     assert summary["hosts"]["unreachable"] == ["ghost"]
-    assert code == 1 and "UNREACHABLE ghost" in err
+    assert code == 1 and "unreachable: ghost (" in err
+    _assert_summary_is_the_report(recs, err, tmp_path)
+
+
+def _assert_summary_is_the_report(recs: list[dict], err: str, tmp: Path) -> None:
+    """Issue 20: the mesh's stderr summary is `portmesh report`'s text of the same run: the
+    same grouping ("node3 drops ... from every peer", one-way lines), the same matrix."""
+    from scanner.report import ReportConfig, run_report
+
+    f = tmp / f"report-{time.monotonic_ns()}.ndjson"
+    f.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    buf = io.BytesIO()
+    run_report(ReportConfig(inputs=[str(f)]), buf, io.StringIO())
+    report = buf.getvalue().decode().splitlines()
+    assert report[2].startswith("run ")  # header, blank, the run line: the mesh prints totals
+    assert err.splitlines()[1:] == report[3:], "\n".join(["MESH:", err, "REPORT:", *report])
 
 
 def _lab_leftovers(lab) -> list[str]:

@@ -410,6 +410,33 @@ class Aggregate:
             cur = req.cells[ck] = Cell(cur or 0)
         cur.note(verdict, rec, run.listening)
 
+    def add_passes(
+        self,
+        run: Run,
+        key: str,
+        proto: str,
+        src: tuple[str, str | None],
+        dst: tuple[str, str],
+        n: int,
+    ) -> None:
+        """``n`` passing results of one direction at once, for a caller that counted them
+        itself (the mesh coordinator: a Counter increment per result instead of ``add``).
+        ``src``/``dst`` are (name, address)."""
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        ck = run.host(*src) * STRIDE + run.host(*dst)
+        run.results += n
+        self.passes += n
+        req.npass += n
+        cur = req.cells.get(ck)
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
+
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
         record covered (an input filtered down to pair lines still gives a report)."""

@@ -56,17 +56,20 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
         yield f"note: {note}"
     for run in runs:
         yield ""
-        yield from _render_run(run, multi=len(runs) > 1)
+        yield from render_run(run)
 
 
-def _render_run(run: Run, multi: bool) -> Iterator[str]:
+def render_run(run: Run, header: bool = True) -> Iterator[str]:
+    """One run's part of the report; ``header=False`` leaves out its "run ID: command" line
+    (the mesh prints these lines under its own totals line)."""
     names = run.names
     what = shlex.join(run.argv) if run.argv else "?"
-    yield (
-        f"run {run.scan_id}: {what}"
-        + (f", started {run.started}" if run.started else "")
-        + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
-    )
+    if header:
+        yield (
+            f"run {run.scan_id}: {what}"
+            + (f", started {run.started}" if run.started else "")
+            + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
+        )
     dup = duplicate_warning(run)
     if dup:
         yield f"  warning: {dup}"
