@@ -83,6 +83,9 @@ class MeshConfig:
     progress: bool = False
     only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
     forks: int = 64  # execs (ssh handshakes, bundle copies) in progress at once, as Ansible's
+    # every agent on this machine (the loopback demo): each responder binds its host's
+    # address and each agent probes from it, so four hosts can share one machine's ports
+    local_bind: bool = False
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -506,9 +509,11 @@ class Mesh:
 
         async def respond(link: AgentLink) -> None:
             tcp, udp = ports.get(link.name, ("", ""))
-            link.send(
-                {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl, "witness": cfg.witness}
-            )
+            msg = {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl,
+                   "witness": cfg.witness}  # fmt: skip
+            if cfg.local_bind:
+                msg["bind"] = link.host.address
+            link.send(msg)
             link.ready_rec = await link.expect("ready", cfg.ready_timeout)
 
         await self._phase(self.links, hello)
@@ -529,6 +534,8 @@ class Mesh:
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
         }
+        if cfg.local_bind:
+            probe_msg["from_own_address"] = True
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 
         async def probe_one(link: AgentLink) -> None:
