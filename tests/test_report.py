@@ -761,3 +761,43 @@ def test_html_header_quotes_the_command(tmp_path: Path) -> None:
     assert code == 0
     assert "portmesh mesh -i inv.yml --exec 'ip netns exec nu2-{name}'" in page
     assert "run.command" in page and '(run.argv || []).join(" ")' not in page
+
+
+def _listening_run(tmp_path: Path) -> Path:
+    """check --expect listening from three hosts: node4 has nothing on tcp/10250 (closed)."""
+    recs = [{"type": "start", "scan_id": "L", "argv": ["portmesh", "check", "-i", "h.yml",
+             "--expect", "listening"], "planned": 3}]  # fmt: skip
+    for i in (1, 2, 3):
+        recs.append({"type": "result", "scan_id": "L", "src": f"198.18.0.{i}",
+                     "src_host": f"node{i}", "dst": "198.18.0.4", "host": "node4",
+                     "proto": "tcp", "port": 10250, "state": "closed", "reason": "reset",
+                     "req": "k8s.kubelet", "verdict": "fail"})  # fmt: skip
+    p = tmp_path / "listening.ndjson"
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    return p
+
+
+def test_expect_listening_text_says_nothing_listens_without_contradiction(tmp_path: Path) -> None:
+    code, text, _ = report(_listening_run(tmp_path))
+    assert code == 1
+    line = next(ln.strip() for ln in text.splitlines() if "node4" in ln and "10250" in ln)
+    assert line == (
+        "node4: nothing listening on tcp/10250 (closed, seen from every peer "
+        "(3 sources: node[1-3]))"
+    ), line
+    assert "rejected" not in text and "rejects" not in text
+
+
+def test_fix_with_nothing_to_open_writes_no_reload(tmp_path: Path) -> None:
+    p = _listening_run(tmp_path)
+    for kind in ("firewalld", "nftables", "iptables"):
+        code, script, _ = report(p, fix=kind)
+        assert code == 0
+        assert "firewall-cmd --reload" not in script and "nft list chain" not in script, kind
+        assert "not opened: k8s.kubelet" in script and "node4: nothing to open" in script
+        f = tmp_path / f"fix-{kind}.sh"
+        f.write_text(script)
+        assert subprocess.run(["sh", "-n", str(f)]).returncode == 0
+        cp = subprocess.run(["sh", str(f), "node4"], capture_output=True, text=True,
+                            env={**os.environ, "DRY_RUN": "1"})  # fmt: skip
+        assert cp.returncode == 0 and "nothing to open" in cp.stdout, cp
