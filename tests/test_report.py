@@ -801,3 +801,18 @@ def test_fix_with_nothing_to_open_writes_no_reload(tmp_path: Path) -> None:
         cp = subprocess.run(["sh", str(f), "node4"], capture_output=True, text=True,
                             env={**os.environ, "DRY_RUN": "1"})  # fmt: skip
         assert cp.returncode == 0 and "nothing to open" in cp.stdout, cp
+
+
+def test_natural_host_order_in_the_check_summary_and_the_report(tmp_path: Path) -> None:
+    """Issue 20: node2 before node10 everywhere, not string order."""
+    from scanner.core.model import natural_key
+    from scanner.engine.check import Failures
+
+    names = ["node1", "node10", "node11", "node2"]
+    assert sorted(names, key=natural_key) == ["node1", "node2", "node10", "node11"]
+    f = Failures()
+    for n in names:
+        f({"verdict": "fail", "req": "k8s.kubelet", "host": n, "dst": f"198.18.0.{n[4:]}",
+           "proto": "tcp", "port": 10250, "state": "filtered", "reason": "no-response"})  # fmt: skip
+    order = [ln.split("-> ")[1].split(" ")[0] for ln in f.lines()]
+    assert order == ["node1", "node2", "node10", "node11"], f.lines()

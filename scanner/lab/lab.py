@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.errors import InputError
 from scanner.lab.netns import (
     MAX_HOSTS,
@@ -278,7 +279,7 @@ def truth_summary(
         f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, {counts['fail']} fail -> {path}\n"
     )
     for (src, dst, proto, state, reason, req), ports in sorted(
-        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
+        groups.items(), key=lambda kv: tuple(natural_key(str(x)) for x in kv[0])
     ):
         pr = ranges_text(p for p in ports if p)
         what = f"{proto}/{pr}" if pr else proto

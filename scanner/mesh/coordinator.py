@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from scanner.core.model import natural_key
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
 from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
@@ -712,7 +713,7 @@ def run_mesh(cfg: MeshConfig) -> int:
         elapsed,
         verdicts={k: mesh.matrix.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
         pairs={k: pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
-        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable)},
+        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable, key=natural_key)},
         agents=agents,
         **({"interrupted": True} if mesh.interrupted else {}),
     )

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.core.verdicts import verdict
 
 VERDICTS = ("pass", "fail", "unknown")
@@ -194,12 +195,7 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(parts)
 
 
-def natural_key(s: str) -> tuple[Any, ...]:
-    """node2 before node10. ASCII digits only: '²' is a digit to str.isdigit, not to int()."""
-    return tuple(int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(s)))
 
-
-_DIGITS = re.compile(r"([0-9]+)")
 
 
 class Cell:
