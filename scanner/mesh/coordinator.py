@@ -170,20 +170,28 @@ class Matrix:
     def __init__(self) -> None:
         from scanner.report.aggregate import Aggregate
 
-        self.verdicts: Counter[str] = Counter()
-        self.passes: Counter[tuple[Any, ...]] = Counter()
+        self.verdicts: dict[str, int] = {}
+        # (req, src_host, host) -> passes; the rest of a direction's identity, once per key
+        self.passes: dict[tuple[Any, Any, Any], int] = {}
+        self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
         self.agg = Aggregate()
 
     def add(self, rec: dict[str, Any]) -> None:
-        v = rec.get("verdict") or "unknown"
-        self.verdicts[v] += 1
-        if v == "pass":
-            self.passes[
-                (rec.get("req"), rec.get("proto"), rec.get("src_host"), rec.get("src"),
-                 rec.get("host"), rec.get("dst"))
-            ] += 1  # fmt: skip
-        else:
+        get = rec.get
+        v = get("verdict") or "unknown"
+        vs = self.verdicts
+        vs[v] = vs.get(v, 0) + 1
+        if v != "pass":
             self.agg.add(rec)
+            return
+        key = (get("req"), get("src_host"), get("host"))
+        p = self.passes
+        n = p.get(key)
+        if n is None:
+            p[key] = 1
+            self.ends[key] = (get("proto"), get("src"), get("dst"))
+        else:
+            p[key] = n + 1
 
     def fold(self, mesh: Mesh, summary: dict[str, Any]) -> Any:
         """The report's Run of this mesh: passes merged, port labels from the plan."""
@@ -192,7 +200,9 @@ class Matrix:
         agg = self.agg
         run = agg.run(mesh.scan_id)
         run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
-        for (req, proto, sh, src, host, dst), n in self.passes.items():
+        for key, n in self.passes.items():
+            req, sh, host = key
+            proto, src, dst = self.ends[key]
             src_name = sh or src or "(local)"
             agg.add_passes(run, req or f"{proto}", str(proto), (src_name, src), (host or dst, dst), n)
         for name, reason in mesh.unreachable.items():
