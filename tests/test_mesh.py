@@ -507,7 +507,11 @@ def test_local_template_runs_this_interpreter_others_portmesh_agent() -> None:
     ]
     hint = start_hint(["ssh", "h"], ["portmesh", "agent"], 127, "bash: portmesh: command not found")
     assert "--agent-cmd" in hint and "--bundle" in hint
-    assert start_hint(["ssh", "h"], ["portmesh", "agent"], 255, "Permission denied (publickey)")
+    # ssh's own failures are not about the agent: no hint
+    assert start_hint(["ssh", "h"], ["portmesh", "agent"], 255, "Permission denied (publickey)") == ""
+    assert "--agent-cmd" in start_hint(
+        ["ip", "netns", "exec", "x"], ["portmesh", "agent"], 255, 'exec of "portmesh" failed'
+    )
     assert start_hint(["ssh", "h"], ["portmesh", "agent"], 1, "agent error: boom") == ""
 
 

@@ -104,8 +104,10 @@ def agent_words(prefix: Sequence[str], agent_cmd: str | None) -> list[str]:
 def start_hint(prefix: Sequence[str], agent: Sequence[str], code: int | None, tail: str) -> str:
     """What to do when an agent could not even start (no hello): "" when it is not that."""
     text = tail.lower()
+    if is_remote_shell(prefix) and code == 255:
+        return ""  # ssh's own failure (auth, host key, network): its message says it all
     missing = code in (126, 127) or any(
-        w in text for w in ("not found", "no such file", "exec of", "permission denied")
+        w in text for w in ("not found", "no such file", "exec of", "no module named")
     )
     if not missing:
         return ""
