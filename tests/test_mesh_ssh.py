@@ -130,7 +130,7 @@ def test_ssh_refused_key_is_an_unreachable_host(ssh_lab, tmp_path: Path) -> None
     assert all("Permission denied" in h["reason"] for h in hosts.values()), hosts
     summary = recs[-1]
     assert summary["planned"] == summary["results"] == 4
-    assert code == 1 and "UNREACHABLE node1" in err
+    assert code == 1 and "unreachable: node1 (" in err
 
 
 def test_ssh_without_portmesh_on_the_host_says_what_to_do(ssh_lab, tmp_path: Path) -> None:
