@@ -435,9 +435,7 @@ class Mesh:
     def agent_argv(self, host: Any) -> list[str]:
         cfg = self.cfg
         tpl = cfg.exec_template or transport.default_template(host.user)
-        prefix = transport.render(
-            tpl, host.inventory_name, host.address, host.user, host.cluster
-        )
+        prefix = transport.render(tpl, host.inventory_name, host.address, host.user, host.cluster)
         if cfg.bundle is not None:
             agent = transport.bootstrap_argv(cfg.bundle_python)
         else:

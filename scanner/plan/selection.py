@@ -154,8 +154,7 @@ def _canonical(selection: Selection, site: Site) -> Selection:
     sources = selection.sources
     if sources is not None:
         sources = frozenset(
-            canon_scanner if (k == scanner and canon_scanner) else one(k, False)
-            for k in sources
+            canon_scanner if (k == scanner and canon_scanner) else one(k, False) for k in sources
         )
     return dataclasses.replace(selection, sources=sources, scanner=canon_scanner)
 
