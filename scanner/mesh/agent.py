@@ -613,11 +613,16 @@ def probe_slice(
     result there gets ``held_verdict`` and a ``verdict_reason``."""
     from scanner.core.results import Result
     from scanner.core.verdicts import verdict
+    from scanner.engine.check import route_sources
     from scanner.engine.runner import RunSpec, run
-    from scanner.plan.planner import count_plan, plan
+    from scanner.plan.planner import count_plan, legs, plan
 
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
     held = unbound or {}
+    # src: the address packets leave from (as check records it), not only the inventory's
+    real = route_sources(
+        {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
+    )
 
     def flows() -> Iterator[Any]:
         for i, f in enumerate(plan(catalog, site, selection)):
@@ -629,6 +634,9 @@ def probe_slice(
         r.verdict = verdict(f.proto, r.state, expect, True)
         i = inflight.pop(f, None)
         extra = dict(r.extra) if r.extra else {}
+        src = real.get(f.dst)
+        if src is not None and src != f.src:
+            extra["src"] = src
         if held and f.port is not None:
             ports = held.get((f.dst, f.proto))
             if ports is not None and f.port in ports:
