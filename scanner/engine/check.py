@@ -115,7 +115,9 @@ def run_check(cfg: CheckConfig) -> int:
         cfg.engine.probe_options.source,
     )
     inventory_srcs = {a for leg in live_legs for _, a in leg.srcs if a is not None}
-    moved = {src: dst for dst, src in real.items() if src is not None and src not in inventory_srcs}
+    moved = {  # (a destination that is a local address, such as a VIP here, is no mismatch)
+        src for dst, src in real.items() if src is not None and src not in inventory_srcs | {dst}
+    }
     if inventory_srcs and moved:
         said = ", ".join(sorted(inventory_srcs))
         err.write(

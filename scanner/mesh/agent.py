@@ -573,7 +573,8 @@ def _unbound_in(v: Any) -> dict[tuple[str, str], frozenset[int]]:
 
 HELD_PASS = (
     "the destination's responder could not bind this port (another socket holds it, e.g. a "
-    "service on 127.0.0.1): the reset came from the host itself, so the path is open"
+    "service on 127.0.0.1): the reset or port-unreachable came from the host itself, so the "
+    "path is open"
 )
 HELD_UNKNOWN = (
     "the destination's responder could not bind this port (another socket holds it): "
