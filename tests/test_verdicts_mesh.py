@@ -162,6 +162,21 @@ def test_held_port_verdicts() -> None:
     assert unbound_ports(links) == {"198.18.9.1": {"tcp": "2381", "udp": "4789"}}
 
 
+def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
+    from scanner.mesh.agent import HELD_UNKNOWN
+    from scanner.mesh.pairs import PairJoin
+
+    join = PairJoin(["node1@a", "node1@b"])
+    base = {"type": "result", "req": "calico.vxlan", "proto": "udp", "port": 4789}
+    join.add({**base, "src_host": "node1@a", "host": "node1@b", "state": "open",
+              "reason": "responder", "verdict": "pass"})  # fmt: skip
+    join.add({**base, "src_host": "node1@b", "host": "node1@a", "state": "open|filtered",
+              "reason": "no-response", "verdict": "unknown", "verdict_reason": HELD_UNKNOWN})  # fmt: skip
+    (pair,) = join.pairs()
+    assert (pair["a"], pair["b"], pair["verdict"]) == ("node1@a", "node1@b", "unknown")
+    assert HELD_UNKNOWN in pair["reason"]
+
+
 # ---- item 5 in the lab: two clusters of node1/node2 over the mesh ----------------------------
 
 
