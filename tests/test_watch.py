@@ -378,10 +378,23 @@ def test_prometheus_sees_a_fault_fire_and_clear(make_lab, tmp_path: Path) -> Non
         # the probe budget: at most 20 probes/s per node (10 s window)
         res = _prom_query(base, "max(sum by (instance) (rate(portmesh_probes_total[10s])))")
         assert float(res[0]["value"][1]) <= 20.0, res
+        # the per-pair detail: `portmesh report` reads the event streams (latest state wins)
+        files = [str(tmp_path / f"{h.name}.ndjson") for h in lab.hosts]
+        rep = portmesh("report", *files)
+        assert rep.returncode == 1, rep.stdout + rep.stderr
+        assert "k8s.kubelet" in rep.stdout and n2.name in rep.stdout, rep.stdout
+        ecs = [
+            json.loads(x) for x in portmesh("report", "--format", "ecs", *files).stdout.splitlines()
+        ]
+        bad = [e for e in ecs if e["event"]["outcome"] == "failure"]
+        assert bad and {e["event"]["dataset"] for e in bad} == {"portmesh.watch"}
+        assert {e["rule"]["id"] for e in bad} == {"k8s.kubelet"}, [l for f in files for l in open(f) if "nodeport" in l and "fail" in l]
         # lift it: the metric and the alerts clear
         lab.run(n2.name, ["nft", "delete", "table", "inet", "pmwatch"], check=True)
         _wait(base, "sum(portmesh_flows_failing)", lambda r: r and float(r[0]["value"][1]) == 0, 30)
         _wait(base, 'ALERTS{alertstate="firing"}', lambda r: not r, 30)
+        rep = portmesh("report", *files)
+        assert rep.returncode == 0, rep.stdout + rep.stderr
         # a dead node: its agent stops; the absent-agent alert names it
         agents[lab.hosts[3].name].terminate()
         t_dead = time.monotonic()

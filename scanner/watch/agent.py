@@ -66,14 +66,19 @@ class WatchConfig:
 
 
 class PairStates:
-    """The last verdict per (requirement, peer, direction); events on change."""
+    """The last verdict per (requirement, peer, direction); one event record per change.
+
+    An event is shaped like a result record (src, dst, host, proto, port, state, reason, req,
+    verdict) plus the watch fields (node, peer, direction, from, to), so ``portmesh report``
+    turns a watch stream into ECS events and a heatmap of the latest states.
+    """
 
     def __init__(self, me: str, out: NdjsonOutput) -> None:
         self.me = me
         self.out = out
         self.state: dict[tuple[str, str, str], str] = {}
 
-    def set(self, req: str, peer: str, direction: str, new: str, detail: str) -> None:
+    def set(self, req: str, peer: str, direction: str, new: str, flow: dict[str, Any]) -> None:
         key = (req, peer, direction)
         old = self.state.get(key, "unknown")
         if new == "unknown" and key not in self.state:
@@ -84,13 +89,14 @@ class PairStates:
                 {
                     "type": "watch",
                     "ts": iso_ts(time.time()),
+                    **flow,
+                    "req": req,
+                    "verdict": new,
                     "node": self.me,
                     "peer": peer,
-                    "req": req,
                     "direction": direction,
                     "from": old,
                     "to": new,
-                    "detail": detail,
                 }
             )
 
@@ -157,10 +163,11 @@ async def _main(cfg: WatchConfig) -> int:
             target = tcp_ports if n.proto == "tcp" else udp_ports if n.proto == "udp" else None
             if target is not None:
                 target.update(p for p in n.ports if p is not None)
-    hits: list[set[tuple[str, str, int]]] = [set(), set()]  # this round's and the last one's
+    # (source address, proto, port) -> when its last probe arrived; pruned every round
+    hits: dict[tuple[str, str, int], float] = {}
 
     def on_hit(proto: str, src: str, port: int) -> None:
-        hits[0].add((src, proto, port))
+        hits[(src, proto, port)] = time.time()
 
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
     responder.on_hit = on_hit
@@ -233,22 +240,35 @@ async def _main(cfg: WatchConfig) -> int:
             for (req, peer), results in folded.items():
                 vs = [r.verdict for r in results]
                 new = "fail" if "fail" in vs else "pass" if "pass" in vs else "unknown"
-                bad = [r for r in results if r.verdict == "fail"] or results
-                r0 = bad[0]
-                detail = f"{r0.flow.proto}/{r0.flow.port} {r0.state} ({r0.reason})"
-                states.set(req, peer, "outgoing", new, detail)
+                r0 = ([r for r in results if r.verdict == new] or results)[0]
+                f = r0.flow
+                flow = {
+                    "src": f.src,
+                    "src_host": me,
+                    "dst": f.dst,
+                    "host": peer,
+                    "proto": f.proto,
+                    "port": f.port,
+                    "state": r0.state,
+                    "reason": r0.reason,
+                }
+                states.set(req, peer, "outgoing", new, flow)
                 sweep_visits += 1
                 sweep_judged += new != "unknown"
             # incoming: the previous round's visitors, judged now that a whole round has passed
             if done_rounds >= 1:
-                seen = hits[0] | hits[1]
+                # a probe of round r-1 is sent at or after its start; a small slack for
+                # clocks that NTP keeps close but not equal
+                since = (rnd - 1) * period - min(1.0, period / 10)
                 for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
                     witnessable = [p for p in ports if (need.proto, p) in bound]
                     if not witnessable:
                         continue  # a real service or the kernel holds it: not judged here
                     in_expected.add(src)
                     saddr = topo.addrs[topo.index(src)]
-                    arrived = any((saddr, need.proto, p) in seen for p in witnessable)
+                    arrived = any(
+                        hits.get((saddr, need.proto, p), 0.0) >= since for p in witnessable
+                    )
                     key = (need.req, src)
                     if arrived:
                         in_arrived.add(src)
@@ -257,15 +277,20 @@ async def _main(cfg: WatchConfig) -> int:
                         misses[key] = misses.get(key, 0) + 1
                         if misses[key] < MISSES_TO_FAIL:
                             continue  # one miss can be a late start or a skipped round
-                    states.set(
-                        need.req,
-                        src,
-                        "incoming",
-                        "pass" if arrived else "fail",
-                        f"{need.proto}/{schedule_ports(witnessable)} "
-                        + ("arrived" if arrived else f"never arrived ({misses[key]} visits)"),
-                    )
-            hits[1], hits[0] = hits[0], set()
+                    flow = {
+                        "src": saddr,
+                        "src_host": src,
+                        "dst": my_addr,
+                        "host": me,
+                        "proto": need.proto,
+                        "port": witnessable[0],
+                        "state": "open" if arrived else "filtered",
+                        "reason": "witnessed" if arrived else f"never-arrived-{misses[key]}-visits",
+                    }
+                    states.set(need.req, src, "incoming", "pass" if arrived else "fail", flow)
+            old = rnd * period - 3 * period
+            for hk in [hk for hk, ts in hits.items() if ts < old]:
+                del hits[hk]
             done_rounds += 1
             metrics.rounds = done_rounds
             failing = states.failing()
@@ -297,12 +322,6 @@ async def _main(cfg: WatchConfig) -> int:
 def round_length(topo: schedule.Topology, k: int, chunk: int, rate: float, floor: float) -> float:
     need = schedule.max_probes_per_round(topo, k, chunk) / rate * ROUND_MARGIN
     return max(floor, float(math.ceil(need)))
-
-
-def schedule_ports(ports: list[int | None]) -> str:
-    from scanner.core.ports import ports_text
-
-    return ports_text(p for p in ports if p is not None)
 
 
 async def _serve_http(
