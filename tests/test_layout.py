@@ -29,9 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     # mesh -> report: the mesh's stderr summary is the report's text (one grouping of faults)
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "report"},
     "report": {"top", "core"},
+    "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab"},
+                 "report", "lab", "watch"},
     "cli": {"top", "commands"},
 }
 
