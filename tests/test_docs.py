@@ -19,8 +19,9 @@ lab names cannot clash with other runs, so the docs' own lab name `pm` is used a
 placeholder). Before the docs' commands the test itself (not the docs) builds:
 
   - lab `pm` (4 hosts, responders), the lab the docs' `--exec 'ip netns exec pm-{name}'` names;
-  - the example lab `docs507` (4 hosts, responders), whose name hashes to 198.18.0.0/24, so
-    the docs' example addresses (`portmesh scan 198.18.0.2 ...`) are its hosts;
+  - the example lab `docs507` (4 hosts, responders, node3 drops tcp/10250), whose name hashes
+    to 198.18.0.0/24, so the docs' example addresses (`portmesh scan 198.18.0.2 ...`) are its
+    hosts;
   - in the working folder: hosts.yml / hosts.yaml / inventory.yml (the example lab's
     inventory), hosts.txt (two of its addresses) and mesh.ndjson (a mesh of it).
 
@@ -158,13 +159,17 @@ def _plan() -> tuple[list[dict], list[str]]:
 
 SETUP = [
     "portmesh lab up --name pm --hosts 4 > lab-pm.txt",
-    f"portmesh lab up --name {SCAN_LAB} --hosts 4 > lab-example.txt",
+    # one fault, so that the report and fix examples have something to show (a node3 section)
+    "printf 'faults:\\n  - {host: node3, direction: in, proto: tcp, ports: \"10250\", "
+    "action: drop}\\n' > example-faults.yml",
+    f"portmesh lab up --name {SCAN_LAB} --hosts 4 --faults example-faults.yml > lab-example.txt",
     "grep -q ' on 198.18.0.0/24' lab-example.txt",  # the docs' addresses are its hosts
     f"cp /run/portmesh/{SCAN_LAB}/inventory.yml inventory.yml && cp inventory.yml hosts.yml "
     "&& cp inventory.yml hosts.yaml",
     "printf '198.18.0.1\\n198.18.0.2  # two lab hosts\\n' > hosts.txt",
     f"portmesh mesh -i inventory.yml --exec 'ip netns exec {SCAN_LAB}-{{name}}' "
-    "--nodeport-sample 16 -o mesh.ndjson > /dev/null 2> mesh-setup.txt; test -s mesh.ndjson",
+    f"--secret-file /run/portmesh/{SCAN_LAB}/secret --nodeport-sample 16 -o mesh.ndjson "
+    "> /dev/null 2> mesh-setup.txt; grep -q 'node3 drops tcp/10250 from every peer' mesh-setup.txt",
 ]
 TEARDOWN = [f"portmesh lab down --name {n}" for n in ("pm", SCAN_LAB)]
 

@@ -520,9 +520,9 @@ def test_mesh_help_lists_only_what_mesh_takes() -> None:
         [sys.executable, "-m", "scanner", "mesh", "--help"], capture_output=True, text=True
     )
     assert cp.returncode == 0
-    for gone in ("--secret ", "--secret-file", "--source", "--workers"):
+    for gone in ("--source", "--workers"):
         assert gone not in cp.stdout, gone
-    for kept in ("--concurrency", "--rate", "--exec", "--agent-cmd", "--method"):
+    for kept in ("--concurrency", "--rate", "--exec", "--agent-cmd", "--method", "--secret-file"):
         assert kept in cp.stdout, kept
     cp = subprocess.run(
         [sys.executable, "-m", "scanner", "mesh", "--hosts", "127.0.0.2", "--workers", "2"],

@@ -12,9 +12,9 @@ verdicts are compared with the ground truth the faults imply, and the lab is rem
 
 Without root (no namespaces, no nftables, no raw sockets): the same story on loopback, as one
 `portmesh mesh` too: hosts 127.0.0.2-127.0.0.5, an agent per host on this machine whose
-responder binds its host's address and whose probes leave from it. A fault is a port the demo
-holds bound but not listening, so that host's responder cannot open it and a probe is answered
-with a reset (closed: a fail where a responder is expected). Drops, ICMP and IP-in-IP need root
+responder binds its host's address and whose probes leave from it. A fault is a port that host's
+responder leaves closed (MeshConfig.withhold), so a probe is answered with a reset (closed: a
+fail where a responder is expected). Drops, ICMP and IP-in-IP need root
 and are left out; the demo says so.
 
 Output: the story and the report (the mesh's summary) on stderr, about 35 lines; the NDJSON on
@@ -216,8 +216,6 @@ LOOPBACK_FAULTS = {"node1": {2380}, "node4": set(range(30100, 30200))}
 
 
 def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    import socket
-
     import yaml
 
     from scanner.mesh import MeshConfig, run_mesh
@@ -252,50 +250,41 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
                 "portmesh demo: also left out: tcp/22 (ssh), a port below 1024 that a responder "
                 "cannot open without CAP_NET_BIND_SERVICE.\n"
             )
-        holders: list[socket.socket] = []
-        try:
-            # the faults: ports held bound but not listening, so the host's responder cannot
-            # open them and a probe gets a reset (closed), as from a firewall's reject
-            for n, ports in LOOPBACK_FAULTS.items():
-                for port in sorted(ports):
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    holders.append(s)
-                    s.bind((addr[n], port))
-            err.write(
-                "portmesh demo: loopback cluster node1-node4 on 127.0.0.2-5; simulated faults:\n"
+        err.write(
+            "portmesh demo: loopback cluster node1-node4 on 127.0.0.2-5; simulated faults:\n"
+        )
+        err.write("  - node1 does not answer tcp/2380 (etcd peer)\n")
+        err.write("  - node4 does not answer tcp/30100-30199 (a NodePort slice)\n")
+        err.write(
+            "portmesh demo: `portmesh mesh` with every agent on this machine: each host's "
+            "responder on its own address, every host probes every peer from it\n"
+        )
+        catalog, site, selection = SelectionOptions(
+            inventories=(str(inv),), catalog_files=catalogs
+        ).resolve()
+        result_file = d / "demo.ndjson"
+        template = "env PORTMESH_DEMO_HOST={name}"  # runs here: the agent is this Python
+        mesh_rc = run_mesh(
+            MeshConfig(
+                catalog=catalog,
+                site=site,
+                selection=selection,
+                exec_template=template,
+                output=_mesh_output(result_file),
+                argv=["portmesh", "mesh", *sel, "--exec", template],
+                summary_to=err,
+                witness=False,
+                local_bind=True,
+                # the faults: each host's responder leaves these ports closed, so a probe
+                # gets a reset where a responder should answer, as from a firewall's reject
+                withhold={n: frozenset(ps) for n, ps in LOOPBACK_FAULTS.items()},
             )
-            err.write("  - node1 does not answer tcp/2380 (etcd peer)\n")
-            err.write("  - node4 does not answer tcp/30100-30199 (a NodePort slice)\n")
-            err.write(
-                "portmesh demo: `portmesh mesh` with every agent on this machine: each host's "
-                "responder on its own address, every host probes every peer from it\n"
-            )
-            catalog, site, selection = SelectionOptions(
-                inventories=(str(inv),), catalog_files=catalogs
-            ).resolve()
-            result_file = d / "demo.ndjson"
-            template = "env PORTMESH_DEMO_HOST={name}"  # runs here: the agent is this Python
-            mesh_rc = run_mesh(
-                MeshConfig(
-                    catalog=catalog,
-                    site=site,
-                    selection=selection,
-                    exec_template=template,
-                    output=_mesh_output(result_file),
-                    argv=["portmesh", "mesh", *sel, "--exec", template],
-                    summary_to=err,
-                    witness=False,
-                    local_bind=True,
-                )
-            )
-            if mesh_rc not in (0, 1):
-                raise RuntimeError(f"the mesh ended with exit code {mesh_rc}")
+        )
+        if mesh_rc not in (0, 1):
+            raise RuntimeError(f"the mesh ended with exit code {mesh_rc}")
 
-            def truth(rec: dict[str, Any]) -> tuple[bool, str]:
-                fail = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
-                return fail, "closed/fail" if fail else "open/pass"
+        def truth(rec: dict[str, Any]) -> tuple[bool, str]:
+            fail = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
+            return fail, "closed/fail" if fail else "open/pass"
 
-            return _finish(cfg, err, result_file, truth, "simulated", t0)
-        finally:
-            for s in holders:
-                s.close()
+        return _finish(cfg, err, result_file, truth, "simulated", t0)

@@ -88,6 +88,9 @@ class MeshConfig:
     # every agent on this machine (the loopback demo): each responder binds its host's
     # address and each agent probes from it, so four hosts can share one machine's ports
     local_bind: bool = False
+    # simulated faults (the loopback demo, where nftables needs root): host -> TCP ports its
+    # responder leaves closed, so a probe gets a reset where a responder should answer (fail)
+    withhold: dict[str, frozenset[int]] = field(default_factory=dict)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -112,8 +115,11 @@ def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
     return counts
 
 
-def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[str, str]]:
-    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on."""
+def responder_ports(
+    catalog: Any, site: Any, selection: Any, withhold: dict[str, frozenset[int]] | None = None
+) -> dict[str, tuple[str, str]]:
+    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on, less the
+    TCP ports ``withhold`` names for the host (a simulated fault: see MeshConfig.withhold)."""
     from scanner.plan.planner import legs
 
     hosts = {h.name for h in site.hosts()}
@@ -130,6 +136,7 @@ def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[
     out: dict[str, tuple[str, str]] = {}
     for name, items in want.items():
         tcp = {p for pr, ps in items if pr == "tcp" for p in ps if p is not None}
+        tcp -= (withhold or {}).get(name, frozenset())
         udp = {p for pr, ps in items if pr == "udp" for p in ps if p is not None}
         out[name] = (ranges(tcp), ranges(udp))
     return out
@@ -525,7 +532,7 @@ class Mesh:
         # hosts (a lab's): their ports answer our probes as our own responders would
         secret = given.decode() if given else new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
-        ports = responder_ports(cfg.catalog, cfg.site, self.selection)
+        ports = responder_ports(cfg.catalog, cfg.site, self.selection, cfg.withhold)
         self.links = [AgentLink(self, h, self.agent_parts(h)) for h in self.hosts]
 
         gate = asyncio.Semaphore(cfg.forks)
