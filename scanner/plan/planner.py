@@ -303,6 +303,16 @@ def requirements_for(catalog: Catalog, selection: Selection) -> Iterator[Require
             yield req
 
 
+def effective_ports(req: Requirement, eff: Effective) -> tuple[str | None, str | None]:
+    """A requirement's ports with its placeholders resolved for this cluster, and the kubespray
+    variable(s) they follow (None when the ports are fixed)."""
+    if req.ports is None:
+        return None, None
+    used = [n for n in _PLACEHOLDER_VARS if "${" + n in req.ports]
+    var = ",".join(_PLACEHOLDER_VARS[n] for n in used) or None
+    return expand_ports(req.ports, eff.port_values()) or req.ports, var
+
+
 def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, Any]:
     """What the plan was built from, for the start record of plan/check/mesh."""
     k = selection.nodeport_sample
