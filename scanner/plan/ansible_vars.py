@@ -117,7 +117,11 @@ class VarsDir:
         got = self._cache.get(key)
         if got is None:
             folder = self.base / (self.group_dir if kind == "group" else "host_vars")
-            got = [load_vars_path(p) for p in find_vars_files(folder, name)] if folder.is_dir() else []
+            got = (
+                [load_vars_path(p) for p in find_vars_files(folder, name)]
+                if folder.is_dir()
+                else []
+            )
             self._cache[key] = got
         return got
 
@@ -126,7 +130,9 @@ class VarsDir:
         if not folder.is_dir():
             return []
         return [
-            (_entry_name(n), folder / n) for n in sorted(os.listdir(folder)) if not n.startswith(".")
+            (_entry_name(n), folder / n)
+            for n in sorted(os.listdir(folder))
+            if not n.startswith(".")
         ]
 
     def check_hosts(self, known: Iterable[str], where: str) -> None:
@@ -145,7 +151,9 @@ def add_kubespray_groups(inv: Inventory) -> None:
     """kubespray's run-time groups (see the module docstring), as groups with children."""
     for group, sources in KUBESPRAY_GROUPS.items():
         have = inv.members((group,)) if group in inv.groups else set()
-        add = [s for s in sources if s in inv.groups and s != group and not inv.members((s,)) <= have]
+        add = [
+            s for s in sources if s in inv.groups and s != group and not inv.members((s,)) <= have
+        ]
         if not add:
             continue
         g = inv.group(group)
@@ -256,6 +264,7 @@ def host_layers(
     for d in dirs:
         d.check_hosts(inv.hostvars, inv.where)
     groups = host_groups(inv)
+
     def inv_group(g: str) -> list[VarsLayer]:
         v = inv.groups[g].vars if g in inv.groups else {}
         where = inv.origins.get(f"group {g}", inv.where)

@@ -172,7 +172,11 @@ def site_from_doc(doc: SiteDoc, cli: CliVars) -> Site:
                 )
             src = read[0]
             cluster_cli = CliVars(
-                [*site_layers, *_load_vars(_paths(c.get("vars"), base, f"{where}.vars")), *cli.items]
+                [
+                    *site_layers,
+                    *_load_vars(_paths(c.get("vars"), base, f"{where}.vars")),
+                    *cli.items,
+                ]
             )
             per_host = src.host_layers(cluster_cli)
             hosts = inventory_hosts(src.inventory, name, kind == "global", per_host)
@@ -191,7 +195,11 @@ def site_from_doc(doc: SiteDoc, cli: CliVars) -> Site:
                     for h in hosts
                 )
             cluster_cli = CliVars(
-                [*site_layers, *_load_vars(_paths(c.get("vars"), base, f"{where}.vars")), *cli.items]
+                [
+                    *site_layers,
+                    *_load_vars(_paths(c.get("vars"), base, f"{where}.vars")),
+                    *cli.items,
+                ]
             )
             per_host = {h.name: cluster_cli.layers(role_groups(h.roles)) for h in hosts}
         cluster = cluster_of(
@@ -216,5 +224,3 @@ def site_from_doc(doc: SiteDoc, cli: CliVars) -> Site:
     if len(globals_) > 1:
         raise InventoryError(f"{path}: more than one global cluster ({', '.join(globals_)})")
     return Site(tuple(clusters), bootstrap, site_vips, source=path)
-
-
