@@ -93,7 +93,7 @@ def _effective(catalog, inventories: tuple[str, ...], vars_files: tuple[str, ...
         if len(site.clusters) > 1:
             sys.stderr.write(f"portmesh catalog: ports of cluster {cluster.name}\n")
     else:
-        from scanner.plan.inventory import cluster_of
+        from scanner.plan.clusters import cluster_of
 
         per_host = {}
         if vars_files:

@@ -19,7 +19,7 @@ from scanner.core.model import Cluster, Host, Setting, Site
 from scanner.errors import InventoryError
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import CliVars, role_groups
-from scanner.plan.inventory import cluster_of, inventory_hosts, quick_hosts
+from scanner.plan.clusters import cluster_of, inventory_hosts, quick_hosts
 from scanner.plan.sources import SiteDoc, read_inventory_file
 
 # --------------------------------------------------------------------------- the site file
