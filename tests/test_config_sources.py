@@ -421,3 +421,57 @@ def test_check_probes_endpoints_and_unresolvable_names_are_unknown(tmp_path):
     assert summary["type"] == "summary" and summary["skipped"].get("unresolved") == 1
     start = recs[0]
     assert start["planned"] == len(results)
+
+
+# --------------------------------------------------------------------------- mesh and report
+
+
+def test_endpoints_cross_the_mesh_wire():
+    from scanner.mesh.agent import site_from_wire, site_to_wire
+
+    site = load_site([str(KUBEAN / "airgap.yml")])
+    back = site_from_wire(orjson.loads(orjson.dumps(site_to_wire(site))))
+    assert back.clusters[0].config.endpoints == site.clusters[0].config.endpoints
+    assert list(plan(load_catalog(), back, SEL)) == list(plan(load_catalog(), site, SEL))
+
+
+def test_mesh_probes_endpoints_from_every_agent_without_pair_records(tmp_path):
+    """A real mesh on loopback: two agents started through ``--exec env`` (this machine), the
+    registry a listener on 127.0.0.60. Every node probes it; no pair record names it."""
+    import socket
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.60", 0))
+    lst.listen(16)
+    port = lst.getsockname()[1]
+    try:
+        (tmp_path / "hosts.yml").write_text(
+            "all:\n  hosts:\n    node1: {ansible_host: 127.0.0.2}\n"
+            "    node2: {ansible_host: 127.0.0.3}\n  children:\n"
+            "    kube_control_plane: {hosts: {node1: }}\n    kube_node: {hosts: {node2: }}\n"
+            "    etcd: {hosts: {node1: }}\n"
+        )
+        (tmp_path / "group_vars").mkdir()
+        (tmp_path / "group_vars" / "all.yml").write_text(f'registry_host: "127.0.0.60:{port}"\n')
+        out = tmp_path / "mesh.ndjson"
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        p = subprocess.run(
+            [sys.executable, "-m", "scanner", "mesh", "-i", str(tmp_path / "hosts.yml"),
+             "--exec", "env", "--nodeport-sample", "1", "--method", "connect", "-o", str(out)],
+            capture_output=True, timeout=180, env=env,
+        )  # fmt: skip
+    finally:
+        lst.close()
+    assert p.returncode == 0, p.stderr
+    recs = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    ends = [r for r in recs if r["type"] == "result" and r["req"] == "endpoint.registry_host"]
+    assert sorted((r["src_host"], r["dst"], r["port"], r["state"]) for r in ends) == [
+        ("node1", "127.0.0.60", port, "open"),
+        ("node2", "127.0.0.60", port, "open"),
+    ]
+    pairs = [r for r in recs if r["type"] == "pair"]
+    assert pairs and not any(r["req"].startswith("endpoint.") for r in pairs)
+    summary = recs[-1]
+    assert summary["planned"] == summary["results"] == sum(r["type"] == "result" for r in recs)
+    rep = run("report", str(out))
+    assert rep.returncode == 0 and b"endpoint.registry_host" in rep.stdout
