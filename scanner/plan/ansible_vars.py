@@ -23,6 +23,7 @@ Pure but for reading the files named; every problem is one InventoryError naming
 from __future__ import annotations
 
 import os
+import re
 from collections import ChainMap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -344,11 +345,15 @@ def cluster_layers(
                 seen.add(id(layer))
                 all_layers.append(layer)
     names = deciding_names(all_layers)
+    # a layer that sets none of these names (nor a name their templates refer to) cannot change
+    # the decision: hosts that differ only in such layers (ansible_host, ip) are decided once
+    sensitive = _referenced(all_layers, names)
+    quiet: dict[int, bool] = {id(x): sensitive.isdisjoint(x.values) for x in all_layers}
     ref = _decided(ref_layers, names)
     by_signature: dict[tuple[int, ...], dict[str, Any]] = {}
     for h in ref_hosts[1:]:
         layers = per_host[h.name]
-        key = tuple(id(x) for x in layers)
+        key = tuple(id(x) for x in layers if not quiet[id(x)])
         got = by_signature.get(key)
         if got is None:
             got = by_signature[key] = _decided(layers, names)
@@ -369,9 +374,35 @@ def _said(values: Mapping[str, Any], name: str) -> str:
     return repr(values[name]) if name in values else "unset"
 
 
+_REF = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _referenced(layers: Sequence[VarsLayer], names: Iterable[str]) -> set[str]:
+    """``names`` and every variable their values' templates refer to, transitively."""
+    out = set(names)
+    frontier = list(out)
+    while frontier:
+        n = frontier.pop()
+        for layer in layers:
+            v = layer.values.get(n)
+            if isinstance(v, str) and "{{" in v:
+                for ref in _REF.findall(v):
+                    if ref not in out:
+                        out.add(ref)
+                        frontier.append(ref)
+    return out
+
+
+def _scalar(v: Any) -> Any:
+    """INI text and YAML values compare alike ("6443" == 6443, "True" == true)."""
+    if isinstance(v, (bool, int, float, str)):
+        return str(v).strip().lower()
+    return v
+
+
 def _decided(layers: Sequence[VarsLayer], names: Sequence[str]) -> dict[str, Any]:
     view = chain(layers)
     values, bad = kubean.resolve_templates(view, names)
-    out = {n: values[n] for n in names if n in values and values[n] is not None}
+    out = {n: _scalar(values[n]) for n in names if n in values and values[n] is not None}
     out.update({n: f"unresolved {raw}" for n, raw in bad.items()})
     return out

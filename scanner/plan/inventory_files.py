@@ -44,6 +44,7 @@ class _Group:
     children: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
     defined: bool = False  # had a body somewhere (a bare reference does not define a group)
+    members: set[str] = field(default_factory=set, repr=False)  # = set(hosts), for O(1) adds
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Inventory:
     def add_host(self, group: str, name: str, hvars: Mapping[str, Any] | None) -> None:
         self.hostvars.setdefault(name, {}).update(hvars or {})
         g = self.group(group)
-        if name not in g.hosts:
+        if name not in g.members:
+            g.members.add(name)
             g.hosts.append(name)
 
     def members(self, names: Iterable[str]) -> set[str]:
@@ -117,7 +119,10 @@ class Inventory:
                 self.origins[f"group {name}"] = other.where
             mine = self.group(name)
             mine.defined = mine.defined or g.defined
-            mine.hosts.extend(h for h in g.hosts if h not in mine.hosts)
+            for h in g.hosts:
+                if h not in mine.members:
+                    mine.members.add(h)
+                    mine.hosts.append(h)
             mine.children.extend(c for c in g.children if c not in mine.children)
             mine.vars.update(g.vars)
 
