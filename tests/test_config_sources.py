@@ -421,6 +421,7 @@ def test_check_probes_endpoints_and_unresolvable_names_are_unknown(tmp_path):
     assert summary["type"] == "summary" and summary["skipped"].get("unresolved") == 1
     start = recs[0]
     assert start["planned"] == len(results)
+    assert "UNKNOWN endpoint.files_repo" in res["err"] and "files.portmesh.invalid" in res["err"]
 
 
 # --------------------------------------------------------------------------- mesh and report
@@ -475,3 +476,15 @@ def test_mesh_probes_endpoints_from_every_agent_without_pair_records(tmp_path):
     assert summary["planned"] == summary["results"] == sum(r["type"] == "result" for r in recs)
     rep = run("report", str(out))
     assert rep.returncode == 0 and b"endpoint.registry_host" in rep.stdout
+
+
+def test_group_vars_folder_applies_to_hosts_given_by_role():
+    gv = KS / "mycluster" / "group_vars"
+    site = load_site(hosts=["198.18.9.1,198.18.9.2"], role="node", vars_files=[str(gv)])
+    fl = [flow_record(f) for f in plan(load_catalog(), site, SEL)]
+    # --role node puts the hosts in k8s_cluster: group_vars/k8s_cluster applies
+    assert "calico.bgp" in reqs(fl) and "endpoint.registry_host" in reqs(fl)
+    site = load_site(hosts=["198.18.9.1"], role="etcd", vars_files=[str(gv)])
+    # an etcd-only host is not in k8s_cluster: only group_vars/all reaches it
+    assert site.clusters[0].config.features["bgp"].value is False
+    assert [e.name for e in site.clusters[0].config.endpoints] == ["registry_host", "files_repo"]
