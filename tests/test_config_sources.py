@@ -422,6 +422,9 @@ def test_check_probes_endpoints_and_unresolvable_names_are_unknown(tmp_path):
     start = recs[0]
     assert start["planned"] == len(results)
     assert "UNKNOWN endpoint.files_repo" in res["err"] and "files.portmesh.invalid" in res["err"]
+    from test_schema import errors  # scanner/schema.json, the one the other outputs meet
+
+    assert [(r["type"], errors(r)) for r in recs if errors(r)] == []
 
 
 # --------------------------------------------------------------------------- mesh and report
