@@ -154,12 +154,24 @@ def _from_configmaps(docs: list[Any], path: str) -> list[ClusterSource]:
     return [source(_strip_suffix(hosts_cms[0].name), hosts_cms[0], vars_cms)]
 
 
+def _documents(text: str, path: str) -> list[Any]:
+    """The YAML documents of a file; JSON (ansible-inventory output can be large) via orjson."""
+    if text.lstrip().startswith("{"):
+        import orjson
+
+        try:
+            return [orjson.loads(text)]
+        except orjson.JSONDecodeError:
+            pass  # YAML flow style, or broken: the YAML loader says where
+    return [d for d in kubean.load_yaml_documents(text, path) if d is not None]
+
+
 def _ansible_file(path: str, text: str, docs: list[Any] | None) -> Inventory:
     """An Ansible inventory file (INI, YAML, or ansible-inventory JSON), or an error."""
     if looks_like_ini(text):
         return parse_ini_inventory(text, path)
     if docs is None:
-        docs = [d for d in kubean.load_yaml_documents(text, path) if d is not None]
+        docs = _documents(text, path)
     if not docs:
         raise InventoryError(f"{path}: empty inventory")
     first = docs[0]
@@ -181,7 +193,7 @@ def read_inventory_file(path: str) -> list[ClusterSource] | SiteDoc:
     beside = [VarsDir(Path(path).parent)]
     if looks_like_ini(text):
         return [ClusterSource(stem, parse_ini_inventory(text, path), beside)]
-    docs = [d for d in kubean.load_yaml_documents(text, path) if d is not None]
+    docs = _documents(text, path)
     if not docs:
         raise InventoryError(f"{path}: empty inventory")
     if any(kubean.is_kubernetes_object(d) for d in docs):
@@ -239,7 +251,7 @@ def read_inventory_dir(path: str) -> ClusterSource:
         text = kubean.read_text(p, "inventory")
         docs = None
         if not looks_like_ini(text):
-            docs = [d for d in kubean.load_yaml_documents(text, p) if d is not None]
+            docs = _documents(text, p)
             if any(kubean.is_kubernetes_object(d) for d in docs) or any(
                 isinstance(d, dict) and ("portmesh_site" in d or "site" in d) for d in docs
             ):
