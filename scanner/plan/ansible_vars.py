@@ -82,11 +82,13 @@ def _dir_files(path: Path) -> list[Path]:
     return out
 
 
-def find_vars_files(folder: Path, name: str) -> list[Path]:
-    """The files Ansible reads for group or host ``name`` in ``folder`` (see the docstring)."""
-    base = folder / name
+def find_vars_files(folder: Path, name: str, listing: set[str] | None = None) -> list[Path]:
+    """The files Ansible reads for group or host ``name`` in ``folder`` (see the docstring).
+    ``listing``: the folder's entries, read once by the caller (no stat per missing name)."""
     for ext in VARS_EXTS:
-        p = Path(str(base) + ext)
+        if listing is not None and name + ext not in listing:
+            continue
+        p = folder / (name + ext)
         if p.is_dir():
             return _dir_files(p)
         if p.exists():
@@ -112,15 +114,28 @@ class VarsDir:
     base: Path
     group_dir: str = "group_vars"
     _cache: dict[tuple[str, str], list[VarsLayer]] = field(default_factory=dict)
+    _listings: dict[str, set[str]] = field(default_factory=dict)
+
+    def _listing(self, folder: Path) -> set[str]:
+        key = str(folder)
+        got = self._listings.get(key)
+        if got is None:
+            try:
+                got = set(os.listdir(folder)) if folder.is_dir() else set()
+            except OSError as e:
+                raise InventoryError(f"{folder}: cannot read folder: {e.strerror or e}") from None
+            self._listings[key] = got
+        return got
 
     def layers(self, kind: str, name: str) -> list[VarsLayer]:
         key = (kind, name)
         got = self._cache.get(key)
         if got is None:
             folder = self.base / (self.group_dir if kind == "group" else "host_vars")
+            listing = self._listing(folder)
             got = (
-                [load_vars_path(p) for p in find_vars_files(folder, name)]
-                if folder.is_dir()
+                [load_vars_path(p) for p in find_vars_files(folder, name, listing)]
+                if listing
                 else []
             )
             self._cache[key] = got
@@ -380,16 +395,16 @@ _REF = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)")
 def _referenced(layers: Sequence[VarsLayer], names: Iterable[str]) -> set[str]:
     """``names`` and every variable their values' templates refer to, transitively."""
     out = set(names)
-    frontier = list(out)
+    frontier = set(out)
     while frontier:
-        n = frontier.pop()
+        new: set[str] = set()
         for layer in layers:
-            v = layer.values.get(n)
-            if isinstance(v, str) and "{{" in v:
-                for ref in _REF.findall(v):
-                    if ref not in out:
-                        out.add(ref)
-                        frontier.append(ref)
+            for n in layer.values.keys() & frontier:
+                v = layer.values[n]
+                if isinstance(v, str) and "{{" in v:
+                    new.update(r for r in _REF.findall(v) if r not in out)
+        out |= new
+        frontier = new
     return out
 
 
