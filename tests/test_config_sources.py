@@ -491,3 +491,43 @@ def test_group_vars_folder_applies_to_hosts_given_by_role():
     # an etcd-only host is not in k8s_cluster: only group_vars/all reaches it
     assert site.clusters[0].config.features["bgp"].value is False
     assert [e.name for e in site.clusters[0].config.endpoints] == ["registry_host", "files_repo"]
+
+
+# --------------------------------------------------------------------------- endpoint values
+
+ENDPOINT_VALUES = [
+    # (variables, expected (name, host, port, vars) endpoints)
+    ({"registry_host": "198.18.3.5:5000"}, [("registry_host", "198.18.3.5", 5000)]),
+    ({"registry_host": "reg.example"}, [("registry_host", "reg.example", 443)]),
+    ({"minio_address": "198.18.3.6"}, [("minio_address", "198.18.3.6", 9000)]),
+    ({"files_repo": "https://files.example/x"}, [("files_repo", "files.example", 443)]),
+    ({"files_repo": "http://files.example/x"}, [("files_repo", "files.example", 80)]),
+    ({"quay_image_repo": "198.18.3.5:5000/quay.io"}, [("quay_image_repo", "198.18.3.5", 5000)]),
+    # only the authority must resolve: kube_version is unknown here
+    (
+        {
+            "files_repo": "http://198.18.3.7:8080",
+            "kubeadm_download_url": "{{ files_repo }}/v{{ kube_version }}/kubeadm",
+        },
+        [("files_repo", "198.18.3.7", 8080)],
+    ),
+    # the host itself behind an unknown variable: not planned
+    ({"github_url": "https://{{ mirror_host }}/github.com"}, []),
+    ({"registry_host": "[2001:2::5]:5000"}, [("registry_host", "2001:2::5", 5000)]),
+    ({"bin_dir": "/usr/local/bin", "kube_proxy_mode": "ipvs"}, []),
+]
+
+
+@pytest.mark.parametrize(("values", "want"), ENDPOINT_VALUES)
+def test_endpoint_values(values, want):
+    from scanner.plan.kubean import VarsLayer, cluster_config
+
+    cfg = cluster_config([VarsLayer("v.yml", values)])
+    assert [(e.name, e.host, e.port) for e in cfg.endpoints] == want
+
+
+def test_endpoint_value_that_is_no_host_names_file_and_variable():
+    from scanner.plan.kubean import VarsLayer, cluster_config
+
+    with pytest.raises(InventoryError, match=r"^v\.yml: variable kube_image_repo: "):
+        cluster_config([VarsLayer("v.yml", {"kube_image_repo": "bad host:x/y"})])
