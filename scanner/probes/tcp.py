@@ -64,6 +64,12 @@ _MSG_ERRQUEUE = socket.MSG_ERRQUEUE
 # (level, option) that turns on the error queue, per address family
 _RECVERR = {_AF_INET: (_SOL_IP, IP_RECVERR), _AF_INET6: (SOL_IPV6, IPV6_RECVERR)}
 _RECVERR_CMSG = ((_SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR))
+# How long an open port's first bytes may take to be our responder's token. The handshake is the
+# kernel's; the token needs the responder process to run, and on a loaded host (many processes,
+# few cores) it can be descheduled for hundreds of milliseconds: the old 0.2 s floor turned such
+# ports into open/syn-ack (not ours), a false verdict. Only open ports that are not our
+# responder and never speak first wait this long (nmap's NULL probe waits 6 s for a banner).
+TOKEN_WAIT = 2.0
 # a self-connect is made again this many times before it is reported (closed/self-connect)
 SELF_CONNECT_TRIES = 3
 
@@ -257,7 +263,7 @@ class TcpProber:
         assert loop is not None and self.secret is not None
         want = tcp_token(self.secret, port)
         got = b""
-        deadline = loop.time() + max(timeout, 0.2)
+        deadline = loop.time() + max(timeout, TOKEN_WAIT)
         fd = sock.fileno()
         while len(got) < TOKEN_LEN:
             try:
