@@ -28,9 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "responder": {"top", "core"},
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "report": {"top", "core"},
+    "ansible": {"top"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab"},
+                 "report", "lab", "ansible"},
     "cli": {"top", "commands"},
 }
 

@@ -16,10 +16,15 @@ from scanner.errors import InputError
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["text", "html", "ecs"]),
+    type=click.Choice(["text", "html", "ecs", "ndjson"]),
     default="text",
     show_default=True,
-    help="text: findings + matrix; html: one self-contained page; ecs: Elastic Common Schema NDJSON.",
+    help="text: findings + matrix; html: one self-contained page; ecs: Elastic Common Schema NDJSON; ndjson: portmesh's own records (with --join: the joined mesh run).",
+)
+@click.option(
+    "--join",
+    is_flag=True,
+    help="The inputs are per-host `check` files of one mesh (and the responders' files, for the witness): join them into one run with the pair records and one-way verdicts of `portmesh mesh`; a mesh-style summary goes to stderr.",
 )
 @click.option(
     "--fix",
@@ -49,6 +54,7 @@ def command(
     nft_chain: str,
     output: str | None,
     title: str | None,
+    join: bool,
 ) -> int:
     """Report on NDJSON from `scan`, `check` or `mesh` (files, or stdin: `portmesh mesh ... | portmesh report`).
 
@@ -66,13 +72,19 @@ def command(
     config = ReportConfig(
         inputs=paths, fmt=fmt, fix=fix, nft_table=nft_table, nft_chain=nft_chain, title=title
     ).validate()
+
+    def run(out) -> int:
+        if not join:
+            return run_report(config, out)
+        return _joined(config, out)
+
     if output is None:
-        return run_report(config, sys.stdout.buffer)
+        return run(sys.stdout.buffer)
     # write next to the target and rename, so a failed run leaves no half-written report
     tmp = f"{output}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
-            code = run_report(config, fh)
+            code = run(fh)
         if fix is not None:
             os.chmod(tmp, 0o755)
         os.replace(tmp, output)
@@ -82,3 +94,50 @@ def command(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return code
+
+
+def _joined(config, out) -> int:
+    """``--join``: per-host check files -> one mesh run (scanner.mesh.join), then the view."""
+    from scanner.mesh.join import JOIN_TYPES, JoinStats, human_summary, join_records
+    from scanner.report import run_report
+    from scanner.report.reader import ReadStats, read_records
+
+    planned = _planned_up_front(config.inputs)
+    stats, jstats = ReadStats(), JoinStats()
+    records = join_records(
+        read_records(config.inputs, stats, extra=JOIN_TYPES),
+        ["portmesh", *sys.argv[1:]],
+        planned=planned,
+        stats=jstats,
+    )
+    code = run_report(config, out, records=records, stats=stats)
+    for line in human_summary(jstats):
+        sys.stderr.write(line + "\n")
+    return code
+
+
+def _planned_up_front(paths: list[str]) -> int | None:
+    """The sum of the files' start records' planned (first lines), None if one cannot say."""
+    import gzip
+
+    import orjson
+
+    total = 0
+    for p in paths:
+        if p == "-":
+            return None
+        try:
+            with gzip.open(p, "rb") if p.endswith(".gz") else open(p, "rb") as fh:
+                first = fh.readline()
+        except OSError:
+            return None  # the reader reports it
+        try:
+            rec = orjson.loads(first)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("type") == "start":
+            n = rec.get("planned")
+            if not isinstance(n, int):
+                return None
+            total += n
+    return total

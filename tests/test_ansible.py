@@ -1,0 +1,271 @@
+"""The playbook (scanner/ansible/portmesh.yml) run by real ansible-playbook on lab hosts, the
+join of per-host check files, and Kubean's ConfigMap + ClusterOperation parsed back.
+
+A lab namespace is an Ansible host: ``ansible_connection: local`` with an
+``ansible_python_interpreter`` wrapper that runs ``ip netns exec NS python3 "$@"``, so every
+module (and every command it runs: the responder, the check) runs inside that host's netns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from scanner.ansible import playbook_text
+from scanner.ansible.kubean import kubean_documents
+from scanner.lab.faults import Fault
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ANSIBLE = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which("ansible-playbook")
+needs_ansible = pytest.mark.skipif(ANSIBLE is None, reason="needs ansible-core (test extras)")
+
+# node3 -> node2 on tcp/7000 dropped (one-way); node1 <-> node4 udp/5000 dropped both ways
+FAULTS = [
+    Fault("node2", "in", "tcp", ((7000, 7000),), "drop", "node3"),
+    Fault("node4", "in", "udp", ((5000, 5000),), "drop", "node1"),
+    Fault("node1", "in", "udp", ((5000, 5000),), "drop", "node4"),
+]
+CATALOG = """
+[[requirement]]
+id = "lab.tcp"
+component = "lab"
+proto = "tcp"
+ports = "2380,7000"
+description = "lab tcp"
+dst_role = "node"
+src_roles = ["node"]
+
+[[requirement]]
+id = "lab.udp"
+component = "lab"
+proto = "udp"
+ports = "5000"
+description = "lab udp"
+dst_role = "node"
+src_roles = ["node"]
+"""
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
+
+
+def lab_catalog(path: Path) -> Path:
+    from scanner.catalog import load_catalog
+
+    text = "".join(f'[[requirement]]\nid = "{r.id}"\ndisabled = true\n\n' for r in load_catalog())
+    path.write_text(text + CATALOG)
+    return path
+
+
+def ansible_inventory(lab, tmp: Path) -> Path:
+    """The lab's kubespray inventory, every host reached through its own netns."""
+    from scanner.lab.lab import inventory_doc
+
+    doc = inventory_doc(lab)
+    for h in lab.hosts:
+        wrapper = tmp / f"python-{h.name}"
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {h.ns} /usr/bin/python3 "$@"\n')
+        wrapper.chmod(0o755)
+        doc["all"]["hosts"][h.name].update(
+            {"ansible_connection": "local", "ansible_python_interpreter": str(wrapper)}
+        )
+    path = tmp / "hosts.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def ansible_playbook(inv: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    book = tmp / "portmesh.yml"
+    cp = run([sys.executable, "-m", "scanner", "ansible", "playbook"])
+    assert cp.returncode == 0, cp.stderr
+    book.write_text(cp.stdout)
+    env = {
+        **os.environ,
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "ansible-local"),
+        "ANSIBLE_HOME": str(tmp / "ansible-home"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "ANSIBLE_HOST_KEY_CHECKING": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    assert ANSIBLE is not None
+    return run(
+        [ANSIBLE, "-i", str(inv), str(book), "-f", "8", *extra], cwd=tmp, env=env
+    )
+
+
+def records(path: Path) -> list[dict]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+# ---- without a lab --------------------------------------------------------------------------
+
+
+def test_playbook_is_package_data_and_valid_yaml() -> None:
+    cp = run([sys.executable, "-m", "scanner", "ansible", "playbook"])
+    assert cp.returncode == 0 and cp.stdout == playbook_text()
+    plays = yaml.safe_load(cp.stdout)
+    assert [p["hosts"] for p in plays] == ["{{ portmesh_hosts | default('all') }}", "localhost"]
+    assert plays[0]["strategy"] == "linear"  # every task a barrier over all hosts
+    text = cp.stdout
+    for var in ("portmesh_results", "portmesh_with", "portmesh_without", "portmesh_cni",
+                "portmesh_nodeport_sample", "portmesh_emit", "portmesh_bundle"):  # fmt: skip
+        assert var in text, var
+
+
+@needs_ansible
+def test_playbook_passes_ansible_syntax_check(tmp_path: Path) -> None:
+    book = tmp_path / "portmesh.yml"
+    book.write_text(playbook_text())
+    inv = tmp_path / "hosts.ini"
+    inv.write_text("node1 ansible_connection=local\n")
+    cp = run([ANSIBLE, "-i", str(inv), str(book), "--syntax-check"],  # type: ignore[list-item]
+             env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")})  # fmt: skip
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_kubean_yaml_parses_back_with_the_prehook_and_the_playbook() -> None:
+    cp = run([sys.executable, "-m", "scanner", "ansible", "kubean", "--cluster", "cluster1",
+              "-e", "portmesh_nodeport_sample=16"])  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    cm, op = list(yaml.safe_load_all(cp.stdout))
+    assert cm["kind"] == "ConfigMap" and cm["apiVersion"] == "v1"
+    assert cm["metadata"] == {"name": "cluster1-portmesh", "namespace": "kubean-system",
+                              "labels": {"app.kubernetes.io/name": "portmesh"}}  # fmt: skip
+    assert cm["data"]["portmesh.yml"] == playbook_text()  # byte for byte
+    assert op["apiVersion"] == "kubean.io/v1alpha1" and op["kind"] == "ClusterOperation"
+    spec = op["spec"]
+    assert spec["cluster"] == "cluster1" and spec["action"] == "cluster.yml"
+    assert spec["actionType"] == "playbook" and spec["image"]
+    (hook,) = spec["preHook"]
+    assert hook == {
+        "actionType": "playbook",
+        "action": "portmesh.yml",
+        "actionSource": "configmap",
+        "actionSourceRef": {"name": "cluster1-portmesh", "namespace": "kubean-system"},
+        "extraArgs": "-e portmesh_nodeport_sample=16",
+    }
+    # the data matches the function's, and the ConfigMap holds the key the hook names
+    assert [cm, op] == kubean_documents("cluster1", extra_args="-e portmesh_nodeport_sample=16")
+    assert hook["action"] in cm["data"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--cluster", "Bad_Name"], ["--cluster", "c1", "-e", "novalue"], ["--cluster", "c1", "--image", " "]],
+)
+def test_kubean_bad_input_is_one_line(argv: list[str]) -> None:
+    cp = run([sys.executable, "-m", "scanner", "ansible", "kubean", *argv])
+    assert cp.returncode == 2 and cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr
+
+
+# ---- the lab --------------------------------------------------------------------------------
+
+
+def _expected_pairs() -> dict[tuple[str, str, str], str]:
+    hosts = [f"node{i}" for i in range(1, 5)]
+    out = {}
+    for req in ("lab.tcp", "lab.udp"):
+        for a in hosts:
+            for b in hosts:
+                if a < b:
+                    out[(req, a, b)] = "pass"
+    out[("lab.tcp", "node2", "node3")] = "one-way"
+    out[("lab.udp", "node1", "node4")] = "fail"
+    return out
+
+
+@pytest.mark.lab
+@needs_ansible
+def test_playbook_on_a_faulted_lab_fails_naming_the_one_way_pair(make_lab, tmp_path: Path) -> None:
+    lab = make_lab(hosts=4)
+    lab.apply_faults(FAULTS)
+    inv = ansible_inventory(lab, tmp_path)
+    cat = lab_catalog(tmp_path / "lab.toml")
+    cp = ansible_playbook(
+        inv, tmp_path,
+        "-e", f"portmesh_cmd='{sys.executable} -m scanner'",
+        "-e", f"portmesh_local_cmd='{sys.executable} -m scanner'",
+        "-e", orjson.dumps({"portmesh_catalog": [str(cat)], "portmesh_results": "out"}).decode(),
+    )  # fmt: skip
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0, log[-3000:]  # the play failed ...
+    assert "fail when a required flow fails" in log, log[-4000:]
+    fail_at = log.index("fail when a required flow fails")
+    tail = log[fail_at:]
+    assert "failed:" in tail or "fatal:" in tail, tail[-2000:]
+    # ... naming the one-way pair, with the direction that fails
+    assert "ONE-WAY lab.tcp" in tail and "node2 <-> node3" in tail
+    assert "node3 -> node2: tcp/7000 filtered (no-response)" in tail
+    # every host probed and its NDJSON was fetched to the control node
+    out = tmp_path / "out"
+    for h in lab.hosts:
+        check = records(out / h.name / "check.ndjson")
+        assert check[0]["type"] == "start" and check[-1]["type"] == "summary"
+        assert check[-1]["results"] == check[0]["planned"] == 9  # 3 peers x (2 tcp + 1 udp)
+        assert any(r["type"] == "ready" for r in records(out / h.name / "respond.ndjson"))
+    # the joined run is mesh's: one scan_id, every flow, the pair verdicts of the ground truth
+    joined = records(out / "mesh.ndjson")
+    assert joined[0]["type"] == "start" and joined[-1]["type"] == "summary"
+    assert len({r["scan_id"] for r in joined}) == 1
+    results = [r for r in joined if r["type"] == "result"]
+    summary = joined[-1]
+    assert summary["planned"] == summary["results"] == len(results) == 36
+    pairs = {(p["req"], p["a"], p["b"]): p["verdict"] for p in joined if p["type"] == "pair"}
+    assert pairs == _expected_pairs()
+    assert summary["pairs"] == {"pass": 10, "fail": 1, "one-way": 1, "unknown": 0}
+    fails = Counter((r["src_host"], r["host"], r["port"]) for r in results if r["verdict"] == "fail")
+    assert fails == Counter({("node3", "node2", 7000): 1, ("node1", "node4", 5000): 1,
+                             ("node4", "node1", 5000): 1})  # fmt: skip
+    assert (out / "report.html").stat().st_size > 0
+    # nothing left behind in the hosts: responders stopped, temporary directories removed
+    for h in lab.hosts:
+        ss = lab.run(h.name, ["ss", "-Htuln"], capture_output=True, text=True).stdout.strip()
+        assert not ss, (h.name, ss)
+
+
+@pytest.mark.lab
+@needs_ansible
+def test_playbook_with_a_bundle_on_hosts_with_only_python3(make_lab, tmp_path: Path) -> None:
+    """Hosts run /usr/bin/python3 with no portmesh and no dependency: everything comes from
+    the wheels of portmesh_bundle (as built for an air-gapped site)."""
+    bare = run(["/usr/bin/python3", "-c", "import orjson"])
+    if bare.returncode == 0:
+        pytest.skip("/usr/bin/python3 has orjson: not a bare python3")
+    wheels = tmp_path / "wheels"
+    cp = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)])
+    if cp.returncode != 0:
+        pytest.skip(f"cannot build the portmesh wheel: {cp.stderr.strip()[-200:]}")
+    cp = run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),
+              "--only-binary=:all:", "--python-version", "3.11",
+              "uvloop", "scapy", "orjson", "click", "PyYAML"])  # fmt: skip
+    if cp.returncode != 0:
+        pytest.skip(f"cannot download the dependency wheels: {cp.stderr.strip()[-200:]}")
+    lab = make_lab(hosts=4)
+    lab.apply_faults(FAULTS[:1])
+    inv = ansible_inventory(lab, tmp_path)
+    cat = lab_catalog(tmp_path / "lab.toml")
+    cp = ansible_playbook(
+        inv, tmp_path,
+        "-e", "portmesh_cmd=/nonexistent/portmesh",  # never used with a bundle
+        "-e", "portmesh_python=/usr/bin/python3",
+        "-e", orjson.dumps({"portmesh_catalog": [str(cat)], "portmesh_bundle": str(wheels),
+                            "portmesh_with": [], "portmesh_html": False}).decode(),
+    )  # fmt: skip
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0, log[-3000:]
+    assert "ONE-WAY lab.tcp" in log and "node2 <-> node3" in log, log[-3000:]
+    joined = records(tmp_path / "portmesh-results" / "mesh.ndjson")
+    assert joined[-1]["results"] == joined[-1]["planned"] == 36
+    assert joined[-1]["pairs"]["one-way"] == 1
+    assert not list(Path("/tmp").glob("portmesh-join-*")), "the join's unpacked bundle is left"
