@@ -99,9 +99,7 @@ def ansible_playbook(inv: Path, tmp: Path, *extra: str) -> subprocess.CompletedP
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     assert ANSIBLE is not None
-    return run(
-        [ANSIBLE, "-i", str(inv), str(book), "-f", "8", *extra], cwd=tmp, env=env
-    )
+    return run([ANSIBLE, "-i", str(inv), str(book), "-f", "8", *extra], cwd=tmp, env=env)
 
 
 def records(path: Path) -> list[dict]:
@@ -162,7 +160,11 @@ def test_kubean_yaml_parses_back_with_the_prehook_and_the_playbook() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--cluster", "Bad_Name"], ["--cluster", "c1", "-e", "novalue"], ["--cluster", "c1", "--image", " "]],
+    [
+        ["--cluster", "Bad_Name"],
+        ["--cluster", "c1", "-e", "novalue"],
+        ["--cluster", "c1", "--image", " "],
+    ],
 )
 def test_kubean_bad_input_is_one_line(argv: list[str]) -> None:
     cp = run([sys.executable, "-m", "scanner", "ansible", "kubean", *argv])
@@ -224,7 +226,9 @@ def test_playbook_on_a_faulted_lab_fails_naming_the_one_way_pair(make_lab, tmp_p
     pairs = {(p["req"], p["a"], p["b"]): p["verdict"] for p in joined if p["type"] == "pair"}
     assert pairs == _expected_pairs()
     assert summary["pairs"] == {"pass": 10, "fail": 1, "one-way": 1, "unknown": 0}
-    fails = Counter((r["src_host"], r["host"], r["port"]) for r in results if r["verdict"] == "fail")
+    fails = Counter(
+        (r["src_host"], r["host"], r["port"]) for r in results if r["verdict"] == "fail"
+    )
     assert fails == Counter({("node3", "node2", 7000): 1, ("node1", "node4", 5000): 1,
                              ("node4", "node1", 5000): 1})  # fmt: skip
     assert (out / "report.html").stat().st_size > 0
@@ -243,7 +247,9 @@ def test_playbook_with_a_bundle_on_hosts_with_only_python3(make_lab, tmp_path: P
     if bare.returncode == 0:
         pytest.skip("/usr/bin/python3 has orjson: not a bare python3")
     wheels = tmp_path / "wheels"
-    cp = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)])
+    cp = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)]
+    )
     if cp.returncode != 0:
         pytest.skip(f"cannot build the portmesh wheel: {cp.stderr.strip()[-200:]}")
     cp = run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels),

@@ -45,7 +45,9 @@ def playbook() -> int:
     metavar="IMAGE",
     help="The spray-job image of the ClusterOperation (use the one of your Kubean release).",
 )
-@click.option("--name", default=None, metavar="NAME", help="ClusterOperation name [CLUSTER-install-portmesh].")
+@click.option(
+    "--name", default=None, metavar="NAME", help="ClusterOperation name [CLUSTER-install-portmesh]."
+)
 @click.option(
     "--action",
     default="cluster.yml",

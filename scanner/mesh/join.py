@@ -130,7 +130,9 @@ def human_summary(st: JoinStats) -> list[str]:
         for r in items[:SHORT_CAP]:
             port = r.get("ports") or r.get("port")
             what = r["proto"] if port is None else f"{r['proto']}/{port}"
-            out.append(f"{kind} {r['req']:<26} {what:<16} {r['a']} <-> {r['b']}: {r.get('reason', '')}")
+            out.append(
+                f"{kind} {r['req']:<26} {what:<16} {r['a']} <-> {r['b']}: {r.get('reason', '')}"
+            )
         if len(items) > SHORT_CAP:
             out.append(f"{kind} ... and {len(items) - SHORT_CAP} more (see the pair records)")
     return out
