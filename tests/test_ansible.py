@@ -275,3 +275,70 @@ def test_playbook_with_a_bundle_on_hosts_with_only_python3(make_lab, tmp_path: P
     assert joined[-1]["results"] == joined[-1]["planned"] == 36
     assert joined[-1]["pairs"]["one-way"] == 1
     assert not list(Path("/tmp").glob("portmesh-join-*")), "the join's unpacked bundle is left"
+
+
+# ---- the join without a lab -----------------------------------------------------------------
+
+
+def test_join_of_per_host_files_gives_the_mesh_pairs(tmp_path: Path) -> None:
+    """A mesh's results split into one check-like file per source host (each its own scan_id,
+    start and summary), joined back: the same pair verdicts as the mesh's own pair records."""
+    src = ROOT / "tests" / "data" / "report" / "mesh4.ndjson"
+    recs = records(src)
+    by_host: dict[str, list[dict]] = {}
+    for r in recs:
+        if r["type"] == "result":
+            by_host.setdefault(r["src_host"], []).append(r)
+    files = []
+    for i, (host, rs) in enumerate(sorted(by_host.items())):
+        sid = f"{i:016x}"
+        lines = [{"type": "start", "version": 1, "scan_id": sid, "ts": "2026-11-26T10:00:00Z",
+                  "argv": ["portmesh", "check", "--from", host], "planned": len(rs)}]  # fmt: skip
+        lines += [{**r, "scan_id": sid} for r in rs]
+        lines.append({"type": "summary", "scan_id": sid, "ts": "2026-11-26T10:00:01Z",
+                      "planned": len(rs), "results": len(rs), "states": {}, "elapsed_s": 1.0})  # fmt: skip
+        f = tmp_path / f"{host}.ndjson"
+        f.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+        files.append(str(f))
+    cp = run([sys.executable, "-m", "scanner", "report", "--join", "--format", "ndjson", *files])
+    assert cp.returncode == 1, cp.stderr  # mesh4 holds failures
+    from test_schema import validate_stream
+
+    joined = validate_stream(cp.stdout.encode())  # the schema of every portmesh record
+    assert joined[0]["type"] == "start" and joined[-1]["type"] == "summary"
+    assert len({r["scan_id"] for r in joined}) == 1
+    n = sum(len(v) for v in by_host.values())
+    assert joined[0]["planned"] == joined[-1]["planned"] == joined[-1]["results"] == n
+    assert joined[-1]["join"]["incomplete"] == []
+    want = {(p["req"], p["a"], p["b"]): (p["a_to_b"], p["b_to_a"], p["verdict"])
+            for p in recs if p["type"] == "pair"}  # fmt: skip
+    got = {(p["req"], p["a"], p["b"]): (p["a_to_b"], p["b_to_a"], p["verdict"])
+           for p in joined if p["type"] == "pair"}  # fmt: skip
+    assert got == want and "one-way" in {v[2] for v in got.values()}
+    one_way = [k for k, v in want.items() if v[2] == "one-way"]
+    assert all(f"{a} <-> {b}" in cp.stderr for _, a, b in one_way)  # named on stderr
+    # the text view of the joined run reports the same one-way findings as the mesh file
+    text = run([sys.executable, "-m", "scanner", "report", "--join", *files]).stdout
+    assert [ln for ln in text.splitlines() if "one-way" in ln] == [
+        ln
+        for ln in run([sys.executable, "-m", "scanner", "report", str(src)]).stdout.splitlines()
+        if "one-way" in ln
+    ]
+
+
+def test_join_of_a_cut_short_file_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "node1.ndjson"
+    f.write_bytes(
+        orjson.dumps({"type": "start", "version": 1, "scan_id": "a" * 16, "ts": "x",
+                      "argv": ["portmesh", "check"], "planned": 5}) + b"\n"
+        + orjson.dumps({"type": "result", "scan_id": "a" * 16, "src": "198.18.0.1",
+                        "dst": "198.18.0.2", "host": "node2", "proto": "tcp", "port": 1,
+                        "state": "open", "reason": "responder", "src_host": "node1",
+                        "req": "r", "verdict": "pass"}) + b"\n"
+    )  # fmt: skip
+    cp = run([sys.executable, "-m", "scanner", "report", "--join", "--format", "ndjson", str(f)])
+    assert cp.returncode == 0, cp.stderr
+    summary = orjson.loads(cp.stdout.splitlines()[-1])
+    assert summary["planned"] == 5 and summary["results"] == 1
+    assert summary["join"]["incomplete"] == ["a" * 16]
+    assert "INCOMPLETE" in cp.stderr
