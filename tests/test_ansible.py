@@ -67,11 +67,24 @@ def lab_catalog(path: Path) -> Path:
     return path
 
 
-def ansible_inventory(lab, tmp: Path) -> Path:
-    """The lab's kubespray inventory, every host reached through its own netns."""
+def ansible_inventory(lab, tmp: Path, ghost: str | None = None) -> Path:
+    """The lab's kubespray inventory, every host reached through its own netns; ``ghost``: one
+    more host whose namespace does not exist (every task on it fails)."""
     from scanner.lab.lab import inventory_doc
 
     doc = inventory_doc(lab)
+    if ghost is not None:
+        addr = str(lab.hosts[-1].addr).rsplit(".", 1)[0] + ".200"
+        doc["all"]["hosts"][ghost] = {"ansible_host": addr, "ip": addr, "access_ip": addr}
+        doc["all"]["children"]["kube_node"]["hosts"][ghost] = None
+        wrapper = tmp / f"python-{ghost}"
+        wrapper.write_text(
+            f'#!/bin/sh\nexec ip netns exec {lab.name}-{ghost}-none /usr/bin/python3 "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        doc["all"]["hosts"][ghost].update(
+            {"ansible_connection": "local", "ansible_python_interpreter": str(wrapper)}
+        )
     for h in lab.hosts:
         wrapper = tmp / f"python-{h.name}"
         wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {h.ns} /usr/bin/python3 "$@"\n')
@@ -236,6 +249,33 @@ def test_playbook_on_a_faulted_lab_fails_naming_the_one_way_pair(make_lab, tmp_p
     for h in lab.hosts:
         ss = lab.run(h.name, ["ss", "-Htuln"], capture_output=True, text=True).stdout.strip()
         assert not ss, (h.name, ss)
+
+
+@pytest.mark.lab
+@needs_ansible
+def test_a_host_that_fails_in_the_play_is_named(make_lab, tmp_path: Path) -> None:
+    lab = make_lab(hosts=2)
+    inv = ansible_inventory(lab, tmp_path, ghost="ghost")
+    cat = lab_catalog(tmp_path / "lab.toml")
+    cp = ansible_playbook(
+        inv, tmp_path,
+        "-e", f"portmesh_cmd='{sys.executable} -m scanner'",
+        "-e", f"portmesh_local_cmd='{sys.executable} -m scanner'",
+        "-e", orjson.dumps({"portmesh_catalog": [str(cat)], "portmesh_html": False}).decode(),
+    )  # fmt: skip
+    log = cp.stdout + cp.stderr
+    assert cp.returncode != 0, log[-3000:]
+    assert "portmesh: no results from ghost (they failed a task above)" in log, log[-3000:]
+    joined = records(tmp_path / "portmesh-results" / "mesh.ndjson")
+    summary = joined[-1]
+    # the two live hosts probed everything they owe: each other, and ghost (which fails)
+    assert summary["results"] == summary["planned"] == 2 * 2 * 3
+    bad = {
+        (r["src_host"], r["host"])
+        for r in joined
+        if r["type"] == "result" and r["verdict"] == "fail"
+    }
+    assert bad == {("node1", "ghost"), ("node2", "ghost")}
 
 
 @pytest.mark.lab
