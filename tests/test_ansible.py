@@ -333,7 +333,8 @@ def test_join_of_per_host_files_gives_the_mesh_pairs(tmp_path: Path) -> None:
     for i, (host, rs) in enumerate(sorted(by_host.items())):
         sid = f"{i:016x}"
         lines = [{"type": "start", "version": 1, "scan_id": sid, "ts": "2026-11-26T10:00:00Z",
-                  "argv": ["portmesh", "check", "--from", host], "planned": len(rs)}]  # fmt: skip
+                  "argv": ["portmesh", "check", "--from", host], "planned": len(rs),
+                  "check": {"host": host, "expect": "reachable", "responder": True}}]  # fmt: skip
         lines += [{**r, "scan_id": sid} for r in rs]
         lines.append({"type": "summary", "scan_id": sid, "ts": "2026-11-26T10:00:01Z",
                       "planned": len(rs), "results": len(rs), "states": {}, "elapsed_s": 1.0})  # fmt: skip
@@ -370,7 +371,8 @@ def test_join_of_a_cut_short_file_says_so(tmp_path: Path) -> None:
     f = tmp_path / "node1.ndjson"
     f.write_bytes(
         orjson.dumps({"type": "start", "version": 1, "scan_id": "a" * 16, "ts": "x",
-                      "argv": ["portmesh", "check"], "planned": 5}) + b"\n"
+                      "argv": ["portmesh", "check"], "planned": 5, "check": {"host": "node1"}})
+        + b"\n"
         + orjson.dumps({"type": "result", "scan_id": "a" * 16, "src": "198.18.0.1",
                         "dst": "198.18.0.2", "host": "node2", "proto": "tcp", "port": 1,
                         "state": "open", "reason": "responder", "src_host": "node1",
@@ -382,3 +384,15 @@ def test_join_of_a_cut_short_file_says_so(tmp_path: Path) -> None:
     assert summary["planned"] == 5 and summary["results"] == 1
     assert summary["join"]["incomplete"] == ["a" * 16]
     assert "INCOMPLETE" in cp.stderr
+
+
+def test_join_bad_input_is_one_line(tmp_path: Path) -> None:
+    mesh4 = ROOT / "tests" / "data" / "report" / "mesh4.ndjson"  # a mesh run, not a check run
+    for argv, want in (
+        ([str(mesh4)], "is not a `portmesh check` run"),
+        ([str(tmp_path / "missing.ndjson")], "cannot read"),
+        (["-"], "not stdin"),
+    ):
+        cp = run([sys.executable, "-m", "scanner", "report", "--join", *argv], input="")
+        assert cp.returncode == 2 and want in cp.stderr, cp.stderr
+        assert cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr

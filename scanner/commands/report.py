@@ -102,10 +102,11 @@ def _joined(config, out) -> int:
     from scanner.report import run_report
     from scanner.report.reader import ReadStats, read_records
 
-    planned = _planned_up_front(config.inputs)
+    hosts, planned = _starts(config.inputs)
     stats, jstats = ReadStats(), JoinStats()
     records = join_records(
         read_records(config.inputs, stats, extra=JOIN_TYPES),
+        hosts,
         ["portmesh", *sys.argv[1:]],
         planned=planned,
         stats=jstats,
@@ -116,28 +117,42 @@ def _joined(config, out) -> int:
     return code
 
 
-def _planned_up_front(paths: list[str]) -> int | None:
-    """The sum of the files' start records' planned (first lines), None if one cannot say."""
+def _starts(paths: list[str]) -> tuple[list[str], int]:
+    """(the hosts that probed, the sum of their planned flows), from each check file's first
+    line, its start record ({"check": {"host": NAME}}); files without one (a responder's)
+    add nothing. InputError when no file is a check run."""
     import gzip
 
     import orjson
 
+    from scanner.errors import InputError
+
+    hosts: list[str] = []
     total = 0
     for p in paths:
         if p == "-":
-            return None
+            raise InputError("--join reads files (one per host), not stdin")
         try:
             with gzip.open(p, "rb") if p.endswith(".gz") else open(p, "rb") as fh:
                 first = fh.readline()
-        except OSError:
-            return None  # the reader reports it
+        except OSError as e:
+            raise InputError(f"cannot read {p}: {e.strerror or e}") from None
         try:
             rec = orjson.loads(first)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and rec.get("type") == "start":
-            n = rec.get("planned")
-            if not isinstance(n, int):
-                return None
-            total += n
-    return total
+        if not isinstance(rec, dict) or rec.get("type") != "start":
+            continue
+        host = (rec.get("check") or {}).get("host") if isinstance(rec.get("check"), dict) else None
+        if not isinstance(host, str):
+            raise InputError(
+                f"--join: {p} is not a `portmesh check` run (its start record names no host)"
+            )
+        if host in hosts:
+            raise InputError(f"--join: two check runs from {host!r} ({p})")
+        hosts.append(host)
+        n = rec.get("planned")
+        total += n if isinstance(n, int) else 0
+    if not hosts:
+        raise InputError("--join: no `portmesh check` file among the inputs (a start record first)")
+    return hosts, total

@@ -44,6 +44,7 @@ class JoinStats:
 
 def join_records(
     records: Iterable[dict[str, Any]],
+    hosts: Iterable[str],
     argv: list[str],
     planned: int | None = None,
     stats: JoinStats | None = None,
@@ -51,13 +52,13 @@ def join_records(
 ) -> Iterator[dict[str, Any]]:
     """The joined run, streamed: start, results (one scan_id), host, pairs, summary.
 
-    ``planned``: the sum of the inputs' planned counts when the caller could read their start
-    records up front (files); None when not known before the end (stdin).
+    ``hosts``: the hosts that probed (each file's ``start.check.host``): the pair join's
+    hosts, as the mesh's. ``planned``: the sum of the inputs' planned counts.
     """
     st = stats if stats is not None else JoinStats()
     sid = scan_id or new_scan_id()
     t0 = time.perf_counter()
-    join = PairJoin(None)
+    join = PairJoin(hosts)
     yield start_record(sid, argv, planned, join={"inputs": "per-host check files"})
     finished: dict[str, dict[str, Any]] = {}
     started: dict[str, int] = {}

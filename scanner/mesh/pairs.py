@@ -160,13 +160,11 @@ class PairJoin:
     """Fold result and witness records; produce the pair records at the end.
 
     ``hosts``: the mesh's host names (destinations that are not mesh hosts, such as VIPs, have
-    no reverse direction and are not folded). None folds every (source, destination) named in
-    the records (``portmesh report --join`` does not know the hosts before it has read them);
-    a destination that never probed back has no reverse direction and so no pair record.
+    no reverse direction and are not folded).
     """
 
-    def __init__(self, hosts: Iterable[str] | None) -> None:
-        self.hosts = None if hosts is None else frozenset(hosts)
+    def __init__(self, hosts: Iterable[str]) -> None:
+        self.hosts = frozenset(hosts)
         self.dirs: dict[tuple[str, str, str], Direction] = {}
         # (src addr, dst addr, proto, port) of tagged probes seen arriving by a witness
         self.seen: set[tuple[str, str, str, int | None]] = set()
@@ -174,9 +172,7 @@ class PairJoin:
     def add(self, rec: dict[str, Any]) -> None:
         """A result record (with src_host, host, req, verdict as the agents annotate them)."""
         src, dst, req = rec.get("src_host"), rec.get("host"), rec.get("req")
-        if req is None or src is None or dst is None:
-            return
-        if self.hosts is not None and (src not in self.hosts or dst not in self.hosts):
+        if src not in self.hosts or dst not in self.hosts or req is None:
             return
         key = (req, src, dst)
         d = self.dirs.get(key)
