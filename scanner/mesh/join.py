@@ -22,7 +22,7 @@ from scanner.core.results import new_scan_id, start_record, summary_record
 from scanner.mesh.pairs import PairJoin
 
 # record types read from the per-host files (the reader passes witness records through too)
-JOIN_TYPES = ("start", "result", "host", "summary", "witness")
+JOIN_TYPES = ("start", "result", "host", "summary", "witness", "tally")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class JoinStats:
     sources: set[str] = field(default_factory=set)  # hosts that probed (src_host of results)
     planned: int = 0  # sum of the files' start records' planned
     results: int = 0
+    tallied: int = 0  # passing flows counted in tally records (check --emit failures)
     states: Counter[str] = field(default_factory=Counter)
     verdicts: Counter[str] = field(default_factory=Counter)
     pairs: Counter[str] = field(default_factory=Counter)
@@ -74,6 +75,20 @@ def join_records(
                 st.sources.add(str(rec["src_host"]))
             join.add(rec)
             yield {**rec, "scan_id": sid}
+        elif t == "tally":
+            # check --emit failures: passing flows of one direction, counted; the pair join
+            # folds them in bulk (PairJoin.add_tally) where this tree's join has it
+            flows = rec.get("flows")
+            if isinstance(flows, int) and flows > 0:
+                st.runs.add(run)
+                st.tallied += flows
+                st.verdicts["pass"] += flows
+                if rec.get("src_host"):
+                    st.sources.add(str(rec["src_host"]))
+                add_tally = getattr(join, "add_tally", None)
+                if add_tally is not None:
+                    add_tally(rec)
+                yield {**rec, "scan_id": sid}
         elif t == "witness":
             st.witness += 1
             join.witness(rec)
@@ -89,7 +104,8 @@ def join_records(
             yield {**rec, "scan_id": sid}
     for run, n in sorted(started.items()):
         s = finished.get(run)
-        if s is None or s.get("results") != n:
+        done = None if s is None else (s.get("results") or 0) + (s.get("tallied") or 0)
+        if done != n:
             st.incomplete.append(run)
     for rec in join.pairs():
         rec = {"type": "pair", "scan_id": sid, **{k: v for k, v in rec.items() if k != "type"}}
@@ -106,6 +122,7 @@ def join_records(
         verdicts={k: st.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
         pairs={k: st.pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
         hosts={"total": len(st.sources), "unreachable": sorted(st.unreachable)},
+        **({"tallied": st.tallied} if st.tallied else {}),
         join={"runs": len(st.runs), "witness": st.witness, "incomplete": st.incomplete},
     )
 
@@ -118,7 +135,7 @@ def human_summary(st: JoinStats) -> list[str]:
     v, p = st.verdicts, st.pairs
     out = [
         f"portmesh report --join: {len(st.runs)} check files, {len(st.sources)} hosts, "
-        f"{st.results}/{st.planned} flows: {v.get('pass', 0)} pass, {v.get('fail', 0)} fail, "
+        f"{st.results + st.tallied}/{st.planned} flows: {v.get('pass', 0)} pass, {v.get('fail', 0)} fail, "
         f"{v.get('unknown', 0)} unknown; pairs: {p.get('pass', 0)} pass, "
         f"{p.get('one-way', 0)} one-way, {p.get('fail', 0)} fail, {p.get('unknown', 0)} unknown"
     ]
