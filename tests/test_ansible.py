@@ -92,6 +92,8 @@ def ansible_inventory(lab, tmp: Path, ghost: str | None = None) -> Path:
         doc["all"]["hosts"][h.name].update(
             {"ansible_connection": "local", "ansible_python_interpreter": str(wrapper)}
         )
+    # a plan variable Ansible sees: every host's check must plan with it (group_vars.yml)
+    doc["all"]["vars"] = {"kube_apiserver_node_port_range": "31000-31010"}
     path = tmp / "hosts.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -132,6 +134,13 @@ def test_playbook_is_package_data_and_valid_yaml() -> None:
     for var in ("portmesh_results", "portmesh_with", "portmesh_without", "portmesh_cni",
                 "portmesh_nodeport_sample", "portmesh_emit", "portmesh_bundle"):  # fmt: skip
         assert var in text, var
+
+
+def test_playbook_passes_the_plan_variables_the_planner_knows() -> None:
+    from scanner.plan.kubean import KNOWN_VARS
+
+    (play, _) = yaml.safe_load(playbook_text())
+    assert tuple(play["vars"]["pm_known_vars"]) == KNOWN_VARS
 
 
 @needs_ansible
@@ -229,6 +238,7 @@ def test_playbook_on_a_faulted_lab_fails_naming_the_one_way_pair(make_lab, tmp_p
         assert check[0]["type"] == "start" and check[-1]["type"] == "summary"
         assert check[-1]["results"] == check[0]["planned"] == 9  # 3 peers x (2 tcp + 1 udp)
         assert any(r["type"] == "ready" for r in records(out / h.name / "respond.ndjson"))
+        assert check[0]["plan"]["clusters"][0]["nodeport_range"] == "31000-31010"
     # the joined run is mesh's: one scan_id, every flow, the pair verdicts of the ground truth
     joined = records(out / "mesh.ndjson")
     assert joined[0]["type"] == "start" and joined[-1]["type"] == "summary"
