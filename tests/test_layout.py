@@ -28,10 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "responder": {"top", "core"},
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "report": {"top", "core"},
+    "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "ansible": {"top"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab", "ansible"},
+                 "report", "lab", "watch", "ansible"},
     "cli": {"top", "commands"},
 }
 
