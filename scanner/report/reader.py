@@ -91,24 +91,29 @@ def _why(rec: Any) -> str | None:
     return None
 
 
-def iter_lines(source: str, stream: Iterable[bytes], stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Parse one stream; yield the usable records and count the rest in ``stats``."""
+def iter_lines(
+    source: str, stream: Iterable[bytes], stats: ReadStats, extra: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """Parse one stream; yield the usable records and count the rest in ``stats``.
+
+    ``extra``: record types to pass through besides KNOWN_TYPES (``--join`` reads ``witness``).
+    """
     pending: tuple[int, bytes] | None = None  # the previous line, held back one step
     for lineno, raw in enumerate(stream, 1):
         stats.lines += 1
         if pending is not None:
-            rec = _parse(source, *pending, stats, last=False)
+            rec = _parse(source, *pending, stats, last=False, extra=extra)
             if rec is not None:
                 yield rec
         pending = (lineno, raw)
     if pending is not None:
-        rec = _parse(source, *pending, stats, last=True)
+        rec = _parse(source, *pending, stats, last=True, extra=extra)
         if rec is not None:
             yield rec
 
 
 def _parse(
-    source: str, lineno: int, raw: bytes, stats: ReadStats, last: bool
+    source: str, lineno: int, raw: bytes, stats: ReadStats, last: bool, extra: tuple[str, ...] = ()
 ) -> dict[str, Any] | None:
     line = raw.strip()
     if not line:
@@ -126,19 +131,21 @@ def _parse(
     if why is not None:
         stats.note_bad(source, lineno, why)
         return None
-    if rec["type"] not in KNOWN_TYPES:
+    if rec["type"] not in KNOWN_TYPES and rec["type"] not in extra:
         stats.ignored += 1
         return None
     stats.records += 1
     return rec
 
 
-def read_records(paths: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]]:
+def read_records(
+    paths: Iterable[str], stats: ReadStats, extra: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
     """Every usable record of every path ('-' is stdin), in order, streamed."""
     for path in paths:
         name, fh = _open(path)
         try:
-            yield from iter_lines(name, fh, stats)
+            yield from iter_lines(name, fh, stats, extra)
         except OSError as e:
             raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         finally:
