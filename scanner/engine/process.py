@@ -24,6 +24,7 @@ from scanner.core.results import (
     summary_record,
 )
 from scanner.engine.engine import Engine, EngineConfig, Stats
+from scanner.engine.neigh import advice
 from scanner.engine.output import NdjsonOutput
 
 SHARD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
@@ -214,6 +215,10 @@ def write_summary(
             f"portmesh: the file-descriptor limit allowed {allowed} probes in flight per process "
             f"(asked {asked}); raise it with `ulimit -n` for more\n"
         )
+    if stats.neighbour:
+        extra["neighbour"] = stats.neighbour
+        if stats.neighbour.get("unknown"):
+            sys.stderr.write(neighbour_advice(stats.neighbour))
     if spec.summary_extra is not None:
         extra.update(spec.summary_extra(stats))
     summary = summary_record(
@@ -222,6 +227,13 @@ def write_summary(
     spec.output.record(summary)
     spec.output.close()
     return summary
+
+
+def neighbour_advice(nb: dict[str, Any]) -> str:
+    """The one stderr line for flows given up on because the neighbour table was full."""
+    fams = {int(f) for f, n in (nb.get("table_fulls") or {}).items() if n} or {4}
+    th = {int(f): v for f, v in (nb.get("gc_thresh3") or {}).items()}
+    return advice(th, fams, int(nb.get("unknown", 0)))
 
 
 def _fill_interrupted(engine: Engine, flows: Iterator[Flow]) -> None:

@@ -204,11 +204,28 @@ def run_sharded(spec, n: int):
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
         total.tcp_method = total.tcp_method or d.get("tcp_method")
+        if d.get("neighbour"):
+            total.neighbour = merge_neighbour(total.neighbour, d["neighbour"])
         if d.get("fd_limited"):
             lim = tuple(d["fd_limited"])
             total.fd_limited = lim if total.fd_limited is None else min(total.fd_limited, lim)  # type: ignore[assignment]
     summary = write_summary(spec, total, elapsed, concurrency, n)
     return RunOutcome(total, elapsed, total.interrupted, summary)
+
+
+def merge_neighbour(a: dict | None, b: dict) -> dict:
+    """Two shards' neighbour-guard reports: counts add up, the kernel's counter does not."""
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    for k in ("retried", "waited", "unknown"):
+        out[k] = a.get(k, 0) + b.get(k, 0)
+    for k in ("limit", "limit_end"):
+        out[k] = {f: a.get(k, {}).get(f, 0) + v for f, v in b.get(k, {}).items()}
+    out["table_fulls"] = {
+        f: max(a.get("table_fulls", {}).get(f, 0), v) for f, v in b.get("table_fulls", {}).items()
+    }
+    return out
 
 
 def _filter(data: bytes, on_record, only, loads) -> bytes:
