@@ -29,8 +29,18 @@ ALLOWED: dict[str, set[str]] = {
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "report": {"top", "core"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
-    "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab"},
+    "commands": {
+        "top",
+        "core",
+        "catalog",
+        "plan",
+        "probes",
+        "engine",
+        "responder",
+        "mesh",
+        "report",
+        "lab",
+    },
     "cli": {"top", "commands"},
 }
 

@@ -250,3 +250,223 @@ def test_full_neighbour_table_is_unknown_never_fail(make_lab) -> None:
         f"control: {len(c_fail)}/{len(c_results)} false fails; guarded: "
         f"{len(results) - len(unknown)} pass, {len(unknown)} unknown, neighbour {nb}"
     )
+
+
+# ---- --emit failures ---------------------------------------------------------------------------
+
+
+def test_runs_and_portset_bulk_equal_one_by_one() -> None:
+    """A tally's ports (runs) folded in bulk give the pair join what the flows one by one did."""
+    import random
+
+    from scanner.core.tally import Runs, parse_runs
+    from scanner.mesh.pairs import PortSet
+
+    rng = random.Random(14)
+    for _ in range(300):
+        pool = rng.choice([list(range(30000, 30040)), list(range(1, 100)), [2379, 2380, 10250]])
+        ports = rng.sample(pool, rng.randint(1, len(pool)))
+        runs = Runs()
+        for p in ports:
+            runs.add(p)
+        assert [p for a, b in parse_runs(runs.text()) for p in range(a, b + 1)] == sorted(ports)
+        base = rng.sample(pool, rng.randint(0, min(5, len(pool))))
+        one, bulk = PortSet(), PortSet()
+        for p in base:
+            one.add(p)
+            bulk.add(p)
+        for p in ports:
+            one.add(p)
+        bulk.add_runs(parse_runs(runs.text()), len(ports))
+        assert (one.exact, one.count, one.lo, one.hi, one.text()) == (
+            bulk.exact,
+            bulk.count,
+            bulk.lo,
+            bulk.hi,
+            bulk.text(),
+        )
+
+
+EMIT_CATALOG = """
+[[requirement]]
+id = "lab.tcp"
+component = "lab"
+proto = "tcp"
+ports = "2380,7000,30000-30019"
+description = "lab tcp"
+dst_role = "node"
+src_roles = ["node"]
+
+[[requirement]]
+id = "lab.icmp"
+component = "lab"
+proto = "icmp"
+description = "lab icmp"
+dst_role = "node"
+src_roles = ["node"]
+"""
+
+
+def _emit_catalog(path: Path) -> Path:
+    from scanner.catalog import load_catalog
+
+    text = "".join(f'[[requirement]]\nid = "{r.id}"\ndisabled = true\n\n' for r in load_catalog())
+    path.write_text(text + EMIT_CATALOG)
+    return path
+
+
+def _mesh(lab, inv: Path, cat: Path, out: Path, emit: str) -> tuple[int, list[dict], str]:
+    import io
+
+    import orjson
+
+    from scanner.engine.output import NdjsonOutput
+    from scanner.mesh.coordinator import MeshConfig, run_mesh
+    from scanner.plan.selection import SelectionOptions
+
+    catalog, site, selection = SelectionOptions(
+        inventories=(str(inv),), catalog_files=(str(cat),)
+    ).resolve()
+    err = io.StringIO()
+    code = run_mesh(
+        MeshConfig(
+            catalog=catalog,
+            site=site,
+            selection=selection,
+            exec_template=lab.exec_template(),
+            agent_cmd=f"{sys.executable} -m scanner agent",
+            output=NdjsonOutput(str(out), stdout=False),
+            summary_to=err,
+            loop="asyncio",
+            emit=emit,
+        )
+    )
+    return code, [orjson.loads(x) for x in out.read_bytes().splitlines()], err.getvalue()
+
+
+def _key(r: dict) -> tuple:
+    return (r["src_host"], r["host"], r["req"], r["proto"], r["port"])
+
+
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("scan_id", "ts", "rtt_ms", "attempts")}
+
+
+@pytest.mark.lab
+def test_emit_failures_is_emit_all_filtered_plus_tallies(make_lab, tmp_path: Path) -> None:
+    """A 5-host lab with one-way and two-way faults (TCP ports, a NodePort-like range, ICMP):
+    ``--emit failures`` writes exactly the non-passing lines of ``--emit all``, tallies add up
+    to the passing flows per (source, destination, requirement), and the pair records, the
+    counts and the exit code are the same."""
+    import yaml
+
+    from scanner.lab.faults import Fault
+    from scanner.lab.lab import inventory_doc
+
+    lab = make_lab(hosts=5)
+    lab.apply_faults(
+        [
+            Fault("node2", "in", "tcp", ((7000, 7000),), "drop", "node3"),  # one-way
+            Fault("node4", "in", "tcp", ((30005, 30007),), "reject", "node5"),
+            Fault("node5", "in", "tcp", ((30005, 30007),), "drop", "node4"),  # two-way
+            Fault("node1", "in", "icmp", None, "drop", "node5"),
+        ]
+    )
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
+    cat = _emit_catalog(tmp_path / "lab.toml")
+    code_a, all_recs, err_a = _mesh(lab, inv, cat, tmp_path / "all.ndjson", "all")
+    code_f, f_recs, err_f = _mesh(lab, inv, cat, tmp_path / "f.ndjson", "failures")
+
+    by = {t: [r for r in all_recs if r["type"] == t] for t in ("result", "pair", "summary")}
+    fby = {t: [r for r in f_recs if r["type"] == t] for t in ("result", "pair", "summary", "tally")}
+    planned = by["summary"][0]["planned"]
+    assert planned == len(by["result"]) == 5 * 4 * 23
+
+    want = {_key(r): (r["state"], r["verdict"]) for r in by["result"] if r["verdict"] != "pass"}
+    got = {_key(r): (r["state"], r["verdict"]) for r in fby["result"]}
+    assert want and got == want
+    assert len(fby["result"]) == len(got)  # one line per failing flow
+
+    passing: dict[tuple, dict[str, int]] = {}
+    ports: dict[tuple, set[int]] = {}
+    for r in by["result"]:
+        if r["verdict"] == "pass":
+            k = (r["src_host"], r["host"], r["req"])
+            passing.setdefault(k, {})
+            passing[k][r["state"]] = passing[k].get(r["state"], 0) + 1
+            if r["port"] is not None:
+                ports.setdefault(k, set()).add(r["port"])
+    tallies = {(t["src_host"], t["host"], t["req"]): t for t in fby["tally"]}
+    assert len(tallies) == len(fby["tally"])  # one per (source, destination, requirement)
+    assert {k: t["states"] for k, t in tallies.items() if t["flows"]} == passing
+    assert all(sum(t["states"].values()) == t["flows"] for t in tallies.values())
+    from scanner.core.tally import parse_runs
+
+    for k, t in tallies.items():
+        got_ports = {p for a, b in parse_runs(t.get("ports", "")) for p in range(a, b + 1)}
+        assert got_ports == ports.get(k, set()), k
+
+    s_all, s_f = by["summary"][0], fby["summary"][0]
+    assert s_f["results"] + s_f["tallied"] == s_f["planned"] == planned
+    assert s_f["emit"] == "failures" and s_f["results"] == len(fby["result"])
+    for field in ("states", "verdicts", "pairs", "hosts"):
+        assert s_f[field] == s_all[field], field
+    assert sorted(map(_strip, fby["pair"]), key=str) == sorted(map(_strip, by["pair"]), key=str)
+    assert {p["verdict"] for p in by["pair"]} >= {"pass", "fail", "one-way"}
+    assert code_a == code_f == 1
+    assert err_f.splitlines()[0].split("(")[0] == err_a.splitlines()[0].split("(")[0]
+    # the schema knows every record; the report reads the tallies: the same report but its
+    # first line (which says how many lines were results and how many flows were tallied)
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((Path(__file__).parents[1] / "scanner" / "schema.json").read_text())
+    v = Draft202012Validator(schema)
+    assert [e.message for r in f_recs for e in v.iter_errors(r)] == []
+    reports = []
+    for name in ("all.ndjson", "f.ndjson"):
+        r = subprocess.run(
+            [sys.executable, "-m", "scanner", "report", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode in (0, 1), r.stderr
+        reports.append(r.stdout.splitlines())
+    assert "tallied" in reports[1][0] and "warning" not in "\n".join(reports[1])
+    assert "tallied" in reports[1][2]
+    assert reports[0][3:] == reports[1][3:] and len(reports[0]) > 10
+
+
+@pytest.mark.lab
+def test_check_emit_failures_adds_up(make_lab, tmp_path: Path) -> None:
+    """``check --emit failures`` from one host, sharded (2 workers): the same failing lines and
+    counts as ``--emit all``, tallies merged across the shard processes."""
+    import yaml
+
+    from scanner.lab.faults import Fault
+    from scanner.lab.lab import inventory_doc
+
+    lab = make_lab(hosts=3)
+    lab.apply_faults([Fault("node2", "in", "tcp", ((30002, 30004),), "drop", "node1")])
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
+    cat = _emit_catalog(tmp_path / "lab.toml")
+    base = [sys.executable, "-m", "scanner", "check", "-i", str(inv), "--catalog", str(cat)]
+    base += ["--from", "node1", "--no-progress", "--workers", "2", "--timeout", "0.5"]
+    runs = {}
+    for emit in ("all", "failures"):
+        r = lab.run("node1", [*base, "--emit", emit], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stderr[-2000:]
+        recs = [json.loads(x) for x in r.stdout.splitlines()]
+        runs[emit] = recs
+    a = runs["all"]
+    f = runs["failures"]
+    sa, sf = a[-1], f[-1]
+    assert sa["planned"] == sf["planned"] == 2 * 23
+    assert sf["results"] + sf["tallied"] == sf["planned"]
+    assert sf["states"] == sa["states"] and sf["verdicts"] == sa["verdicts"]
+    fails = sorted(_key(r) for r in a if r["type"] == "result" and r["verdict"] != "pass")
+    assert len(fails) == 3
+    assert sorted(_key(r) for r in f if r["type"] == "result") == fails
+    tallies = [r for r in f if r["type"] == "tally"]
+    assert len(tallies) == 4  # node1 -> node2, node3 x lab.tcp, lab.icmp: merged over shards
+    assert sum(t["flows"] for t in tallies) == sf["tallied"] == sf["planned"] - 3

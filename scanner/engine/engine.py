@@ -140,6 +140,8 @@ class Stats:
     fd_limited: tuple[int, int] | None = None  # (asked, allowed) when the fd budget cut the pool
     # what the neighbour-table guard did (scanner.engine.neigh), when it had anything to do
     neighbour: dict | None = None
+    tallied: int = 0  # --emit failures: passing flows counted in tally records, not written
+    tallies: list | None = None  # a shard's tally records, for its parent to merge
 
     def loss(self) -> float:
         """Observed loss: the share of answered flows whose first attempt(s) went unanswered."""

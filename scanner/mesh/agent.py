@@ -244,6 +244,7 @@ class Channel(NdjsonOutput):
         super().__init__(None, stdout=True, fd=fd)
         self._lock = threading.RLock()
         self.stopping = False
+        self.tallies: list[list[Any]] = []  # --emit failures: sent inside ``done``
 
     @property
     def dead(self) -> bool:  # type: ignore[override]
@@ -253,8 +254,19 @@ class Channel(NdjsonOutput):
         t = rec.get("type")
         if t == "start":
             rec = {"type": "probing", "scan_id": rec.get("scan_id"), "planned": rec.get("planned")}
+        elif t == "tally":
+            # one record per (destination, requirement), all inside ``done``: the coordinator
+            # counts them together with the done or not at all (an agent that dies before it
+            # says done owes every flow it did not send)
+            self.tallies.append(
+                [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
+                 rec.get("ports"), rec.get("src")]
+            )  # fmt: skip
+            return
         elif t == "summary":
             rec = {**rec, "type": "done"}
+            if self.tallies:
+                rec["tallies"] = self.tallies
         with self._lock:
             super().record(rec)
 
@@ -476,6 +488,9 @@ class Agent:
         expect = msg.get("expect", "reachable")
         if expect not in ("reachable", "listening"):
             raise ProtocolError("probe: expect must be reachable or listening")
+        emit = msg.get("emit", "all")
+        if emit not in ("all", "failures"):
+            raise ProtocolError("probe: emit must be all or failures")
         try:
             catalog = load_catalog(files)
             selection = Selection(
@@ -508,7 +523,7 @@ class Agent:
 
         def job() -> None:
             try:
-                probe_slice(catalog, site, selection, engine, out, scan_id, expect, loop_kind)
+                probe_slice(catalog, site, selection, engine, out, scan_id, expect, loop_kind, emit)
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
 
@@ -562,6 +577,7 @@ def probe_slice(
     scan_id: str,
     expect: str,
     loop_kind: str,
+    emit: str = "all",
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``."""
     from scanner.core.results import Result
@@ -592,6 +608,7 @@ def probe_slice(
             scan_id=scan_id,
             loop=loop_kind,
             workers=1,  # a fork would inherit the control channel; one loop per agent
+            emit=emit,
         )
     )
 

@@ -29,6 +29,7 @@ import math
 import signal
 import sys
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ import orjson
 
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
 from scanner.engine.engine import EngineConfig
+from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import neighbour_advice
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
 from scanner.mesh.pairs import PairJoin, ranges
@@ -82,6 +85,7 @@ class MeshConfig:
     progress: bool = False
     only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
     forks: int = 64  # execs (ssh handshakes, bundle copies) in progress at once, as Ansible's
+    emit: str = "all"  # or "failures": agents send failing flows + tallies (scanner.core.tally)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -179,6 +183,10 @@ class AgentLink:
         self.argv = argv
         self.proc: asyncio.subprocess.Process | None = None
         self.window = Window()
+        # --emit failures: the plan indexes of the lines received (the passing flows never
+        # come one by one, so no window can close over them); 4 bytes per failing flow
+        self.got: array[int] | None = array("Q") if mesh.cfg.emit == "failures" else None
+        self.tallied = 0
         self.results = 0
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
@@ -270,6 +278,9 @@ class AgentLink:
                 mesh.join.witness(rec)
                 continue
             if t == "done":
+                tallies = rec.pop("tallies", None)
+                if tallies and self.failed is None:
+                    mesh.on_tallies(self, tallies)
                 self.done_rec = rec
             elif t == "exit":
                 self.exit_rec = rec
@@ -329,6 +340,8 @@ class Mesh:
         self.matrix = Matrix()
         self.states: Counter[str] = Counter()
         self.results = 0
+        self.tallied = 0  # --emit failures: passing flows counted in tally records
+        self.neigh_full = 0  # flows unknown because an agent's neighbour table was full
         self.links: list[AgentLink] = []
         self.unreachable: dict[str, str] = {}
         self.interrupted = False
@@ -338,16 +351,51 @@ class Mesh:
 
     def on_result(self, link: AgentLink, rec: dict[str, Any], line: bytes) -> None:
         i = rec.pop("i", None)
-        if isinstance(i, int) and not link.window.add(i):
-            return  # a duplicate line: every flow has exactly one result
+        if isinstance(i, int):
+            if link.got is not None:
+                link.got.append(i)
+            elif not link.window.add(i):
+                return  # a duplicate line: every flow has exactly one result
         link.results += 1
         # forward the agent's own bytes minus the index field (it is the last one written)
         cut = line.rfind(b',"i":')
         self.emit(rec, line[:cut] + b"}\n" if cut > 0 else None)
 
+    def on_tallies(self, link: AgentLink, tallies: list[Any]) -> None:
+        """An agent's tally records (inside its ``done``): fold, count, write them."""
+        for t in tallies:
+            try:
+                host, dst, req, proto, flows, states, ports, src = t
+                rec: dict[str, Any] = {
+                    "type": "tally",
+                    "scan_id": self.scan_id,
+                    "src_host": link.name,
+                    "src": src,
+                    "host": host,
+                    "dst": dst,
+                    "req": req,
+                    "proto": proto,
+                    "flows": int(flows),
+                    "states": {str(k): int(v) for k, v in states.items()},
+                }
+            except (TypeError, ValueError, AttributeError):
+                continue  # a malformed entry: its flows stay owed
+            if ports:
+                rec["ports"] = str(ports)
+            link.tallied += rec["flows"]
+            self.tallied += rec["flows"]
+            for k, v in rec["states"].items():
+                self.states[k] += v
+            self.matrix.verdicts["pass"] += rec["flows"]
+            self.join.add_tally(rec)
+            self.out.record(rec)
+
     def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
         self.results += 1
-        self.states[rec.get("state", "?")] += 1
+        state = rec.get("state", "?")
+        self.states[state] += 1
+        if state == "error" and rec.get("reason") == NEIGH_FULL:
+            self.neigh_full += 1
         self.join.add(rec)
         self.matrix.add(rec)
         only = self.cfg.only
@@ -384,10 +432,15 @@ class Mesh:
 
         sel = dataclasses.replace(self.selection, sources=frozenset({link.name}))
         ts = iso_ts(time.time())
+        got = set(link.got) if link.got is not None else None
         for i, f in enumerate(plan(self.cfg.catalog, self.cfg.site, sel)):
-            if i in link.window:
+            if got is not None:
+                if i in got:
+                    continue
+            elif i in link.window:
                 continue
-            link.window.add(i)
+            else:
+                link.window.add(i)
             rec = {
                 "type": "result",
                 "scan_id": self.scan_id,
@@ -482,6 +535,7 @@ class Mesh:
             },
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
+            "emit": cfg.emit,
         }
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 
@@ -510,7 +564,16 @@ class Mesh:
                 self.owed(link, "interrupted")
             elif link.failed is not None:
                 self.owed(link, f"agent unreachable: {link.failed}")
-            elif link.window.low < link.planned or link.results < link.planned:
+            elif link.got is not None and link.tallied:
+                if link.results + link.tallied != link.planned:
+                    # its tallies are counted: owed() cannot tell which flows they covered
+                    sys.stderr.write(
+                        f"portmesh mesh: {link.name}: {link.results} results + {link.tallied} "
+                        f"tallied != {link.planned} planned (agent bug?)\n"
+                    )
+            elif (
+                link.got is None and link.window.low < link.planned
+            ) or link.results < link.planned:
                 # the agent ended without every result (interrupted before it probed, or it
                 # said done too early): never silently lose a flow
                 why = "interrupted" if self.interrupted else "the agent ended without a result"
@@ -646,6 +709,7 @@ def run_mesh(cfg: MeshConfig) -> int:
         link.name: {
             "planned": link.planned,
             "results": link.results,
+            **({"tallied": link.tallied} if link.got is not None else {}),
             "elapsed_s": (link.done_rec or {}).get("elapsed_s"),
             "rate_pps": (link.done_rec or {}).get("rate_pps"),
             "agent": (link.hello_rec or {}).get("agent"),
@@ -655,12 +719,14 @@ def run_mesh(cfg: MeshConfig) -> int:
         for link in mesh.links
         if link.failed is None
     }
+    emitted = {"emit": "failures", "tallied": mesh.tallied} if cfg.emit == "failures" else {}
     summary = summary_record(
         mesh.scan_id,
         mesh.planned,
         mesh.results,
         dict(mesh.states),
         elapsed,
+        **emitted,
         verdicts={k: mesh.matrix.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
         pairs={k: pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
         hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable)},
@@ -703,13 +769,16 @@ def _human(
     v = mesh.matrix.verdicts
     w = err.write
     w(
-        f"portmesh mesh: {len(mesh.hosts)} hosts, {mesh.results}/{mesh.planned} flows: "
+        f"portmesh mesh: {len(mesh.hosts)} hosts, {mesh.results + mesh.tallied}/{mesh.planned} "
+        "flows: "
         f"{v.get('pass', 0)} pass, {v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown; "
         f"pairs: {pairs.get('pass', 0)} pass, {pairs.get('one-way', 0)} one-way, "
         f"{pairs.get('fail', 0)} fail, {pairs.get('unknown', 0)} unknown ({elapsed:.1f}s)\n"
     )
     if mesh.interrupted:
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
+    if mesh.neigh_full:
+        w(neighbour_advice({"unknown": mesh.neigh_full}).replace("this host's", "the agents'"))
     for name, reason in sorted(mesh.unreachable.items()):
         w(f"UNREACHABLE {name}: {reason}\n")
     for kind, items in (("ONE-WAY", one_way), ("FAIL   ", two_way)):

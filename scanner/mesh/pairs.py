@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scanner.core.ports import ports_text as ranges  # one implementation, re-exported
+from scanner.core.tally import parse_runs
 
 EXACT_PORTS = 32  # a PortSet keeps the ports themselves up to this many, then count + range
 SILENT = frozenset({"filtered", "open|filtered"})
@@ -69,6 +70,25 @@ class PortSet:
         self.hi = port if self.hi is None or port > self.hi else self.hi
         if self.exact is not None:
             self.exact.add(port)
+            if len(self.exact) > EXACT_PORTS:
+                self.exact = None
+
+    def add_runs(self, runs: list[tuple[int, int]], flows: int) -> None:
+        """``flows`` flows over these distinct ports (a tally): as if added one by one."""
+        if not runs:
+            self.none += flows
+            return
+        self.count += flows
+        lo, hi = runs[0][0], runs[-1][1]
+        self.lo = lo if self.lo is None or lo < self.lo else self.lo
+        self.hi = hi if self.hi is None or hi > self.hi else self.hi
+        if self.exact is not None:
+            n = sum(b - a + 1 for a, b in runs)
+            if n > EXACT_PORTS:
+                self.exact = None
+                return
+            for a, b in runs:
+                self.exact.update(range(a, b + 1))
             if len(self.exact) > EXACT_PORTS:
                 self.exact = None
 
@@ -179,6 +199,22 @@ class PairJoin:
         if d is None:
             d = self.dirs[key] = Direction(rec.get("proto") or "?", rec.get("src"), rec.get("dst"))
         d.add(rec.get("port"), rec.get("state", "?"), rec.get("reason", "?"), rec.get("verdict"))
+
+    def add_tally(self, rec: dict[str, Any]) -> None:
+        """A tally record (``--emit failures``): ``flows`` passing flows of one direction."""
+        src, dst, req = rec.get("src_host"), rec.get("host"), rec.get("req")
+        if src not in self.hosts or dst not in self.hosts or req is None:
+            return
+        flows = rec.get("flows", 0)
+        if not flows:
+            return
+        key = (req, src, dst)
+        d = self.dirs.get(key)
+        if d is None:
+            d = self.dirs[key] = Direction(rec.get("proto") or "?", rec.get("src"), rec.get("dst"))
+        d.passed += flows
+        text = rec.get("ports")
+        d.ports.add_runs(parse_runs(text) if text else [], flows)
 
     def witness(self, rec: dict[str, Any]) -> None:
         """A witness record ({"type":"witness","proto","src","dst","port",...})."""

@@ -13,6 +13,7 @@ derived from the state (see ``derive_verdict``), and the requirement key is ``pr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
@@ -274,6 +275,7 @@ class Requirement:
     key: str
     proto: str
     ports: PortSet = field(default_factory=PortSet)
+    last_tally_ports: str | None = None  # the ports text of the last tally folded into ports
     # (src index, dst index) -> int (pass count, every flow passed) or Cell
     cells: dict[int, int | Cell] = field(default_factory=dict)
     nfail: int = 0
@@ -303,6 +305,7 @@ class Run:
     unreachable: dict[str, str] = field(default_factory=dict)  # host name -> reason
     reqs: dict[str, Requirement] = field(default_factory=dict)
     results: int = 0
+    tallied: int = 0  # passing flows counted in tally records (--emit failures)
     pairs: int = 0
     pair_verdicts: dict[str, int] = field(default_factory=dict)
 
@@ -356,6 +359,8 @@ class Aggregate:
             self._result(run, rec)
         elif t == "pair":
             self._pair(run, rec)
+        elif t == "tally":
+            self._tally(run, rec)
         elif t == "host":
             if rec.get("state") == "unreachable":
                 run.unreachable[rec["name"]] = str(rec.get("reason") or "")
@@ -403,6 +408,38 @@ class Aggregate:
         if not isinstance(cur, Cell):
             cur = req.cells[ck] = Cell(cur or 0)
         cur.note(verdict, rec, run.listening)
+
+    def _tally(self, run: Run, rec: dict[str, Any]) -> None:
+        """A tally record (``--emit failures``): ``flows`` passing flows of one direction."""
+        n = rec["flows"]
+        run.tallied += n
+        proto = rec["proto"]
+        text = rec.get("ports")
+        key = rec.get("req") or (f"{proto}/{text}" if text else proto)
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        if text and text != req.last_tally_ports:  # most directions repeat the same ports
+            req.last_tally_ports = text
+            for tok in text.split(","):
+                a, _, b = tok.partition("-")
+                with contextlib.suppress(ValueError):
+                    for p in range(int(a), int(b or a) + 1):
+                        req.ports.add(p)
+        s = run.host(rec["src_host"], rec.get("src"))
+        d = run.host(rec["host"], rec.get("dst"))
+        if not n:
+            return
+        ck = s * STRIDE + d
+        cur = req.cells.get(ck)
+        self.passes += n
+        req.npass += n
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
 
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
