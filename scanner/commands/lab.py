@@ -28,6 +28,11 @@ def command() -> None:
 @click.option(
     "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
 )
+@click.option(
+    "--truth-file",
+    is_flag=True,
+    help="Also write every planned flow's ground truth to <state>/truth.ndjson (large).",
+)
 def up(
     hosts: int,
     name: str,
@@ -35,6 +40,7 @@ def up(
     no_responders: bool,
     ttl: float,
     show_flows: bool,
+    truth_file: bool,
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
     from scanner.commands.respond import check_ttl
@@ -47,6 +53,7 @@ def up(
         responders=not no_responders,
         ttl=check_ttl(ttl),
         show_flows=show_flows,
+        truth_file=truth_file,
     )
     return lab_up(cfg)
 
