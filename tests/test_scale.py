@@ -470,3 +470,25 @@ def test_check_emit_failures_adds_up(make_lab, tmp_path: Path) -> None:
     tallies = [r for r in f if r["type"] == "tally"]
     assert len(tallies) == 4  # node1 -> node2, node3 x lab.tcp, lab.icmp: merged over shards
     assert sum(t["flows"] for t in tallies) == sf["tallied"] == sf["planned"] - 3
+
+
+def test_responder_ports_per_leg_equal_per_flow(tmp_path: Path) -> None:
+    """`respond --as` finds its ports from the legs (a 100-host plan is 27 M flows): the same
+    ports as walking every planned flow."""
+    from scanner.commands.respond import ports_for_host
+    from scanner.plan.planner import plan
+    from scanner.plan.selection import SelectionOptions
+
+    inv = tmp_path / "inv.ini"
+    lines = ["[kube_control_plane]", "cp0 ansible_host=198.18.0.1", "[etcd]", "cp0"]
+    lines += ["[kube_node]"] + [f"w{i} ansible_host=198.18.0.{i + 10}" for i in range(5)]
+    lines += ["[k8s_cluster:children]", "kube_control_plane", "kube_node"]
+    inv.write_text("\n".join(lines) + "\n")
+    opts = SelectionOptions(inventories=(str(inv),), with_features=("metallb", "ipip"))
+    catalog, site, selection = opts.resolve()
+    for h in site.hosts():
+        want: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+        for f in plan(catalog, site, selection):
+            if f.dst == h.address and f.port is not None and f.proto in want:
+                want[f.proto].add(f.port)
+        assert ports_for_host(opts, h.name) == (sorted(want["tcp"]), sorted(want["udp"]))
