@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,47 +82,44 @@ def write_inventory(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -
 
 
 def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-    """Start ``portmesh respond --inventory ... --as NAME`` in every lab host, detached.
+    """Start a responder in every lab host, detached (scanner.lab.spawn: forked from here).
 
-    Each one logs its NDJSON to ``<state>/<host>.responder.ndjson`` and its pid goes to
-    ``<state>/<host>.responder.pid``. Returns host -> ready record (LabError if one fails).
+    Each one answers on every port the plan probes its host on (as ``portmesh respond
+    --inventory ... --as NAME``), logs its NDJSON to ``<state>/<host>.responder.ndjson``; its
+    pid and start time go to ``<state>/<host>.responder.pid``. Returns host -> ready record
+    (LabError if one fails).
     """
-    import sys
+    from scanner.core.tags import load_secret
+    from scanner.lab import spawn
+    from scanner.plan.selection import SelectionOptions
 
     d = lab.state_dir()
-    inv = d / "inventory.yml"
-    secret = d / "secret"
-    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-    for h in lab.hosts:
-        log = d / f"{h.name}.responder.ndjson"
-        with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
-            p = lab.popen(
-                h.name,
-                [
-                    sys.executable, "-m", "scanner", "respond",
-                    "--inventory", str(inv), "--as", h.name,
-                    "--secret-file", str(secret), "--ttl", f"{ttl:g}",
-                ],
-                stdin=devnull,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # detached: survives the terminal, ends by TTL or down
-            )  # fmt: skip
-        (d / f"{h.name}.responder.pid").write_text(f"{p.pid}\n")
-        procs[h.name] = (p, log)
+    secret = load_secret(path=str(d / "secret")) or b""
+    catalog, site, selection = SelectionOptions(inventories=(str(d / "inventory.yml"),)).resolve()
+    ports = spawn.host_ports(catalog, site, selection)
+    logs = {h.name: d / f"{h.name}.responder.ndjson" for h in lab.hosts}
+    pids = spawn.spawn([(h.name, h.ns) for h in lab.hosts], ports, secret, ttl, logs)
+    for name, pid in pids.items():
+        (d / f"{name}.responder.pid").write_text(f"{pid} {spawn.start_time(pid)}\n")
     ready: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
-    while len(ready) < len(procs):
-        for name, (p, log) in procs.items():
+    while len(ready) < len(pids):
+        for name, pid in pids.items():
             if name in ready:
                 continue
+            log = logs[name]
             for line in log.read_text(errors="replace").splitlines():
                 if line.startswith("{") and '"ready"' in line:
                     ready[name] = json.loads(line)
-            if name not in ready and p.poll() is not None:
-                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise LabError(f"the responder in {name} exited ({p.returncode}): {tail[0]}")
-        if len(ready) < len(procs):
+            if name not in ready:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                    code = os.waitstatus_to_exitcode(status)
+                    raise LabError(
+                        f"the responder in {name} exited ({code}): {(tail or ['no output'])[0]}"
+                    )
+        if len(ready) < len(pids):
             if time.monotonic() > deadline:
                 raise LabError(f"responders not ready after {timeout:g} s")
             time.sleep(0.05)
@@ -321,10 +317,18 @@ def lab_down(name: str, out: Any = None) -> int:
 def _kill_recorded_responders(name: str) -> None:
     # down() ends every process inside the lab's namespaces; these pid files only cover a
     # responder whose namespace is already gone. A pid is signalled only when its command line
-    # still says it is a portmesh responder (pids are reused).
+    # still says it is a portmesh responder, or its start time is the one recorded (pids are
+    # reused).
     for pidfile in (run_dir() / name).glob("*.responder.pid"):
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().strip())
+            pid_s, _, started = pidfile.read_text().strip().partition(" ")
+            pid = int(pid_s)
+            if started:  # forked by scanner.lab.spawn: the same process if it started then
+                from scanner.lab.spawn import start_time
+
+                if start_time(pid) == started:
+                    os.kill(pid, signal.SIGTERM)
+                continue
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"respond" in cmd and b"--as" in cmd:
                 os.kill(pid, signal.SIGTERM)
