@@ -257,6 +257,10 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
         ).resolve()
     names = sorted({h.name for h in site.hosts()})
     pairs = {n: socket.socketpair() for n in names}
+    for a, b in pairs.values():  # a pipe's 64 KiB, not a socket's ~200 KiB, in flight
+        for sk in (a, b):
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 15)
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 15)
     every = round(1 / fail_rate) if fail_rate > 0 else 0
     full_sel = dataclasses.replace(selection, sources=frozenset(names), scanner=None)
     pid = os.fork()

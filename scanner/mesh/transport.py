@@ -44,8 +44,9 @@ PLACEHOLDERS = ("name", "address", "user")
 _FIELD = re.compile(r"\{([^{}]*)\}")
 READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 bytes)
 # what the coordinator buffers per agent before the pipe pushes back (asyncio pauses reading
-# at twice the limit): 128 KiB x 1,000 agents, however far behind the coordinator falls
-READ_BUFFER = 1 << 16
+# at twice the limit, plus one pipe read of at most 64 KiB): ~100 KiB x 1,000 agents, however
+# far behind the coordinator falls
+READ_BUFFER = 1 << 14
 
 
 def check_template(template: str) -> list[str]:
