@@ -156,7 +156,7 @@ def _arp() -> Table:
 
 
 @contextlib.contextmanager
-def lowered_thresh3(ours: set[str], headroom: int, wait: float = 90.0) -> Iterator[int]:
+def lowered_thresh3(ours: set[str], headroom: int, wait: float | None = None) -> Iterator[int]:
     """gc_thresh3 = entries now + headroom, for the block only, and always put back.
 
     The table and its limits are global to the kernel (a namespace has no gc_thresh of its
@@ -164,6 +164,8 @@ def lowered_thresh3(ours: set[str], headroom: int, wait: float = 90.0) -> Iterat
     namespace but ``ours`` exists (another lab would lose packets meanwhile) and skips the test
     when the machine never gets that quiet.
     """
+    if wait is None:  # how long to wait for a quiet kernel (PORTMESH_QUIET_WAIT seconds)
+        wait = float(os.environ.get("PORTMESH_QUIET_WAIT", "90"))
     Path("/run/portmesh").mkdir(parents=True, exist_ok=True)
     with open("/run/portmesh/.neigh-test.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -289,7 +289,9 @@ class PairJoin:
             t.sig[k] = self.states.step(sid or 1, rec.get("port"))
             return
         d = self._sparse(t, k, rec)
-        d.add(rec.get("port"), rec.get("state", "?"), rec.get("reason", "?"), rec.get("verdict"))
+        # a verdict_reason (a port the responder could not bind) says more than the probe's
+        reason = rec.get("verdict_reason") or rec.get("reason", "?")
+        d.add(rec.get("port"), rec.get("state", "?"), reason, rec.get("verdict"))
 
     def add_passing(self, s: int, rec: dict[str, Any]) -> bool:
         """The hot path of ``add`` for a passing flow from host index ``s``: False when the
