@@ -92,6 +92,8 @@ def coordinator_ceiling(lines: int = 200_000) -> float:
 
             self.window = Window()
             self.got = None
+            self.jidx = None  # the general path (one link for every source here)
+            self.name = "-"
             self.results = 0
 
     link = Link()
