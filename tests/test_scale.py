@@ -177,7 +177,12 @@ def lowered_thresh3(ours: set[str], headroom: int, wait: float | None = None) ->
     if wait is None:  # how long to wait for a quiet kernel (PORTMESH_QUIET_WAIT seconds)
         wait = float(os.environ.get("PORTMESH_QUIET_WAIT", "90"))
     Path("/run/portmesh").mkdir(parents=True, exist_ok=True)
-    with open("/run/portmesh/.neigh-test.lock", "w") as lock:
+    from scanner.lab import sysctls
+
+    sysctls.RECORD.parent.mkdir(parents=True, exist_ok=True)
+    # the lock of `lab up`'s own sizing (scanner.lab.sysctls): no lab may raise the limit
+    # back while it is lowered here
+    with open(f"{sysctls.RECORD}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         deadline = time.monotonic() + wait
         while busy := _busy_netns(ours):
@@ -203,7 +208,9 @@ from scanner.engine.check import CheckConfig, run_check
 from scanner.engine.engine import EngineConfig
 from scanner.plan.selection import SelectionOptions
 inv, host = sys.argv[1], sys.argv[2]
-catalog, site, sel = SelectionOptions(inventories=(inv,)).resolve(sources=[host], scanner=host)
+catalog, site, sel = SelectionOptions(
+    inventories=(inv,), without_features=("vxlan",), nodeport_sample=0
+).resolve(sources=[host], scanner=host)
 sys.exit(run_check(CheckConfig(catalog=catalog, site=site, selection=sel, host=host,
     engine=EngineConfig(neighbour_guard=False, tcp_method="connect"), workers=1)))
 """
