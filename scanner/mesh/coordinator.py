@@ -208,7 +208,7 @@ class AgentLink:
         self.proc: asyncio.subprocess.Process | None = None
         self.window = Window()
         # --emit failures: the plan indexes of the lines received (the passing flows never
-        # come one by one, so no window can close over them); 4 bytes per failing flow
+        # come one by one, so no window can close over them); 8 bytes per failing flow
         self.got: array[int] | None = array("Q") if mesh.cfg.emit == "failures" else None
         self.tallied = 0
         self.jidx: int | None = mesh.join.index.get(self.name)  # this host in the pair join
