@@ -30,6 +30,11 @@ def command() -> None:
 @click.option(
     "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
 )
+@click.option(
+    "--truth-file",
+    is_flag=True,
+    help="Also write every planned flow's ground truth to <state>/truth.ndjson (large).",
+)
 @selection_options(exclude=("inventory", "hosts", "role"))
 def up(
     selection_opts: SelectionOptions,
@@ -39,6 +44,7 @@ def up(
     no_responders: bool,
     ttl: float,
     show_flows: bool,
+    truth_file: bool,
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth.
 
@@ -57,6 +63,7 @@ def up(
         ttl=check_ttl(ttl),
         show_flows=show_flows,
         selection=selection_opts,
+        truth_file=truth_file,
     )
     return lab_up(cfg)
 

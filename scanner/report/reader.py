@@ -20,7 +20,7 @@ from scanner.errors import InputError
 
 # The record types the report understands; anything else (plan's "flow", agent chatter) is
 # counted as ignored, not as damage.
-KNOWN_TYPES = ("start", "result", "host", "pair", "summary", "watch")
+KNOWN_TYPES = ("start", "result", "host", "pair", "summary", "tally", "watch")
 # Fields without which a result record cannot be placed in the report.
 RESULT_FIELDS = ("dst", "proto", "state")
 MAX_BAD_SAMPLES = 5
@@ -88,6 +88,15 @@ def _why(rec: Any) -> str | None:
                 return f"pair without '{f}'"
     elif t == "host" and not isinstance(rec.get("name"), str):
         return "host without 'name'"
+    elif t == "tally":
+        for f in ("src_host", "host", "proto"):
+            if not isinstance(rec.get(f), str):
+                return f"tally without '{f}'"
+        n = rec.get("flows")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return "tally with a bad 'flows'"
+        if rec.get("ports") is not None and not isinstance(rec.get("ports"), str):
+            return "tally with a bad 'ports'"
     return None
 
 
