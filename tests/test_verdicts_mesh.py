@@ -13,10 +13,12 @@ Lab tests use real network namespaces, nftables and sockets (tests/conftest.py f
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -31,8 +33,13 @@ from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
 from scanner.lab.faults import Fault, expected
-from scanner.mesh.agent import HELD_PASS, held_verdict
-from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports
+from scanner.mesh.agent import (
+    HELD_PASS,
+    UNSURE_UNKNOWN,
+    held_verdict,
+    unsure_verdict,
+)
+from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
 from scanner.mesh.pairs import pair_verdict
 from scanner.plan.planner import count_plan, plan
 from scanner.plan.selection import SelectionOptions
@@ -150,9 +157,19 @@ def test_held_port_verdicts() -> None:
             self.ready_rec, self.failed = rec, failed
 
     failed = [
-        {"proto": "tcp", "port": 2381, "error": "address in use", "process": "etcd"},
-        {"proto": "udp", "port": 4789, "error": "address in use"},
+        {"proto": "tcp", "port": 2381, "error": "address in use", "local": ["127.0.0.1"]},
+        {"proto": "udp", "port": 4789, "error": "address in use", "local": ["127.0.0.1", "::1"]},
         {"proto": "witness", "port": 0, "error": "x"},
+        # a holder on the wildcard or on the probed address answers the probe itself: a reset
+        # there is a firewall's, the port is not held (issue 19 review, item 1)
+        {"proto": "tcp", "port": 10250, "error": "address in use", "local": ["0.0.0.0"]},
+        {"proto": "udp", "port": 8472, "error": "address in use", "local": ["::"]},
+        {"proto": "tcp", "port": 2379, "error": "address in use", "local": ["198.18.9.1"]},
+        {"proto": "tcp", "port": 2380, "error": "address in use",
+         "local": ["127.0.0.1", "198.18.9.1"]},  # fmt: skip
+        # nothing tells who answers: unsure, never held
+        {"proto": "tcp", "port": 30000, "error": "too many open files"},
+        {"proto": "udp", "port": 30001, "error": "address in use"},
     ]
     links = [
         Link("198.18.9.1", {"type": "ready", "failed": failed}),
@@ -160,6 +177,40 @@ def test_held_port_verdicts() -> None:
         Link("198.18.9.3", {"type": "ready", "failed": failed}, failed="gone"),
     ]
     assert unbound_ports(links) == {"198.18.9.1": {"tcp": "2381", "udp": "4789"}}
+    assert unsure_ports(links) == {"198.18.9.1": {"tcp": "30000", "udp": "30001"}}
+    assert unsure_verdict("closed", "reachable") == ("unknown", UNSURE_UNKNOWN)
+    assert unsure_verdict("open|filtered", "reachable") == ("unknown", UNSURE_UNKNOWN)
+    for state in ("open", "filtered", "error"):
+        assert unsure_verdict(state, "reachable") is None
+
+
+def test_a_failed_bind_records_where_the_holder_listens() -> None:
+    """The responder's failure annotation reads the holder's local address from /proc/net."""
+    from scanner.responder.server import Responder
+
+    held = []
+    for addr, kind in (("127.0.0.1", socket.SOCK_STREAM), ("127.0.0.1", socket.SOCK_DGRAM),
+                       ("0.0.0.0", socket.SOCK_STREAM)):  # fmt: skip
+        s = socket.socket(socket.AF_INET, kind)
+        s.bind((addr, 0))
+        if kind == socket.SOCK_STREAM:
+            s.listen()
+        held.append(s)
+    loop = asyncio.new_event_loop()
+    try:
+        t_lo, u_lo, t_any = (s.getsockname()[1] for s in held)
+        r = Responder([t_lo, t_any], [u_lo], b"x" * 32)
+        r.start(loop)
+        r.close()
+        got = {(f["proto"], f["port"]): f for f in r.ready_record()["failed"]}
+        assert got[("tcp", t_lo)]["local"] == ["127.0.0.1"]
+        assert got[("udp", u_lo)]["local"] == ["127.0.0.1"]
+        assert got[("tcp", t_any)]["local"] == ["0.0.0.0"]
+        assert got[("tcp", t_lo)]["pid"] == os.getpid()
+    finally:
+        loop.close()
+        for s in held:
+            s.close()
 
 
 def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
@@ -352,6 +403,78 @@ def test_the_documented_lab_recipe_has_no_false_failure(lab_name: str, tmp_path:
         assert summary["verdicts"]["fail"] == 0, p.stderr.decode()[-3000:]
         assert summary["verdicts"]["unknown"] == 0, p.stderr.decode()[-3000:]
         assert p.returncode == 0
+    finally:
+        subprocess.run(["portmesh", "lab", "down", "--name", lab_name], env=env, timeout=120)
+
+
+RECIPE_FAULTS = [
+    Fault("node2", "in", "tcp", ((10250, 10250),), "reject"),  # a reset: closed (conn-refused)
+    Fault("node3", "in", "udp", ((4789, 4789),), "drop"),  # silence: open|filtered
+    Fault("node2", "in", "udp", ((4789, 4789),), "reject"),  # closed (port-unreach)
+]
+
+
+@pytest.mark.lab
+def test_the_documented_lab_recipe_fails_every_fault(lab_name: str, tmp_path: Path) -> None:
+    """The recipe on a faulted lab: the lab's responders hold every port on the wildcard, so a
+    reset or silence on them is the firewall's - every fault fails, every other flow passes,
+    nothing is unknown (review of issue 19, item 1: no held-port pass may hide a fault)."""
+    from scanner.lab.faults import hit
+    from scanner.lab.netns import run_dir
+
+    faults = tmp_path / "faults.yml"
+    faults.write_text(
+        "faults:\n"
+        "  - {host: node2, direction: in, proto: tcp, ports: 10250, action: reject}\n"
+        "  - {host: node3, direction: in, proto: udp, ports: 4789, action: drop}\n"
+        "  - {host: node2, direction: in, proto: udp, ports: 4789, action: reject}\n"
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    up = subprocess.run(
+        ["portmesh", "lab", "up", "--hosts", "3", "--name", lab_name, "--faults", str(faults)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert up.returncode == 0, up.stderr
+    try:
+        run = str(run_dir())
+        mine = [
+            w.replace("/run/portmesh/pm/", f"{run}/{lab_name}/").replace(
+                "pm-{name}", f"{lab_name}-{{name}}"
+            )
+            for w in shlex.split(docs_recipe())
+        ]
+        p = subprocess.run(mine, capture_output=True, env=env, timeout=600)
+        lines = [orjson.loads(x) for x in p.stdout.splitlines()]
+        results = [r for r in lines if r["type"] == "result"]
+        summary = lines[-1]
+        assert summary["type"] == "summary" and summary["planned"] == len(results) > 10000
+        wrong, faulted = [], []
+        for r in results:
+            f = Flow(r["dst"], r["port"], r["proto"], r["host"], r["src"], r["src_host"], r["req"])
+            want = "fail" if hit(f, RECIPE_FAULTS) is not None else "pass"
+            if want == "fail":
+                faulted.append(r)
+            if r["verdict"] != want:
+                wrong.append((r["src_host"], r["host"], r["proto"], r["port"], r["state"],
+                              r["verdict"], r.get("verdict_reason")))  # fmt: skip
+        assert not wrong, wrong[:20]
+        # node1, node3 -> node2 tcp/10250 and udp/4789; node1, node2 -> node3 udp/4789 (and
+        # whatever other requirement shares those ports)
+        assert {(r["src_host"], r["host"], r["proto"], r["port"]) for r in faulted} >= {
+            ("node1", "node2", "tcp", 10250),
+            ("node3", "node2", "tcp", 10250),
+            ("node1", "node2", "udp", 4789),
+            ("node3", "node2", "udp", 4789),
+            ("node1", "node3", "udp", 4789),
+            ("node2", "node3", "udp", 4789),
+        }
+        assert all("verdict_reason" not in r for r in faulted), faulted
+        assert summary["verdicts"] == {"pass": len(results) - len(faulted),
+                                       "fail": len(faulted), "unknown": 0}  # fmt: skip
+        assert p.returncode == 1
     finally:
         subprocess.run(["portmesh", "lab", "down", "--name", lab_name], env=env, timeout=120)
 

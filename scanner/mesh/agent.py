@@ -504,6 +504,7 @@ class Agent:
         if expect not in ("reachable", "listening"):
             raise ProtocolError("probe: expect must be reachable or listening")
         unbound = _unbound_in(msg.get("unbound") or {})
+        unsure = _unbound_in(msg.get("unsure") or {})
         try:
             catalog = load_catalog(files)
             selection = Selection(
@@ -537,7 +538,8 @@ class Agent:
         def job() -> None:
             try:
                 probe_slice(
-                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound
+                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
+                    unsure,
                 )
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
@@ -603,6 +605,11 @@ HELD_PASS = (
     "service on 127.0.0.1): the reset or port-unreachable came from the host itself, so the "
     "path is open"
 )
+UNSURE_UNKNOWN = (
+    "the destination's responder could not bind this port and nothing tells what holds it "
+    "(out of file descriptors, or no holder found): a reset cannot tell the host's own answer "
+    "from a firewall's reject"
+)
 HELD_UNKNOWN = (
     "the destination's responder could not bind this port (another socket holds it): "
     "silence cannot tell a drop from a service that ignores the probe"
@@ -624,6 +631,16 @@ def held_verdict(state: str, expect: str) -> tuple[str, str] | None:
     return None
 
 
+def unsure_verdict(state: str, expect: str) -> tuple[str, str] | None:
+    """The verdict of a TCP/UDP flow to a port the destination's responder could not bind where
+    nothing tells who holds it: a reset or silence there is unknown, never a pass (it could be
+    a firewall's reject) nor a fail (it could be the host's own kernel). As ``held_verdict``
+    otherwise."""
+    if (state == "closed" and expect == "reachable") or state == "open|filtered":
+        return "unknown", UNSURE_UNKNOWN
+    return None
+
+
 def probe_slice(
     catalog: Any,
     site: Any,
@@ -634,11 +651,13 @@ def probe_slice(
     expect: str,
     loop_kind: str,
     unbound: dict[tuple[str, str], frozenset[int]] | None = None,
+    unsure: dict[tuple[str, str], frozenset[int]] | None = None,
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``.
 
     ``unbound``: (destination address, proto) -> the ports its responder could not bind; a
-    result there gets ``held_verdict`` and a ``verdict_reason``."""
+    result there gets ``held_verdict`` and a ``verdict_reason``; ``unsure`` likewise, the ports
+    where nothing tells who holds them (``unsure_verdict``)."""
     from scanner.core.results import Result
     from scanner.core.verdicts import verdict
     from scanner.engine.check import route_sources
@@ -647,6 +666,7 @@ def probe_slice(
 
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
     held = unbound or {}
+    doubt = unsure or {}
     # src: the address packets leave from (as check records it), not only the inventory's
     real = route_sources(
         {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
@@ -671,6 +691,12 @@ def probe_slice(
                 hv = held_verdict(r.state, expect)
                 if hv is not None:
                     r.verdict, extra["verdict_reason"] = hv
+        if doubt and f.port is not None:
+            ports = doubt.get((f.dst, f.proto))
+            if ports is not None and f.port in ports:
+                uv = unsure_verdict(r.state, expect)
+                if uv is not None:
+                    r.verdict, extra["verdict_reason"] = uv
         extra["i"] = i  # last: the coordinator cuts it off the forwarded line
         r.extra = extra
 

@@ -130,25 +130,58 @@ def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[
     return out
 
 
+WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def held_ports(link: Any) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+    """(held, unsure): proto -> ports this host's responder could not bind, split by what its
+    ready record says about the holder (``failed[].local``, from /proc/net on the host).
+
+    held: every holding socket is bound to another address than the one probed (a service on
+    127.0.0.1): nothing answers the probe but the host's kernel, so its reset is the host's.
+    unsure: nothing tells who would answer (out of descriptors, or no holder found).
+    Neither: a holder on the wildcard or on the probed address (the lab's responders, a
+    responder started by hand, etcd on the node address) answers the probe itself, so a reset
+    or silence there is the firewall's: the port is verdicted as if our responder held it."""
+    held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    unsure: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    rec = link.ready_rec
+    if link.failed is not None or not isinstance(rec, dict):
+        return held, unsure
+    mine = {link.host.address, *WILDCARDS}
+    for f in rec.get("failed") or ():
+        if not isinstance(f, dict):
+            continue
+        proto, port, local = f.get("proto"), f.get("port"), f.get("local")
+        if proto not in held or not isinstance(port, int) or not 0 < port < 65536:
+            continue
+        if not isinstance(local, list) or not local:
+            unsure[proto].add(port)
+        elif not mine.intersection(str(x) for x in local):
+            held[proto].add(port)
+    return held, unsure
+
+
 def unbound_ports(links: list[Any]) -> dict[str, dict[str, str]]:
-    """address -> {"tcp": ranges, "udp": ranges}: the ports each host's responder reported it
-    could not bind (``failed`` in its ready record: held by another socket, e.g. a service on
-    127.0.0.1, or out of file descriptors). The agents' verdicts need them: a reset from such a
-    port is an answer from the host itself, not a firewall's reject (scanner.mesh.agent)."""
+    """address -> {"tcp": ranges, "udp": ranges}: the ports each host's responder could not
+    bind because a socket bound to another address holds them (``held_ports``). The agents'
+    verdicts need them: a reset from such a port is an answer from the host itself, not a
+    firewall's reject (scanner.mesh.agent)."""
+    return _by_address(links, 0)
+
+
+def unsure_ports(links: list[Any]) -> dict[str, dict[str, str]]:
+    """address -> {"tcp": ranges, "udp": ranges}: ports a responder could not bind where
+    nothing tells who answers (``held_ports``): the agents make a reset there unknown."""
+    return _by_address(links, 1)
+
+
+def _by_address(links: list[Any], which: int) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for link in links:
-        rec = link.ready_rec
-        if link.failed is not None or not isinstance(rec, dict):
-            continue
-        held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
-        for f in rec.get("failed") or ():
-            if not isinstance(f, dict):
-                continue
-            proto, port = f.get("proto"), f.get("port")
-            if proto in held and isinstance(port, int) and 0 < port < 65536:
-                held[proto].add(port)
-        if held["tcp"] or held["udp"]:
-            out[link.host.address] = {p: ranges(ports) for p, ports in held.items()}
+        ports = held_ports(link)[which]
+        if ports["tcp"] or ports["udp"]:
+            out[link.host.address] = {p: ranges(v) for p, v in ports.items()}
     return out
 
 
@@ -509,6 +542,7 @@ class Mesh:
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
             "unbound": unbound_ports(self.links),
+            "unsure": unsure_ports(self.links),
         }
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 

@@ -13,11 +13,13 @@ probe was sent to (IP_PKTINFO), so a multi-homed host answers a connected prober
 Lifecycle: everything is bound first, then ONE line is printed on stdout::
 
     {"type":"ready","bound":{"tcp":"2379-2380,30000-32767","udp":"4789"},
-     "failed":[{"proto":"tcp","port":22,"error":"address in use","pid":812,"process":"sshd"}],
+     "failed":[{"proto":"tcp","port":22,"error":"address in use","pid":812,"process":"sshd",
+                "local":["0.0.0.0"]}],
      "addr":"0.0.0.0","pid":4711,"ttl":300}
 
 A port that is already in use is answered by its real service, which is fine for the firewall
-question: it is listed under ``failed`` with the owning process when /proc tells. The responder
+question: it is listed under ``failed`` with the owning process when /proc tells, and the
+addresses the holding sockets are bound to (``local``, from /proc/net). The responder
 exits when its TTL runs out (default ``DEFAULT_TTL`` = 300 s), on SIGTERM or SIGINT, or - only
 with ``exit_on_stdin_close`` (``--parent-channel``) - when its stdin reaches end of file; it then
 closes every socket and prints ``{"type":"exit","reason":...,"stats":{...}}``. A standalone
@@ -86,6 +88,11 @@ class Failure:
     error: str
     pid: int | None = None
     process: str | None = None
+    # the local addresses the holding socket(s) are bound to ("0.0.0.0", "::", "127.0.0.1"...),
+    # from /proc/net; None when nothing was found (out of descriptors, or /proc did not tell).
+    # The mesh needs it: a holder bound to the wildcard or the probed address answers a probe
+    # itself (a reset can only be a firewall's), one bound elsewhere leaves the reset to the kernel
+    local: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"proto": self.proto, "port": self.port, "error": self.error}
@@ -93,6 +100,8 @@ class Failure:
             d["pid"] = self.pid
         if self.process is not None:
             d["process"] = self.process
+        if self.local is not None:
+            d["local"] = self.local
         return d
 
 
@@ -265,11 +274,22 @@ def _errtext(e: OSError) -> str:
 # ---- who owns a port (best effort, from /proc) ----------------------------------------------
 
 
-def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
-    """port -> socket inode of a listening TCP / bound UDP socket, from /proc/net."""
-    out: dict[int, int] = {}
-    files = [f"/proc/net/{proto}", f"/proc/net/{proto}6"]
-    for path in files:
+def _proc_addr(text: str) -> str:
+    """A /proc/net/{tcp,udp}[6] local address field (hex, host byte order per 32-bit word)."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    addr = ipaddress.ip_address(words)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _holders(proto: str, ports: set[int]) -> dict[int, tuple[int, list[str]]]:
+    """port -> (socket inode, local addresses) of the listening TCP / bound UDP sockets on it,
+    from /proc/net (this network namespace). The inode is 0 for a kernel socket (a VXLAN
+    device's UDP port): no process owns it, but its address still tells."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for path in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(path, encoding="ascii") as fh:
                 next(fh, None)
@@ -277,12 +297,15 @@ def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
                     f = line.split()
                     if len(f) < 10:
                         continue
-                    port = int(f[1].rsplit(":", 1)[1], 16)
+                    host, _, port_hex = f[1].rpartition(":")
+                    port = int(port_hex, 16)
                     if port not in ports or (proto == "tcp" and f[3] != "0A"):
                         continue
-                    inode = int(f[9])
-                    if inode:
-                        out.setdefault(port, inode)
+                    inode, addrs = out.get(port, (0, []))
+                    addr = _proc_addr(host)
+                    if addr not in addrs:
+                        addrs.append(addr)
+                    out[port] = (inode or int(f[9]), addrs)
         except (OSError, ValueError, IndexError):
             continue
     return out
@@ -290,11 +313,16 @@ def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
 
 def _annotate_owners(failed: list[Failure]) -> None:
     want: dict[tuple[str, int], int] = {}
+    local: dict[tuple[str, int], list[str]] = {}
     for proto in ("tcp", "udp"):
         ports = {f.port for f in failed if f.proto == proto and f.error == "address in use"}
         if ports:
-            for port, inode in _socket_inodes(proto, ports).items():
-                want[(proto, port)] = inode
+            for port, (inode, addrs) in _holders(proto, ports).items():
+                local[(proto, port)] = addrs
+                if inode:
+                    want[(proto, port)] = inode
+    for f in failed:
+        f.local = local.get((f.proto, f.port))
     if not want:
         return
     by_inode = {f"socket:[{ino}]": key for key, ino in want.items()}
