@@ -355,6 +355,20 @@ def test_port_held_on_loopback_passes_and_a_drop_still_fails(make_lab, tmp_path:
         pairs = {p["req"]: p["verdict"] for p in recs if p["type"] == "pair"}
         assert pairs == {"lab.metrics": "one-way", "lab.udp": "pass"}
         assert code == 1
+
+        # silence on the held UDP port: unknown; the exit status is the documented one (0) and
+        # the pair is listed on stderr
+        lab.apply_faults([Fault("node2", "in", "udp", ((5000, 5000),), "drop")])
+        code, recs, err = mesh(inv, cat, lab.exec_template(), tmp_path)
+        res = {(r["src_host"], r["proto"]): r for r in recs if r["type"] == "result"}
+        silent = res[("node1", "udp")]
+        assert (silent["state"], silent["verdict"]) == ("open|filtered", "unknown"), silent
+        assert recs[-1]["verdicts"]["unknown"] == 1
+        assert "UNKNOWN lab.udp" in err, err
+        docs = " ".join((ROOT / "docs" / "mesh.md").read_text().split())
+        assert "Exit status: 0 no flow fails and every host answered" in docs
+        assert "`unknown` flows (what a probe cannot decide, with the reason) leave the " in docs
+        assert recs[-1]["verdicts"]["fail"] == 0 and code == 0
     finally:
         holder.kill()
         holder.wait()

@@ -636,7 +636,9 @@ def _engine_share(e: EngineConfig, n: int, loop: str) -> dict[str, Any]:
 
 
 def run_mesh(cfg: MeshConfig) -> int:
-    """Run the mesh; exit code 0 all pass, 1 any fail or unreachable host, 130 interrupted."""
+    """Run the mesh; exit code 0 no flow fails and every host answered (unknown flows do not
+    change it: they are counted and their pairs listed as UNKNOWN on stderr), 1 any fail or
+    unreachable host, 130 interrupted."""
     from scanner.core.privileges import raise_nofile
     from scanner.plan.planner import plan_meta
 
@@ -691,6 +693,7 @@ def run_mesh(cfg: MeshConfig) -> int:
     pairs = Counter()
     one_way: list[dict[str, Any]] = []
     two_way: list[dict[str, Any]] = []
+    undecided: list[dict[str, Any]] = []
     for rec in mesh.join.pairs():
         rec = {
             "type": "pair",
@@ -702,6 +705,8 @@ def run_mesh(cfg: MeshConfig) -> int:
             one_way.append(_short(rec))
         elif rec["verdict"] == "fail":
             two_way.append(_short(rec))
+        elif rec["verdict"] == "unknown":
+            undecided.append(_short(rec))
         out.record(rec)
     agents = {
         link.name: {
@@ -730,7 +735,7 @@ def run_mesh(cfg: MeshConfig) -> int:
     )
     out.record(summary)
     out.close()
-    _human(cfg.summary_to or sys.stderr, mesh, pairs, one_way, two_way, elapsed)
+    _human(cfg.summary_to or sys.stderr, mesh, pairs, one_way, two_way, elapsed, undecided)
     if mesh.interrupted:
         return 130
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
@@ -760,6 +765,7 @@ def _human(
     one_way: list[dict[str, Any]],
     two_way: list[dict[str, Any]],
     elapsed: float,
+    undecided: list[dict[str, Any]] | None = None,
 ) -> None:
     v = mesh.matrix.verdicts
     w = err.write
@@ -773,7 +779,8 @@ def _human(
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
     for name, reason in sorted(mesh.unreachable.items()):
         w(f"UNREACHABLE {name}: {reason}\n")
-    for kind, items in (("ONE-WAY", one_way), ("FAIL   ", two_way)):
+    lists = (("ONE-WAY", one_way), ("FAIL   ", two_way), ("UNKNOWN", undecided or []))
+    for kind, items in lists:
         for p in items[:_SHORT_CAP]:
             port = p.get("ports") or p.get("port")
             what = p["proto"] if port is None else f"{p['proto']}/{port}"
