@@ -299,6 +299,51 @@ def test_mesh_over_two_clusters_with_the_same_host_names(make_lab, tmp_path: Pat
     assert b"check from node1@b" in p.stderr
 
 
+def test_exec_template_giving_two_hosts_one_command_is_refused(tmp_path: Path) -> None:
+    """Review of issue 19, item 2: node1@a and node1@b under ``ip netns exec LAB-{name}`` would
+    be probed from one machine under two names: one line, exit 2, no agent started."""
+    addrs = {"a-node1": "198.18.9.1", "a-node2": "198.18.9.2",
+             "b-node1": "198.18.9.3", "b-node2": "198.18.9.4"}  # fmt: skip
+    site = two_cluster_site(tmp_path / "site.yml", addrs)
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "2380", "site")])
+    argv = [sys.executable, "-m", "scanner", "mesh", "-i", str(site), "--catalog", str(cat)]
+    p = subprocess.run([*argv, "--exec", "ip netns exec nosuchlab-{name}"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == "", p
+    (line,) = p.stderr.splitlines()
+    assert "node1@a and node1@b the same command" in line and "{cluster}" in line, line
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.lab
+def test_mesh_warns_when_an_agent_probes_from_another_address(make_lab, tmp_path: Path) -> None:
+    """Review of issue 19, item 2: an inventory whose names do not match the machines the exec
+    template reaches (here rotated: node1's agent runs where node3's address lives) is not a
+    silent pass: results record the real source, and stderr says which agent moved."""
+    lab = make_lab(hosts=3)
+    a = {h.name: h.addr for h in lab.hosts}
+    site = tmp_path / "rot.yml"
+    site.write_text(
+        "all:\n  children:\n    kube_node:\n      hosts:\n"
+        + "".join(
+            f"        {n}: {{ansible_host: {a[m]}}}\n"
+            for n, m in (("node1", "node2"), ("node2", "node3"), ("node3", "node1"))
+        )
+    )
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "2380", "cluster")])
+    code, recs, err = mesh(site, cat, lab.exec_template(), tmp_path)
+    res = [r for r in recs if r["type"] == "result"]
+    assert len(res) == 6
+    # node1's agent runs in lab host node1 (a["node1"]), which the inventory calls node3
+    assert {r["src"] for r in res if r["src_host"] == "node1" and r["dst"] != a["node1"]} == {
+        a["node1"]
+    }
+    warned = [x for x in err.splitlines() if x.startswith("WARNING ")]
+    assert len(warned) == 3, err
+    assert any(x.startswith("WARNING node1:") and a["node1"] in x and a["node2"] in x
+               for x in warned), warned  # fmt: skip
+
+
 # ---- item 6 in the lab: a service on 127.0.0.1 holds a checked port ---------------------------
 
 HOLD = """

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import shlex
 import signal
 import sys
 import time
@@ -39,6 +40,7 @@ import orjson
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
 from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
+from scanner.errors import InputError
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
 from scanner.mesh.pairs import PairJoin, ranges
@@ -389,6 +391,30 @@ class Mesh:
         self.unreachable: dict[str, str] = {}
         self.interrupted = False
         self.t0 = time.perf_counter()
+        # agent name -> addresses its packets left from that are not its inventory address
+        self.moved: dict[str, set[str]] = {}
+        self.check_exec()
+
+    def check_exec(self) -> None:
+        """Refuse a template that names hosts but gives two of them the same command: both
+        agents would run on one machine and probe from it under two names (Kubean's node1 of
+        two clusters with ``ip netns exec LAB-{name}``). A template without placeholders
+        (``env``: every agent here) is the operator's explicit choice."""
+        tpl = self.cfg.exec_template or ""
+        if not tpl or not any("{" + p + "}" in tpl for p in transport.PLACEHOLDERS):
+            return
+        seen: dict[tuple[str, ...], str] = {}
+        for h in self.hosts:
+            words = tuple(
+                transport.render(tpl, h.inventory_name, h.address, h.user, h.cluster)
+            )
+            other = seen.setdefault(words, h.name)
+            if other != h.name:
+                raise InputError(
+                    f"--exec {tpl!r} gives {other} and {h.name} the same command "
+                    f"({shlex.join(words)}): both agents would run on one machine; "
+                    "tell them apart with {cluster} or {address}"
+                )
 
     # -- results -----------------------------------------------------------------------------
 
@@ -397,6 +423,11 @@ class Mesh:
         if isinstance(i, int) and not link.window.add(i):
             return  # a duplicate line: every flow has exactly one result
         link.results += 1
+        src = rec.get("src")
+        if src is not None and src != link.host.address and src != rec.get("dst"):
+            # the agent's packets left from another address than its host's: it runs on
+            # another machine than the one named (or a multi-homed host routes so)
+            self.moved.setdefault(link.name, set()).add(src)
         # forward the agent's own bytes minus the index field (it is the last one written)
         cut = line.rfind(b',"i":')
         self.emit(rec, line[:cut] + b"}\n" if cut > 0 else None)
@@ -779,6 +810,14 @@ def _human(
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
     for name, reason in sorted(mesh.unreachable.items()):
         w(f"UNREACHABLE {name}: {reason}\n")
+    addr = {h.name: h.address for h in mesh.hosts}
+    for name, srcs in sorted(mesh.moved.items()):
+        w(
+            f"WARNING {name}: its probes left from {', '.join(sorted(srcs))}, not its inventory "
+            f"address {addr.get(name)}: its agent runs on another machine than the inventory "
+            "names (check --exec), or the host routes through another of its addresses; results "
+            "record the address they left from\n"
+        )
     lists = (("ONE-WAY", one_way), ("FAIL   ", two_way), ("UNKNOWN", undecided or []))
     for kind, items in lists:
         for p in items[:_SHORT_CAP]:
