@@ -30,8 +30,19 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"top", "core"},
     "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
-    "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab", "watch"},
+    "commands": {
+        "top",
+        "core",
+        "catalog",
+        "plan",
+        "probes",
+        "engine",
+        "responder",
+        "mesh",
+        "report",
+        "lab",
+        "watch",
+    },
     "cli": {"top", "commands"},
 }
 

@@ -165,8 +165,12 @@ def test_held_port_verdicts() -> None:
         {"proto": "tcp", "port": 10250, "error": "address in use", "local": ["0.0.0.0"]},
         {"proto": "udp", "port": 8472, "error": "address in use", "local": ["::"]},
         {"proto": "tcp", "port": 2379, "error": "address in use", "local": ["198.18.9.1"]},
-        {"proto": "tcp", "port": 2380, "error": "address in use",
-         "local": ["127.0.0.1", "198.18.9.1"]},  # fmt: skip
+        {
+            "proto": "tcp",
+            "port": 2380,
+            "error": "address in use",
+            "local": ["127.0.0.1", "198.18.9.1"],
+        },  # fmt: skip
         # nothing tells who answers: unsure, never held
         {"proto": "tcp", "port": 30000, "error": "too many open files"},
         {"proto": "udp", "port": 30001, "error": "address in use"},

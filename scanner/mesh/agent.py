@@ -538,7 +538,15 @@ class Agent:
         def job() -> None:
             try:
                 probe_slice(
-                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
+                    catalog,
+                    site,
+                    selection,
+                    engine,
+                    out,
+                    scan_id,
+                    expect,
+                    loop_kind,
+                    unbound,
                     unsure,
                 )
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread

@@ -405,9 +405,7 @@ class Mesh:
             return
         seen: dict[tuple[str, ...], str] = {}
         for h in self.hosts:
-            words = tuple(
-                transport.render(tpl, h.inventory_name, h.address, h.user, h.cluster)
-            )
+            words = tuple(transport.render(tpl, h.inventory_name, h.address, h.user, h.cluster))
             other = seen.setdefault(words, h.name)
             if other != h.name:
                 raise InputError(

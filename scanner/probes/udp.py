@@ -60,6 +60,7 @@ from scanner.probes.classify import (
 UDP_PER_HOST_PPS = 1.0
 UDP_PER_HOST_BURST = 6
 
+
 class _Attempt:
     __slots__ = ("loop", "sock", "fut", "nonce", "t0", "dst")
 

@@ -67,7 +67,9 @@ class ResponderConfig:
     bind: str = "0.0.0.0"
     ttl: float = DEFAULT_TTL
     exit_on_stdin_close: bool = False
-    witness: bool = False  # also capture tagged probes with an AF_PACKET socket (scanner.responder.witness)
+    witness: bool = (
+        False  # also capture tagged probes with an AF_PACKET socket (scanner.responder.witness)
+    )
     name: str | None = None  # the inventory host name, echoed in the ready record
     show_secret: bool = False  # put the secret in the ready record (it was generated here)
     use_uvloop: bool = True
