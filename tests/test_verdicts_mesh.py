@@ -232,6 +232,43 @@ def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
     assert HELD_UNKNOWN in pair["reason"]
 
 
+def test_from_and_as_resolve_a_host_or_say_why(tmp_path: Path) -> None:
+    """Review of issue 19, item 4 and the ``watch --as`` note: ``--from`` never checks nothing
+    silently - ``NAME@CLUSTER`` resolves on a site whose names are unique (so unqualified), a
+    name or address the site lacks is one line and exit 2; ``watch --as`` takes what ``--from``
+    takes (an address, NAME@CLUSTER)."""
+    site = tmp_path / "one.yml"
+    site.write_text(
+        "portmesh_site:\n  name: one\n  clusters:\n    - name: a\n      kind: standalone\n"
+        "      hosts: [node1=127.0.0.11, node2=127.0.0.12]\n"
+    )
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "47123", "cluster")])
+    base = [sys.executable, "-m", "scanner", "check", "-i", str(site), "--catalog", str(cat)]
+    p = subprocess.run([*base, "--from", "node1@a"], capture_output=True, text=True, timeout=60)
+    lines = [orjson.loads(x) for x in p.stdout.splitlines()]
+    res = [r for r in lines if r["type"] == "result"]
+    assert p.returncode == 0 and len(res) == 1 and res[0]["src_host"] == "node1", p.stderr
+    for bad in ("nosuch", "127.0.0.99", "node1@b"):
+        p = subprocess.run([*base, "--from", bad], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stdout == "", (bad, p.stdout, p.stderr)
+        (line,) = p.stderr.splitlines()
+        assert f"--from: no host named {bad!r}" in line and "nor with that address" in line
+
+    twins = two_cluster_site(tmp_path / "twins.yml", {
+        "a-node1": "127.0.0.11", "a-node2": "127.0.0.12",
+        "b-node1": "127.0.0.13", "b-node2": "127.0.0.14"})  # fmt: skip
+    watch = [sys.executable, "-m", "scanner", "watch", "-i", str(twins), "--catalog", str(cat),
+             "--secret", "s", "--rounds", "1", "--round", "1", "--bind", "127.0.0.13"]  # fmt: skip
+    for key in ("127.0.0.13", "node1@b"):
+        p = subprocess.run([*watch, "--as", key], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        first = orjson.loads(p.stdout.splitlines()[0])
+        assert (first["type"], first["node"], first["addr"]) == ("watch_start", "node1@b",
+                                                                 "127.0.0.13")  # fmt: skip
+    p = subprocess.run([*watch, "--as", "node1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--as: 'node1' is 2 hosts" in p.stderr, p.stderr
+
+
 # ---- item 5 in the lab: two clusters of node1/node2 over the mesh ----------------------------
 
 
