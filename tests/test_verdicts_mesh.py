@@ -460,6 +460,34 @@ def test_port_held_on_loopback_passes_and_a_drop_still_fails(make_lab, tmp_path:
         holder.wait()
 
 
+@pytest.mark.lab
+def test_agents_short_of_descriptors_keep_serving_and_say_unknown(make_lab, tmp_path: Path) -> None:
+    """Review of issue 19, item 6: under a low descriptor limit (300) a responder asked for 401
+    ports binds what its budget allows and reports the rest (it used to run out and die
+    importing the witness: every host unreachable). A reset from a port nobody bound cannot
+    be told from a firewall's reject: unknown with the reason, never pass nor fail."""
+    lab = make_lab(hosts=2)
+    import yaml
+
+    from scanner.lab.lab import inventory_doc
+
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.many", "tcp", "30000-30400", "cluster")])
+    template = lab.exec_template() + " prlimit --nofile=300:300"
+    code, recs, err = mesh(inv, cat, template, tmp_path)
+    res = [r for r in recs if r["type"] == "result"]
+    summary = recs[-1]
+    assert summary["hosts"]["unreachable"] == [], err
+    assert len(res) == 2 * 401
+    by = defaultdict(set)
+    for r in res:
+        by[(r["state"], r["verdict"], r.get("verdict_reason"))].add(r["port"])
+    assert set(by) == {("open", "pass", None), ("closed", "unknown", UNSURE_UNKNOWN)}, set(by)
+    assert 100 < len(by[("open", "pass", None)]) < 300  # what fits in the budget, per host
+    assert summary["verdicts"]["fail"] == 0 and code == 0, err
+
+
 # ---- item 7: the lab recipe exactly as docs/mesh.md shows it ----------------------------------
 
 

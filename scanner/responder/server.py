@@ -27,7 +27,9 @@ responder ignores stdin, so ``</dev/null`` or a closed terminal do not stop it. 
 control port.
 
 The NodePort range alone is 2,768 TCP sockets: RLIMIT_NOFILE is raised to its hard limit first
-(scanner.core.privileges.raise_nofile); ports beyond the budget are reported as failed (EMFILE).
+(scanner.core.privileges.raise_nofile); ``FD_RESERVE`` descriptors stay free (accepts, the
+witness, stdio), and ports beyond the budget are not tried but reported as failed ("too many
+open files", no ``local``): the responder keeps serving the rest.
 """
 
 from __future__ import annotations
@@ -130,11 +132,24 @@ class Responder:
         from scanner.core.privileges import raise_nofile
 
         self._loop = loop or asyncio.get_running_loop()
-        raise_nofile()
+        room = _fd_room(raise_nofile())
         addr = ipaddress.ip_address(self.bind)
         family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
         pktinfo = family == socket.AF_INET and addr.is_unspecified
+
+        def budget(proto: str, port: int) -> bool:
+            # stop short of the limit: an accept, the witness's socket, a later import (which
+            # opens a file) all need a descriptor - running out there would end the responder
+            nonlocal room
+            if room <= 0:
+                self.failed.append(Failure(proto, port, "too many open files"))
+                return False
+            room -= 1
+            return True
+
         for port in dict.fromkeys(self.tcp_ports):
+            if not budget("tcp", port):
+                continue
             s = self._open(family, socket.SOCK_STREAM, "tcp", port)
             if s is None:
                 continue
@@ -142,6 +157,8 @@ class Responder:
             self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
             self.bound_tcp.append(port)
         for port in dict.fromkeys(self.udp_ports):
+            if not budget("udp", port):
+                continue
             s = self._open(family, socket.SOCK_DGRAM, "udp", port)
             if s is None:
                 continue
@@ -250,6 +267,18 @@ class Responder:
             "pid": os.getpid(),
             **extra,
         }
+
+
+FD_RESERVE = 64  # descriptors kept free for accepts, the witness, stdio and imports
+
+
+def _fd_room(soft: int) -> int:
+    """How many more sockets the responder may bind, keeping ``FD_RESERVE`` free."""
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    return soft - in_use - FD_RESERVE
 
 
 def _reply_pktinfo(anc: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
@@ -388,11 +417,13 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
     witness = None
     handlers: list[int] = []
     stdin_fd: int | None = None
+    if cfg.witness:
+        # imported before binding: an import opens files, and binding may use the last
+        # descriptors the budget allows
+        from scanner.responder.witness import Witness
     try:
         r.start(loop)
         if cfg.witness:
-            from scanner.responder.witness import Witness
-
             kernel_owned = [
                 f.port for f in r.failed if f.proto == "udp" and f.error == "address in use"
             ]
