@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import subprocess
@@ -410,8 +411,15 @@ class Agent:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 7 * 86400:
             raise ProtocolError("respond: field 'ttl' must be seconds in (0, 604800]")
         witness = bool(msg.get("witness", True))
+        addr = msg.get("addr")
+        if addr is not None:
+            try:
+                addr = str(ipaddress.ip_address(addr))
+            except (ValueError, TypeError):
+                addr = None  # a name the inventory did not resolve: the wildcard only
         self.responded = True
-        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name}
+        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name,
+               "also": [addr] if addr else []}  # fmt: skip
         self.loop.create_task(self._run_responder(cfg))
 
     async def _run_responder(self, cfg: dict[str, Any]) -> None:
@@ -818,6 +826,7 @@ def _responder_main(arg: str) -> int:
             exit_on_stdin_close=True,
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
+            also=[str(a) for a in cfg.get("also") or ()],
         )
     )
 

@@ -549,7 +549,15 @@ class Mesh:
         async def respond(link: AgentLink) -> None:
             tcp, udp = ports.get(link.name, ("", ""))
             link.send(
-                {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl, "witness": cfg.witness}
+                {
+                    "type": "respond",
+                    "tcp": tcp,
+                    "udp": udp,
+                    "ttl": cfg.ttl,
+                    "witness": cfg.witness,
+                    # where the peers probe it: a port held on 127.0.0.1 is answered there
+                    "addr": link.host.address,
+                }
             )
             link.ready_rec = await link.expect("ready", cfg.ready_timeout)
 

@@ -19,7 +19,9 @@ Lifecycle: everything is bound first, then ONE line is printed on stdout::
 
 A port that is already in use is answered by its real service, which is fine for the firewall
 question: it is listed under ``failed`` with the owning process when /proc tells, and the
-addresses the holding sockets are bound to (``local``, from /proc/net). The responder
+addresses the holding sockets are bound to (``local``, from /proc/net). With ``also`` (the mesh
+gives the host's inventory address), a port held only on other addresses (a service on
+127.0.0.1) is bound on those addresses instead and listed under ``bound_on``, not ``failed``. The responder
 exits when its TTL runs out (default ``DEFAULT_TTL`` = 300 s), on SIGTERM or SIGINT, or - only
 with ``exit_on_stdin_close`` (``--parent-channel``) - when its stdin reaches end of file; it then
 closes every socket and prints ``{"type":"exit","reason":...,"stats":{...}}``. A standalone
@@ -75,6 +77,10 @@ class ResponderConfig:
     name: str | None = None  # the inventory host name, echoed in the ready record
     show_secret: bool = False  # put the secret in the ready record (it was generated here)
     use_uvloop: bool = True
+    # addresses of this host the probes are sent to (the mesh: the inventory address). A port
+    # whose wildcard bind fails because a socket bound elsewhere holds it (a service on
+    # 127.0.0.1) is bound on these instead, so our responder still answers where probes arrive
+    also: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +127,9 @@ class Responder:
     bound_tcp: list[int] = field(default_factory=list)
     bound_udp: list[int] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    also: list[str] = field(default_factory=list)  # ResponderConfig.also
+    # address -> {"tcp": [...], "udp": [...]}: ports bound on that address only (``also``)
+    bound_on: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # called with (proto, source address, port) for every accepted connection and every tagged
     # datagram: `portmesh watch` counts incoming probes per source with it
     on_hit: Callable[[str, str, int], None] | None = None
@@ -168,24 +177,73 @@ class Responder:
             self.bound_udp.append(port)
         if self.failed:
             _annotate_owners(self.failed)
+        if self.also and addr.is_unspecified:
+            self._bind_elsewhere(family, pktinfo)
 
-    def _open(self, family: int, kind: int, proto: str, port: int) -> socket.socket | None:
+    def _bind_elsewhere(self, family: int, pktinfo: bool) -> None:
+        """Bind held ports on the ``also`` addresses when every holder listens on another
+        address: the probes to those addresses then reach our responder, and a reset there is
+        a firewall's again (no held-port rule needed)."""
+        keep: list[Failure] = []
+        for f in self.failed:
+            local = f.local
+            if f.error != "address in use" or not local or f.proto not in ("tcp", "udp"):
+                keep.append(f)
+                continue
+            taken = set(local)
+            if taken & {"0.0.0.0", "::"}:
+                keep.append(f)
+                continue
+            done = False
+            for a in self.also:
+                if a in taken or ipaddress.ip_address(a).version != (
+                    6 if family == socket.AF_INET6 else 4
+                ):
+                    continue
+                kind = socket.SOCK_STREAM if f.proto == "tcp" else socket.SOCK_DGRAM
+                s = self._open(family, kind, f.proto, f.port, a, quiet=True)
+                if s is None:
+                    continue
+                assert self._loop is not None
+                if f.proto == "tcp":
+                    token = tags.tcp_token(self.secret, f.port)
+                    self._loop.add_reader(s.fileno(), self._on_accept, s, token, f.port)
+                else:
+                    self._loop.add_reader(s.fileno(), self._on_datagram, s, False, f.port)
+                on = self.bound_on.setdefault(a, {"tcp": [], "udp": []})
+                on[f.proto].append(f.port)
+                done = True
+            if not done:
+                keep.append(f)
+        self.failed = keep
+
+    def _open(
+        self,
+        family: int,
+        kind: int,
+        proto: str,
+        port: int,
+        addr: str | None = None,
+        quiet: bool = False,
+    ) -> socket.socket | None:
         try:
             s = socket.socket(family, kind)
         except OSError as e:
-            self.failed.append(Failure(proto, port, _errtext(e)))
+            if not quiet:
+                self.failed.append(Failure(proto, port, _errtext(e)))
             return None
         try:
             s.setblocking(False)
             if kind == socket.SOCK_STREAM:
                 # lets a restarted responder rebind while old connections sit in TIME_WAIT
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((self.bind, port))
+            s.bind((addr or self.bind, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(128)
         except OSError as e:
             s.close()
-            self.failed.append(Failure(proto, port, _errtext(e)))
+            if not quiet:
+                self.failed.append(Failure(proto, port, _errtext(e)))
             return None
         self._socks.append(s)
         return s
@@ -264,6 +322,16 @@ class Responder:
             "bound": {"tcp": ranges_text(self.bound_tcp), "udp": ranges_text(self.bound_udp)},
             "failed": [f.as_dict() for f in self.failed],
             "addr": self.bind,
+            **(
+                {
+                    "bound_on": {
+                        a: {p: ranges_text(v) for p, v in on.items()}
+                        for a, on in self.bound_on.items()
+                    }
+                }
+                if self.bound_on
+                else {}
+            ),
             "pid": os.getpid(),
             **extra,
         }
@@ -413,7 +481,9 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
         if not done.done():
             done.set_result(reason)
 
-    r = Responder(list(cfg.tcp_ports), list(cfg.udp_ports), cfg.secret, cfg.bind)
+    r = Responder(
+        list(cfg.tcp_ports), list(cfg.udp_ports), cfg.secret, cfg.bind, also=list(cfg.also)
+    )
     witness = None
     handlers: list[int] = []
     stdin_fd: int | None = None
