@@ -70,6 +70,8 @@ class Sweep:
         self.flows: Iterator[Flow] | None = None
         self.exhausted = False
         self.done: asyncio.Future | None = None
+        self.batchable = prober.batchable
+        self.token_sample = engine.cfg.token_sample > 0
 
     # -- the run ---------------------------------------------------------------------------
     async def run(self, flows: Iterator[Flow]) -> None:
@@ -118,32 +120,38 @@ class Sweep:
         eng = self.engine
         rate = eng.cfg.rate
         resend = self.resend
-        for _ in range(SEND_BATCH):
-            if resend:
-                a = resend.popleft()
-                if eng.stopping:
-                    # a graceful stop: no more retries (a parked flow never went out)
-                    self._final(a, _SILENT if a.attempts else _INTERRUPTED)
-                    continue
-                if rate and self._rate_wait():
-                    resend.appendleft(a)
-                    return
-                if not self._send(a):
-                    return
+        budget = SEND_BATCH
+        while resend and budget:
+            a = resend.popleft()
+            if eng.stopping:
+                # a graceful stop: no more retries (a parked flow never went out)
+                self._final(a, _SILENT if a.attempts else _INTERRUPTED)
                 continue
-            if self.exhausted or self._busy() >= self.window:
+            if rate and self._rate_wait():
+                resend.appendleft(a)
                 return
-            if eng.stopping or eng._check_stop():
-                self.exhausted = True
+            if not self._send(a):
                 return
+            budget -= 1
+        if self.exhausted:
+            return
+        if eng.stopping or eng._check_stop():
+            self.exhausted = True
+            return
+        # each new flow takes at most one place in the window (in flight, parked or a task)
+        room = min(budget, self.window - self._busy())
+        flows, start = self.flows, self._start
+        for _ in range(room):
             if rate and self._rate_wait():
                 return
-            flow = next(self.flows, None)  # type: ignore[arg-type]
+            flow = next(flows, None)  # type: ignore[call-overload]
             if flow is None:
                 self.exhausted = True
                 return
-            self._start(flow)
-        self._schedule_fill()  # more to send: after the loop has read what came back
+            if not start(flow):
+                return
+        if room == budget:
+            self._schedule_fill()  # more to send: after the loop has read what came back
 
     def _rate_wait(self) -> bool:
         """Take a send slot of --rate; False when it is now, else schedule the fill at it."""
@@ -156,15 +164,15 @@ class Sweep:
         eng._next_slot = t + 1.0 / eng.cfg.rate  # type: ignore[operator]
         return False
 
-    def _start(self, flow: Flow) -> None:
+    def _start(self, flow: Flow) -> bool:
+        """The first attempt of a new flow; False when sending must pause."""
+        if flow.proto != "tcp" or not self.batchable(flow):
+            self._task(flow, None)  # another protocol, or IPv6: the per-flow path
+            return True
         eng = self.engine
-        prober = eng.probers.get(flow.proto)
-        if prober is not self.prober or not self.prober.batchable(flow):
-            self._task(flow, None)
-            return
-        if eng._token_due(flow):
+        if self.token_sample and eng._token_due(flow):
             self._task(flow, self.prober.connect_prober())
-            return
+            return True
         hs = eng._host(flow.dst)
         cap = eng.cfg.max_per_host
         if cap and hs.inflight >= cap:
@@ -173,9 +181,9 @@ class Sweep:
                 q = self.parked[flow.dst] = deque()
             q.append(flow)
             self.nparked += 1
-            return
+            return True
         hs.inflight += 1
-        self._send(_Attempt(flow, hs))
+        return self._send(_Attempt(flow, hs))
 
     def _task(self, flow: Flow, prober: Any) -> None:
         """A flow the batch cannot carry: the engine's per-flow path, in the window."""
@@ -200,7 +208,8 @@ class Sweep:
     def _send(self, a: _Attempt) -> bool:
         """One attempt of ``a``; False when sending must pause (a resource error)."""
         st = self.engine.stats
-        r = self.prober.send(a.flow)
+        t0 = time.perf_counter()
+        r = self.prober.send(a.flow, t0)
         st.attempts += 1
         if isinstance(r, Outcome):
             if r.state == "error" and r.reason in _RESOURCE:
@@ -220,7 +229,7 @@ class Sweep:
             return True
         self.backoff = 0
         a.attempts += 1
-        a.t0 = t0 = time.perf_counter()
+        a.t0 = t0
         self.inflight[r] = a
         limit = a.hs.timeout(self.engine.cfg)
         slot = int((t0 + limit) / TICK) + 1

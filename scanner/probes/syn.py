@@ -346,10 +346,10 @@ class SynProber:
         """send() takes IPv4 flows; the rest go through probe() (connect for IPv6)."""
         return ":" not in flow.dst
 
-    def send(self, flow: Flow) -> tuple[str, int, int] | Outcome:
-        """One SYN for ``flow``: the attempt's key (its answer comes to on_answer) or, when
-        the packet could not be sent, the outcome (a resource error is for the caller to
-        retry later, as the engine does for probe())."""
+    def send(self, flow: Flow, t0: float) -> tuple[str, int, int] | Outcome:
+        """One SYN for ``flow`` at ``t0`` (perf_counter, the RTT's start): the attempt's key
+        (its answer comes to on_answer) or, when the packet could not be sent, the outcome
+        (a resource error is for the caller to retry later, as the engine does for probe())."""
         dst, dport = flow.dst, flow.port
         base = self._base.get(dst)
         if base is None:
@@ -360,7 +360,7 @@ class SynProber:
         sport = self._sport(dst, dport)  # type: ignore[arg-type]
         key = (dst, dport, sport)
         pending = self._pending
-        pending[key] = (None, time.perf_counter())  # type: ignore[index]
+        pending[key] = (None, t0)  # type: ignore[index]
         try:
             self.sock.sendto(syn_packet(base, sport, dport, cookie(*key)), (dst, 0))  # type: ignore[union-attr, arg-type]
         except OSError as e:
