@@ -169,7 +169,7 @@ def case_sweep(
     if "naive" in tools:
         ts.append(
             C.Tool(
-                "naive asyncio+uvloop (floor)",
+                "naive asyncio+uvloop",
                 lambda: [py, str(C.HERE / "_common.py"), "naive", *addrs, "-p", f"{lo}-{hi}"],
                 C.parse_naive,
             )
