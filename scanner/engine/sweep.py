@@ -74,6 +74,7 @@ class Sweep:
         self.done: asyncio.Future | None = None
         self.batchable = prober.batchable
         self.token_sample = engine.cfg.token_sample > 0
+        self.cap = engine.cfg.max_per_host
 
     # -- the run ---------------------------------------------------------------------------
     async def run(self, flows: Iterator[Flow]) -> None:
@@ -175,8 +176,8 @@ class Sweep:
         if self.token_sample and eng._token_due(flow):
             self._task(flow, self.prober.connect_prober())
             return True
-        hs = eng._host(flow.dst)
-        cap = eng.cfg.max_per_host
+        hs = eng.hosts.get(flow.dst) or eng._host(flow.dst)
+        cap = self.cap
         if cap and hs.inflight >= cap:
             q = self.parked.get(flow.dst)
             if q is None:

@@ -357,12 +357,23 @@ class SynProber:
                 base = self._source(dst)
             except OSError as e:
                 return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"route-{e.errno}"))
-        sport = self._sport(dst, dport)  # type: ignore[arg-type]
-        key = (dst, dport, sport)
         pending = self._pending
+        sport = self._next + 1 if self._next < self._hi else self._lo
+        key = (dst, dport, sport)
+        if key in pending:  # rare: that source port is still in flight to this port
+            sport = self._sport(dst, dport)  # type: ignore[arg-type]
+            key = (dst, dport, sport)
+        else:
+            self._next = sport
         pending[key] = (None, t0)  # type: ignore[index]
+        # syn_packet() and cookie() inlined: this is the per-SYN hot path
+        seq = hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
+        c = base + sport + dport + (seq >> 16) + (seq & 0xFFFF)  # type: ignore[operator]
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        pkt = _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, ~c & 0xFFFF, 0, 2, 4, MSS)
         try:
-            self.sock.sendto(syn_packet(base, sport, dport, cookie(*key)), (dst, 0))  # type: ignore[union-attr, arg-type]
+            self.sock.sendto(pkt, (dst, 0))  # type: ignore[union-attr]
         except OSError as e:
             del pending[key]  # type: ignore[arg-type]
             res = _RESOURCE.get(e.errno or 0)
