@@ -219,5 +219,6 @@ def test_hard_stop_reports_every_flow_once(drop_ns: str) -> None:
     by = once_each(res, ports)
     interrupted = [p for p, r in by.items() if r[2] == "interrupted"]
     assert interrupted, "the cancel came while flows were in flight"
+    assert all(by[p][1:] == ["error", "interrupted", 0] for p in interrupted)
     # silent ports still in flight at the cancel are among them, never a false filtered
     assert all(by[p][1] != "filtered" or by[p][3] >= 1 for p in by)

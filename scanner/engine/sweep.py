@@ -356,8 +356,9 @@ class Sweep:
 
     def _interrupt_all(self) -> None:
         eng = self.engine
+        # as the worker pool does: an interrupted flow reports attempts 0 (no outcome counted)
         for a in list(self.inflight.values()) + list(self.resend):
-            eng._emit(Result(a.flow, "error", "interrupted", None, a.attempts))
+            eng._emit(Result(a.flow, "error", "interrupted", None, 0))
         self.inflight.clear()
         self.resend.clear()
         for q in self.parked.values():
