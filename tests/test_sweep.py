@@ -222,3 +222,22 @@ def test_hard_stop_reports_every_flow_once(drop_ns: str) -> None:
     assert all(by[p][1:] == ["error", "interrupted", 0] for p in interrupted)
     # silent ports still in flight at the cancel are among them, never a false filtered
     assert all(by[p][1] != "filtered" or by[p][3] >= 1 for p in by)
+
+
+def test_a_host_name_is_resolved_then_probed(listen) -> None:  # noqa: F811
+    """A planned destination may be a name (an endpoint outside the inventory): the sweep
+    hands it to the engine's per-flow path, which resolves it, instead of sending a SYN to a
+    name whose answer could never match (it would read as filtered)."""
+    import socket
+
+    if socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0] != LOCAL:
+        pytest.skip("localhost does not resolve to 127.0.0.1 first here")
+    lst = listen()
+    closed = freed_port()
+    flows = [Flow("localhost", lst.port), Flow("localhost", closed), Flow(LOCAL, lst.port)]
+    results, engine = run(EngineConfig(timeout=0.5, tcp_method="syn"), flows)
+    got = sorted((r.flow.port, r.state, r.reason) for r in results)
+    assert got == sorted(
+        [(lst.port, "open", "syn-ack"), (closed, "closed", "reset"), (lst.port, "open", "syn-ack")]
+    )
+    assert engine.stats.tcp_method == "syn"

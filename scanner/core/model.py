@@ -69,6 +69,24 @@ class Setting:
     source: str  # e.g. "default", "flag --cni", "vars.yml: calico_vxlan_mode=Always"
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A host outside the inventory every node must reach (scanner/plan/endpoints.py).
+
+    name: the variable it is named after (registry_host, minio_address, files_repo, ...).
+    host: an address or a host name (resolved when probing).
+    port: the TCP port.
+    vars: every variable whose value points at this host:port, name first.
+    source: where ``name`` was set, "file: name=value".
+    """
+
+    name: str
+    host: str
+    port: int
+    vars: tuple[str, ...]
+    source: str
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What decides which requirements apply to a cluster (from kubespray vars, flags, defaults).
@@ -82,6 +100,7 @@ class ClusterConfig:
     registry: (host, port) of the image registry, when known (kubespray registry_host).
     minio: (host, port) of MinIO on the bootstrap node, when known (minio_address).
     unresolved: variable name -> raw value, for templated values that could not be resolved.
+    endpoints: hosts outside the inventory the variables point at (registry, files, mirrors).
     """
 
     cni: Setting = field(default_factory=lambda: Setting("calico", "default"))
@@ -91,6 +110,7 @@ class ClusterConfig:
     registry: Setting | None = None
     minio: Setting | None = None
     unresolved: dict[str, str] = field(default_factory=dict)
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)

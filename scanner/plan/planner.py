@@ -194,9 +194,60 @@ def _pairs(srcs: tuple[End, ...], dsts: tuple[End, ...]) -> int:
 def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
     """Every (requirement, cluster), applying or not, in plan order."""
     effs = {c.name: effective(c, selection) for c in site.clusters}
+    boot_ports: dict[str, set[int | None]] = {c.name: set() for c in site.clusters}
     for req in catalog:
         for cluster in site.clusters:
-            yield _leg(req, cluster, effs[cluster.name], site, selection)
+            leg = _leg(req, cluster, effs[cluster.name], site, selection)
+            if leg.applies and req.dst_role == "bootstrap":
+                boot_ports[cluster.name].update(leg.ports)
+            yield leg
+    for cluster in site.clusters:
+        yield from _endpoint_legs(cluster, site, selection, boot_ports[cluster.name])
+
+
+def _endpoint_req(name: str, port: int | None) -> Requirement:
+    return Requirement(
+        id=f"endpoint.{name}",
+        component=name,
+        proto="tcp",
+        ports=None if port is None else str(port),
+        description=f"{name}: a host outside the inventory every node pulls from",
+        dst_role="node",
+        src_roles=("node",),
+        reference="kubespray variables (registry, files, mirrors)",
+        section="endpoint",
+    )
+
+
+def _endpoint_legs(
+    k: Cluster, site: Site, sel: Selection, boot_ports: set[int | None]
+) -> Iterator[Leg]:
+    """Flows from every node to each endpoint the variables name (scanner/plan/endpoints.py);
+    no reverse direction. A site's bootstrap node wins: an endpoint on it at a port the
+    bootstrap.* requirements already check is not planned twice."""
+    from scanner.plan.endpoints import is_endpoint_var
+
+    b = site.bootstrap
+    for e in k.config.endpoints:
+        req = _endpoint_req(e.name, e.port)
+        why = e.source + (f"; also {', '.join(e.vars[1:])}" if len(e.vars) > 1 else "")
+        if b is not None and e.host in (b.address, b.name) and e.port in boot_ports:
+            yield Leg(req, k, False, f"{why}; on the site's bootstrap node {b.name}: bootstrap.*")
+            continue
+        srcs = _srcs(req, k, site, sel)
+        if not srcs:
+            gone = " (after --from)" if sel.sources is not None else ""
+            yield Leg(req, k, True, f"{why}; no source hosts with role node{gone}")
+            continue
+        yield Leg(req, k, True, why, srcs, ((e.name, e.host),), (e.port,))
+    for name, raw in k.config.unresolved.items():
+        if is_endpoint_var(name):
+            yield Leg(
+                _endpoint_req(name, None),
+                k,
+                False,
+                f"{name}={raw!r}: the template does not resolve to a host here; not planned",
+            )
 
 
 def plan(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Flow]:
@@ -250,6 +301,16 @@ def requirements_for(catalog: Catalog, selection: Selection) -> Iterator[Require
             continue
         if all(eff.feature(f).value for f in cond.features):
             yield req
+
+
+def effective_ports(req: Requirement, eff: Effective) -> tuple[str | None, str | None]:
+    """A requirement's ports with its placeholders resolved for this cluster, and the kubespray
+    variable(s) they follow (None when the ports are fixed)."""
+    if req.ports is None:
+        return None, None
+    used = [n for n in _PLACEHOLDER_VARS if "${" + n in req.ports]
+    var = ",".join(_PLACEHOLDER_VARS[n] for n in used) or None
+    return expand_ports(req.ports, eff.port_values()) or req.ports, var
 
 
 def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, Any]:

@@ -343,8 +343,13 @@ class SynProber:
 
     @staticmethod
     def batchable(flow: Flow) -> bool:
-        """send() takes IPv4 flows; the rest go through probe() (connect for IPv6)."""
-        return ":" not in flow.dst
+        """send() takes flows to an IPv4 address; the rest go through the engine's per-flow
+        path: a host name is resolved there first, IPv6 is probed by connect."""
+        try:
+            socket.inet_pton(socket.AF_INET, flow.dst)
+        except OSError:
+            return False
+        return True
 
     def send(self, flow: Flow, t0: float) -> tuple[str, int, int] | Outcome:
         """One SYN for ``flow`` at ``t0`` (perf_counter, the RTT's start): the attempt's key
