@@ -51,6 +51,10 @@ import orjson
 from scanner.engine.output import NdjsonOutput
 
 PROTOCOL_VERSION = 1
+# TCP flows per (destination, requirement) that connect and read our responder's token; the
+# rest go as raw SYNs when the agent may open raw sockets (issue 16: a NodePort sweep at the
+# speed of the SYN sweep, the responder confirmed on a sample). See docs/mesh.md.
+TOKEN_SAMPLE = 16
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
 ENGINE_KEYS = {
@@ -556,6 +560,7 @@ class Agent:
             max_timeout=eng.get("max_timeout", 3.0),
             retries=eng.get("retries", 1),
             max_retries=eng.get("max_retries", 10),
+            token_sample=TOKEN_SAMPLE,
             probe_options=ProbeOptions(
                 secret=self.secret,
                 vxlan_vni=eng.get("vxlan_vni", 4096),
