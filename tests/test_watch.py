@@ -166,22 +166,33 @@ evaluation_interval: 30s
 tests:
   - interval: 30s
     input_series:
-      - series: 'portmesh_flows_failing{req="k8s.kubelet",direction="outgoing",instance="n1:9470",job="portmesh"}'
+      - series: 'portmesh_flows_failing{req="k8s.kubelet",direction="outgoing",instance="n1:9470",job="portmesh-watch"}'
         values: '0 0 1 1 1 1 1 1 0 0'
-      - series: 'portmesh_flows_failing{req="k8s.kubelet",direction="outgoing",instance="n3:9470",job="portmesh"}'
+      - series: 'portmesh_flows_failing{req="k8s.kubelet",direction="outgoing",instance="n3:9470",job="portmesh-watch"}'
         values: '0 0 1 1 1 1 1 1 0 0'
-      - series: 'portmesh_one_way_flows{req="k8s.kubelet",instance="n1:9470",job="portmesh"}'
+      - series: 'portmesh_flows_failing{req="calico.vxlan",direction="incoming",instance="n5:9470",job="portmesh-watch"}'
+        values: '0 0 0 0 0 0 0 0 1 1 1 1 1 1'
+      - series: 'portmesh_one_way_flows{instance="n1:9470",job="portmesh-watch"}'
         values: '0 0 1 1 1 1 1 1 0 0'
-      - series: 'portmesh_incoming_peers_expected{instance="n2:9470",job="portmesh"}'
+      - series: 'portmesh_incoming_peers_expected{instance="n2:9470",job="portmesh-watch"}'
         values: '9 9 9 9 9 9 9 9 9 9'
-      - series: 'portmesh_incoming_peers_silent{instance="n2:9470",job="portmesh"}'
+      - series: 'portmesh_incoming_peers_silent{instance="n2:9470",job="portmesh-watch"}'
         values: '0 0 8 8 8 8 8 8 0 0'
-      - series: 'up{instance="n4:9470",job="portmesh"}'
+      - series: 'up{instance="n4:9470",job="portmesh-watch"}'
         values: '1 1 0 0 0 0 0 0 1 1'
-      - series: 'portmesh_sweep_coverage_ratio{instance="n1:9470",job="portmesh"}'
+      - series: 'portmesh_sweep_coverage_ratio{instance="n1:9470",job="portmesh-watch"}'
         values: '1 1 1 1 1 1 1 1 1 1'
-      - series: 'portmesh_last_sweep_timestamp_seconds{instance="n1:9470",job="portmesh"}'
+      - series: 'portmesh_last_sweep_timestamp_seconds{instance="n1:9470",job="portmesh-watch"}'
         values: '0 30 60 90 120 150 180 210 240 270'
+      - series: 'portmesh_sweep_seconds{instance="n1:9470",job="portmesh-watch"}'
+        values: '30 30 30 30 30 30 30 30 30 30'
+      - series: 'portmesh_sweep_coverage_ratio{instance="n6:9470",job="portmesh-watch"}'
+        values: 'NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN'
+      # a 23-minute sweep (1,000 nodes): 40 minutes since the last one is not stale
+      - series: 'portmesh_last_sweep_timestamp_seconds{instance="n7:9470",job="portmesh-watch"}'
+        values: '1x20'
+      - series: 'portmesh_sweep_seconds{instance="n7:9470",job="portmesh-watch"}'
+        values: '1380x20'
     alert_rule_test:
       - eval_time: 1m
         alertname: PortmeshRequirementFailing
@@ -190,27 +201,36 @@ tests:
         alertname: PortmeshRequirementFailing
         exp_alerts:
           - exp_labels: {severity: critical, req: k8s.kubelet}
-            exp_annotations: {summary: "k8s.kubelet: 2 node-to-peer flows fail"}
+            exp_annotations: {summary: "k8s.kubelet: 2 node-peer directions fail"}
       - eval_time: 3m
         alertname: PortmeshOneWayFlow
         exp_alerts:
-          - exp_labels: {severity: warning, req: k8s.kubelet, instance: "n1:9470"}
-            exp_annotations: {summary: "n1:9470: k8s.kubelet fails towards 1 peers whose probes to it arrive (one-way)"}
+          - exp_labels: {severity: warning, instance: "n1:9470", job: portmesh-watch}
+            exp_annotations: {summary: "n1:9470: 1 flows fail towards peers whose probes to it arrive (one-way; the agent's events name them)"}
       - eval_time: 3m
         alertname: PortmeshNodeUnreachable
         exp_alerts:
-          - exp_labels: {severity: critical, instance: "n2:9470", job: portmesh}
+          - exp_labels: {severity: critical, instance: "n2:9470", job: portmesh-watch}
             exp_annotations: {summary: "n2:9470: most peers' probes never arrive"}
       - eval_time: 3m
         alertname: PortmeshAgentAbsent
         exp_alerts:
-          - exp_labels: {severity: critical, instance: "n4:9470", job: portmesh}
+          - exp_labels: {severity: critical, instance: "n4:9470", job: portmesh-watch}
             exp_annotations: {summary: "n4:9470: the portmesh agent does not answer (node down?)"}
       - eval_time: 4m30s
         alertname: PortmeshRequirementFailing
         exp_alerts: []
       - eval_time: 4m30s
         alertname: PortmeshCoverageLow
+        exp_alerts: []
+      # an incoming-only failure (a UDP drop: the sender only sees silence) alerts too
+      - eval_time: 6m30s
+        alertname: PortmeshRequirementFailing
+        exp_alerts:
+          - exp_labels: {severity: critical, req: calico.vxlan}
+            exp_annotations: {summary: "calico.vxlan: 1 node-peer directions fail"}
+      - eval_time: 9m
+        alertname: PortmeshSweepStale
         exp_alerts: []
 """
 
@@ -223,10 +243,10 @@ def test_manifests_validate_against_the_kubernetes_schemas(tmp_path: Path) -> No
         )
     )
     kinds = [d["kind"] for d in docs]
-    assert kinds == ["Namespace", "ServiceAccount", "DaemonSet", "PrometheusRule"]
+    assert kinds == ["Namespace", "ServiceAccount", "DaemonSet", "PrometheusRule", "PodMonitor"]
     for d in docs:
-        if d["kind"] == "PrometheusRule":
-            continue  # a CRD: its rules are the ones promtool checks above
+        if d["kind"] in ("PrometheusRule", "PodMonitor"):
+            continue  # CRDs of the Prometheus operator: the rules are what promtool checks above
         kv.validate(d, "1.30", strict=True)
     ds = docs[2]["spec"]["template"]["spec"]
     assert ds["hostNetwork"] is True and ds["automountServiceAccountToken"] is False
@@ -303,7 +323,7 @@ def test_prometheus_sees_a_fault_fire_and_clear(make_lab, tmp_path: Path) -> Non
                 "rule_files": [str(tmp_path / "rules.yml")],
                 "scrape_configs": [
                     {
-                        "job_name": "portmesh",
+                        "job_name": "portmesh-watch",
                         "static_configs": [{"targets": [f"{h.addr}:{PORT}" for h in lab.hosts]}],
                     }
                 ],
@@ -329,7 +349,7 @@ def test_prometheus_sees_a_fault_fire_and_clear(make_lab, tmp_path: Path) -> Non
         # clean: every agent up, at least two rounds in, and nothing failing
         _wait(
             base,
-            'min(portmesh_rounds_total) >= 3 and count(up{job="portmesh"} == 1) == 4',
+            'min(portmesh_rounds_total) >= 3 and count(up{job="portmesh-watch"} == 1) == 4',
             lambda r: r,
             60,
         )
@@ -364,9 +384,7 @@ def test_prometheus_sees_a_fault_fire_and_clear(make_lab, tmp_path: Path) -> Non
         _wait(base, 'ALERTS{alertstate="firing"}', _firing("PortmeshRequirementFailing"), 30)
         res, _ = _wait(base, 'ALERTS{alertstate="firing"}', _firing("PortmeshOneWayFlow"), 30)
         one_way = [r["metric"] for r in res if r["metric"]["alertname"] == "PortmeshOneWayFlow"]
-        assert [(m["req"], m["instance"]) for m in one_way] == [
-            ("k8s.kubelet", f"{n1.addr}:{PORT}")
-        ]
+        assert [m["instance"] for m in one_way] == [f"{n1.addr}:{PORT}"]
         # nothing else fails: only the one requirement, only in the one pair
         res = _prom_query(base, "portmesh_flows_failing > 0")
         assert sorted(
@@ -418,3 +436,65 @@ def test_prometheus_sees_a_fault_fire_and_clear(make_lab, tmp_path: Path) -> Non
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.mark.lab
+def test_udp_drop_fails_incoming_and_a_late_agent_makes_no_false_failure(
+    make_lab, tmp_path: Path
+) -> None:
+    """A UDP drop is silence to the sender (unknown), so the receiver must name it (incoming
+    fail); an agent started two rounds late must not make its peers report failures."""
+    from scanner.lab.lab import write_inventory
+
+    lab = make_lab(hosts=4)
+    inv = write_inventory(lab)
+    secret = tmp_path / "secret"
+    secret.write_text("watch-test-secret\n")
+    n1, n2, n3, n4 = lab.hosts
+
+    def start(h):
+        return lab.popen(
+            h.name,
+            [sys.executable, "-m", "scanner", "watch", "-i", str(inv), "--as", h.name,
+             "--secret-file", str(secret), "--round", "2", "--metrics", f"{h.addr}:{PORT}",
+             "-o", str(tmp_path / f"{h.name}.ndjson")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+
+    lab.nft(n3.name, "table inet pmwatch {\n chain input {\n type filter hook input priority 0;\n"
+                     f" ip saddr {n2.addr} udp dport 4789 drop\n }}\n}}\n")  # fmt: skip
+    agents = [start(h) for h in (n1, n2, n3)]
+    try:
+        time.sleep(12)
+        agents.append(start(n4))  # late: its peers have expected its probes for rounds already
+        deadline = time.monotonic() + 60
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                body = (
+                    urllib.request.urlopen(f"http://{n3.addr}:{PORT}/metrics", timeout=3)
+                    .read()
+                    .decode()
+                )
+            except OSError:
+                body = ""
+            if 'portmesh_flows_failing{req="calico.vxlan",direction="incoming"} 1' in body:
+                break
+            time.sleep(1)
+        assert 'portmesh_flows_failing{req="calico.vxlan",direction="incoming"} 1' in body, body
+        time.sleep(12)  # a few rounds with the late agent running
+    finally:
+        for p in agents:
+            p.terminate()
+        for p in agents:
+            p.wait(timeout=15)
+    fails = [
+        json.loads(line)
+        for h in (n1, n2, n3, n4)
+        for line in (tmp_path / f"{h.name}.ndjson").read_text().splitlines()
+        if '"to":"fail"' in line
+    ]
+    # the one drop, named by the receiver; nothing about the late agent, nothing else
+    assert {(f["node"], f["peer"], f["req"], f["direction"]) for f in fails} == {
+        (n3.name, n2.name, "calico.vxlan", "incoming")
+    }, fails

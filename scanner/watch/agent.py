@@ -29,6 +29,7 @@ from scanner.core.results import Result, iso_ts
 from scanner.core.verdicts import verdict
 from scanner.engine.engine import Engine, EngineConfig
 from scanner.engine.output import NdjsonOutput
+from scanner.plan.inventory import local_addresses
 from scanner.plan.planner import legs
 from scanner.responder.server import Responder
 from scanner.watch import schedule
@@ -149,7 +150,15 @@ async def _main(cfg: WatchConfig) -> int:
     out_needs = {n.req: n.proto for p in peers for n in topo.needs(me, p)}
     in_needs = {n.req: n.proto for s in sources for n in topo.needs(s, me)}
     protos = set(out_needs.values())
-    metrics = WatchMetrics(__version__, me, protos, {*out_needs, *in_needs})
+    # series only for the directions that exist on this node: outgoing for what it sends,
+    # incoming for the TCP/UDP it receives (what a responder can witness)
+    metrics = WatchMetrics(
+        __version__,
+        me,
+        protos,
+        outgoing=set(out_needs),
+        incoming={q for q, proto in in_needs.items() if proto in ("tcp", "udp")},
+    )
     metrics.peers = len(peers)
     metrics.budget = cfg.rate
     out = cfg.output or NdjsonOutput()
@@ -166,8 +175,13 @@ async def _main(cfg: WatchConfig) -> int:
     # (source address, proto, port) -> when its last probe arrived; pruned every round
     hits: dict[tuple[str, str, int], float] = {}
 
+    # source address -> when any of its probes last arrived: is that sender running at all?
+    last_from: dict[str, float] = {}
+
     def on_hit(proto: str, src: str, port: int) -> None:
-        hits[(src, proto, port)] = time.time()
+        now = time.time()
+        hits[(src, proto, port)] = now
+        last_from[src] = now
 
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
     responder.on_hit = on_hit
@@ -208,7 +222,13 @@ async def _main(cfg: WatchConfig) -> int:
         rate=cfg.rate,
         timeout=cfg.timeout,
         concurrency=cfg.engine.concurrency or 64,
-        probe_options=dataclasses.replace(cfg.engine.probe_options, secret=cfg.secret),
+        # probes leave from this node's inventory address when it is ours, so the receivers
+        # (who count arrivals by that address) see them as this node's on a multi-homed host
+        probe_options=dataclasses.replace(
+            cfg.engine.probe_options,
+            secret=cfg.secret,
+            source=my_addr if my_addr in local_addresses() else None,
+        ),
         tcp_method="connect",
         protos=tuple(sorted(protos)),
     )
@@ -217,6 +237,11 @@ async def _main(cfg: WatchConfig) -> int:
     in_arrived: set[str] = set()
     done_rounds = 0
     misses: dict[tuple[str, str], int] = {}
+    # (req, peer) -> ports that failed on their last visit: a long range is probed a window at
+    # a time, so a failing port keeps its requirement failing until that port passes again
+    bad_out: dict[tuple[str, str], dict[int | None, dict[str, Any]]] = defaultdict(dict)
+    bad_in: dict[tuple[str, str], dict[int | None, dict[str, Any]]] = defaultdict(dict)
+    metrics.sweep_seconds = per_sweep * period
     rnd = int(time.time() // period)
     try:
         while not stop.is_set():
@@ -238,56 +263,112 @@ async def _main(cfg: WatchConfig) -> int:
 
             await Engine(engine_cfg, emit).run(iter(flows))
             for (req, peer), results in folded.items():
-                vs = [r.verdict for r in results]
-                new = "fail" if "fail" in vs else "pass" if "pass" in vs else "unknown"
-                r0 = ([r for r in results if r.verdict == new] or results)[0]
-                f = r0.flow
-                flow = {
-                    "src": f.src,
-                    "src_host": me,
-                    "dst": f.dst,
-                    "host": peer,
-                    "proto": f.proto,
-                    "port": f.port,
-                    "state": r0.state,
-                    "reason": r0.reason,
-                }
+                bad = bad_out[(req, peer)]
+                passed = False
+                for r in results:
+                    f = r.flow
+                    if r.verdict == "fail":
+                        bad[f.port] = {
+                            "src": f.src,
+                            "src_host": me,
+                            "dst": f.dst,
+                            "host": peer,
+                            "proto": f.proto,
+                            "port": f.port,
+                            "state": r.state,
+                            "reason": r.reason,
+                        }
+                    elif r.verdict == "pass":
+                        bad.pop(f.port, None)
+                        passed = True
+                if bad:
+                    new = "fail"
+                elif passed:
+                    new = "pass"
+                else:
+                    new = "unknown"
+                f = results[0].flow
+                flow = (
+                    next(iter(bad.values()))
+                    if bad
+                    else {
+                        "src": f.src,
+                        "src_host": me,
+                        "dst": f.dst,
+                        "host": peer,
+                        "proto": f.proto,
+                        "port": f.port,
+                        "state": results[0].state,
+                        "reason": results[0].reason,
+                    }
+                )
                 states.set(req, peer, "outgoing", new, flow)
+                if not bad:
+                    bad_out.pop((req, peer), None)
                 sweep_visits += 1
                 sweep_judged += new != "unknown"
             # incoming: the previous round's visitors, judged now that a whole round has passed
             if done_rounds >= 1:
-                # a probe of round r-1 is sent at or after its start; a small slack for
-                # clocks that NTP keeps close but not equal
-                since = (rnd - 1) * period - min(1.0, period / 10)
+                # a probe of round r-1 leaves at or after that round's start; half a round of
+                # slack for clocks that NTP keeps close but not equal
+                since = (rnd - 1) * period - period / 2
                 for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
                     witnessable = [p for p in ports if (need.proto, p) in bound]
                     if not witnessable:
                         continue  # a real service or the kernel holds it: not judged here
                     in_expected.add(src)
                     saddr = topo.addrs[topo.index(src)]
-                    arrived = any(
-                        hits.get((saddr, need.proto, p), 0.0) >= since for p in witnessable
-                    )
+                    got = [p for p in witnessable if hits.get((saddr, need.proto, p), 0.0) >= since]
                     key = (need.req, src)
-                    if arrived:
+                    bad = bad_in[key]
+                    if got:
                         in_arrived.add(src)
                         misses.pop(key, None)
+                        for p in got:
+                            bad.pop(p, None)
+                        # the sender ran this visit: a port of it that never arrived was dropped
+                        missing = [p for p in witnessable if p not in got]
+                    elif last_from.get(saddr, 0.0) < since:
+                        # nothing at all from that sender lately: it is down, late or probing
+                        # from another address. That is the node's story (silent peers, the
+                        # agent-absent alert), not a per-requirement failure.
+                        continue
                     else:
                         misses[key] = misses.get(key, 0) + 1
                         if misses[key] < MISSES_TO_FAIL:
-                            continue  # one miss can be a late start or a skipped round
-                    flow = {
-                        "src": saddr,
-                        "src_host": src,
-                        "dst": my_addr,
-                        "host": me,
-                        "proto": need.proto,
-                        "port": witnessable[0],
-                        "state": "open" if arrived else "filtered",
-                        "reason": "witnessed" if arrived else f"never-arrived-{misses[key]}-visits",
-                    }
-                    states.set(need.req, src, "incoming", "pass" if arrived else "fail", flow)
+                            continue  # one miss can be a round the sender had to cut short
+                        missing = witnessable
+                    for p in missing:
+                        bad[p] = {
+                            "src": saddr,
+                            "src_host": src,
+                            "dst": my_addr,
+                            "host": me,
+                            "proto": need.proto,
+                            "port": p,
+                            "state": "filtered",
+                            "reason": "never-arrived",
+                        }
+                    if bad:
+                        states.set(need.req, src, "incoming", "fail", next(iter(bad.values())))
+                    else:
+                        bad_in.pop(key, None)
+                        states.set(
+                            need.req,
+                            src,
+                            "incoming",
+                            "pass",
+                            {
+                                "src": saddr,
+                                "src_host": src,
+                                "dst": my_addr,
+                                "host": me,
+                                "proto": need.proto,
+                                "port": got[0],
+                                "state": "open",
+                                "reason": "witnessed",
+                            },
+                        )
             old = rnd * period - 3 * period
             for hk in [hk for hk, ts in hits.items() if ts < old]:
                 del hits[hk]
@@ -296,9 +377,7 @@ async def _main(cfg: WatchConfig) -> int:
             failing = states.failing()
             for key in metrics.failing:
                 metrics.failing[key] = failing.get(key, 0)
-            one_way = states.one_way()
-            for q in metrics.one_way:
-                metrics.one_way[q] = one_way.get(q, 0)
+            metrics.one_way = sum(states.one_way().values())
             if done_rounds % per_sweep == 0:
                 metrics.coverage = sweep_judged / sweep_visits if sweep_visits else 1.0
                 metrics.last_sweep = time.time()

@@ -13,9 +13,12 @@ from typing import Any
 import yaml
 
 DEFAULT_FOR = "2m"
+# the job label Prometheus gives the agents: the shipped PodMonitor takes it from the pods'
+# app.kubernetes.io/name label (jobLabel), so the rules can name it
+JOB = "portmesh-watch"
 
 
-def rules(for_: str = DEFAULT_FOR, job: str = "portmesh") -> dict[str, Any]:
+def rules(for_: str = DEFAULT_FOR, job: str = JOB) -> dict[str, Any]:
     def rule(name: str, expr: str, summary: str, severity: str = "warning", for_at: str = for_):
         return {
             "alert": name,
@@ -32,15 +35,17 @@ def rules(for_: str = DEFAULT_FOR, job: str = "portmesh") -> dict[str, Any]:
                 "rules": [
                     rule(
                         "PortmeshRequirementFailing",
-                        'sum by (req) (portmesh_flows_failing{direction="outgoing"}) > 0',
-                        "{{ $labels.req }}: {{ $value }} node-to-peer flows fail",
+                        # both directions: a UDP drop is silence to the sender (unknown) and
+                        # a missing probe to the receiver (incoming fails)
+                        "sum by (req) (portmesh_flows_failing) > 0",
+                        "{{ $labels.req }}: {{ $value }} node-peer directions fail",
                         "critical",
                     ),
                     rule(
                         "PortmeshOneWayFlow",
-                        "sum by (req, instance) (portmesh_one_way_flows) > 0",
-                        "{{ $labels.instance }}: {{ $labels.req }} fails towards {{ $value }}"
-                        " peers whose probes to it arrive (one-way)",
+                        "portmesh_one_way_flows > 0",
+                        "{{ $labels.instance }}: {{ $value }} flows fail towards peers whose"
+                        " probes to it arrive (one-way; the agent's events name them)",
                     ),
                     rule(
                         "PortmeshNodeUnreachable",
@@ -58,8 +63,9 @@ def rules(for_: str = DEFAULT_FOR, job: str = "portmesh") -> dict[str, Any]:
                     ),
                     rule(
                         "PortmeshSweepStale",
-                        "time() - portmesh_last_sweep_timestamp_seconds > 900",
-                        "{{ $labels.instance }}: no full sweep for 15 minutes",
+                        "portmesh_last_sweep_timestamp_seconds > 0 and time() -"
+                        " portmesh_last_sweep_timestamp_seconds > 3 * portmesh_sweep_seconds",
+                        "{{ $labels.instance }}: no full sweep for three sweeps' time",
                         for_at="5m",
                     ),
                     rule(
@@ -74,7 +80,7 @@ def rules(for_: str = DEFAULT_FOR, job: str = "portmesh") -> dict[str, Any]:
     }
 
 
-def rules_text(for_: str = DEFAULT_FOR, job: str = "portmesh") -> str:
+def rules_text(for_: str = DEFAULT_FOR, job: str = JOB) -> str:
     return yaml.safe_dump(rules(for_, job), sort_keys=False)
 
 
@@ -180,7 +186,18 @@ def manifests(image: str, namespace: str = "portmesh", port: int = 9470) -> list
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "PrometheusRule",
             "metadata": {"name": "portmesh", **meta},
-            "spec": rules(job="portmesh"),
+            "spec": rules(),
+        },
+        {
+            # how the Prometheus operator finds the agents (it ignores prometheus.io annotations)
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": "portmesh-watch", **meta},
+            "spec": {
+                "jobLabel": "app.kubernetes.io/name",
+                "selector": {"matchLabels": labels},
+                "podMetricsEndpoints": [{"port": "metrics", "interval": "30s"}],
+            },
         },
     ]
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 
 # probe round-trip buckets (seconds): LAN RTTs sit in the first two, timeouts in the last
-BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5)
+BUCKETS = (0.001, 0.01, 0.1, 1.0)
 RESULTS = ("pass", "fail", "unknown")
 DIRECTIONS = ("outgoing", "incoming")
 
@@ -37,16 +37,26 @@ class Histogram:
 class WatchMetrics:
     """Counters and gauges of one agent; ``render()`` gives the /metrics body."""
 
-    def __init__(self, version: str, node: str, protos: Iterable[str], reqs: Iterable[str]):
+    def __init__(
+        self,
+        version: str,
+        node: str,
+        protos: Iterable[str],
+        outgoing: Iterable[str] = (),
+        incoming: Iterable[str] = (),
+    ):
+        """``outgoing``/``incoming``: the requirements this node sends / receives (witnessably);
+        a direction that does not exist on this node gets no series."""
         self.version = version
         self.node = node
         self.protos = tuple(sorted(set(protos)))
-        self.reqs = tuple(sorted(set(reqs)))
         self.probes = {(p, r): 0 for p in self.protos for r in RESULTS}
         self.duration = {p: Histogram() for p in self.protos}
-        self.failing = {(q, d): 0 for q in self.reqs for d in DIRECTIONS}
-        self.one_way = {q: 0 for q in self.reqs}
-        self.coverage = 0.0
+        self.failing = {(q, "outgoing"): 0 for q in sorted(set(outgoing))}
+        self.failing.update({(q, "incoming"): 0 for q in sorted(set(incoming))})
+        self.one_way = 0
+        self.coverage = math.nan  # no sweep yet: no verdict on coverage (alerts stay quiet)
+        self.sweep_seconds = 0.0
         self.last_sweep = 0.0
         self.rounds = 0
         self.peers = 0
@@ -94,15 +104,20 @@ class WatchMetrics:
         family(
             "portmesh_one_way_flows",
             "gauge",
-            "Peers for which a requirement fails outgoing while the same peer's probes arrive.",
+            "(requirement, peer) pairs failing outgoing while the same peer's probes arrive"
+            " (which ones: the NDJSON events).",
         )
-        for q, v in self.one_way.items():
-            out.append(f'portmesh_one_way_flows{{req="{_esc(q)}"}} {v}')
+        out.append(f"portmesh_one_way_flows {self.one_way}")
         for name, v, help_ in (
             (
                 "portmesh_sweep_coverage_ratio",
                 self.coverage,
                 "Share of this node's scheduled pair visits in the last sweep that got a verdict.",
+            ),
+            (
+                "portmesh_sweep_seconds",
+                self.sweep_seconds,
+                "How long one sweep (every pair once) takes at this schedule.",
             ),
             (
                 "portmesh_last_sweep_timestamp_seconds",
