@@ -203,7 +203,8 @@ def run_sharded(spec, n: int):
         for k, v in d["skipped"].items():
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
-        total.tcp_method = total.tcp_method or d.get("tcp_method")
+        for af, method in (d.get("tcp_methods") or {}).items():
+            total.note_tcp_method(af, method)
         if d.get("fd_limited"):
             lim = tuple(d["fd_limited"])
             total.fd_limited = lim if total.fd_limited is None else min(total.fd_limited, lim)  # type: ignore[assignment]

@@ -233,6 +233,7 @@ def flow_record(f: Flow) -> dict[str, Any]:
         "src": f.src,
         "src_host": f.src_host,
         "dst": f.dst,
+        "af": f.af,
         "host": f.host,
         "proto": f.proto,
         "port": f.port,

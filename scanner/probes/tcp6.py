@@ -1,0 +1,25 @@
+"""TCP over IPv6: the connect probe, each outcome marked ``tcp_method: connect``.
+
+The raw SYN probe (``syn.py``) builds IPv4 packets only, so the engine sends IPv6 TCP flows
+here whatever ``--method`` says; the mark keeps a run's records truthful per flow (and the
+engine's summary says ``tcp_methods: {"ipv6": "connect"}``). Everything else is ``tcp.py``.
+"""
+
+from __future__ import annotations
+
+from scanner.core.flows import Flow
+from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.tcp import TcpProber
+
+METHOD = {"tcp_method": "connect"}
+
+
+class Tcp6Prober(TcpProber):
+    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+        out = await super().probe(flow, timeout)
+        extra = METHOD if not out.extra else {**out.extra, **METHOD}
+        return Outcome(out.state, out.reason, out.rtt_ms, out.silent, extra)
+
+
+def make_prober(opts: ProbeOptions | None = None) -> Tcp6Prober:
+    return Tcp6Prober(opts)
