@@ -1,0 +1,286 @@
+"""IPv6 end to end (issue 15).
+
+Loopback (``::1``, no root needed unless said): TCP over IPv6 by connect() and said so per flow
+and in the summary, UDP with ICMPv6 port unreachable, ICMPv6 echo (raw socket as root, the
+unprivileged datagram socket as ``nobody`` in a private namespace), ICMPv6 error parsing.
+Lab (root): ground truth over IPv6 from nftables faults: open, closed, dropped and
+admin-prohibited for TCP, UDP and ICMPv6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from scanner.core import tags
+from scanner.core.flows import Flow
+from scanner.probes import icmp6
+from scanner.probes.base import ProbeOptions
+
+SCAN = [sys.executable, "-m", "scanner", "scan", "--no-progress"]
+V6 = "::1"
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind((V6, 0))
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 on loopback (::1)")
+
+
+def scan(*args: str, timeout: float = 60) -> tuple[list[dict], dict]:
+    cp = subprocess.run([*SCAN, *args], capture_output=True, timeout=timeout)
+    assert cp.returncode == 0, cp.stderr
+    lines = [orjson.loads(line) for line in cp.stdout.splitlines()]
+    assert lines[0]["type"] == "start" and lines[-1]["type"] == "summary"
+    results = lines[1:-1]
+    assert lines[0]["planned"] == lines[-1]["results"] == len(results)
+    return results, lines[-1]
+
+
+@pytest.fixture
+def v6_ports() -> Iterator[tuple[int, int, int, int]]:
+    """(open tcp, closed tcp, open udp, closed udp) on ::1; the UDP one echoes every datagram."""
+    tcp = socket.create_server((V6, 0), family=socket.AF_INET6, backlog=64)
+    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp.bind((V6, 0))
+    udp.settimeout(0.05)
+    free = []
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(socket.AF_INET6, kind)
+        s.bind((V6, 0))
+        free.append(s.getsockname()[1])
+        s.close()
+    stop = threading.Event()
+
+    def serve() -> None:
+        tcp.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = tcp.accept()
+                conn.close()
+            with contextlib.suppress(OSError):
+                data, peer = udp.recvfrom(2048)
+                udp.sendto(data, peer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield tcp.getsockname()[1], free[0], udp.getsockname()[1], free[1]
+    stop.set()
+    t.join()
+    tcp.close()
+    udp.close()
+
+
+# ---- loopback ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "connect"])
+def test_tcp_and_udp_over_ipv6_loopback(v6_ports: tuple[int, int, int, int], method: str) -> None:
+    to, tc, uo, uc = v6_ports
+    results, summary = scan(
+        V6, "127.0.0.1", "-p", f"T:{to},{tc},U:{uo},{uc}", "--method", method, "--retries", "0"
+    )
+    got = {(r["dst"], r["proto"], r["port"]): r for r in results}
+    assert {(k, r["state"], r["reason"]) for k, r in got.items() if k[0] == V6} == {
+        ((V6, "tcp", to), "open", "syn-ack"),
+        ((V6, "tcp", tc), "closed", "conn-refused"),  # connect(): the kernel's RST
+        ((V6, "udp", uo), "open", "udp-response"),
+        ((V6, "udp", uc), "closed", "port-unreach"),  # ICMPv6 type 1 code 4 via IPV6_RECVERR
+    }
+    for (dst, proto, _), r in got.items():
+        assert r["af"] == ("ipv6" if dst == V6 else "ipv4")
+        # every IPv6 TCP result says how it was probed; IPv4 ones follow the run's method
+        assert r.get("tcp_method") == ("connect" if (dst, proto) == (V6, "tcp") else None)
+    assert summary["tcp_methods"]["ipv6"] == "connect"
+    v4 = summary["tcp_methods"]["ipv4"]
+    assert summary["tcp_method"] == (v4 if v4 == "connect" else "mixed")
+
+
+def test_an_ipv6_only_run_never_claims_syn(v6_ports: tuple[int, int, int, int]) -> None:
+    to, tc, _, _ = v6_ports
+    results, summary = scan(V6, "-p", f"{to},{tc}")  # auto: syn as root for IPv4, but no IPv4
+    assert summary["tcp_method"] == "connect"
+    assert summary["tcp_methods"] == {"ipv6": "connect"}
+    assert [r["tcp_method"] for r in results] == ["connect", "connect"]
+
+
+def test_ipv6_ranges_and_cidr_are_scanned(v6_ports: tuple[int, int, int, int]) -> None:
+    to = v6_ports[0]
+    results, _ = scan("::1-1", "::1/128", "-p", str(to))
+    assert [(r["dst"], r["state"]) for r in results] == [(V6, "open"), (V6, "open")]
+
+
+def test_icmpv6_echo_on_loopback() -> None:
+    results, _ = scan(V6, "--icmp")
+    (r,) = results
+    can = _can_raw6() or _can_dgram6()
+    want = ("open", "echo-reply") if can else ("error", "needs-cap-net-raw")
+    assert (r["state"], r["reason"], r["af"], r["proto"]) == (*want, "ipv6", "icmp")
+
+
+def _can_raw6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6).close()
+        return True
+    except OSError:
+        return False
+
+
+def _can_dgram6() -> bool:
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["raw", "dgram"])
+def test_icmp6_prober_modes_on_loopback(mode: str) -> None:
+    if mode == "raw" and not _can_raw6():
+        pytest.skip("raw ICMPv6 sockets need CAP_NET_RAW")
+    if mode == "dgram" and not _can_dgram6():
+        pytest.skip("the ICMPv6 datagram socket is not allowed (net.ipv4.ping_group_range)")
+
+    async def go() -> list:
+        p = icmp6.Icmp6Prober(ProbeOptions(), mode=mode)
+        await p.start(asyncio.get_running_loop())
+        assert p.mode == mode
+        try:
+            return await asyncio.gather(*(p.probe(Flow(V6, None, "icmp"), 1.0) for _ in range(5)))
+        finally:
+            p.close()
+
+    outs = asyncio.run(go())
+    assert [(o.state, o.reason) for o in outs] == [("open", "echo-reply")] * 5
+    assert all(o.rtt_ms is not None and o.rtt_ms >= 0 for o in outs)
+
+
+def test_icmp6_prober_without_sockets_says_why() -> None:
+    async def go():
+        p = icmp6.Icmp6Prober(ProbeOptions(), mode="none")
+        await p.start(asyncio.get_running_loop())
+        return await p.probe(Flow(V6, None, "icmp"), 0.2)
+
+    o = asyncio.run(go())
+    assert (o.state, o.reason) == ("error", "needs-cap-net-raw")
+
+
+# ---- ICMPv6 error parsing (pure) ----------------------------------------------------------------
+
+
+def _quoting_error(typ: int, code: int, dst: str, ident: int, seq: int, tag: bytes) -> bytes:
+    req = icmp6.echo_request(ident, seq, tag)
+    ip6 = struct.pack("!IHBB", 6 << 28, len(req), 58, 64)
+    ip6 += socket.inet_pton(socket.AF_INET6, "2001:2::1") + socket.inet_pton(socket.AF_INET6, dst)
+    return struct.pack("!BBHI", typ, code, 0, 0) + ip6 + req
+
+
+@pytest.mark.parametrize(
+    ("typ", "code", "reason"),
+    [
+        (1, 1, "admin-prohibited"),  # nft reject with icmpx admin-prohibited
+        (1, 4, "port-unreach"),  # nft reject with icmpx port-unreachable
+        (1, 3, "host-unreach"),  # address unreachable (no neighbour)
+        (1, 0, "net-unreach"),
+        (1, 5, "admin-prohibited"),  # source address failed policy
+        (1, 6, "admin-prohibited"),  # reject route
+        (3, 0, "time-exceeded"),
+    ],
+)
+def test_icmpv6_errors_resolve_the_request_they_quote(typ: int, code: int, reason: str) -> None:
+    async def go():
+        loop = asyncio.get_running_loop()
+        p = icmp6.Icmp6Prober(ProbeOptions(), mode="none")
+        p.loop = loop
+        dst = socket.inet_pton(socket.AF_INET6, "2001:2::2")
+        tag = tags.make_tag(b"", b"12345678")
+        fut = loop.create_future()
+        p.pending[(dst, 7)] = (fut, tag, loop.time())
+        # someone else's request (other identifier), then another tag: both ignored
+        p.on_message(_quoting_error(typ, code, "2001:2::2", p.ident ^ 1, 7, tag), "2001:2::2", 0)
+        p.on_message(_quoting_error(typ, code, "2001:2::2", p.ident, 7, b"x" * 16), "2001:2::2", 0)
+        assert not fut.done()
+        p.on_message(_quoting_error(typ, code, "2001:2::2", p.ident, 7, tag), "2001:2::fe", 0)
+        return await fut
+
+    o = asyncio.run(go())
+    assert (o.state, o.reason) == ("filtered", reason)
+    assert o.extra == {"icmp_from": "2001:2::fe"}  # a router answered, not the host
+
+
+def test_icmp6_filter_passes_only_what_we_read() -> None:
+    words = struct.unpack("=8I", icmp6.icmp6_filter(129, 1, 3))
+    passed = {t for t in range(256) if not words[t >> 5] & (1 << (t & 31))}
+    assert passed == {1, 3, 129}
+
+
+# ---- unprivileged, in a private network namespace -------------------------------------------------
+
+
+def _private_ns_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to make a private network namespace"
+    for tool in ("unshare", "setpriv", "nft", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+def test_unprivileged_icmpv6_and_udp_errors_as_nobody() -> None:
+    """As nobody (no capabilities) in a private namespace whose ping_group_range allows it:
+    ICMPv6 echo by the datagram socket, and ICMPv6 admin-prohibited from nftables read from
+    the error queues (echo and UDP), all without privileges."""
+    reason = _private_ns_reason()
+    if reason:
+        pytest.skip(reason)
+    ruleset = (
+        "table inet t {\n chain input {\n type filter hook input priority 0; policy accept;\n"
+        " meta nfproto ipv6 udp dport 9 reject with icmpx type admin-prohibited\n"
+        " ip6 daddr ::2 icmpv6 type echo-request reject with icmpx type admin-prohibited\n }\n}\n"
+    )
+    script = (
+        "set -e; ip link set lo up; ip -6 addr add ::2/128 dev lo nodad;"
+        " sysctl -q -w net.ipv4.ping_group_range='0 2147483647';"
+        " nft -f -;"
+        " exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all"
+        f" {_sh(sys.executable)} -m scanner scan ::1 ::2 --icmp -p U:9 --no-progress --retries 0"
+    )
+    cp = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script],
+        input=ruleset.encode(),
+        capture_output=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert cp.returncode == 0, cp.stderr
+    lines = [orjson.loads(x) for x in cp.stdout.splitlines()]
+    got = {(r["dst"], r["proto"]): (r["state"], r["reason"]) for r in lines[1:-1]}
+    assert got == {
+        ("::1", "icmp"): ("open", "echo-reply"),
+        ("::2", "icmp"): ("filtered", "admin-prohibited"),
+        ("::1", "udp"): ("filtered", "admin-prohibited"),
+        ("::2", "udp"): ("filtered", "admin-prohibited"),
+    }
+
+
+def _sh(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
