@@ -284,3 +284,120 @@ def _sh(s: str) -> str:
     import shlex
 
     return shlex.quote(s)
+
+
+# ---- dual-stack planning (pure) -----------------------------------------------------------------
+
+DUAL = """
+all:
+  hosts:
+    node1: {ip: 198.18.0.1, ip6: "2001:2::1"}
+    node2: {ip: 198.18.0.2, access_ip6: "2001:2:0:0::2", ip6: "2001:2::99"}
+    node3: {ip: 198.18.0.3}
+  children:
+    kube_control_plane: {hosts: {node1: {}}}
+    etcd: {hosts: {node1: {}}}
+    kube_node: {hosts: {node2: {}, node3: {}}}
+    k8s_cluster: {children: {kube_control_plane: {}, kube_node: {}}}
+  vars:
+"""
+
+
+def _site(tmp_path, extra_vars: str, text: str = DUAL):
+    from scanner.plan.inventory import load_site
+
+    p = tmp_path / "hosts.yml"
+    p.write_text(text + "".join(f"    {line}\n" for line in extra_vars.splitlines()))
+    return load_site([str(p)])
+
+
+def _by_req(site) -> dict[str, set[tuple[str, str | None, str, str]]]:
+    from scanner.catalog.loader import load_catalog
+    from scanner.plan.planner import plan
+    from scanner.plan.selection import Selection
+
+    out: dict[str, set] = {}
+    for f in plan(load_catalog(), site, Selection()):
+        out.setdefault(f.req, set()).add((f.af, f.src, f.dst, f.proto))
+    return out
+
+
+def test_ip6_and_access_ip6_are_read(tmp_path) -> None:
+    site = _site(tmp_path, "enable_dual_stack_networks: true")
+    got = {h.name: (h.address, h.address6) for h in site.hosts()}
+    # access_ip6 wins over ip6, and addresses are written the one canonical way
+    assert got == {
+        "node1": ("198.18.0.1", "2001:2::1"),
+        "node2": ("198.18.0.2", "2001:2::2"),
+        "node3": ("198.18.0.3", None),
+    }
+    assert site.clusters[0].config.families.value == ("ipv4", "ipv6")
+
+
+def test_a_bad_ip6_is_one_line_naming_the_host(tmp_path) -> None:
+    from scanner.errors import InventoryError
+
+    with pytest.raises(InventoryError, match=r"host node1: ip6='198.18.0.9' is not an IPv6"):
+        _site(tmp_path, "", DUAL.replace('ip6: "2001:2::1"', "ip6: 198.18.0.9"))
+
+
+def test_ipv4_cluster_plans_nothing_over_ipv6(tmp_path) -> None:
+    by = _by_req(_site(tmp_path, "calico_wireguard_enabled: true"))
+    assert {af for flows in by.values() for af, *_ in flows} == {"ipv4"}
+    assert "calico.wireguard6" not in by  # wireguard6 needs IPv6 on
+
+
+def test_dual_stack_wireguard6_and_vxlan6_go_over_ipv6(tmp_path) -> None:
+    by = _by_req(
+        _site(
+            tmp_path,
+            "enable_dual_stack_networks: true\n"
+            "calico_wireguard_enabled: true\n"
+            "calico_vxlan_mode_ipv6: Always",
+        )
+    )
+    # WireGuard v6 (51821) between the hosts that have IPv6 addresses, over IPv6 only
+    assert by["calico.wireguard6"] == {
+        ("ipv6", "2001:2::1", "2001:2::2", "udp"),
+        ("ipv6", "2001:2::2", "2001:2::1", "udp"),
+    }
+    # VXLAN over both families; WireGuard v4 and the control plane over the main one (IPv4)
+    assert {af for af, *_ in by["calico.vxlan"]} == {"ipv4", "ipv6"}
+    assert {af for af, *_ in by["calico.wireguard"]} == {"ipv4"}
+    for req in ("k8s.apiserver", "etcd.client", "k8s.kubelet"):
+        assert {af for af, *_ in by[req]} == {"ipv4"}, req
+
+
+def test_vxlan6_off_by_default_in_dual_stack(tmp_path) -> None:
+    by = _by_req(_site(tmp_path, "ipv6_stack: true"))
+    assert {af for af, *_ in by["calico.vxlan"]} == {"ipv4"}
+
+
+def test_ipv6_only_cluster_goes_over_ipv6_everywhere(tmp_path) -> None:
+    site = _site(tmp_path, "ipv6_stack: true\nipv4_stack: false")
+    by = _by_req(site)
+    afs = {af for flows in by.values() for af, *_ in flows}
+    assert afs == {"ipv6"}
+    assert by["etcd.client"] == {("ipv6", "2001:2::2", "2001:2::1", "tcp")}
+
+
+def test_explain_says_why_a_leg_is_ipv4_or_ipv6(tmp_path) -> None:
+    from scanner.catalog.loader import load_catalog
+    from scanner.plan.planner import count_plan, explain, plan
+    from scanner.plan.selection import Selection
+
+    site = _site(
+        tmp_path,
+        "enable_dual_stack_networks: true\ncalico_wireguard_enabled: true\n"
+        "calico_vxlan_mode_ipv6: CrossSubnet",
+    )
+    cat = load_catalog()
+    recs = {(e["req"], e["af"]): e for e in explain(cat, site, Selection())}
+    vx6 = recs[("calico.vxlan", "ipv6")]
+    assert vx6["included"] and "calico_vxlan_mode_ipv6=CrossSubnet" in vx6["why"]
+    assert "no IPv6 address for node3 (set ip6 / access_ip6)" in vx6["why"]  # said, not silent
+    assert "enable_dual_stack_networks=true" in recs[("k8s.apiserver", "ipv4")]["why"]
+    assert recs[("calico.wireguard6", "ipv6")]["why"].startswith("over IPv6: WireGuard for IPv6")
+    # the counts agree with the flows, per family
+    assert count_plan(cat, site, Selection()) == sum(1 for _ in plan(cat, site, Selection()))
+    assert sum(e["flows"] for e in recs.values()) == count_plan(cat, site, Selection())

@@ -46,6 +46,7 @@ from scanner.plan.kubean import VarsLayer
 __all__ = ["load_site", "local_host", "local_addresses", "parse_inventory_text"]
 
 ADDRESS_VARS = ("access_ip", "ip", "ansible_host")
+ADDRESS6_VARS = ("access_ip6", "ip6")  # kubespray's per-host IPv6 addresses (dual stack)
 # --role words for --hosts (and a site cluster's inline hosts) -> the roles each host gets
 QUICK_ROLES: dict[str, frozenset[str]] = {
     "node": frozenset({"node"}),
@@ -82,6 +83,30 @@ def _address(inv: Inventory, name: str, group_vars: Mapping[str, Any]) -> str:
         ) from None
 
 
+def _address6(inv: Inventory, name: str, group_vars: Mapping[str, Any], main: str) -> str | None:
+    """A dual-stack host's IPv6 address: access_ip6, then ip6 (kubespray); an IPv6 main
+    address (ansible_host/ip of an IPv6-only host) when neither is set."""
+    hv = inv.hostvars.get(name, {})
+    for var in ADDRESS6_VARS:
+        value = hv.get(var)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if kubean.is_template(value):
+            resolved, _ = kubean.resolve_templates({**group_vars, **hv})
+            if var not in resolved:
+                raise InventoryError(
+                    f"{inv.where}: host {name}: {var}={value!r} is a template that does not resolve"
+                )
+            value = resolved[var]
+        try:
+            return str(ipaddress.IPv6Address(str(value).strip()))
+        except ValueError:
+            raise InventoryError(
+                f"{inv.where}: host {name}: {var}={value!r} is not an IPv6 address"
+            ) from None
+    return main if ":" in main else None
+
+
 def inventory_hosts(inv: Inventory, cluster: str, is_global: bool = False) -> tuple[Host, ...]:
     """The hosts of the Kubernetes groups with their roles, in inventory order."""
     if not inv.hostvars:
@@ -110,13 +135,15 @@ def inventory_hosts(inv: Inventory, cluster: str, is_global: bool = False) -> tu
         if not roles:
             continue  # e.g. a bastion: not part of the cluster's mesh
         user = hv.get("ansible_user")
+        address = _address(inv, name, group_vars)
         hosts.append(
             Host(
                 name=name,
-                address=_address(inv, name, group_vars),
+                address=address,
                 roles=frozenset(roles),
                 cluster=cluster,
                 user=str(user) if isinstance(user, (str, int)) and str(user) else None,
+                address6=_address6(inv, name, group_vars, address),
             )
         )
     if not hosts:
@@ -610,7 +637,7 @@ def local_host(site: Site, addresses: Iterable[str] | None = None) -> Host | Non
     injected = addresses is not None
     local = {_norm(a) for a in (addresses if addresses is not None else local_addresses())}
     for h in site.hosts():
-        if _norm(h.address) in local:
+        if _norm(h.address) in local or (h.address6 and _norm(h.address6) in local):
             return h
     if not injected:
         me = socket.gethostname().split(".")[0].lower()
