@@ -7,14 +7,22 @@ engine's summary says ``tcp_methods: {"ipv6": "connect"}``). Everything else is 
 
 from __future__ import annotations
 
+import errno
+
 from scanner.core.flows import Flow
 from scanner.probes.base import Outcome, ProbeOptions
-from scanner.probes.tcp import TcpProber
+from scanner.probes.tcp import _ERRORS, TcpProber
 
 METHOD = {"tcp_method": "connect"}
 
 
 class Tcp6Prober(TcpProber):
+    # Linux turns an ICMPv6 "administratively prohibited" (type 1 code 1, what nftables'
+    # reject with icmpx admin-prohibited sends) into EACCES on the connecting socket
+    # (icmpv6_err_convert), where IPv4's code 13 becomes EHOSTUNREACH: so over IPv6 connect()
+    # can name it. A local output drop is EPERM and stays local-prohibited.
+    errors = {**_ERRORS, errno.EACCES: ("filtered", "admin-prohibited")}
+
     async def probe(self, flow: Flow, timeout: float) -> Outcome:
         out = await super().probe(flow, timeout)
         extra = METHOD if not out.extra else {**out.extra, **METHOD}

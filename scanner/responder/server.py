@@ -149,6 +149,9 @@ class Responder:
             if kind == socket.SOCK_STREAM:
                 # lets a restarted responder rebind while old connections sit in TIME_WAIT
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and self.bind == "::":
+                # "::" answers both families (dual stack), whatever net.ipv6.bindv6only says
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.bind((self.bind, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(128)
