@@ -484,3 +484,106 @@ def test_lab_ground_truth_over_ipv6(make_lab) -> None:
     } <= seen
     # over IPv4 nothing failed: the faults are IPv6 only
     assert all(r["state"] == "open" for r in results if r["af"] == "ipv4")
+
+
+# ---- a dual-stack mesh with a fault on IPv6 only ------------------------------------------------
+
+LAB_CATALOG_ENTRY = """
+[[requirement]]
+id = "{id}"
+component = "lab"
+proto = "{proto}"
+ports = "{ports}"
+description = "lab {proto}, over both families when VXLAN for IPv6 is on"
+dst_role = "node"
+src_roles = ["node"]
+condition = {{ feature = "vxlan" }}
+"""
+
+
+def test_dual_stack_mesh_and_report_name_an_ipv6_only_fault(make_lab, tmp_path) -> None:
+    import yaml
+
+    from scanner.catalog.loader import load_catalog
+    from scanner.lab.lab import inventory_doc
+
+    lab = make_lab(hosts=3)
+    n1, n2, n3 = lab.hosts
+    doc = inventory_doc(
+        lab,
+        dual_stack_vars={"enable_dual_stack_networks": True, "calico_vxlan_mode_ipv6": "Always"},
+    )
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cat = tmp_path / "lab.toml"
+    cat.write_text(
+        "".join(f'[[requirement]]\nid = "{r.id}"\ndisabled = true\n\n' for r in load_catalog())
+        + LAB_CATALOG_ENTRY.format(id="lab.udp", proto="udp", ports="7100")
+        + LAB_CATALOG_ENTRY.format(id="lab.tcp", proto="tcp", ports="7101")
+    )
+    from scanner.lab.faults import Fault
+
+    lab.apply_faults(
+        [
+            Fault("node2", "in", "udp", ((7100, 7100),), "drop", "node1", family="ipv6"),
+            Fault("node3", "in", "tcp", ((7101, 7101),), "reject-admin", family="ipv6"),
+        ]
+    )
+    out = tmp_path / "mesh.ndjson"
+    cp = subprocess.run(
+        [sys.executable, "-m", "scanner", "mesh", "-i", str(inv), "--catalog", str(cat),
+         "--exec", lab.exec_template(), "--agent-cmd", f"{sys.executable} -m scanner agent",
+         "--loop", "asyncio", "--timeout", "0.5", "-o", str(out), "--no-progress"],
+        capture_output=True, timeout=180,
+    )  # fmt: skip
+    assert cp.returncode == 1, cp.stderr  # a failure, on IPv6 only
+    recs = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    results = [r for r in recs if r["type"] == "result"]
+    # every requirement went over both families: 3 hosts x 2 directions x 2 reqs x 2 families
+    assert len(results) == 24 == recs[-1]["results"]
+    assert {(r["af"], ":" in r["dst"], ":" in (r["src"] or ":")) for r in results} == {
+        ("ipv4", False, False),
+        ("ipv6", True, True),
+    }
+    bad = {(r["af"], r["req"], r["src_host"], r["host"]) for r in results if r["verdict"] != "pass"}
+    assert bad == {
+        ("ipv6", "lab.udp", "node1", "node2"),
+        ("ipv6", "lab.tcp", "node1", "node3"),
+        ("ipv6", "lab.tcp", "node2", "node3"),
+    }
+    pairs = {(p["req"], p["af"], p["a"], p["b"]): p for p in recs if p["type"] == "pair"}
+    assert len(pairs) == 12
+    assert pairs[("lab.udp", "ipv6", "node1", "node2")]["verdict"] == "one-way"
+    assert "node1 -> node2 over IPv6:" in pairs[("lab.udp", "ipv6", "node1", "node2")]["reason"]
+    assert pairs[("lab.udp", "ipv4", "node1", "node2")]["verdict"] == "pass"
+    tcp6 = pairs[("lab.tcp", "ipv6", "node1", "node3")]
+    assert tcp6["verdict"] == "one-way" and "admin-prohibited" in tcp6["reason"]
+
+    rep = subprocess.run(
+        [sys.executable, "-m", "scanner", "report", str(out)], capture_output=True, text=True
+    )
+    assert rep.returncode == 1, rep.stderr
+    fails = [line for line in rep.stdout.splitlines() if line.startswith("FAIL ")]
+    assert len(fails) == 2 and all(" over IPv6" in line for line in fails), rep.stdout
+    assert any(line.startswith("FAIL lab.udp over IPv6") for line in fails)
+
+
+def test_pair_join_keeps_the_families_apart() -> None:
+    from scanner.mesh.pairs import PairJoin
+
+    j = PairJoin(["a", "b"])
+    for af, (sa, sb) in (
+        ("ipv4", ("198.18.0.1", "198.18.0.2")),
+        ("ipv6", ("2001:2::1", "2001:2::2")),
+    ):
+        for src, dst, s, d in (("a", "b", sa, sb), ("b", "a", sb, sa)):
+            bad = af == "ipv6" and src == "a"
+            j.add({"src_host": src, "host": dst, "src": s, "dst": d, "req": "calico.vxlan",
+                   "proto": "udp", "port": 4789, "state": "open|filtered" if bad else "open",
+                   "reason": "no-response" if bad else "responder",
+                   "verdict": "fail" if bad else "pass"})  # fmt: skip
+    got = {p["af"]: (p["verdict"], p.get("reason")) for p in j.pairs()}
+    assert got == {
+        "ipv4": ("pass", None),
+        "ipv6": ("one-way", "a -> b over IPv6: udp/4789 open|filtered (no-response)"),
+    }

@@ -45,8 +45,16 @@ def default_roles(names: list[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def inventory_doc(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
-    """A kubespray/Kubean-style YAML inventory (the hosts.yml of Kubean's hosts-conf ConfigMap)."""
+def inventory_doc(
+    lab: Lab,
+    roles: dict[str, tuple[str, ...]] | None = None,
+    dual_stack_vars: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A kubespray/Kubean-style YAML inventory (the hosts.yml of Kubean's hosts-conf ConfigMap).
+
+    Hosts carry ip6 (their 2001:2::/48 lab address); ``dual_stack_vars`` (e.g.
+    ``{"enable_dual_stack_networks": True, "calico_vxlan_mode_ipv6": "Always"}``) go to all.vars,
+    which is what makes the plan check anything over IPv6."""
     roles = {**default_roles(lab.host_names()), **(roles or {})}
     groups: dict[str, dict[str, Any]] = {g: {} for g in dict.fromkeys(_ROLE_GROUPS.values())}
     for h in lab.hosts:
@@ -60,13 +68,19 @@ def inventory_doc(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> 
     return {
         "all": {
             "hosts": {
-                h.name: {"ansible_host": h.addr, "ip": h.addr, "access_ip": h.addr}
+                h.name: {
+                    "ansible_host": h.addr,
+                    "ip": h.addr,
+                    "access_ip": h.addr,
+                    **({"ip6": h.addr6} if h.addr6 else {}),
+                }
                 for h in lab.hosts
             },
             "children": {
                 **{g: {"hosts": members} for g, members in groups.items()},
                 "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}},
             },
+            **({"vars": dict(dual_stack_vars)} if dual_stack_vars else {}),
         }
     }
 
@@ -102,7 +116,7 @@ def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, d
                 [
                     sys.executable, "-m", "scanner", "respond",
                     "--inventory", str(inv), "--as", h.name,
-                    "--secret-file", str(secret), "--ttl", f"{ttl:g}",
+                    "--secret-file", str(secret), "--ttl", f"{ttl:g}", "--bind", "::",
                 ],
                 stdin=devnull,
                 stdout=out,

@@ -91,6 +91,7 @@ def _host_out(h: Any) -> dict[str, Any]:
         "roles": sorted(h.roles),
         "cluster": h.cluster,
         "user": h.user,
+        "address6": h.address6,
     }
 
 
@@ -113,6 +114,8 @@ def site_to_wire(site: Any) -> dict[str, Any]:
                     "registry": _setting_out(cfg.registry),
                     "minio": _setting_out(cfg.minio),
                     "unresolved": dict(cfg.unresolved),
+                    "families": _setting_out(cfg.families),
+                    "vxlan6": _setting_out(cfg.vxlan6),
                 },
             }
         )
@@ -165,6 +168,7 @@ def _host_in(d: Any, where: str) -> Any:
         frozenset(roles),
         _want(d, "cluster", (str, type(None)), where),
         _want(d, "user", (str, type(None)), where),
+        d.get("address6") if isinstance(d.get("address6"), str) else None,
     )
 
 
@@ -190,6 +194,11 @@ def site_from_wire(d: Any) -> Any:
             registry=_setting_in(cfg.get("registry"), f"{cw}.registry"),
             minio=_setting_in(cfg.get("minio"), f"{cw}.minio"),
             unresolved=_str_map(cfg.get("unresolved", {}), f"{cw}.unresolved"),
+            **{
+                k: _setting_in(cfg[k], f"{cw}.{k}")
+                for k in ("families", "vxlan6")
+                if cfg.get(k) is not None
+            },
         )
         if any(v is None for v in config.features.values()):
             raise ProtocolError(f"{cw}.features: a feature without a setting")
@@ -689,6 +698,7 @@ def _responder_main(arg: str) -> int:
             secret=secret,
             ttl=float(cfg["ttl"]),
             exit_on_stdin_close=True,
+            bind="::",  # both families (dual-stack plans probe IPv6 too); IPv4 alone without IPv6
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
         )

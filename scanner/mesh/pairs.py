@@ -136,14 +136,14 @@ class Direction:
     def counts(self) -> dict[str, int]:
         return {"pass": self.passed, "fail": self.failed, "unknown": self.unknown}
 
-    def why(self, src: str, dst: str, witnessed: bool = False) -> str:
+    def why(self, src: str, dst: str, witnessed: bool = False, over: str = "") -> str:
         """One line: what went wrong in this direction (empty when it passed)."""
         parts = []
         for (state, reason), ps in sorted(self.failures.items()):
             where = f"{self.proto}/{ps.text()} " if ps.count else ""
             parts.append(f"{where}{state} ({reason})")
         if self.failed:
-            text = f"{src} -> {dst}: " + "; ".join(parts)
+            text = f"{src} -> {dst}{over}: " + "; ".join(parts)
             if witnessed:
                 text += (
                     f"; the probe arrived at {dst} (witness) but no answer came back: "
@@ -152,7 +152,7 @@ class Direction:
             return text
         if self.unknown:
             rs = ", ".join(f"{r} x{n}" if n > 1 else r for r, n in sorted(self.unknowns.items()))
-            return f"{src} -> {dst}: undecided ({rs})"
+            return f"{src} -> {dst}{over}: undecided ({rs})"
         return ""
 
 
@@ -165,7 +165,8 @@ class PairJoin:
 
     def __init__(self, hosts: Iterable[str]) -> None:
         self.hosts = frozenset(hosts)
-        self.dirs: dict[tuple[str, str, str], Direction] = {}
+        # (req, src, dst, address family): a dual-stack requirement is two pairs, one per family
+        self.dirs: dict[tuple[str, str, str, str], Direction] = {}
         # (src addr, dst addr, proto, port) of tagged probes seen arriving by a witness
         self.seen: set[tuple[str, str, str, int | None]] = set()
 
@@ -174,7 +175,8 @@ class PairJoin:
         src, dst, req = rec.get("src_host"), rec.get("host"), rec.get("req")
         if src not in self.hosts or dst not in self.hosts or req is None:
             return
-        key = (req, src, dst)
+        af = rec.get("af") or ("ipv6" if ":" in str(rec.get("dst") or "") else "ipv4")
+        key = (req, src, dst, af)
         d = self.dirs.get(key)
         if d is None:
             d = self.dirs[key] = Direction(rec.get("proto") or "?", rec.get("src"), rec.get("dst"))
@@ -203,17 +205,20 @@ class PairJoin:
 
     def pairs(self) -> Iterator[dict[str, Any]]:
         """One record per (req, a, b) with both directions planned; a < b by name."""
-        for (req, src, dst), ab in sorted(self.dirs.items()):
+        for (req, src, dst, af), ab in sorted(self.dirs.items()):
             if src >= dst:
                 continue
-            ba = self.dirs.get((req, dst, src))
+            ba = self.dirs.get((req, dst, src, af))
             if ba is None:
                 continue
-            yield self.pair(req, src, dst, ab, ba)
+            yield self.pair(req, src, dst, ab, ba, af)
 
-    def pair(self, req: str, a: str, b: str, ab: Direction, ba: Direction) -> dict[str, Any]:
+    def pair(
+        self, req: str, a: str, b: str, ab: Direction, ba: Direction, af: str = "ipv4"
+    ) -> dict[str, Any]:
         va, vb = ab.verdict(), ba.verdict()
         rec: dict[str, Any] = {"type": "pair", "a": a, "b": b, "req": req, "proto": ab.proto}
+        rec["af"] = af
         if ab.ports.exact is not None and ba.ports.exact is not None:
             ports = PortSet()
             for p in sorted(ab.ports.exact | ba.ports.exact):
@@ -228,8 +233,14 @@ class PairJoin:
         rec["a_to_b"] = va
         rec["b_to_a"] = vb
         rec["verdict"] = pair_verdict(va, vb)
+        over = " over IPv6" if af == "ipv6" else ""
         reasons = [
-            r for r in (ab.why(a, b, self._witnessed(ab)), ba.why(b, a, self._witnessed(ba))) if r
+            r
+            for r in (
+                ab.why(a, b, self._witnessed(ab), over),
+                ba.why(b, a, self._witnessed(ba), over),
+            )
+            if r
         ]
         if reasons:
             rec["reason"] = "; ".join(reasons)

@@ -195,7 +195,8 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
 
 
 def natural_key(s: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+    # isdecimal, not isdigit: "²" is a digit int() cannot read (found by Hypothesis)
+    return tuple(int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", s))
 
 
 class Cell:
@@ -265,6 +266,10 @@ class Cell:
         if not self.reasons:
             return ""
         return max(self.reasons.items(), key=lambda kv: kv[1])[0]
+
+
+# A requirement checked over IPv6 is reported apart from its IPv4 twin, under this suffix.
+IPV6_SUFFIX = " over IPv6"
 
 
 @dataclass
@@ -373,6 +378,8 @@ class Aggregate:
         proto = rec["proto"]
         port = rec.get("port")
         key = rec.get("req") or (f"{proto}/{port}" if port is not None else proto)
+        if rec.get("af") == "ipv6" or ":" in rec["dst"]:
+            key += IPV6_SUFFIX  # the family is part of what failed: name it
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)
@@ -413,6 +420,8 @@ class Aggregate:
         proto = str(rec.get("proto") or "?")
         ports = rec.get("ports") if rec.get("ports") is not None else rec.get("port")
         key = rec.get("req") or (f"{proto}/{ports}" if ports is not None else proto)
+        if rec.get("af") == "ipv6":
+            key += IPV6_SUFFIX
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)

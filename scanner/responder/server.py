@@ -53,6 +53,7 @@ DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, s
 MAX_TTL = 7 * 24 * 3600.0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not export it
 _PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_PKTINFO6 = struct.Struct("@16sI")  # struct in6_pktinfo: addr, ifindex
 _UDP_BATCH = 64  # datagrams drained per readiness callback, so one busy port cannot starve others
 _ACCEPT_BATCH = 64
 
@@ -118,30 +119,57 @@ class Responder:
         self._loop = loop or asyncio.get_running_loop()
         raise_nofile()
         addr = ipaddress.ip_address(self.bind)
-        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-        pktinfo = family == socket.AF_INET and addr.is_unspecified
+        if self.bind == "::":
+            # both families: a socket set per family (IPV6_V6ONLY), so each answers UDP from
+            # the address the probe was sent to (IP_PKTINFO / IPV6_PKTINFO); on a host without
+            # IPv6 the IPv4 set alone serves
+            binds = [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+        else:
+            binds = [(socket.AF_INET6 if addr.version == 6 else socket.AF_INET, self.bind)]
         for port in dict.fromkeys(self.tcp_ports):
-            s = self._open(family, socket.SOCK_STREAM, "tcp", port)
-            if s is None:
-                continue
-            token = tags.tcp_token(self.secret, port)
-            self._loop.add_reader(s.fileno(), self._on_accept, s, token)
-            self.bound_tcp.append(port)
+            ok = False
+            for family, where in binds:
+                s = self._open(family, socket.SOCK_STREAM, "tcp", port, where, len(binds) > 1)
+                if s is None:
+                    continue
+                token = tags.tcp_token(self.secret, port)
+                self._loop.add_reader(s.fileno(), self._on_accept, s, token)
+                ok = True
+            if ok:
+                self.bound_tcp.append(port)
         for port in dict.fromkeys(self.udp_ports):
-            s = self._open(family, socket.SOCK_DGRAM, "udp", port)
-            if s is None:
-                continue
-            if pktinfo:
-                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo)
-            self.bound_udp.append(port)
+            ok = False
+            for family, where in binds:
+                s = self._open(family, socket.SOCK_DGRAM, "udp", port, where, len(binds) > 1)
+                if s is None:
+                    continue
+                pktinfo = ipaddress.ip_address(where).is_unspecified
+                if pktinfo and family == socket.AF_INET:
+                    s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                elif pktinfo:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo)
+                ok = True
+            if ok:
+                self.bound_udp.append(port)
         if self.failed:
             _annotate_owners(self.failed)
 
-    def _open(self, family: int, kind: int, proto: str, port: int) -> socket.socket | None:
+    def _open(
+        self,
+        family: int,
+        kind: int,
+        proto: str,
+        port: int,
+        where: str | None = None,
+        dual: bool = False,
+    ) -> socket.socket | None:
+        where = self.bind if where is None else where
         try:
             s = socket.socket(family, kind)
         except OSError as e:
+            if dual and family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+                return None  # no IPv6 on this host: the IPv4 socket serves
             self.failed.append(Failure(proto, port, _errtext(e)))
             return None
         try:
@@ -149,10 +177,9 @@ class Responder:
             if kind == socket.SOCK_STREAM:
                 # lets a restarted responder rebind while old connections sit in TIME_WAIT
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and self.bind == "::":
-                # "::" answers both families (dual stack), whatever net.ipv6.bindv6only says
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind((self.bind, port))
+            if family == socket.AF_INET6 and dual:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((where, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(128)
         except OSError as e:
@@ -190,7 +217,7 @@ class Responder:
         for _ in range(_UDP_BATCH):
             try:
                 if pktinfo:
-                    data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+                    data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO6.size))
                 else:
                     data, peer = s.recvfrom(65535)
                     anc = []
@@ -243,6 +270,13 @@ def _reply_pktinfo(anc: list[tuple[int, int, bytes]]) -> list[tuple[int, int, by
             _ifindex, _spec, dst = _PKTINFO.unpack(data[: _PKTINFO.size])
             # answer from the address the probe was sent to; let routing pick the interface
             return [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, dst, b"\0\0\0\0"))]
+        if (
+            level == socket.IPPROTO_IPV6
+            and kind == socket.IPV6_PKTINFO
+            and len(data) >= _PKTINFO6.size
+        ):
+            dst6, _ifindex = _PKTINFO6.unpack(data[: _PKTINFO6.size])
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _PKTINFO6.pack(dst6, 0))]
     return []
 
 
