@@ -109,6 +109,7 @@ def test_tcp_and_udp_over_ipv6_loopback(v6_ports: tuple[int, int, int, int], met
         # every IPv6 TCP result says how it was probed; IPv4 ones follow the run's method
         assert r.get("tcp_method") == ("connect" if (dst, proto) == (V6, "tcp") else None)
     assert summary["tcp_methods"]["ipv6"] == "connect"
+    _validate([*results, summary])
     v4 = summary["tcp_methods"]["ipv4"]
     assert summary["tcp_method"] == (v4 if v4 == "connect" else "mixed")
 
@@ -278,6 +279,19 @@ def test_unprivileged_icmpv6_and_udp_errors_as_nobody() -> None:
         ("::1", "udp"): ("filtered", "admin-prohibited"),
         ("::2", "udp"): ("filtered", "admin-prohibited"),
     }
+
+
+def _validate(recs: list[dict]) -> None:
+    """Every record against scanner/schema.json."""
+    import importlib.resources
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(importlib.resources.files("scanner").joinpath("schema.json").read_text())
+    v = Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    for rec in recs:
+        assert [e.message for e in v.iter_errors(rec)] == [], rec
 
 
 def _sh(s: str) -> str:
@@ -538,6 +552,7 @@ def test_dual_stack_mesh_and_report_name_an_ipv6_only_fault(make_lab, tmp_path) 
     )  # fmt: skip
     assert cp.returncode == 1, cp.stderr  # a failure, on IPv6 only
     recs = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    _validate(recs)
     results = [r for r in recs if r["type"] == "result"]
     # every requirement went over both families: 3 hosts x 2 directions x 2 reqs x 2 families
     assert len(results) == 24 == recs[-1]["results"]
@@ -586,4 +601,71 @@ def test_pair_join_keeps_the_families_apart() -> None:
     assert got == {
         "ipv4": ("pass", None),
         "ipv6": ("one-way", "a -> b over IPv6: udp/4789 open|filtered (no-response)"),
+    }
+
+
+# ---- the witness over IPv6 ------------------------------------------------------------------------
+
+
+def test_parse_probe6_reads_tagged_echo_and_udp() -> None:
+    from scanner.responder.witness import bpf_program6, parse_probe6
+
+    tag = tags.make_tag(b"k", b"\x07" * 8)
+    src, dst = (socket.inet_pton(socket.AF_INET6, a) for a in ("2001:2::1", "2001:2::2"))
+
+    def ip6(nh: int, body: bytes) -> bytes:
+        return struct.pack("!IHBB", 6 << 28, len(body), nh, 64) + src + dst + body
+
+    echo = ip6(58, icmp6.echo_request(1, 2, tag))
+    udp = ip6(17, struct.pack("!HHHH", 40000, 4789, 8 + 20, 0) + b"vx" + tag)
+    assert parse_probe6(echo, b"k") == {
+        "type": "witness", "proto": "icmp", "src": "2001:2::1", "dst": "2001:2::2",
+        "port": None, "nonce": "07" * 8,
+    }  # fmt: skip
+    assert parse_probe6(udp, b"k")["port"] == 4789  # type: ignore[index]
+    assert parse_probe6(echo, b"other secret") is None
+    assert parse_probe6(ip6(6, b"\0" * 40), b"k") is None  # TCP is never witnessed
+    prog = bpf_program6([4789])
+    assert prog[-1] == (0x06, 0, 0, 0x40000) and prog[-2] == (0x06, 0, 0, 0)
+
+
+def test_witness_sees_icmpv6_echo_in_the_lab(make_lab) -> None:
+    lab = make_lab(hosts=2)
+    n1, n2 = lab.hosts
+    lab.apply_faults([])  # nothing blocks: the kernel answers, the witness sees it arrive
+    p = lab.popen(
+        "node2",
+        [sys.executable, "-m", "scanner", "respond", "-p", "7200", "--bind", "::", "--secret",
+         "k", "--ttl", "30", "--witness"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        ready = orjson.loads(p.stdout.readline())  # type: ignore[union-attr]
+        assert ready["witness"] is True and ready["addr"] == "::"
+        cp = lab.run(
+            "node1",
+            [*SCAN, n2.addr6, n2.addr, "--icmp", "-p", "7200", "--secret", "k"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert cp.returncode == 0, cp.stderr
+        got = {
+            (r["af"], r["proto"], r["state"], r["reason"])
+            for r in map(orjson.loads, cp.stdout.splitlines()[1:-1])
+        }
+        assert got == {
+            (af, proto, "open", reason)
+            for af in ("ipv4", "ipv6")
+            for proto, reason in (("icmp", "echo-reply"), ("tcp", "responder"))
+        }
+    finally:
+        p.send_signal(2)
+        out, _ = p.communicate(timeout=20)
+    wit = [
+        orjson.loads(x) for x in out.splitlines() if b'"witness"' in x and b'"type":"witness"' in x
+    ]
+    assert {(w["proto"], w["src"], w["dst"]) for w in wit} == {
+        ("icmp", n1.addr6, n2.addr6),
+        ("icmp", n1.addr, n2.addr),
     }

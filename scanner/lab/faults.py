@@ -12,6 +12,7 @@ A fault file is YAML::
         ports: "2380"           # tcp/udp: "2380", "30000-30100", "2379,2380", 2380 or null (all)
         action: drop            # drop | reject | reject-admin
         from: node3             # optional (direction in): only packets from this lab host
+        family: ipv6            # optional: only IPv6 (or ipv4) packets; default both families
       - {host: node1, direction: out, proto: udp, ports: 4789, action: drop, to: node2}
 
 A bare list of faults (without ``faults:``) is accepted too. Each fault becomes one nftables
