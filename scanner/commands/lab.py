@@ -28,6 +28,12 @@ def command() -> None:
 @click.option(
     "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
 )
+@click.option(
+    "--dual-stack",
+    is_flag=True,
+    help="Write a dual-stack inventory (enable_dual_stack_networks, calico_vxlan_mode_ipv6): "
+    "plans then check WireGuard v6 and VXLAN over IPv6 too.",
+)
 def up(
     hosts: int,
     name: str,
@@ -35,6 +41,7 @@ def up(
     no_responders: bool,
     ttl: float,
     show_flows: bool,
+    dual_stack: bool,
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
     from scanner.commands.respond import check_ttl
@@ -47,6 +54,7 @@ def up(
         responders=not no_responders,
         ttl=check_ttl(ttl),
         show_flows=show_flows,
+        dual_stack=dual_stack,
     )
     return lab_up(cfg)
 

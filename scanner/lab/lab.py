@@ -85,13 +85,24 @@ def inventory_doc(
     }
 
 
-def write_inventory(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> Path:
+# the variables of a dual-stack lab inventory (lab up --dual-stack)
+DUAL_STACK_VARS: dict[str, Any] = {
+    "enable_dual_stack_networks": True,
+    "calico_vxlan_mode_ipv6": "Always",
+}
+
+
+def write_inventory(
+    lab: Lab,
+    roles: dict[str, tuple[str, ...]] | None = None,
+    dual_stack_vars: dict[str, Any] | None = None,
+) -> Path:
     import yaml
 
     p = lab.state_dir() / "inventory.yml"
     p.write_text(
         f"# portmesh lab {lab.name}: {lab.subnet}\n"
-        + yaml.safe_dump(inventory_doc(lab, roles), sort_keys=False)
+        + yaml.safe_dump(inventory_doc(lab, roles, dual_stack_vars), sort_keys=False)
     )
     return p
 
@@ -152,6 +163,7 @@ class LabUpConfig:
     responders: bool = True
     ttl: float = 600.0
     show_flows: bool = False
+    dual_stack: bool = False
 
 
 def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
@@ -177,7 +189,9 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     lab = Lab.up(cfg.hosts, cfg.name)
     try:
         lab.apply_faults(faults)
-        inv = write_inventory(lab, ff.roles if ff else None)
+        inv = write_inventory(
+            lab, ff.roles if ff else None, DUAL_STACK_VARS if cfg.dual_stack else None
+        )
         secret = lab.state_dir() / "secret"
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -196,7 +210,8 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
         resp = ""
         if r:
             resp = f"  responder pid {r['pid']}: tcp {r['bound']['tcp'] or '-'} udp {r['bound']['udp'] or '-'}"
-        w(f"  {h.name:<8} {h.addr:<15} netns {h.ns}{resp}\n")
+        v6 = f" {h.addr6}" if h.addr6 else ""
+        w(f"  {h.name:<8} {h.addr:<15}{v6} netns {h.ns}{resp}\n")
     w(f"inventory: {inv}\n")
     w(f"secret file: {lab.state_dir() / 'secret'}\n")
     w(f"exec template: {lab.exec_template()}\n")
