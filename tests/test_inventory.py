@@ -193,8 +193,12 @@ def test_several_inventories_are_several_standalone_clusters():
     site = load_site([inv("kubespray-legacy.yml"), inv("kubectl-list.yml")])
     assert [c.name for c in site.clusters] == ["kubespray-legacy", "lab"]
     assert {c.kind for c in site.clusters} == {"standalone"}
-    # Kubean names every cluster's hosts node1, node2...: the same name in two clusters is fine
-    assert [h.cluster for h in site.hosts() if h.name == "node1"] == ["kubespray-legacy", "lab"]
+    # Kubean names every cluster's hosts node1, node2...: the same name in two clusters is fine,
+    # and each is told apart by its cluster (issue 19: agents, flows, pairs never mix them up)
+    node1 = [h for h in site.hosts() if h.inventory_name == "node1"]
+    assert [h.cluster for h in node1] == ["kubespray-legacy", "lab"]
+    assert [h.name for h in node1] == ["node1@kubespray-legacy", "node1@lab"]
+    assert len({h.name for h in site.hosts()}) == len(site.hosts())
 
 
 def test_same_host_in_two_inventories_is_an_error():

@@ -17,7 +17,7 @@ from scanner.plan.selection import SelectionOptions, selection_options
     "from_host",
     default=None,
     metavar="NAME",
-    help="This host's inventory name (default: found from local addresses).",
+    help="This host: its name, NAME@CLUSTER or its address (default: from local addresses).",
 )
 @click.option(
     "--expect",
@@ -60,7 +60,7 @@ def command(selection_opts: SelectionOptions, from_host: str | None, expect: str
         catalog=catalog,
         site=site,
         selection=selection,
-        host=from_host,
+        host=selection.scanner or from_host,  # the site's unique name (node1@cluster)
         engine=engine,
         output=build_output(opts),
         expect=expect,

@@ -17,7 +17,7 @@ from scanner.plan.selection import SelectionOptions, selection_options
     "exec_template",
     default=None,
     metavar="TEMPLATE",
-    help="How a command reaches a host; placeholders {name} {address} {user} "
+    help="How a command reaches a host; placeholders {name} {address} {user} {cluster} "
     "(default: ssh -o BatchMode=yes [{user}@]{address}; in a lab: `portmesh lab status`).",
 )
 @click.option(
@@ -80,8 +80,10 @@ def command(
 
     One NDJSON result per flow (from every source), one pair record per host pair and
     requirement planned in both directions (pass, fail, one-way, unknown), then a summary.
-    --concurrency and --rate are totals, divided among the agents. Exit 0 all pass, 1 any
-    failure or unreachable host, 2 bad input, 130 interrupted.
+    --concurrency and --rate are totals, divided among the agents. Each run makes its own
+    secret; --secret / --secret-file use a given one instead, so that responders already
+    running with it (`portmesh lab up`, `portmesh respond`) answer the agents' probes too.
+    Exit 0 all pass, 1 any failure or unreachable host, 2 bad input, 130 interrupted.
     """
     from scanner.commands.common import (
         build_engine_config,
@@ -93,11 +95,11 @@ def command(
     from scanner.mesh import transport
     from scanner.mesh.coordinator import DEFAULT_TTL, MeshConfig, run_mesh
 
-    for flag in ("secret", "secret_file", "source", "workers"):
+    for flag in ("source", "workers"):
         if opts.get(flag) is not None:
             raise InputError(
                 f"--{flag.replace('_', '-')} does not apply to mesh "
-                "(each run makes its own secret; agents probe from their own host with one loop)"
+                "(agents probe from their own host with one loop)"
             )
     engine = build_engine_config(opts)
     if exec_template is not None:

@@ -105,10 +105,14 @@ def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[i
     from scanner.plan.planner import plan
 
     catalog, site, selection = opts.resolve()
-    host = site.host(name)
-    if host is None:
+    found = site.match(name)
+    if len(found) > 1:
+        names = ", ".join(h.name for h in found)
+        raise InputError(f"--as: {name!r} is {len(found)} hosts ({names}): name one of them")
+    if not found:
         names = ", ".join(h.name for h in site.hosts()[:20])
         raise InputError(f"--as: no host named {name!r} in {site.source or 'the site'} ({names})")
+    host = found[0]
     tcp: set[int] = set()
     udp: set[int] = set()
     for f in plan(catalog, site, selection):

@@ -37,14 +37,29 @@ ROLES = (
 CLUSTER_KINDS = ("global", "worker", "standalone")
 
 
+QUALIFIER = "@"  # node1@worker-a: a host name that repeats across clusters, made unique
+
+
 @dataclass(frozen=True, slots=True)
 class Host:
-    name: str  # inventory host name
+    """One machine. ``name`` is unique in a Site: the inventory name, or ``NAME@CLUSTER`` when
+    the inventory name repeats across clusters (Kubean names every cluster's hosts node1,
+    node2...), so that results, pairs, agents and ``--from`` never mix two machines up."""
+
+    name: str  # unique host name (the inventory name, qualified when it repeats)
     address: str  # the address to probe: access_ip, then ip, then ansible_host
     roles: frozenset[str] = frozenset()
     cluster: str | None = None  # cluster name; None for the bootstrap node
     user: str | None = None  # ansible_user, for the mesh's exec template
     address6: str | None = None  # IPv6 address of a dual-stack host: access_ip6, then ip6
+
+    @property
+    def inventory_name(self) -> str:
+        """The name as the inventory writes it (without the ``@cluster`` qualifier)."""
+        c = self.cluster
+        if c and self.name.endswith(QUALIFIER + c):
+            return self.name[: -len(c) - 1]
+        return self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,4 +131,26 @@ class Site:
         for h in self.hosts():
             if h.name == name:
                 return h
+        return None
+
+    def match(self, key: str) -> list[Host]:
+        """The hosts ``key`` may mean: its unique name (``node1@worker-a``), its address, or
+        its inventory name (``node1``: several hosts when the name repeats across clusters)."""
+        h = self.host(key)
+        if h is not None:
+            return [h]
+        norm = _norm_addr(key)
+        if norm is not None:
+            by_addr = [h for h in self.hosts() if _norm_addr(h.address) == norm]
+            if by_addr:
+                return by_addr
+        return [h for h in self.hosts() if h.inventory_name == key]
+
+
+def _norm_addr(text: str) -> str | None:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -72,6 +73,31 @@ class Failures:
         return out
 
 
+def route_sources(dsts: Iterable[str], bind: str | None = None) -> dict[str, str | None]:
+    """destination -> the local address the kernel sends to it from (a UDP socket's connect()
+    asks the routing table and sends nothing); ``bind`` (--source) when given; None when there
+    is no route (the probes will say so)."""
+    import ipaddress
+    import socket
+
+    out: dict[str, str | None] = {}
+    for dst in dsts:
+        try:
+            fam = socket.AF_INET6 if ipaddress.ip_address(dst).version == 6 else socket.AF_INET
+        except ValueError:
+            out[dst] = None
+            continue
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                if bind:
+                    s.bind((bind, 0))
+                s.connect((dst, 9))
+                out[dst] = str(ipaddress.ip_address(s.getsockname()[0]))
+        except OSError:
+            out[dst] = None
+    return out
+
+
 def run_check(cfg: CheckConfig) -> int:
     """Run the check; exit code 0 all pass, 1 any fail, 130 interrupted."""
     import dataclasses
@@ -80,13 +106,35 @@ def run_check(cfg: CheckConfig) -> int:
 
     responder = cfg.engine.probe_options.secret is not None
     expect = cfg.expect
+    err = cfg.summary_to or sys.stderr
+    live_legs = [leg for leg in legs(cfg.catalog, cfg.site, cfg.selection) if leg.count()]
+    # src is the address the packets really leave from (the kernel's routing decision, or
+    # --source), not the inventory address of --from: run from another machine they differ
+    real = route_sources(
+        {addr for leg in live_legs for _, addr in leg.dsts if addr is not None},
+        cfg.engine.probe_options.source,
+    )
+    inventory_srcs = {a for leg in live_legs for _, a in leg.srcs if a is not None}
+    moved = {  # (a destination that is a local address, such as a VIP here, is no mismatch)
+        src for dst, src in real.items() if src is not None and src not in inventory_srcs | {dst}
+    }
+    if inventory_srcs and moved:
+        said = ", ".join(sorted(inventory_srcs))
+        err.write(
+            f"portmesh check: warning: packets leave from {', '.join(sorted(moved))}, not from "
+            f"{cfg.host}'s inventory address {said}; results record the address they left from\n"
+        )
 
     def annotate(r: Result) -> None:
-        r.verdict = verdict(r.flow.proto, r.state, expect, responder)
+        f = r.flow
+        r.verdict = verdict(f.proto, r.state, expect, responder)
+        src = real.get(f.dst)
+        if src is not None and src != f.src:
+            r.extra = {**r.extra, "src": src} if r.extra else {"src": src}
 
     failures = Failures()
     planned = count_plan(cfg.catalog, cfg.site, cfg.selection)
-    protos = {leg.req.proto for leg in legs(cfg.catalog, cfg.site, cfg.selection) if leg.count()}
+    protos = {leg.req.proto for leg in live_legs}
     cfg.engine = dataclasses.replace(cfg.engine, protos=tuple(sorted(protos)))
     meta = plan_meta(cfg.catalog, cfg.site, cfg.selection)
     spec = RunSpec(
@@ -108,7 +156,6 @@ def run_check(cfg: CheckConfig) -> int:
         on_record=failures,
     )
     outcome = run(spec)
-    err = cfg.summary_to or sys.stderr
     v = failures.verdicts
     err.write(
         f"portmesh check from {cfg.host}: {planned} flows, {v.get('pass', 0)} pass, "

@@ -215,11 +215,25 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     w(f"inventory: {inv}\n")
     w(f"secret file: {lab.state_dir() / 'secret'}\n")
     w(f"exec template: {lab.exec_template()}\n")
+    w(f"mesh: {mesh_command(lab)}\n")
     for f in faults:
         w(f"fault: {f.describe()}\n")
     truth_summary(lab, inv, faults, out, cfg.show_flows, "responder" if cfg.responders else "bare")
     w(f"remove with: portmesh lab down --name {lab.name}\n")
     return 0
+
+
+def mesh_command(lab: Lab) -> str:
+    """The mesh over this lab, as docs/mesh.md shows it: the lab's secret file shares the lab's
+    responders with the mesh (its agents' probes carry the secret they answer to)."""
+    import shlex
+
+    d = lab.state_dir()
+    return (
+        f"portmesh mesh -i {shlex.quote(str(d / 'inventory.yml'))} "
+        f"--exec {shlex.quote(lab.exec_template())} "
+        f"--secret-file {shlex.quote(str(d / 'secret'))}"
+    )
 
 
 def truth_summary(
@@ -236,7 +250,7 @@ def truth_summary(
     from scanner.plan.planner import plan
 
     path = lab.state_dir() / "truth.ndjson"
-    counts = {"pass": 0, "fail": 0}
+    counts = {"pass": 0, "fail": 0, "unknown": 0}
     groups: dict[tuple[Any, ...], list[int]] = {}
     with open(path, "wb") as fh:
         for fl in plan(catalog, site, selection):
@@ -266,9 +280,10 @@ def truth_summary(
                     fl.req if show_flows else None,
                 )
                 groups.setdefault(key, []).append(fl.port or 0)
-    total = counts["pass"] + counts["fail"]
+    total = sum(counts.values())  # every planned flow: pass + fail + unknown
     out.write(
-        f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, {counts['fail']} fail -> {path}\n"
+        f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, "
+        f"{counts['fail']} fail, {counts['unknown']} unknown -> {path}\n"
     )
     for (src, dst, proto, state, reason, req), ports in sorted(
         groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
@@ -322,6 +337,7 @@ def lab_status(name: str | None, out: Any = None) -> int:
             continue
         st = lab.status()
         out.write(f"lab {n}: {lab.subnet}, exec: {st['exec']}\n")
+        out.write(f"  mesh: {mesh_command(lab)}\n")
         for h in st["hosts"]:
             pids = netns_pids(h["ns"]) if h["present"] else []
             state = "up" if h["present"] else "MISSING"

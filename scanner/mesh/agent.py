@@ -485,6 +485,7 @@ class Agent:
         expect = msg.get("expect", "reachable")
         if expect not in ("reachable", "listening"):
             raise ProtocolError("probe: expect must be reachable or listening")
+        unbound = _unbound_in(msg.get("unbound") or {})
         try:
             catalog = load_catalog(files)
             selection = Selection(
@@ -517,7 +518,9 @@ class Agent:
 
         def job() -> None:
             try:
-                probe_slice(catalog, site, selection, engine, out, scan_id, expect, loop_kind)
+                probe_slice(
+                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound
+                )
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
 
@@ -562,6 +565,47 @@ class Agent:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _unbound_in(v: Any) -> dict[tuple[str, str], frozenset[int]]:
+    """The probe message's ``unbound``: {address: {"tcp": ranges, "udp": ranges}}."""
+    if not isinstance(v, dict):
+        raise ProtocolError("probe: unbound must be an object")
+    out: dict[tuple[str, str], frozenset[int]] = {}
+    for addr, protos in v.items():
+        if not isinstance(protos, dict):
+            raise ProtocolError("probe: unbound values must be objects")
+        for proto in ("tcp", "udp"):
+            ports = _ports_in(protos.get(proto, ""), f"probe: unbound.{proto}")
+            if ports:
+                out[(str(addr), proto)] = frozenset(ports)
+    return out
+
+
+HELD_PASS = (
+    "the destination's responder could not bind this port (another socket holds it, e.g. a "
+    "service on 127.0.0.1): the reset or port-unreachable came from the host itself, so the "
+    "path is open"
+)
+HELD_UNKNOWN = (
+    "the destination's responder could not bind this port (another socket holds it): "
+    "silence cannot tell a drop from a service that ignores the probe"
+)
+
+
+def held_verdict(state: str, expect: str) -> tuple[str, str] | None:
+    """The verdict (and why) of a TCP/UDP flow to a port the destination's responder could not
+    bind, when it differs from ``verdict(..., responder=True)``; None when it does not.
+
+    closed: with our responder there, a reset/port-unreachable would be a firewall's reject;
+    without it, it is the host's own kernel answering - as before install (``reachable``) the
+    path is open: pass. open|filtered (UDP silence): whatever holds the port may ignore our
+    datagram: unknown, not fail. Everything else (open, filtered, error) is unchanged."""
+    if state == "closed" and expect == "reachable":
+        return "pass", HELD_PASS
+    if state == "open|filtered":
+        return "unknown", HELD_UNKNOWN
+    return None
+
+
 def probe_slice(
     catalog: Any,
     site: Any,
@@ -571,14 +615,24 @@ def probe_slice(
     scan_id: str,
     expect: str,
     loop_kind: str,
+    unbound: dict[tuple[str, str], frozenset[int]] | None = None,
 ) -> None:
-    """Plan this host's flows and run them; every result carries its plan index ``i``."""
+    """Plan this host's flows and run them; every result carries its plan index ``i``.
+
+    ``unbound``: (destination address, proto) -> the ports its responder could not bind; a
+    result there gets ``held_verdict`` and a ``verdict_reason``."""
     from scanner.core.results import Result
     from scanner.core.verdicts import verdict
+    from scanner.engine.check import route_sources
     from scanner.engine.runner import RunSpec, run
-    from scanner.plan.planner import count_plan, plan
+    from scanner.plan.planner import count_plan, legs, plan
 
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
+    held = unbound or {}
+    # src: the address packets leave from (as check records it), not only the inventory's
+    real = route_sources(
+        {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
+    )
 
     def flows() -> Iterator[Any]:
         for i, f in enumerate(plan(catalog, site, selection)):
@@ -586,9 +640,21 @@ def probe_slice(
             yield f
 
     def annotate(r: Result) -> None:
-        r.verdict = verdict(r.flow.proto, r.state, expect, True)
-        i = inflight.pop(r.flow, None)
-        r.extra = {**r.extra, "i": i} if r.extra else {"i": i}
+        f = r.flow
+        r.verdict = verdict(f.proto, r.state, expect, True)
+        i = inflight.pop(f, None)
+        extra = dict(r.extra) if r.extra else {}
+        src = real.get(f.dst)
+        if src is not None and src != f.src:
+            extra["src"] = src
+        if held and f.port is not None:
+            ports = held.get((f.dst, f.proto))
+            if ports is not None and f.port in ports:
+                hv = held_verdict(r.state, expect)
+                if hv is not None:
+                    r.verdict, extra["verdict_reason"] = hv
+        extra["i"] = i  # last: the coordinator cuts it off the forwarded line
+        r.extra = extra
 
     run(
         RunSpec(

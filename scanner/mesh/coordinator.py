@@ -58,7 +58,8 @@ class MeshConfig:
         replaced by every host of the site; the "scanner" source is not part of a mesh).
     exec_template: None -> ssh per host (``transport.default_template(host.user)``).
     engine: the TOTAL concurrency and rate; each agent gets its share. The secret in
-        engine.probe_options is ignored: every mesh run makes a fresh one.
+        engine.probe_options (``--secret-file``) is the run's secret when given, else every
+        run makes a fresh one.
     bundle: a directory of wheels copied to every host (see scanner.mesh.transport).
     """
 
@@ -126,6 +127,28 @@ def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[
         tcp = {p for pr, ps in items if pr == "tcp" for p in ps if p is not None}
         udp = {p for pr, ps in items if pr == "udp" for p in ps if p is not None}
         out[name] = (ranges(tcp), ranges(udp))
+    return out
+
+
+def unbound_ports(links: list[Any]) -> dict[str, dict[str, str]]:
+    """address -> {"tcp": ranges, "udp": ranges}: the ports each host's responder reported it
+    could not bind (``failed`` in its ready record: held by another socket, e.g. a service on
+    127.0.0.1, or out of file descriptors). The agents' verdicts need them: a reset from such a
+    port is an answer from the host itself, not a firewall's reject (scanner.mesh.agent)."""
+    out: dict[str, dict[str, str]] = {}
+    for link in links:
+        rec = link.ready_rec
+        if link.failed is not None or not isinstance(rec, dict):
+            continue
+        held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+        for f in rec.get("failed") or ():
+            if not isinstance(f, dict):
+                continue
+            proto, port = f.get("proto"), f.get("port")
+            if proto in held and isinstance(port, int) and 0 < port < 65536:
+                held[proto].add(port)
+        if held["tcp"] or held["udp"]:
+            out[link.host.address] = {p: ranges(ports) for p, ports in held.items()}
     return out
 
 
@@ -413,7 +436,7 @@ class Mesh:
     def agent_argv(self, host: Any) -> list[str]:
         cfg = self.cfg
         tpl = cfg.exec_template or transport.default_template(host.user)
-        prefix = transport.render(tpl, host.name, host.address, host.user)
+        prefix = transport.render(tpl, host.inventory_name, host.address, host.user, host.cluster)
         if cfg.bundle is not None:
             agent = transport.bootstrap_argv(cfg.bundle_python)
         else:
@@ -438,7 +461,10 @@ class Mesh:
         cfg = self.cfg
         from scanner.core.tags import new_secret
 
-        secret = new_secret().decode()
+        given = cfg.engine.probe_options.secret
+        # a given secret (--secret-file) is shared with responders that already run on the
+        # hosts (a lab's): their ports answer our probes as our own responders would
+        secret = given.decode() if given else new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
         ports = responder_ports(cfg.catalog, cfg.site, self.selection)
         self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
@@ -483,6 +509,7 @@ class Mesh:
             },
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
+            "unbound": unbound_ports(self.links),
         }
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 

@@ -180,7 +180,9 @@ class PairJoin:
         d = self.dirs.get(key)
         if d is None:
             d = self.dirs[key] = Direction(rec.get("proto") or "?", rec.get("src"), rec.get("dst"))
-        d.add(rec.get("port"), rec.get("state", "?"), rec.get("reason", "?"), rec.get("verdict"))
+        # a verdict_reason (a port the responder could not bind) says more than the probe's
+        reason = rec.get("verdict_reason") or rec.get("reason", "?")
+        d.add(rec.get("port"), rec.get("state", "?"), reason, rec.get("verdict"))
 
     def witness(self, rec: dict[str, Any]) -> None:
         """A witness record ({"type":"witness","proto","src","dst","port",...})."""

@@ -1,7 +1,7 @@
 """How a command reaches a host: the exec template, and the optional wheel bundle.
 
-The template is split like a shell would (``shlex``) and ``{name}``, ``{address}`` and
-``{user}`` are substituted inside each word, so an address or a name can never become a second
+The template is split like a shell would (``shlex``) and ``{name}``, ``{address}``, ``{user}``
+and ``{cluster}`` are substituted inside each word, so an address or a name can never become a second
 word or an option. The agent command follows the template's words:
 
     ip netns exec pm-{name}            + ["portmesh", "agent"]      (exec'd as is)
@@ -40,7 +40,7 @@ from scanner.errors import InputError
 DEFAULT_SSH = "ssh -o BatchMode=yes {address}"
 DEFAULT_SSH_USER = "ssh -o BatchMode=yes {user}@{address}"
 DEFAULT_AGENT_CMD = "portmesh agent"
-PLACEHOLDERS = ("name", "address", "user")
+PLACEHOLDERS = ("name", "address", "user", "cluster")
 _FIELD = re.compile(r"\{([^{}]*)\}")
 READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 bytes)
 
@@ -67,9 +67,14 @@ def default_template(user: str | None) -> str:
     return DEFAULT_SSH_USER if user else DEFAULT_SSH
 
 
-def render(template: str, name: str, address: str, user: str | None) -> list[str]:
-    """The template's words with the placeholders filled (no word is ever split)."""
-    values = {"name": name, "address": address, "user": user or ""}
+def render(
+    template: str, name: str, address: str, user: str | None, cluster: str | None = None
+) -> list[str]:
+    """The template's words with the placeholders filled (no word is ever split).
+
+    ``name`` is the inventory name (``node1``, also for ``node1@worker-a``), ``cluster`` the
+    host's cluster (empty for the bootstrap node)."""
+    values = {"name": name, "address": address, "user": user or "", "cluster": cluster or ""}
     if user is None and any("{user}" in w for w in check_template(template)):
         raise InputError(f"--exec uses {{user}} but host {name!r} has no ansible_user")
     return [_FIELD.sub(lambda m: values[m.group(1)], w) for w in check_template(template)]

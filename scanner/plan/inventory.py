@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.catalog.loader import FEATURES  # the catalog's feature words: one list
-from scanner.core.model import Cluster, Host, Setting, Site
+from scanner.core.model import QUALIFIER, Cluster, Host, Setting, Site
 from scanner.errors import InventoryError
 from scanner.plan import kubean
 from scanner.plan.inventory_files import (
@@ -383,12 +383,18 @@ def load_site(
 
 def _validated(site: Site) -> Site:
     """Host names may repeat across clusters (Kubean names every cluster's hosts node1...), but
-    one address in two clusters is one machine claimed twice."""
+    one address in two clusters is one machine claimed twice.
+
+    A repeated name is qualified with its cluster (``node1@worker-a``, see
+    ``scanner.core.model.Host``): every host of the site has a name of its own, which results,
+    pair records, mesh agents and ``--from`` use; ``Host.inventory_name`` keeps the original."""
     seen: dict[str, str] = {}
+    clusters_of: dict[str, set[str]] = {}
     owner: dict[str, tuple[str, str]] = {}
     for c in site.clusters:
         for h in c.hosts:
             seen.setdefault(h.name, c.name)
+            clusters_of.setdefault(h.name, set()).add(c.name)
             other = owner.setdefault(_norm(h.address), (h.name, c.name))
             if other[1] != c.name:
                 raise InventoryError(
@@ -400,7 +406,25 @@ def _validated(site: Site) -> Site:
             f"{site.source}: bootstrap name {site.bootstrap.name} is also a host of cluster"
             f" {seen[site.bootstrap.name]}"
         )
-    return site
+    repeated = {n for n, cs in clusters_of.items() if len(cs) > 1}
+    if not repeated:
+        return site
+    taken = set(seen)
+    clusters = []
+    for c in site.clusters:
+        hosts = []
+        for h in c.hosts:
+            if h.name in repeated:
+                q = f"{h.name}{QUALIFIER}{c.name}"
+                if q in taken:
+                    raise InventoryError(
+                        f"{site.source}: host {h.name} of cluster {c.name} would be named {q},"
+                        " which another host already is"
+                    )
+                h = replace(h, name=q)
+            hosts.append(h)
+        clusters.append(replace(c, hosts=tuple(hosts)))
+    return replace(site, clusters=tuple(clusters))
 
 
 # --------------------------------------------------------------------------- the site file
@@ -641,7 +665,7 @@ def local_host(site: Site, addresses: Iterable[str] | None = None) -> Host | Non
             return h
     if not injected:
         me = socket.gethostname().split(".")[0].lower()
-        for h in site.hosts():
-            if h.name.split(".")[0].lower() == me:
-                return h
+        named = [h for h in site.hosts() if h.inventory_name.split(".")[0].lower() == me]
+        if len(named) == 1:  # node1 of two clusters: the name alone does not say which
+            return named[0]
     return None

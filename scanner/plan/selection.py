@@ -107,14 +107,8 @@ class SelectionOptions:
         site = load_site(
             inventories=self.inventories, vars_files=self.vars_files, hosts=hosts, role=self.role
         )
-        if sources is not None:
-            names = {h.name for h in site.hosts()} | {"scanner"}
-            if scanner:
-                names.add(scanner)
-            missing = sorted(set(sources) - names)
-            if missing:
-                where = site.source or "the site"
-                raise InputError(f"--from: no host named {missing[0]!r} in {where}")
+        if sources is not None or scanner:
+            selection = _canonical(selection, site)
         return catalog, site, selection
 
     def selection(
@@ -129,6 +123,40 @@ class SelectionOptions:
             sources=None if sources is None else frozenset(sources),
             scanner=scanner,
         ).validate(catalog)
+
+
+def _canonical(selection: Selection, site: Site) -> Selection:
+    """``--from`` names -> the site's unique host names: a name, an address, or an inventory
+    name that only one cluster uses (``node1`` of two clusters must be said as
+    ``node1@CLUSTER`` or by address). A scanner name outside the site stays as it is."""
+    import dataclasses
+
+    where = site.source or "the site"
+
+    def one(key: str, outside_ok: bool) -> str:
+        if key == "scanner":
+            return key
+        hosts = site.match(key)
+        if len(hosts) == 1:
+            return hosts[0].name
+        if len(hosts) > 1:
+            names = ", ".join(h.name for h in hosts)
+            raise InputError(
+                f"--from: {key!r} is {len(hosts)} hosts of {where} ({names}): name one of them"
+                " or give its address"
+            )
+        if outside_ok:
+            return key
+        raise InputError(f"--from: no host named {key!r} in {where}")
+
+    scanner = selection.scanner
+    canon_scanner = one(scanner, True) if scanner else None
+    sources = selection.sources
+    if sources is not None:
+        sources = frozenset(
+            canon_scanner if (k == scanner and canon_scanner) else one(k, False) for k in sources
+        )
+    return dataclasses.replace(selection, sources=sources, scanner=canon_scanner)
 
 
 def split_hosts(value: str | Sequence[str] | None) -> list[str]:
