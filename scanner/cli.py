@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mesh": ("scanner.commands.mesh", "Probe every host pair from every host."),
     "agent": ("scanner.commands.agent", "The mesh agent (NDJSON over stdin/stdout)."),
     "report": ("scanner.commands.report", "Turn NDJSON results into a report."),
+    "watch": ("scanner.commands.watch", "After install: keep checking the mesh; Prometheus metrics."),
 }
 
 

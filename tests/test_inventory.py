@@ -539,8 +539,8 @@ def test_broken_inventories_raise_one_line_naming_the_file(tmp_path, name, text,
 def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(InventoryError, match="nope.yml: cannot read inventory"):
         load_site([str(tmp_path / "nope.yml")])
-    with pytest.raises(InventoryError, match="cannot read inventory"):
-        load_site([str(tmp_path)])  # a directory
+    with pytest.raises(InventoryError, match="no inventory file in this folder"):
+        load_site([str(tmp_path)])  # an empty folder (a folder is an inventory, as in Ansible)
     bad = tmp_path / "latin1.yml"
     bad.write_bytes(b"all: {hosts: {caf\xe9: {}}}\n")
     with pytest.raises(InventoryError, match="latin1.yml: not UTF-8"):

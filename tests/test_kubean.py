@@ -45,7 +45,7 @@ def test_defaults_follow_kubespray():
     assert cfg.nodeport_range.value == (30000, 32767)
     assert cfg.apiserver_port.value == 6443
     assert cfg.registry is None and cfg.minio is None and cfg.unresolved == {}
-    assert all(s.source == DEFAULT for s in cfg.features.values())
+    assert all(s.source.startswith(DEFAULT) for s in cfg.features.values())
 
 
 # (variables, feature -> expected value)
@@ -89,7 +89,7 @@ def test_setting_source_names_the_file_and_the_variable():
     cfg = config(calico_vxlan_mode="Always", calico_ipip_mode="Never")
     assert cfg.features["vxlan"].source == "vars.yml: calico_vxlan_mode=Always"
     assert cfg.features["ipip"].source == "vars.yml: calico_ipip_mode=Never"
-    assert cfg.features["bgp"].source == DEFAULT
+    assert cfg.features["bgp"].source == f"{DEFAULT}: calico_network_backend=vxlan"
 
 
 # (variables, attribute, expected value)
@@ -241,13 +241,14 @@ def test_unresolved_known_variable_is_reported_and_treated_as_unset():
     cfg = config(
         registry_host="{{ groups['bootstrap'][0] }}:5000",
         calico_vxlan_mode="{{ my_mode | default('Never') }}",
-        files_repo="{{ nowhere }}",  # unknown variable: not reported
+        files_repo="{{ nowhere }}",  # an endpoint variable (issue 13): reported too
     )
     assert cfg.registry is None
     assert feature(cfg, "vxlan") is True  # the kubespray default, not a guess
     assert cfg.unresolved == {
         "registry_host": "{{ groups['bootstrap'][0] }}:5000",
         "calico_vxlan_mode": "{{ my_mode | default('Never') }}",
+        "files_repo": "{{ nowhere }}",
     }
     assert "unresolved" in cfg.features["vxlan"].source
 

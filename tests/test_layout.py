@@ -28,9 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "responder": {"top", "core"},
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "report": {"top", "core"},
+    "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab"},
+                 "report", "lab", "watch"},
     "cli": {"top", "commands"},
 }
 

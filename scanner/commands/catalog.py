@@ -24,6 +24,21 @@ import click
     help="Extra catalog file (same format; same id overrides); repeatable.",
 )
 @click.option(
+    "-i",
+    "--inventory",
+    "inventories",
+    multiple=True,
+    metavar="FILE|DIR",
+    help="Resolve the ports with this inventory's variables (its first cluster).",
+)
+@click.option(
+    "--vars",
+    "vars_files",
+    multiple=True,
+    metavar="FILE|DIR",
+    help="Resolve the ports with these variables (above the inventory's); repeatable.",
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(["table", "ndjson", "markdown"]),
@@ -31,16 +46,23 @@ import click
     help="Output format (default: table on a terminal, ndjson otherwise).",
 )
 def command(
-    cni: str | None, with_features: tuple[str, ...], catalog_files: tuple[str, ...], fmt: str | None
+    cni: str | None,
+    with_features: tuple[str, ...],
+    catalog_files: tuple[str, ...],
+    inventories: tuple[str, ...],
+    vars_files: tuple[str, ...],
+    fmt: str | None,
 ) -> None:
     """Show the port requirements (every row of the DCE 5.0 port document, as data).
 
     Without --cni/--with every entry is shown; with them, the entries that apply to a cluster
     with that CNI and those features (kubespray defaults otherwise: calico with VXLAN).
+    PORTS are the effective ports: kubespray's defaults, or the variables of --inventory /
+    --vars; VARIABLE names the kubespray variable a row's ports follow.
     """
     from scanner.catalog import load_catalog
     from scanner.engine.output import NdjsonOutput
-    from scanner.plan.planner import requirements_for
+    from scanner.plan.planner import effective_ports, requirements_for
     from scanner.plan.selection import SelectionOptions
 
     catalog = load_catalog(catalog_files)
@@ -49,15 +71,50 @@ def command(
         reqs = list(requirements_for(catalog, sel))
     else:
         reqs = list(catalog)
+    eff = _effective(catalog, inventories, vars_files)
+    rows = [(r, *effective_ports(r, eff)) for r in reqs]
     fmt = fmt or ("table" if sys.stdout.isatty() else "ndjson")
-    out = {"table": render_table, "ndjson": render_ndjson, "markdown": render_markdown}[fmt](reqs)
+    out = {"table": render_table, "ndjson": render_ndjson, "markdown": render_markdown}[fmt](rows)
     writer = NdjsonOutput()  # a closed reader (| head) is not an error
     writer.write(out)
     writer.close()
 
 
-def _ports(r) -> str:
-    return r.ports if r.ports is not None else "-"
+def _effective(catalog, inventories: tuple[str, ...], vars_files: tuple[str, ...]):
+    """The first cluster's effective configuration (kubespray's defaults without inputs)."""
+    from scanner.core.model import Cluster
+    from scanner.plan.inventory import load_site
+    from scanner.plan.planner import effective
+    from scanner.plan.selection import Selection
+
+    if inventories:
+        site = load_site(inventories, vars_files)
+        cluster = site.clusters[0]
+        if len(site.clusters) > 1:
+            sys.stderr.write(f"portmesh catalog: ports of cluster {cluster.name}\n")
+    else:
+        from scanner.plan.clusters import cluster_of
+
+        per_host = {}
+        if vars_files:
+            from scanner.plan.sources import load_cli_vars
+
+            per_host = {"-": load_cli_vars(list(vars_files)).layers(["k8s_cluster"])}
+        cluster = Cluster("catalog", "standalone", ())
+        if per_host:
+            from scanner.core.model import Host
+
+            host = Host("-", "127.0.0.1", frozenset({"node"}))
+            cluster = cluster_of("catalog", "standalone", (host,), per_host)
+    return effective(cluster, Selection())
+
+
+def _ports(row) -> str:
+    return row[1] if row[1] is not None else "-"
+
+
+def _var(row) -> str:
+    return row[2] or "-"
 
 
 def _src(r) -> str:
@@ -69,17 +126,27 @@ def _dst(r) -> str:
     return f"{r.dst_role} (else {r.dst_fallback})" if r.dst_fallback else r.dst_role
 
 
-def render_ndjson(reqs) -> bytes:
+def render_ndjson(rows) -> bytes:
+    """One record per requirement: ``ports`` effective, ``variable`` the kubespray variable it
+    follows (null for fixed ports), ``ports_spec`` the catalog's own text with placeholders."""
     import orjson
 
-    return b"".join(orjson.dumps(r.record(), option=orjson.OPT_APPEND_NEWLINE) for r in reqs)
+    out = []
+    for row in rows:
+        rec = row[0].record()
+        rec["ports_spec"] = rec["ports"]
+        rec["ports"] = row[1]
+        rec["variable"] = row[2]
+        out.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+    return b"".join(out)
 
 
-def render_table(reqs) -> bytes:
-    head = ("ID", "PROTO", "PORTS", "OPENED BY", "USED BY", "CONDITION", "DESCRIPTION")
+def render_table(rows_in) -> bytes:
+    head = ("ID", "PROTO", "PORTS", "VARIABLE", "OPENED BY", "USED BY", "CONDITION", "DESCRIPTION")
     rows = [
-        (r.id, r.proto, _ports(r), _dst(r), _src(r), r.condition.text(), r.description)
-        for r in reqs
+        (r.id, r.proto, _ports(x), _var(x), _dst(r), _src(r), r.condition.text(), r.description)
+        for x in rows_in
+        for r in (x[0],)
     ]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head) - 1)]
     lines = []
@@ -93,13 +160,14 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(reqs) -> bytes:
+def render_markdown(rows) -> bytes:
     lines = [
-        "| id | proto | ports | opened by | used by | condition | description | reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| id | proto | ports | variable | opened by | used by | condition | description | reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
-    for r in reqs:
+    for row in rows:
+        r = row[0]
         desc = r.description
         if r.note:
             notes.append(f"- `{r.id}`: {_md(r.note)}")
@@ -107,7 +175,8 @@ def render_markdown(reqs) -> bytes:
         cells = (
             f"`{r.id}`",
             r.proto,
-            _ports(r),
+            _ports(row),
+            _var(row),
             _dst(r),
             _src(r),
             r.condition.text(),

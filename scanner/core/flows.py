@@ -14,7 +14,8 @@ PROTOS = ("tcp", "udp", "icmp", "ipip")
 class Flow:
     """One probe target.
 
-    dst: the address to probe (IPv4 or IPv6 literal).
+    dst: the address to probe (IPv4 or IPv6 literal); in plans, a host name for an endpoint
+        outside the inventory (a registry's name), resolved by the engine when probing.
     port: the port, or None for icmp/ipip.
     proto: one of PROTOS.
     host: the destination's name (hostname as typed, inventory name, or a VIP name); None if the

@@ -70,6 +70,24 @@ class Setting:
     source: str  # e.g. "default", "flag --cni", "vars.yml: calico_vxlan_mode=Always"
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A host outside the inventory every node must reach (scanner/plan/endpoints.py).
+
+    name: the variable it is named after (registry_host, minio_address, files_repo, ...).
+    host: an address or a host name (resolved when probing).
+    port: the TCP port.
+    vars: every variable whose value points at this host:port, name first.
+    source: where ``name`` was set, "file: name=value".
+    """
+
+    name: str
+    host: str
+    port: int
+    vars: tuple[str, ...]
+    source: str
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """What decides which requirements apply to a cluster (from kubespray vars, flags, defaults).
@@ -85,6 +103,7 @@ class ClusterConfig:
     unresolved: variable name -> raw value, for templated values that could not be resolved.
     families: the address families, main one first (ipv4_stack, ipv6_stack,
         enable_dual_stack_networks); vxlan6: calico_vxlan_mode_ipv6 is on.
+    endpoints: hosts outside the inventory the variables point at (registry, files, mirrors).
     """
 
     cni: Setting = field(default_factory=lambda: Setting("calico", "default"))
@@ -99,6 +118,7 @@ class ClusterConfig:
     families: Setting = field(default_factory=lambda: Setting(("ipv4",), "default"))
     # Calico VXLAN over IPv6 (calico_vxlan_mode_ipv6 other than Never)
     vxlan6: Setting = field(default_factory=lambda: Setting(False, "default"))
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ class CheckConfig:
 
 
 class Failures:
-    """Failed flows grouped by (requirement, destination, proto, state, reason) -> ports.
+    """Failed flows (and flows to a host name that does not resolve here, which are unknown)
+    grouped by (requirement, destination, proto, state, reason) -> ports.
 
     Memory is bounded by requirements x destinations; ports are kept per group (a NodePort
     sweep has at most one range of them per destination).
@@ -52,7 +53,7 @@ class Failures:
     def __call__(self, rec: dict[str, Any]) -> None:
         v = rec.get("verdict") or "unknown"
         self.verdicts[v] = self.verdicts.get(v, 0) + 1
-        if v == "fail":
+        if v == "fail" or (v == "unknown" and rec["reason"] == "unresolved"):
             key = (
                 rec.get("req") or "-",
                 rec.get("host") or rec["dst"],
@@ -69,7 +70,8 @@ class Failures:
         for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items()):
             where = host if host == dst else f"{host} ({dst})"
             what = proto if ports == [-1] else f"{proto}/{ports_text(p for p in ports if p >= 0)}"
-            out.append(f"FAIL {req:<28} {what:<22} -> {where}: {state} ({reason})")
+            word = "FAIL" if reason != "unresolved" else "UNKNOWN"  # a name that does not resolve
+            out.append(f"{word} {req:<28} {what:<22} -> {where}: {state} ({reason})")
         return out
 
 

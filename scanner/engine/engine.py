@@ -18,8 +18,11 @@ socket, future and timer. The engine owns everything a probe should not care abo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
+import ipaddress
 import math
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,6 +161,11 @@ class Engine:
         self._starting: dict[str, asyncio.Future] = {}
         self._next_slot = 0.0
         self.concurrency = 0
+        # destination as planned -> the address probed ("" when the name does not resolve);
+        # plans carry host names only for endpoints outside the inventory (a registry's name)
+        self._addrs: dict[str, str] = {}
+        self._resolving: dict[str, asyncio.Future] = {}
+        self.unresolved: dict[str, str] = {}  # name -> the resolver's error, for messages
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, interrupted: bool = True) -> None:
@@ -315,7 +323,45 @@ class Engine:
         need = math.ceil(math.log(1e-6) / math.log(loss)) - 1
         return max(cfg.retries, min(need, cfg.max_retries))
 
+    async def _address(self, dst: str) -> str:
+        """The address to probe for a planned destination: itself when it is an IP literal,
+        else the first address the resolver gives (once per name), or "" when it does not
+        resolve (the flow is then ``error`` / ``unresolved``: unknown, never a failure)."""
+        try:
+            ipaddress.ip_address(dst.split("%", 1)[0])
+            self._addrs[dst] = dst
+            return dst
+        except ValueError:
+            pass
+        fut = self._resolving.get(dst)
+        if fut is None:
+            fut = self._resolving[dst] = asyncio.ensure_future(self._getaddrinfo(dst))
+        addr = await asyncio.shield(fut)
+        self._addrs[dst] = addr
+        return addr
+
+    async def _getaddrinfo(self, name: str) -> str:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                name, None, type=socket.SOCK_STREAM
+            )
+        except (OSError, UnicodeError) as e:
+            self.unresolved[name] = getattr(e, "strerror", None) or str(e)
+            return ""
+        if not infos:
+            self.unresolved[name] = "no address"
+            return ""
+        return str(infos[0][4][0])
+
     async def _probe_flow(self, flow: Flow) -> Result:
+        addr = self._addrs.get(flow.dst)
+        if addr is None:
+            addr = await self._address(flow.dst)
+        if addr != flow.dst:
+            if not addr:
+                self.stats.skipped["unresolved"] = self.stats.skipped.get("unresolved", 0) + 1
+                return Result(flow, "error", "unresolved", None, 0)
+            flow = dataclasses.replace(flow, dst=addr)
         key = flow.proto
         if ":" in flow.dst:
             key = _V6_KEYS.get(key, key)

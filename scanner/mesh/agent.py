@@ -116,6 +116,9 @@ def site_to_wire(site: Any) -> dict[str, Any]:
                     "unresolved": dict(cfg.unresolved),
                     "families": _setting_out(cfg.families),
                     "vxlan6": _setting_out(cfg.vxlan6),
+                    "endpoints": [
+                        [e.name, e.host, e.port, list(e.vars), e.source] for e in cfg.endpoints
+                    ],
                 },
             }
         )
@@ -172,6 +175,29 @@ def _host_in(d: Any, where: str) -> Any:
     )
 
 
+def _endpoints_in(v: Any, where: str) -> tuple[Any, ...]:
+    """[[name, host, port, [vars], source], ...] -> Endpoints (scanner/plan/endpoints.py)."""
+    from scanner.core.model import Endpoint
+
+    if not isinstance(v, list):
+        raise ProtocolError(f"{where}: expected a list")
+    out = []
+    for i, e in enumerate(v):
+        if (
+            not isinstance(e, list)
+            or len(e) != 5
+            or not all(isinstance(x, str) for x in (e[0], e[1], e[4]))
+            or isinstance(e[2], bool)
+            or not isinstance(e[2], int)
+            or not 1 <= e[2] <= 65535
+            or not isinstance(e[3], list)
+            or not all(isinstance(x, str) for x in e[3])
+        ):
+            raise ProtocolError(f"{where}[{i}]: expected [name, host, port, [vars], source]")
+        out.append(Endpoint(e[0], e[1], e[2], tuple(e[3]), e[4]))
+    return tuple(out)
+
+
 def site_from_wire(d: Any) -> Any:
     """The inverse of site_to_wire; ProtocolError naming the field on anything malformed."""
     from scanner.core.model import Cluster, ClusterConfig, Site
@@ -199,6 +225,7 @@ def site_from_wire(d: Any) -> Any:
                 for k in ("families", "vxlan6")
                 if cfg.get(k) is not None
             },
+            endpoints=_endpoints_in(cfg.get("endpoints", []), f"{cw}.endpoints"),
         )
         if any(v is None for v in config.features.values()):
             raise ProtocolError(f"{cw}.features: a feature without a setting")

@@ -1,6 +1,8 @@
-"""The inputs and the plan: targets, Ansible inventories (inventory_files), Kubean
-ConfigMaps and kubespray variables (kubean), sites and selection options, and the lazy planner
-(catalog x inventory -> flows). Pure: no I/O but reading files.
+"""The inputs and the plan: targets, Ansible inventories (inventory_files, sources, with
+group_vars/host_vars and Ansible's precedence in ansible_vars; clusters, inventory, sitefile),
+Kubean ConfigMaps and kubespray variables (kubean) and the endpoints they name (endpoints),
+selection options, and the lazy planner (catalog x inventory -> flows). Pure: no I/O but
+reading files.
 
 May import: core, catalog.
 """

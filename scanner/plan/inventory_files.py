@@ -1,6 +1,8 @@
 """Ansible inventory files, parsed (pure): the YAML form (``all.hosts.<name>``, groups with
 ``hosts`` / ``children`` / ``vars``) and the INI form (``[group]``, ``[group:children]``,
-``[group:vars]``, ``host key=value``) -> an ``Inventory`` of groups, hosts and their variables.
+``[group:vars]``, ``host key=value``), and the JSON ``ansible-inventory --list`` prints (groups
+with ``hosts`` / ``children`` lists, every host's resolved variables in ``_meta.hostvars``) -> an
+``Inventory`` of groups, hosts and their variables.
 What the groups mean to a cluster (roles, addresses, sites) is scanner.plan.inventory's business.
 """
 
@@ -42,6 +44,7 @@ class _Group:
     children: list[str] = field(default_factory=list)
     vars: dict[str, Any] = field(default_factory=dict)
     defined: bool = False  # had a body somewhere (a bare reference does not define a group)
+    members: set[str] = field(default_factory=set, repr=False)  # = set(hosts), for O(1) adds
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Inventory:
     where: str
     hostvars: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, _Group] = field(default_factory=dict)
+    # "group NAME" / "host NAME" -> the file that set its variables, when several were merged
+    origins: dict[str, str] = field(default_factory=dict)
 
     def group(self, name: str) -> _Group:
         g = self.groups.get(name)
@@ -61,7 +66,8 @@ class Inventory:
     def add_host(self, group: str, name: str, hvars: Mapping[str, Any] | None) -> None:
         self.hostvars.setdefault(name, {}).update(hvars or {})
         g = self.group(group)
-        if name not in g.hosts:
+        if name not in g.members:
+            g.members.add(name)
             g.hosts.append(name)
 
     def members(self, names: Iterable[str]) -> set[str]:
@@ -101,6 +107,24 @@ class Inventory:
             for n in order
             if n in self.groups and self.groups[n].vars
         ]
+
+    def merge(self, other: Inventory) -> None:
+        """Add another source of the same inventory (a folder's files), as Ansible merges them."""
+        for h, hv in other.hostvars.items():
+            self.hostvars.setdefault(h, {}).update(hv)
+            if hv:
+                self.origins[f"host {h}"] = other.where
+        for name, g in other.groups.items():
+            if g.vars:
+                self.origins[f"group {name}"] = other.where
+            mine = self.group(name)
+            mine.defined = mine.defined or g.defined
+            for h in g.hosts:
+                if h not in mine.members:
+                    mine.members.add(h)
+                    mine.hosts.append(h)
+            mine.children.extend(c for c in g.children if c not in mine.children)
+            mine.vars.update(g.vars)
 
     def check_children(self) -> None:
         for name, g in self.groups.items():
@@ -300,3 +324,68 @@ def parse_inventory_text(text: str, where: str) -> Inventory:
     if len(docs) > 1:
         raise InventoryError(f"{where}: several YAML documents in one inventory")
     return parse_yaml_inventory(docs[0], where)
+
+
+# --------------------------------------------------------------------------- ansible-inventory --list
+
+
+def looks_like_ansible_json(doc: Any) -> bool:
+    """``ansible-inventory --list`` output: ``_meta``, or ``all.children`` as a list (a YAML
+    inventory has mappings there)."""
+    if not isinstance(doc, dict):
+        return False
+    top = doc.get("all")
+    return "_meta" in doc or (isinstance(top, dict) and isinstance(top.get("children"), list))
+
+
+def parse_ansible_json(doc: dict[str, Any], where: str) -> Inventory:
+    """The JSON of ``ansible-inventory -i SOURCES --list``: groups with ``hosts`` / ``children``
+    lists (and ``vars`` with ``--export``), every host's variables in ``_meta.hostvars``."""
+    meta = doc.get("_meta")
+    hostvars = meta.get("hostvars") if isinstance(meta, dict) else None
+    if not isinstance(hostvars, dict):
+        raise InventoryError(
+            f"{where}: ansible-inventory output without _meta.hostvars"
+            " (write it with `ansible-inventory -i INVENTORY --list`)"
+        )
+    inv = Inventory(where)
+    inv.group("all").defined = True
+    for name, body in doc.items():
+        if name == "_meta":
+            continue
+        if not isinstance(name, str) or not _GROUP_NAME.match(name):
+            raise InventoryError(f"{where}: bad group name {name!r}")
+        if not isinstance(body, dict):
+            raise InventoryError(f"{where}: group {name}: expected hosts/children/vars")
+        g = inv.group(name)
+        g.defined = True
+        for key in body:
+            if key not in ("hosts", "children", "vars"):
+                raise InventoryError(f"{where}: group {name}: unexpected key {key!r}")
+        for key in ("hosts", "children"):
+            if not isinstance(body.get(key, []), list):
+                raise InventoryError(f"{where}: group {name}: {key} must be a list")
+        for h in body.get("hosts", []):
+            inv.add_host(name, _host_name(h, f"{where}: group {name}"), None)
+        for c in body.get("children", []):
+            if not isinstance(c, str) or not _GROUP_NAME.match(c):
+                raise InventoryError(f"{where}: group {name}: bad child group {c!r}")
+            if c not in g.children:
+                g.children.append(c)
+            inv.group(c)
+        g.vars.update(kubean.vars_mapping(body.get("vars"), f"{where}: group {name} vars"))
+    children = inv.groups["all"].children
+    for name in inv.groups:
+        if name != "all" and not any(name in g.children for g in inv.groups.values()):
+            children.append(name)
+    for h, hv in hostvars.items():
+        name = _host_name(h, f"{where}: _meta.hostvars")
+        inv.hostvars.setdefault(name, {}).update(
+            kubean.vars_mapping(hv, f"{where}: _meta.hostvars.{name}")
+        )
+    grouped = {h for g in inv.groups.values() for h in g.hosts}
+    for h in inv.hostvars:
+        if h not in grouped:
+            inv.add_host("ungrouped", h, None)
+    inv.check_children()
+    return inv

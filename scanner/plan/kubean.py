@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,12 +265,14 @@ def _render(template: str, lookup: Callable[[str], Any]) -> Any:
     return _UNRESOLVED if failed or len(out) > MAX_RENDERED else out
 
 
-def resolve_templates(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def resolve_templates(
+    values: Mapping[str, Any], names: Iterable[str] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Resolve templated top-level values that only reference other variables of ``values``.
 
-    Returns (resolved, unresolved): ``resolved`` holds every variable with its templates
-    substituted, minus the ones that could not be resolved, which are in ``unresolved`` with
-    their raw text. Recursive references resolve; cycles and filters do not.
+    Returns (resolved, unresolved): ``resolved`` holds every variable (or only ``names``) with
+    its templates substituted, minus the ones that could not be resolved, which are in
+    ``unresolved`` with their raw text. Recursive references resolve; cycles and filters do not.
     """
     cache: dict[str, Any] = {}
 
@@ -293,7 +295,7 @@ def resolve_templates(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[s
 
     resolved: dict[str, Any] = {}
     unresolved: dict[str, str] = {}
-    for name in values:
+    for name in values if names is None else (n for n in names if n in values):
         v = resolve(name, set())
         if v is _UNRESOLVED:
             unresolved[name] = str(values[name])
@@ -324,10 +326,11 @@ class _Vars:
             shown = f"{raw} -> {shown}"
         return f"{self.origin[name]}: {name}={shown}"
 
-    def default(self, name: str) -> str:
+    def default(self, name: str, value: Any = None) -> str:
+        said = f"{DEFAULT}: {name}={_show(value)}" if value is not None else f"{DEFAULT}: {name} unset"
         if name in self.unresolved:
-            return f"{DEFAULT}; {name} unresolved: {self.unresolved[name]}"
-        return DEFAULT
+            return f"{said}; {name} unresolved: {self.unresolved[name]}"
+        return said
 
     def error(self, name: str, why: str) -> InventoryError:
         return InventoryError(
@@ -336,7 +339,7 @@ class _Vars:
 
     def boolean(self, name: str, default: bool) -> tuple[bool, str]:
         if not self.has(name):
-            return default, self.default(name)
+            return default, self.default(name, default)
         v = self.values[name]
         if isinstance(v, bool):
             return v, self.source(name)
@@ -348,7 +351,7 @@ class _Vars:
 
     def choice(self, name: str, choices: Sequence[str], default: str) -> tuple[str, str]:
         if not self.has(name):
-            return default, self.default(name)
+            return default, self.default(name, default)
         v = self.values[name]
         if isinstance(v, str):
             for c in choices:
@@ -358,7 +361,7 @@ class _Vars:
 
     def port(self, name: str, default: int) -> tuple[int, str]:
         if not self.has(name):
-            return default, self.default(name)
+            return default, self.default(name, default)
         p = _port(self.values[name])
         if p is None:
             raise self.error(name, "not a port number 1-65535")
@@ -453,7 +456,7 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
             raise v.error("kube_network_plugin", "not a network plugin name")
         cni = Setting(plugin.strip().lower(), v.source("kube_network_plugin"))
     else:
-        cni = Setting("calico", v.default("kube_network_plugin"))
+        cni = Setting("calico", v.default("kube_network_plugin", "calico"))
 
     backend, src = v.choice("calico_network_backend", CALICO_BACKENDS, "vxlan")
     features["bgp"] = Setting(backend == "bird", src)
@@ -500,7 +503,7 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
             raise v.error(name, "not a port range lo-hi within 1-65535")
         nodeport_range = Setting(rng, v.source(name))
     else:
-        nodeport_range = Setting((30000, 32767), v.default(name))
+        nodeport_range = Setting((30000, 32767), v.default(name, "30000-32767"))
 
     registry = minio = None
     if v.has("registry_host"):
@@ -514,7 +517,20 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
             raise v.error("minio_address", "not a URL like http://host:9000")
         minio = Setting(hp, v.source("minio_address"))
 
-    unresolved = {k: r for k, r in v.unresolved.items() if k in KNOWN_VARS}
+    from scanner.plan.endpoints import endpoints, is_endpoint_var
+
+    def lookup(name: str) -> Any:
+        return v.values.get(name)
+
+    def source(name: str) -> str:
+        if name in v.values:
+            return v.source(name)
+        return f"{v.origin[name]}: {name}={v.raw[name]}"
+
+    found, partial = endpoints(v.raw, lookup, source, parse_host_port)
+    unresolved = {
+        k: r for k, r in v.unresolved.items() if k in KNOWN_VARS or (is_endpoint_var(k) and k in partial)
+    }
     return ClusterConfig(
         cni=cni,
         features=features,
@@ -525,6 +541,7 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
         unresolved=unresolved,
         families=families,
         vxlan6=vxlan6,
+        endpoints=found,
     )
 
 

@@ -197,25 +197,30 @@ def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
     effs = {c.name: effective(c, selection) for c in site.clusters}
     views: dict[str, tuple[Site, dict[str, Cluster], tuple[str, ...]]] = {}
     all_ipv4 = _all_ipv4(site)
+    boot_ports: dict[str, set[int | None]] = {c.name: set() for c in site.clusters}
     for req in catalog:
         for cluster in site.clusters:
             eff = effs[cluster.name]
             for af, af_why in leg_families(req, eff):
                 if af == "ipv4" and all_ipv4:
                     leg = _leg(req, cluster, eff, site, selection)
-                    yield replace(leg, why=f"{af_why}; {leg.why}", af=af)
-                    continue
-                if af not in views:
-                    views[af] = family_view(site, af)
-                view, clusters, missing = views[af]
-                leg = _leg(req, clusters[cluster.name], eff, view, selection)
-                why = f"{af_why}; {leg.why}"
-                gone = [n for n in missing if n in {h.name for h in cluster.hosts}]
-                if gone and leg.applies:
-                    why += f"; not checked over {_AF_NAME[af]}: no {_AF_NAME[af]} address for " + (
-                        ", ".join(gone) + (" (set ip6 / access_ip6)" if af == "ipv6" else "")
-                    )
-                yield replace(leg, cluster=cluster, why=why, af=af)
+                    leg = replace(leg, why=f"{af_why}; {leg.why}", af=af)
+                else:
+                    if af not in views:
+                        views[af] = family_view(site, af)
+                    view, clusters, missing = views[af]
+                    leg = _leg(req, clusters[cluster.name], eff, view, selection)
+                    why = f"{af_why}; {leg.why}"
+                    gone = [n for n in missing if n in {h.name for h in cluster.hosts}]
+                    if gone and leg.applies:
+                        why += f"; not checked over {_AF_NAME[af]}: no {_AF_NAME[af]} address for "
+                        why += ", ".join(gone) + (" (set ip6 / access_ip6)" if af == "ipv6" else "")
+                    leg = replace(leg, cluster=cluster, why=why, af=af)
+                if leg.applies and req.dst_role == "bootstrap":
+                    boot_ports[cluster.name].update(leg.ports)
+                yield leg
+    for cluster in site.clusters:
+        yield from _endpoint_legs(cluster, site, selection, boot_ports[cluster.name])
 
 
 _AF_NAME = {"ipv4": "IPv4", "ipv6": "IPv6"}
@@ -271,6 +276,51 @@ def family_view(site: Site, af: str) -> tuple[Site, dict[str, Cluster], tuple[st
     view = replace(site, clusters=clusters, bootstrap=boot, vips=vips(site.vips))
     return view, {c.name: c for c in clusters}, tuple(missing)
 
+def _endpoint_req(name: str, port: int | None) -> Requirement:
+    return Requirement(
+        id=f"endpoint.{name}",
+        component=name,
+        proto="tcp",
+        ports=None if port is None else str(port),
+        description=f"{name}: a host outside the inventory every node pulls from",
+        dst_role="node",
+        src_roles=("node",),
+        reference="kubespray variables (registry, files, mirrors)",
+        section="endpoint",
+    )
+
+
+def _endpoint_legs(
+    k: Cluster, site: Site, sel: Selection, boot_ports: set[int | None]
+) -> Iterator[Leg]:
+    """Flows from every node to each endpoint the variables name (scanner/plan/endpoints.py);
+    no reverse direction. A site's bootstrap node wins: an endpoint on it at a port the
+    bootstrap.* requirements already check is not planned twice."""
+    from scanner.plan.endpoints import is_endpoint_var
+
+    b = site.bootstrap
+    for e in k.config.endpoints:
+        req = _endpoint_req(e.name, e.port)
+        why = e.source + (f"; also {', '.join(e.vars[1:])}" if len(e.vars) > 1 else "")
+        if b is not None and e.host in (b.address, b.name) and e.port in boot_ports:
+            yield Leg(req, k, False, f"{why}; on the site's bootstrap node {b.name}: bootstrap.*")
+            continue
+        srcs = _srcs(req, k, site, sel)
+        if not srcs:
+            gone = " (after --from)" if sel.sources is not None else ""
+            yield Leg(req, k, True, f"{why}; no source hosts with role node{gone}")
+            continue
+        af = "ipv6" if ":" in e.host else "ipv4"
+        yield Leg(req, k, True, why, srcs, ((e.name, e.host),), (e.port,), af)
+    for name, raw in k.config.unresolved.items():
+        if is_endpoint_var(name):
+            yield Leg(
+                _endpoint_req(name, None),
+                k,
+                False,
+                f"{name}={raw!r}: the template does not resolve to a host here; not planned",
+            )
+
 
 def plan(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Flow]:
     """The flows, lazily, in plan order."""
@@ -325,6 +375,16 @@ def requirements_for(catalog: Catalog, selection: Selection) -> Iterator[Require
             continue
         if all(eff.feature(f).value for f in cond.features):
             yield req
+
+
+def effective_ports(req: Requirement, eff: Effective) -> tuple[str | None, str | None]:
+    """A requirement's ports with its placeholders resolved for this cluster, and the kubespray
+    variable(s) they follow (None when the ports are fixed)."""
+    if req.ports is None:
+        return None, None
+    used = [n for n in _PLACEHOLDER_VARS if "${" + n in req.ports]
+    var = ",".join(_PLACEHOLDER_VARS[n] for n in used) or None
+    return expand_ports(req.ports, eff.port_values()) or req.ports, var
 
 
 def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, Any]:

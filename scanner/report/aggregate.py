@@ -341,6 +341,9 @@ class Aggregate:
         self.failures = 0  # fail verdicts + fail/one-way pair records
         self.unknowns = 0
         self.passes = 0
+        # `portmesh watch` streams state changes; the report shows the latest state of each
+        # (node, peer, requirement, direction), folded in once the input has been read
+        self._watch: dict[tuple[str, str, str, str, str], dict[str, Any]] = {}
 
     def run(self, scan_id: str) -> Run:
         r = self.runs.get(scan_id)
@@ -352,10 +355,26 @@ class Aggregate:
         add = self.add
         for rec in records:
             add(rec)
+        self._fold_watch()
         return self
+
+    def _fold_watch(self) -> None:
+        latest, self._watch = self._watch, {}
+        for rec in latest.values():
+            self._result(self.run(str(rec.get("scan_id") or "watch")), rec)
 
     def add(self, rec: dict[str, Any]) -> None:
         t = rec["type"]
+        if t == "watch":
+            key = (
+                rec.get("node"),
+                rec.get("peer"),
+                rec.get("req"),
+                rec.get("direction"),
+                rec.get("proto"),
+            )
+            self._watch[key] = rec  # type: ignore[index]
+            return
         run = self.run(str(rec.get("scan_id") or "-"))
         if t == "result":
             self._result(run, rec)

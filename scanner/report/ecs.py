@@ -118,7 +118,7 @@ def to_ecs(rec: dict[str, Any]) -> dict[str, Any]:
         "outcome": OUTCOME[verdict],
         "action": "port-probe",
         "module": "portmesh",
-        "dataset": "portmesh.result",
+        "dataset": "portmesh.watch" if rec.get("type") == "watch" else "portmesh.result",
     }
     if rec.get("reason"):
         event["reason"] = str(rec["reason"])
@@ -196,7 +196,7 @@ def write_ecs(records: Iterable[dict[str, Any]], out: IO[bytes], batch: int = 51
     dumps = orjson.dumps
     for rec in records:
         t = rec["type"]
-        if t == "result":
+        if t in ("result", "watch"):  # a watch record is a state change shaped like a result
             ev = to_ecs(rec)
             if ev["event"]["outcome"] == "failure":
                 failures += 1

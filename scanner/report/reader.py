@@ -20,7 +20,7 @@ from scanner.errors import InputError
 
 # The record types the report understands; anything else (plan's "flow", agent chatter) is
 # counted as ignored, not as damage.
-KNOWN_TYPES = ("start", "result", "host", "pair", "summary")
+KNOWN_TYPES = ("start", "result", "host", "pair", "summary", "watch")
 # Fields without which a result record cannot be placed in the report.
 RESULT_FIELDS = ("dst", "proto", "state")
 MAX_BAD_SAMPLES = 5

@@ -109,6 +109,9 @@ class Responder:
     bound_tcp: list[int] = field(default_factory=list)
     bound_udp: list[int] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    # called with (proto, source address, port) for every accepted connection and every tagged
+    # datagram: `portmesh watch` counts incoming probes per source with it
+    on_hit: Callable[[str, str, int], None] | None = None
     _socks: list[socket.socket] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -133,7 +136,7 @@ class Responder:
                 if s is None:
                     continue
                 token = tags.tcp_token(self.secret, port)
-                self._loop.add_reader(s.fileno(), self._on_accept, s, token)
+                self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
                 ok = True
             if ok:
                 self.bound_tcp.append(port)
@@ -148,7 +151,7 @@ class Responder:
                     s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 elif pktinfo:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-                self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo)
+                self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo, port)
                 ok = True
             if ok:
                 self.bound_udp.append(port)
@@ -189,16 +192,18 @@ class Responder:
         self._socks.append(s)
         return s
 
-    def _on_accept(self, s: socket.socket, token: bytes) -> None:
+    def _on_accept(self, s: socket.socket, token: bytes, port: int) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _ = s.accept()
+                conn, peer = s.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 # ECONNABORTED, EMFILE...: the client retries; never let one accept end us
                 return
             self.stats.tcp_accepted += 1
+            if self.on_hit is not None:
+                self.on_hit("tcp", peer[0], port)
             try:
                 conn.setblocking(False)
                 conn.send(token)  # 16 bytes into an empty send buffer: never blocks
@@ -212,7 +217,7 @@ class Responder:
             finally:
                 conn.close()
 
-    def _on_datagram(self, s: socket.socket, pktinfo: bool) -> None:
+    def _on_datagram(self, s: socket.socket, pktinfo: bool, port: int) -> None:
         secret = self.secret
         for _ in range(_UDP_BATCH):
             try:
@@ -230,6 +235,8 @@ class Responder:
             if nonce is None:
                 self.stats.udp_ignored += 1
                 continue
+            if self.on_hit is not None:
+                self.on_hit("udp", peer[0], port)
             reply = tags.reply_for(secret, nonce)
             if len(reply) > len(data):  # cannot happen with a valid tag; the rule is absolute
                 self.stats.udp_ignored += 1

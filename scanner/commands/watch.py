@@ -1,0 +1,179 @@
+"""`portmesh watch`: the continuous port mesh after install, with Prometheus metrics.
+
+portmesh watch -i INVENTORY [--vars FILE] [--as NAME] --secret-file FILE --metrics HOST:PORT
+portmesh watch manifests [--image IMAGE] [--namespace NS]   the DaemonSet, RBAC, PrometheusRule
+portmesh watch rules                                          the Prometheus alert rules
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from scanner.commands.respond import check_bind, resolve_secret
+from scanner.errors import InputError
+from scanner.plan.selection import SelectionOptions, selection_options
+from scanner.watch import agent
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise InputError(f"--metrics: {value!r} is not HOST:PORT (e.g. 0.0.0.0:9470)")
+    return check_bind(host), int(port)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@selection_options
+@click.option(
+    "--as",
+    "as_host",
+    metavar="NAME",
+    help="This node's inventory name (default: found from local addresses).",
+)
+@click.option(
+    "--secret", metavar="S", help="The secret every agent shares (as `respond --secret`)."
+)
+@click.option(
+    "--secret-file", metavar="FILE", help="Read the shared secret from FILE (a mounted Secret)."
+)
+@click.option(
+    "--metrics",
+    "metrics",
+    metavar="HOST:PORT",
+    help="Serve /metrics here (Prometheus text format).",
+)
+@click.option(
+    "--round",
+    "round_seconds",
+    type=click.FloatRange(min=0.5),
+    default=agent.DEFAULT_ROUND,
+    show_default=True,
+    help="Seconds per round (every agent must use the same).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=agent.DEFAULT_RATE,
+    show_default=True,
+    help="Probe budget: probes per second from this node.",
+)
+@click.option(
+    "--neighbours",
+    type=click.IntRange(min=1),
+    default=agent.DEFAULT_NEIGHBOURS,
+    show_default=True,
+    help="Peers visited per round (every agent must use the same).",
+)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=agent.DEFAULT_CHUNK,
+    show_default=True,
+    help="Ports of a long range (NodePorts) per visit.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.01, max=60),
+    default=1.0,
+    show_default=True,
+    help="Probe timeout, seconds.",
+)
+@click.option("--bind", default="0.0.0.0", show_default=True, help="Address the responder binds.")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after N rounds (default: run until SIGTERM).",
+)
+@click.option(
+    "-o", "--output", "output", metavar="FILE", help="Also write the NDJSON events to FILE."
+)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    selection_opts: SelectionOptions,
+    as_host: str | None,
+    secret: str | None,
+    secret_file: str | None,
+    metrics: str | None,
+    round_seconds: float,
+    rate: float,
+    neighbours: int,
+    chunk: int,
+    timeout: float,
+    bind: str,
+    rounds: int | None,
+    output: str | None,
+) -> int:
+    """Keep checking this node's flows of the plan; serve Prometheus metrics; NDJSON events on
+    every state change (stdout). Every agent must be given the same inventory, secret, --round
+    and --neighbours: the schedule is computed, not negotiated."""
+    if ctx.invoked_subcommand is not None:
+        return 0
+    from scanner.engine.output import NdjsonOutput
+    from scanner.plan.inventory import local_host
+
+    if secret is None and secret_file is None:
+        raise InputError("watch agents must share a secret: give --secret-file FILE (or --secret)")
+    sec, _ = resolve_secret(secret, secret_file)
+    hostport = parse_hostport(metrics) if metrics else None
+    catalog, site, selection = selection_opts.resolve()
+    if as_host is None:
+        h = local_host(site)
+        if h is None:
+            raise InputError(
+                "this host is not in the inventory (no local address matches): name it with --as NAME"
+            )
+        as_host = h.name
+    elif as_host not in {h.name for h in site.hosts()}:
+        raise InputError(f"--as: no host named {as_host!r} in {site.source or 'the site'}")
+    cfg = agent.WatchConfig(
+        catalog=catalog,
+        site=site,
+        selection=selection,
+        me=as_host,
+        secret=sec,
+        metrics=hostport,
+        round_seconds=round_seconds,
+        rate=rate,
+        neighbours=neighbours,
+        chunk=chunk,
+        timeout=timeout,
+        bind=check_bind(bind),
+        output=NdjsonOutput(output),
+        rounds=rounds,
+    )
+    return agent.run_watch(cfg)
+
+
+@command.command("rules", context_settings={"help_option_names": ["-h", "--help"]})
+def rules() -> None:
+    """Print the Prometheus alert rules (a rule file for rule_files:)."""
+    from scanner.watch import manifests
+
+    sys.stdout.write(manifests.rules_text())
+
+
+@command.command("manifests", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--image",
+    default="portmesh:latest",
+    show_default=True,
+    help="Container image with portmesh installed.",
+)
+@click.option("--namespace", default="portmesh", show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9470,
+    show_default=True,
+    help="/metrics port on each node.",
+)
+def manifests_cmd(image: str, namespace: str, port: int) -> None:
+    """Print the DaemonSet (hostNetwork), its minimal RBAC and a PrometheusRule."""
+    from scanner.watch import manifests
+
+    sys.stdout.write(manifests.manifests_text(image=image, namespace=namespace, port=port))

@@ -1,0 +1,355 @@
+"""The watch agent: one long-running loop per node (``portmesh watch``).
+
+Every round (``round_seconds``, aligned to the wall clock so that all agents agree on the round
+number) it probes the flows the schedule gives it (scanner.watch.schedule), paced under the
+probe budget by the engine's rate limiter with a random start offset (jitter); then it judges
+the incoming side of the previous round: for every source the schedule says visited us, on
+every port our responder holds, did its probe arrive? A requirement x peer x direction changes
+state only on evidence, each change is one NDJSON event line, and /metrics serves the counts
+(scanner.watch.metrics). The responder binds only ports nothing else holds; ports held by a
+real service are answered by that service, and their incoming side is not judged (``unknown``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scanner import __version__
+from scanner.core.results import Result, iso_ts
+from scanner.core.verdicts import verdict
+from scanner.engine.engine import Engine, EngineConfig
+from scanner.engine.output import NdjsonOutput
+from scanner.plan.planner import legs
+from scanner.responder.server import Responder
+from scanner.watch import schedule
+from scanner.watch.metrics import WatchMetrics
+
+DEFAULT_ROUND = 15.0  # seconds: the shortest round; longer when the budget needs it
+# An incoming flow fails only after this many scheduled visits in a row brought nothing: one
+# miss can be the sender's late start or a round it had to skip (CPU starvation); a real drop
+# repeats. The sender's own outgoing verdict names the drop one sweep earlier.
+MISSES_TO_FAIL = 2
+ROUND_MARGIN = 1.5  # rounds are sized for 1.5x the probes they hold (retries, start-up, jitter)
+DEFAULT_RATE = 20.0  # probes per second per node
+DEFAULT_NEIGHBOURS = 16
+DEFAULT_CHUNK = 8  # ports of a long range (NodePorts) per visit
+
+
+@dataclass
+class WatchConfig:
+    catalog: Any
+    site: Any
+    selection: Any  # scanner.plan.selection.Selection (no source filter: the whole plan)
+    me: str  # this node's inventory name
+    secret: bytes
+    metrics: tuple[str, int] | None = None  # (host, port) of the /metrics server
+    round_seconds: float = DEFAULT_ROUND
+    rate: float = DEFAULT_RATE
+    neighbours: int = DEFAULT_NEIGHBOURS
+    chunk: int = DEFAULT_CHUNK
+    timeout: float = 1.0
+    bind: str = "0.0.0.0"
+    output: NdjsonOutput | None = None
+    rounds: int | None = None  # stop after this many rounds (tests); None = until a signal
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    on_ready: Callable[[dict[str, Any]], None] | None = None
+
+
+class PairStates:
+    """The last verdict per (requirement, peer, direction); one event record per change.
+
+    An event is shaped like a result record (src, dst, host, proto, port, state, reason, req,
+    verdict) plus the watch fields (node, peer, direction, from, to), so ``portmesh report``
+    turns a watch stream into ECS events and a heatmap of the latest states.
+    """
+
+    def __init__(self, me: str, out: NdjsonOutput) -> None:
+        self.me = me
+        self.out = out
+        self.state: dict[tuple[str, str, str], str] = {}
+
+    def set(self, req: str, peer: str, direction: str, new: str, flow: dict[str, Any]) -> None:
+        key = (req, peer, direction)
+        old = self.state.get(key, "unknown")
+        if new == "unknown" and key not in self.state:
+            return
+        self.state[key] = new
+        if new != old:
+            self.out.record(
+                {
+                    "type": "watch",
+                    "ts": iso_ts(time.time()),
+                    **flow,
+                    "req": req,
+                    "verdict": new,
+                    "node": self.me,
+                    "peer": peer,
+                    "direction": direction,
+                    "from": old,
+                    "to": new,
+                }
+            )
+
+    def failing(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = defaultdict(int)
+        for (req, _peer, d), v in self.state.items():
+            if v == "fail":
+                out[(req, d)] += 1
+        return out
+
+    def one_way(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for (req, peer, d), v in self.state.items():
+            if (
+                d == "outgoing"
+                and v == "fail"
+                and self.state.get((req, peer, "incoming")) == "pass"
+            ):
+                out[req] += 1
+        return out
+
+
+def run_watch(cfg: WatchConfig) -> int:
+    try:
+        import uvloop
+
+        runner = uvloop.run  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        runner = asyncio.run
+    return runner(_main(cfg))
+
+
+async def _main(cfg: WatchConfig) -> int:
+    loop = asyncio.get_running_loop()
+    topo = schedule.Topology.from_legs(legs(cfg.catalog, cfg.site, cfg.selection))
+    me = cfg.me
+    if me not in topo.names:
+        from scanner.errors import InputError
+
+        raise InputError(f"--as: {me!r} has no requirement in the plan of this inventory")
+    i = topo.index(me)
+    my_addr = topo.addrs[i]
+    k, chunk = cfg.neighbours, cfg.chunk
+    # A round must hold its probes at the budget, or an agent would skip rounds and its peers
+    # would wait for probes that never come. Every agent computes the same bound from the same
+    # plan, so every agent picks the same round length.
+    period = round_length(topo, k, chunk, cfg.rate, cfg.round_seconds)
+    peers = topo.peers_of(me)
+    sources = topo.sources_of(me)
+    out_needs = {n.req: n.proto for p in peers for n in topo.needs(me, p)}
+    in_needs = {n.req: n.proto for s in sources for n in topo.needs(s, me)}
+    protos = set(out_needs.values())
+    metrics = WatchMetrics(__version__, me, protos, {*out_needs, *in_needs})
+    metrics.peers = len(peers)
+    metrics.budget = cfg.rate
+    out = cfg.output or NdjsonOutput()
+    states = PairStates(me, out)
+
+    # the responder: every port we are a destination of, except what is already held
+    tcp_ports: set[int] = set()
+    udp_ports: set[int] = set()
+    for s in sources:
+        for n in topo.needs(s, me):
+            target = tcp_ports if n.proto == "tcp" else udp_ports if n.proto == "udp" else None
+            if target is not None:
+                target.update(p for p in n.ports if p is not None)
+    # (source address, proto, port) -> when its last probe arrived; pruned every round
+    hits: dict[tuple[str, str, int], float] = {}
+
+    def on_hit(proto: str, src: str, port: int) -> None:
+        hits[(src, proto, port)] = time.time()
+
+    responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
+    responder.on_hit = on_hit
+    responder.start(loop)
+    bound = {("tcp", p) for p in responder.bound_tcp} | {("udp", p) for p in responder.bound_udp}
+
+    server = None
+    if cfg.metrics is not None:
+        server = await asyncio.start_server(
+            lambda r, w: _serve_http(r, w, metrics), cfg.metrics[0], cfg.metrics[1]
+        )
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    per_sweep = schedule.rounds_per_sweep(topo.n, k)
+    out.record(
+        {
+            "type": "watch_start",
+            "ts": iso_ts(time.time()),
+            "node": me,
+            "addr": my_addr,
+            "peers": len(peers),
+            "sources": len(sources),
+            "round_seconds": period,
+            "rounds_per_sweep": per_sweep,
+            "neighbours": k,
+            "rate": cfg.rate,
+            "responder": {"bound": len(bound), "failed": len(responder.failed)},
+            "metrics": None if cfg.metrics is None else f"{cfg.metrics[0]}:{cfg.metrics[1]}",
+        }
+    )
+    out.flush()
+    if cfg.on_ready is not None:
+        cfg.on_ready({"node": me, "bound": len(bound)})
+    engine_cfg = dataclasses.replace(
+        cfg.engine,
+        rate=cfg.rate,
+        timeout=cfg.timeout,
+        concurrency=cfg.engine.concurrency or 64,
+        probe_options=dataclasses.replace(cfg.engine.probe_options, secret=cfg.secret),
+        tcp_method="connect",
+        protos=tuple(sorted(protos)),
+    )
+    sweep_visits = sweep_judged = 0
+    in_expected: set[str] = set()
+    in_arrived: set[str] = set()
+    done_rounds = 0
+    misses: dict[tuple[str, str], int] = {}
+    rnd = int(time.time() // period)
+    try:
+        while not stop.is_set():
+            # wait for the round's start plus a jitter of up to a tenth of the round
+            start = rnd * period + random.uniform(0, period / 10)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, start - time.time()))
+            if stop.is_set():
+                break
+            # outgoing: probe this round's flows, fold them per (req, peer)
+            flows = schedule.round_flows(topo, me, rnd, k, chunk)
+            folded: dict[tuple[str, str], list[Result]] = defaultdict(list)
+
+            def emit(r: Result, folded: dict = folded) -> None:
+                v = verdict(r.flow.proto, r.state, "reachable", False)
+                r.verdict = v
+                metrics.probe(r.flow.proto, v, None if r.rtt_ms is None else r.rtt_ms / 1000)
+                folded[(r.flow.req or "-", r.flow.host or r.flow.dst)].append(r)
+
+            await Engine(engine_cfg, emit).run(iter(flows))
+            for (req, peer), results in folded.items():
+                vs = [r.verdict for r in results]
+                new = "fail" if "fail" in vs else "pass" if "pass" in vs else "unknown"
+                r0 = ([r for r in results if r.verdict == new] or results)[0]
+                f = r0.flow
+                flow = {
+                    "src": f.src,
+                    "src_host": me,
+                    "dst": f.dst,
+                    "host": peer,
+                    "proto": f.proto,
+                    "port": f.port,
+                    "state": r0.state,
+                    "reason": r0.reason,
+                }
+                states.set(req, peer, "outgoing", new, flow)
+                sweep_visits += 1
+                sweep_judged += new != "unknown"
+            # incoming: the previous round's visitors, judged now that a whole round has passed
+            if done_rounds >= 1:
+                # a probe of round r-1 is sent at or after its start; a small slack for
+                # clocks that NTP keeps close but not equal
+                since = (rnd - 1) * period - min(1.0, period / 10)
+                for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
+                    witnessable = [p for p in ports if (need.proto, p) in bound]
+                    if not witnessable:
+                        continue  # a real service or the kernel holds it: not judged here
+                    in_expected.add(src)
+                    saddr = topo.addrs[topo.index(src)]
+                    arrived = any(
+                        hits.get((saddr, need.proto, p), 0.0) >= since for p in witnessable
+                    )
+                    key = (need.req, src)
+                    if arrived:
+                        in_arrived.add(src)
+                        misses.pop(key, None)
+                    else:
+                        misses[key] = misses.get(key, 0) + 1
+                        if misses[key] < MISSES_TO_FAIL:
+                            continue  # one miss can be a late start or a skipped round
+                    flow = {
+                        "src": saddr,
+                        "src_host": src,
+                        "dst": my_addr,
+                        "host": me,
+                        "proto": need.proto,
+                        "port": witnessable[0],
+                        "state": "open" if arrived else "filtered",
+                        "reason": "witnessed" if arrived else f"never-arrived-{misses[key]}-visits",
+                    }
+                    states.set(need.req, src, "incoming", "pass" if arrived else "fail", flow)
+            old = rnd * period - 3 * period
+            for hk in [hk for hk, ts in hits.items() if ts < old]:
+                del hits[hk]
+            done_rounds += 1
+            metrics.rounds = done_rounds
+            failing = states.failing()
+            for key in metrics.failing:
+                metrics.failing[key] = failing.get(key, 0)
+            one_way = states.one_way()
+            for q in metrics.one_way:
+                metrics.one_way[q] = one_way.get(q, 0)
+            if done_rounds % per_sweep == 0:
+                metrics.coverage = sweep_judged / sweep_visits if sweep_visits else 1.0
+                metrics.last_sweep = time.time()
+                metrics.incoming_expected = len(in_expected)
+                metrics.incoming_silent = len(in_expected - in_arrived)
+                sweep_visits = sweep_judged = 0
+                in_expected, in_arrived = set(), set()
+            out.flush()
+            if cfg.rounds is not None and done_rounds >= cfg.rounds:
+                break
+            rnd = max(rnd + 1, int(time.time() // period))  # an overrun skips rounds
+    finally:
+        responder.close()
+        if server is not None:
+            server.close()
+        out.record({"type": "watch_exit", "ts": iso_ts(time.time()), "rounds": done_rounds})
+        out.close()
+    return 0
+
+
+def round_length(topo: schedule.Topology, k: int, chunk: int, rate: float, floor: float) -> float:
+    need = schedule.max_probes_per_round(topo, k, chunk) / rate * ROUND_MARGIN
+    return max(floor, float(math.ceil(need)))
+
+
+async def _serve_http(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, metrics: WatchMetrics
+) -> None:
+    """A minimal HTTP/1.0 responder: GET /metrics and /healthz; one request per connection."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        while True:  # skip the headers
+            h = await asyncio.wait_for(reader.readline(), 5)
+            if h in (b"\r\n", b"\n", b""):
+                break
+        parts = line.decode("latin-1").split()
+        path = parts[1] if len(parts) >= 2 else ""
+        if parts[:1] == ["GET"] and path.split("?")[0] == "/metrics":
+            body = metrics.render().encode()
+            status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+        elif parts[:1] == ["GET"] and path == "/healthz":
+            body, status, ctype = b"ok\n", "200 OK", "text/plain"
+        else:
+            body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
+        writer.write(
+            f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
