@@ -469,9 +469,9 @@ def test_lab_drop_reset_and_admin_prohibited(
         OPEN_2: ("open", "syn-ack"),
         DROP: ("filtered", "no-response"),
         RESET: ("closed", CLOSED_REASON[method]),
-        # connect() reports an ICMP admin-prohibited as EHOSTUNREACH, as it does host-unreach;
-        # the raw SYN probe reads the ICMP code itself
-        ADMIN: ("filtered", "host-unreach" if method == "connect" else "admin-prohibited"),
+        # both read the ICMP code: the SYN probe from its raw socket, connect() from the error
+        # queue (it reports admin-prohibited and host-unreach alike as EHOSTUNREACH)
+        ADMIN: ("filtered", "admin-prohibited"),
         CLOSED: ("closed", CLOSED_REASON[method]),
     }
     assert got[DROP].attempts == retries + 1

@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "probes": {"top", "core"},
     "engine": {"top", "core", "catalog", "plan", "probes"},
     "responder": {"top", "core"},
-    "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
+    # mesh -> report: the mesh's stderr summary is the report's text (one grouping of faults)
+    "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "report"},
     "report": {"top", "core"},
     "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},

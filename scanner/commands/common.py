@@ -11,7 +11,15 @@ import click
 from scanner.errors import InputError
 
 
-def engine_options(f: Callable) -> Callable:
+def engine_options(f: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """The engine options, as a decorator; ``engine_options(exclude=(...))`` leaves some out
+    (by parameter name), so a command's --help lists only what it takes."""
+    if f is None:
+        return lambda g: _engine_options(g, exclude)
+    return _engine_options(f, exclude)
+
+
+def _engine_options(f: Callable, exclude: tuple[str, ...]) -> Callable:
     opts = [
         click.option(
             "--concurrency",
@@ -125,6 +133,10 @@ def engine_options(f: Callable) -> Callable:
         ),
     ]
     for o in reversed(opts):
+        probe = o(lambda: None)
+        names = [p.name for p in getattr(probe, "__click_params__", [])]
+        if any(n in exclude for n in names):
+            continue
         f = o(f)
     return f
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from scanner.plan.selection import SelectionOptions, selection_options
+
 CTX = {"help_option_names": ["-h", "--help"]}
 
 
@@ -34,7 +36,9 @@ def command() -> None:
     help="Write a dual-stack inventory (enable_dual_stack_networks, calico_vxlan_mode_ipv6): "
     "plans then check WireGuard v6 and VXLAN over IPv6 too.",
 )
+@selection_options(exclude=("inventory", "hosts", "role"))
 def up(
+    selection_opts: SelectionOptions,
     hosts: int,
     name: str,
     faults_file: str | None,
@@ -43,7 +47,12 @@ def up(
     show_flows: bool,
     dual_stack: bool,
 ) -> int:
-    """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
+    """Build the lab, apply the faults, write its inventory, start responders, print the truth.
+
+    The selection flags (--with ipip, --cni, --vars, ...) shape the plan the responders and the
+    ground truth follow; give the same to plan, check and mesh. A fault that matches no planned
+    flow is warned about.
+    """
     from scanner.commands.respond import check_ttl
     from scanner.lab.lab import LabUpConfig, lab_up
 
@@ -55,6 +64,7 @@ def up(
         ttl=check_ttl(ttl),
         show_flows=show_flows,
         dual_stack=dual_stack,
+        selection=selection_opts,
     )
     return lab_up(cfg)
 

@@ -52,7 +52,8 @@ def command(
 ) -> int:
     """Report on NDJSON from `scan`, `check` or `mesh` (files, or stdin: `portmesh mesh ... | portmesh report`).
 
-    Exit 0 when the input holds no failure, 1 when it holds any, 2 on bad input.
+    Exit (text): 0 when the input holds no failure, 1 when it holds any. Exports (--format
+    html/ecs, --fix) exit 0 once written. 2 on bad input.
     """
     from scanner.report import ReportConfig, run_report
 

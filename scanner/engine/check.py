@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from scanner.core.model import natural_key
 from scanner.core.ports import ports_text
 from scanner.core.results import Result
 from scanner.core.verdicts import verdict
@@ -67,7 +68,11 @@ class Failures:
 
     def lines(self) -> list[str]:
         out = []
-        for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items()):
+        def key(item: tuple) -> tuple:
+            req, host, dst, proto, state, reason = item[0]
+            return (natural_key(req), natural_key(str(host)), str(dst), proto, state, reason)
+
+        for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items(), key=key):
             where = host if host == dst else f"{host} ({dst})"
             what = proto if ports == [-1] else f"{proto}/{ports_text(p for p in ports if p >= 0)}"
             word = "FAIL" if reason != "unresolved" else "UNKNOWN"  # a name that does not resolve

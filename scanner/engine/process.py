@@ -79,11 +79,40 @@ def run_single(spec: RunSpec) -> RunOutcome:
         loop.close()
 
 
-def run_shard(spec: RunSpec, index: int, count: int) -> Stats:
-    """In a shard process: probe every count-th flow starting at index; no start/summary."""
-    import itertools
+# Protocols whose prober paces attempts per destination (UdpProber.per_host_pps: a far kernel
+# sends ~1 ICMP error per second to us). The pacing state lives in each shard's engine, so if
+# shards shared a destination's flows, N shards would send N times the rate it answers and its
+# closed ports would go silent. All flows of such a protocol to one destination go to one shard.
+PACED_PER_DESTINATION = frozenset({"udp"})
 
-    spec.flows = itertools.islice(spec.flows, index, None, count)
+
+def shard_flows(flows: Iterator[Flow], index: int, count: int) -> Iterator[Flow]:
+    """The flows of shard ``index`` (of ``count``): a paced protocol's flows
+    (PACED_PER_DESTINATION) go to the shard of their destination (crc32 of the address), the
+    others are dealt round-robin. Each flow is in exactly one shard, in the plan's order."""
+    from zlib import crc32
+
+    paced = PACED_PER_DESTINATION
+    home: dict[str, int] = {}  # destination -> its shard (bounded: cleared when large)
+    dealt = 0  # flows dealt round-robin so far
+    for flow in flows:
+        if flow.proto in paced:
+            k = home.get(flow.dst)
+            if k is None:
+                if len(home) >= 65536:
+                    home.clear()
+                k = home[flow.dst] = crc32(flow.dst.encode()) % count
+            if k == index:
+                yield flow
+        else:
+            if dealt % count == index:
+                yield flow
+            dealt += 1
+
+
+def run_shard(spec: RunSpec, index: int, count: int) -> Stats:
+    """In a shard process: probe this shard's flows (``shard_flows``); no start/summary."""
+    spec.flows = shard_flows(spec.flows, index, count)
     loop = new_loop(spec.loop)
     try:
         return loop.run_until_complete(_run(spec, shard=True)).stats

@@ -1,4 +1,5 @@
-"""Shard processes: one event loop per core, each probing every n-th flow of the same plan.
+"""Shard processes: one event loop per core, each probing every n-th flow of the same plan
+(UDP flows by destination instead: see ``process.shard_flows``).
 
 A TCP connect sweep is CPU-bound on one core (the kernel's work for the far end of a veth
 runs in the prober's context too), so a large plan is split across forked shard processes.

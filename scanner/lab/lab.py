@@ -5,16 +5,20 @@ inventory, its responders, its faults and ground truth, and ``lab up`` / ``down`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.errors import InputError
 from scanner.lab.netns import (
     MAX_HOSTS,
@@ -107,13 +111,14 @@ def write_inventory(
     return p
 
 
-def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+def start_responders(
+    lab: Lab, ttl: float, timeout: float = 60.0, selection: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Start ``portmesh respond --inventory ... --as NAME`` in every lab host, detached.
 
     Each one logs its NDJSON to ``<state>/<host>.responder.ndjson`` and its pid goes to
     ``<state>/<host>.responder.pid``. Returns host -> ready record (LabError if one fails).
     """
-    import sys
 
     d = lab.state_dir()
     inv = d / "inventory.yml"
@@ -128,6 +133,7 @@ def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, d
                     sys.executable, "-m", "scanner", "respond",
                     "--inventory", str(inv), "--as", h.name,
                     "--secret-file", str(secret), "--ttl", f"{ttl:g}", "--bind", "::",
+                    *(selection or []),
                 ],
                 stdin=devnull,
                 stdout=out,
@@ -164,11 +170,11 @@ class LabUpConfig:
     ttl: float = 600.0
     show_flows: bool = False
     dual_stack: bool = False
+    selection: Any = None  # SelectionOptions without inventories: --with, --cni, --vars, ...
 
 
 def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     """``portmesh lab up``: build, fault, inventory, responders, ground truth summary."""
-    import sys
 
     from scanner.core.tags import new_secret
     from scanner.lab.faults import check_hosts, load_fault_file
@@ -186,6 +192,12 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
         unknown = sorted(set(ff.roles) - set(names))
         if unknown:
             raise InputError(f"{cfg.faults_file}: roles: {unknown[0]!r} is not a lab host")
+    from scanner.catalog import load_catalog
+    from scanner.plan.selection import SelectionOptions, selection_argv
+
+    sel_opts = cfg.selection or SelectionOptions()
+    sel_opts.selection(load_catalog(sel_opts.catalog_files))  # bad --with etc.: before building
+    sel_args = selection_argv(sel_opts)
     lab = Lab.up(cfg.hosts, cfg.name)
     try:
         lab.apply_faults(faults)
@@ -198,7 +210,7 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
             fh.write(new_secret() + b"\n")
         if cfg.faults_file:
             shutil.copyfile(cfg.faults_file, lab.state_dir() / "faults.yml")
-        ready = start_responders(lab, cfg.ttl) if cfg.responders else {}
+        ready = start_responders(lab, cfg.ttl, selection=sel_args) if cfg.responders else {}
     except BaseException:
         lab.down()
         raise
@@ -215,10 +227,16 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     w(f"inventory: {inv}\n")
     w(f"secret file: {lab.state_dir() / 'secret'}\n")
     w(f"exec template: {lab.exec_template()}\n")
-    w(f"mesh: {mesh_command(lab)}\n")
+    w(f"mesh: {shlex.join([*shlex.split(mesh_command(lab)), *sel_args])}\n")
+    if sel_args:
+        w(f"selection: {shlex.join(sel_args)} (give the same to plan, check and mesh)\n")
     for f in faults:
         w(f"fault: {f.describe()}\n")
-    truth_summary(lab, inv, faults, out, cfg.show_flows, "responder" if cfg.responders else "bare")
+    mode = "responder" if cfg.responders else "bare"
+    unmatched = truth_summary(lab, inv, faults, out, cfg.show_flows, mode, sel_opts)
+    for f, hint in unmatched:
+        err = sys.stderr
+        err.write(f"portmesh lab up: warning: fault {f.describe()!r} matches no planned flow{hint}\n")
     w(f"remove with: portmesh lab down --name {lab.name}\n")
     return 0
 
@@ -237,16 +255,33 @@ def mesh_command(lab: Lab) -> str:
 
 
 def truth_summary(
-    lab: Lab, inventory: Path, faults: list, out: Any, show_flows: bool, mode: str
-) -> None:
-    """Plan every host's flows, write the ground truth NDJSON and print what should fail."""
+    lab: Lab,
+    inventory: Path,
+    faults: list,
+    out: Any,
+    show_flows: bool,
+    mode: str,
+    selection_opts: Any = None,
+) -> list[tuple[Any, str]]:
+    """Plan every host's flows, write the ground truth NDJSON and print what should fail.
+
+    Returns the faults that match no planned flow (each with a hint): a fault that changes
+    nothing is almost always a mistake (a protocol the plan lacks, a port it does not probe).
+    """
     import orjson
 
     from scanner.lab.faults import expected
     from scanner.plan.selection import SelectionOptions
     from scanner.responder.server import ranges_text
 
-    catalog, site, selection = SelectionOptions(inventories=(str(inventory),)).resolve()
+    opts = dataclasses.replace(
+        selection_opts or SelectionOptions(), inventories=(str(inventory),), hosts=None
+    )
+    catalog, site, selection = opts.resolve()
+    from scanner.lab.faults import hit
+
+    unmatched = list(faults)
+    protos: set[str] = set()
     from scanner.plan.planner import plan
 
     path = lab.state_dir() / "truth.ndjson"
@@ -254,6 +289,9 @@ def truth_summary(
     groups: dict[tuple[Any, ...], list[int]] = {}
     with open(path, "wb") as fh:
         for fl in plan(catalog, site, selection):
+            protos.add(fl.proto)
+            if unmatched:
+                unmatched = [f for f in unmatched if hit(fl, [f], lab) is None]
             e = expected(fl, faults, lab, mode=mode)
             counts[e.verdict] = counts.get(e.verdict, 0) + 1
             rec = {
@@ -286,16 +324,24 @@ def truth_summary(
         f"{counts['fail']} fail, {counts['unknown']} unknown -> {path}\n"
     )
     for (src, dst, proto, state, reason, req), ports in sorted(
-        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
+        groups.items(), key=lambda kv: tuple(natural_key(str(x)) for x in kv[0])
     ):
         pr = ranges_text(p for p in ports if p)
         what = f"{proto}/{pr}" if pr else proto
         extra = f" [{req}]" if req else ""
         out.write(f"  fail {src} -> {dst} {what}: {state} ({reason}){extra}\n")
+    hints = []
+    for f in unmatched:
+        if f.proto not in protos:
+            feature = {"ipip": "ipip"}.get(f.proto)
+            turn = f": turn it on with --with {feature}" if feature else ""
+            hints.append((f, f" (the plan has no {f.proto} flows{turn})"))
+        else:
+            hints.append((f, f" (no planned {f.proto} flow to or from {f.host} on those ports)"))
+    return hints
 
 
 def lab_down(name: str, out: Any = None) -> int:
-    import sys
 
     out = out or sys.stdout
     check_name("lab", name)
@@ -322,7 +368,6 @@ def _kill_recorded_responders(name: str) -> None:
 
 
 def lab_status(name: str | None, out: Any = None) -> int:
-    import sys
 
     out = out or sys.stdout
     names = [check_name("lab", name)] if name else Lab.names()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -419,8 +420,17 @@ class Agent:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 7 * 86400:
             raise ProtocolError("respond: field 'ttl' must be seconds in (0, 604800]")
         witness = bool(msg.get("witness", True))
+        bind = msg.get("bind")  # one address (agents sharing a machine), else all
+        if bind is not None:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(bind)
+            except (TypeError, ValueError):
+                raise ProtocolError("respond: field 'bind' must be an IP address") from None
         self.responded = True
-        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name}
+        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name,
+               "bind": bind}  # fmt: skip
         self.loop.create_task(self._run_responder(cfg))
 
     async def _run_responder(self, cfg: dict[str, Any]) -> None:
@@ -540,6 +550,13 @@ class Agent:
                 udp_payloads={int(k): v for k, v in payloads.items()} or None,
             ),
         )
+        if msg.get("from_own_address"):  # agents sharing a machine: probe from our address
+            own = next((h for h in site.hosts() if h.name == self.name), None)
+            if own is None:
+                raise ProtocolError(f"probe: from_own_address: {self.name!r} is not in the site")
+            engine = dataclasses.replace(
+                engine, probe_options=dataclasses.replace(engine.probe_options, source=own.address)
+            )
         loop_kind = eng.get("loop", "uvloop")
         out = self.out
 
@@ -791,9 +808,11 @@ def _responder_main(arg: str) -> int:
             secret=secret,
             ttl=float(cfg["ttl"]),
             exit_on_stdin_close=True,
-            bind="::",  # both families (dual-stack plans probe IPv6 too); IPv4 alone without IPv6
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
+            # one address when agents share a machine; else both families (dual-stack plans
+            # probe IPv6 too; IPv4 alone on a host without IPv6)
+            bind=cfg.get("bind") or "::",
         )
     )
 

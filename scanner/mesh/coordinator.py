@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import shlex
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from scanner.core.model import natural_key
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
 from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
@@ -67,7 +69,7 @@ class MeshConfig:
     site: Any
     selection: Any
     exec_template: str | None = None
-    agent_cmd: str = transport.DEFAULT_AGENT_CMD
+    agent_cmd: str | None = None  # None: this interpreter through a local template, else portmesh agent
     bundle: str | None = None
     bundle_python: str = "python3"
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -83,6 +85,12 @@ class MeshConfig:
     progress: bool = False
     only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
     forks: int = 64  # execs (ssh handshakes, bundle copies) in progress at once, as Ansible's
+    # every agent on this machine (the loopback demo): each responder binds its host's
+    # address and each agent probes from it, so four hosts can share one machine's ports
+    local_bind: bool = False
+    # simulated faults (the loopback demo, where nftables needs root): host -> TCP ports its
+    # responder leaves closed, so a probe gets a reset where a responder should answer (fail)
+    withhold: dict[str, frozenset[int]] = field(default_factory=dict)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -107,8 +115,11 @@ def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
     return counts
 
 
-def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[str, str]]:
-    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on."""
+def responder_ports(
+    catalog: Any, site: Any, selection: Any, withhold: dict[str, frozenset[int]] | None = None
+) -> dict[str, tuple[str, str]]:
+    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on, less the
+    TCP ports ``withhold`` names for the host (a simulated fault: see MeshConfig.withhold)."""
     from scanner.plan.planner import legs
 
     hosts = {h.name for h in site.hosts()}
@@ -125,6 +136,7 @@ def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[
     out: dict[str, tuple[str, str]] = {}
     for name, items in want.items():
         tcp = {p for pr, ps in items if pr == "tcp" for p in ps if p is not None}
+        tcp -= (withhold or {}).get(name, frozenset())
         udp = {p for pr, ps in items if pr == "udp" for p in ps if p is not None}
         out[name] = (ranges(tcp), ranges(udp))
     return out
@@ -176,17 +188,63 @@ class Window:
 
 
 class Matrix:
-    """Failures per (requirement, destination host), and verdict counts (bounded)."""
+    """Verdict counts, and what the human summary needs (bounded: hosts^2 x requirements).
+
+    The summary is the text of ``portmesh report`` (scanner.report): the same grouping into
+    faults ("node11 drops tcp/10250 from every peer", one-way lines) and the same matrix. A
+    failing or undecided result is folded into the report's Aggregate as it comes (rare); a
+    passing one only increments a counter per direction (the hot path: the coordinator forwards
+    ~420,000 lines/s), merged into the Aggregate at the end (``fold``).
+    """
 
     def __init__(self) -> None:
-        self.cells: Counter[tuple[str, str]] = Counter()
-        self.verdicts: Counter[str] = Counter()
+        from scanner.report.aggregate import Aggregate
+
+        self.verdicts: dict[str, int] = {}
+        # (req, src_host, host) -> passes; the rest of a direction's identity, once per key
+        self.passes: dict[tuple[Any, Any, Any], int] = {}
+        self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
+        self.agg = Aggregate()
 
     def add(self, rec: dict[str, Any]) -> None:
-        v = rec.get("verdict") or "unknown"
-        self.verdicts[v] += 1
-        if v == "fail":
-            self.cells[(rec.get("req") or "-", rec.get("host") or rec.get("dst") or "?")] += 1
+        get = rec.get
+        v = get("verdict") or "unknown"
+        vs = self.verdicts
+        vs[v] = vs.get(v, 0) + 1
+        if v != "pass":
+            self.agg.add(rec)
+            return
+        key = (get("req"), get("src_host"), get("host"))
+        p = self.passes
+        n = p.get(key)
+        if n is None:
+            p[key] = 1
+            self.ends[key] = (get("proto"), get("src"), get("dst"))
+        else:
+            p[key] = n + 1
+
+    def fold(self, mesh: Mesh, summary: dict[str, Any]) -> Any:
+        """The report's Run of this mesh: passes merged, port labels from the plan."""
+        from scanner.plan.planner import legs
+
+        agg = self.agg
+        run = agg.run(mesh.scan_id)
+        run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
+        for key, n in self.passes.items():
+            req, sh, host = key
+            proto, src, dst = self.ends[key]
+            src_name = sh or src or "(local)"
+            agg.add_passes(run, req or f"{proto}", str(proto), (src_name, src), (host or dst, dst), n)
+        for name, reason in mesh.unreachable.items():
+            run.unreachable[name] = reason
+            run.host(name)
+        for leg in legs(mesh.cfg.catalog, mesh.cfg.site, mesh.selection):
+            r = run.reqs.get(leg.req.id)
+            if r is not None and leg.srcs and leg.dsts:
+                for p in leg.ports:
+                    if p is not None:
+                        r.ports.add(p)
+        return run
 
 
 # ---- one agent ------------------------------------------------------------------------------
@@ -195,11 +253,14 @@ class Matrix:
 class AgentLink:
     """The coordinator's side of one agent: its process, its phase futures, its window."""
 
-    def __init__(self, mesh: Mesh, host: Any, argv: list[str]) -> None:
+    def __init__(
+        self, mesh: Mesh, host: Any, parts: tuple[list[str], list[str]]
+    ) -> None:
         self.mesh = mesh
         self.host = host
         self.name: str = host.name
-        self.argv = argv
+        self.prefix, self.agent = parts  # the exec template's words, the agent command's
+        self.argv = transport.command_argv(*parts)
         self.proc: asyncio.subprocess.Process | None = None
         self.window = Window()
         self.results = 0
@@ -314,6 +375,8 @@ class AgentLink:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self.err_reader), 1.0)
         tail = f": {self.stderr[-1]}" if self.stderr else ""
+        if self.hello_rec is None:
+            tail += transport.start_hint(self.prefix, self.agent, code, "\n".join(self.stderr))
         if not self.eof.done():
             self.eof.set_result(f"the agent exited with status {code}{tail}")
 
@@ -434,14 +497,18 @@ class Mesh:
     # -- phases ------------------------------------------------------------------------------
 
     def agent_argv(self, host: Any) -> list[str]:
+        return transport.command_argv(*self.agent_parts(host))
+
+    def agent_parts(self, host: Any) -> tuple[list[str], list[str]]:
+        """(the exec template's words for this host, the agent command's words)."""
         cfg = self.cfg
         tpl = cfg.exec_template or transport.default_template(host.user)
         prefix = transport.render(tpl, host.inventory_name, host.address, host.user, host.cluster)
         if cfg.bundle is not None:
             agent = transport.bootstrap_argv(cfg.bundle_python)
         else:
-            agent = transport.check_template(cfg.agent_cmd)
-        return transport.command_argv(prefix, agent)
+            agent = transport.agent_words(prefix, cfg.agent_cmd)
+        return prefix, agent
 
     async def _phase(self, links: list[AgentLink], step: Any) -> None:
         async def one(link: AgentLink) -> None:
@@ -466,8 +533,8 @@ class Mesh:
         # hosts (a lab's): their ports answer our probes as our own responders would
         secret = given.decode() if given else new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
-        ports = responder_ports(cfg.catalog, cfg.site, self.selection)
-        self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
+        ports = responder_ports(cfg.catalog, cfg.site, self.selection, cfg.withhold)
+        self.links = [AgentLink(self, h, self.agent_parts(h)) for h in self.hosts]
 
         gate = asyncio.Semaphore(cfg.forks)
 
@@ -487,9 +554,11 @@ class Mesh:
 
         async def respond(link: AgentLink) -> None:
             tcp, udp = ports.get(link.name, ("", ""))
-            link.send(
-                {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl, "witness": cfg.witness}
-            )
+            msg = {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl,
+                   "witness": cfg.witness}  # fmt: skip
+            if cfg.local_bind:
+                msg["bind"] = link.host.address
+            link.send(msg)
             link.ready_rec = await link.expect("ready", cfg.ready_timeout)
 
         await self._phase(self.links, hello)
@@ -511,6 +580,8 @@ class Mesh:
             "expect": cfg.expect,
             "unbound": unbound_ports(self.links),
         }
+        if cfg.local_bind:
+            probe_msg["from_own_address"] = True
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 
         async def probe_one(link: AgentLink) -> None:
@@ -618,7 +689,9 @@ def run_mesh(cfg: MeshConfig) -> int:
             mesh={
                 "hosts": len(mesh.hosts),
                 "exec": cfg.exec_template or "ssh -o BatchMode=yes [{user}@]{address}",
-                "agent_cmd": cfg.agent_cmd if cfg.bundle is None else "bundle",
+                "agent_cmd": "bundle" if cfg.bundle is not None else (
+                    shlex.join(mesh.agent_parts(mesh.hosts[0])[1]) if mesh.hosts else cfg.agent_cmd
+                ),
                 "protocol": PROTOCOL_VERSION,
             },
             plan=plan_meta(cfg.catalog, cfg.site, mesh.selection),
@@ -655,9 +728,7 @@ def run_mesh(cfg: MeshConfig) -> int:
     if cfg.progress:
         sys.stderr.write("\n")
     elapsed = time.perf_counter() - mesh.t0
-    pairs = Counter()
-    one_way: list[dict[str, Any]] = []
-    two_way: list[dict[str, Any]] = []
+    pairs: Counter[str] = Counter()
     for rec in mesh.join.pairs():
         rec = {
             "type": "pair",
@@ -665,10 +736,6 @@ def run_mesh(cfg: MeshConfig) -> int:
             **{k: v for k, v in rec.items() if k != "type"},
         }
         pairs[rec["verdict"]] += 1
-        if rec["verdict"] == "one-way":
-            one_way.append(_short(rec))
-        elif rec["verdict"] == "fail":
-            two_way.append(_short(rec))
         out.record(rec)
     agents = {
         link.name: {
@@ -691,25 +758,18 @@ def run_mesh(cfg: MeshConfig) -> int:
         elapsed,
         verdicts={k: mesh.matrix.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
         pairs={k: pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
-        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable)},
+        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable, key=natural_key)},
         agents=agents,
         **({"interrupted": True} if mesh.interrupted else {}),
     )
     out.record(summary)
     out.close()
-    _human(cfg.summary_to or sys.stderr, mesh, pairs, one_way, two_way, elapsed)
+    _human(cfg.summary_to or sys.stderr, mesh, pairs, summary, elapsed)
     if mesh.interrupted:
         return 130
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
         return 1
     return 0
-
-
-_SHORT_CAP = 200  # pairs listed on stderr per kind; the NDJSON has them all
-
-
-def _short(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec.get(k) for k in ("a", "b", "req", "proto", "port", "ports", "reason")}
 
 
 def _progress(mesh: Mesh) -> None:
@@ -721,13 +781,11 @@ def _progress(mesh: Mesh) -> None:
 
 
 def _human(
-    err: TextIO,
-    mesh: Mesh,
-    pairs: Counter[str],
-    one_way: list[dict[str, Any]],
-    two_way: list[dict[str, Any]],
-    elapsed: float,
+    err: TextIO, mesh: Mesh, pairs: Counter[str], summary: dict[str, Any], elapsed: float
 ) -> None:
+    """The totals, then the run as ``portmesh report`` prints it (grouped faults, matrix)."""
+    from scanner.report.text import render_run
+
     v = mesh.matrix.verdicts
     w = err.write
     w(
@@ -738,25 +796,8 @@ def _human(
     )
     if mesh.interrupted:
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
-    for name, reason in sorted(mesh.unreachable.items()):
-        w(f"UNREACHABLE {name}: {reason}\n")
-    for kind, items in (("ONE-WAY", one_way), ("FAIL   ", two_way)):
-        for p in items[:_SHORT_CAP]:
-            port = p.get("ports") or p.get("port")
-            what = p["proto"] if port is None else f"{p['proto']}/{port}"
-            w(f"{kind} {p['req']:<26} {what:<16} {p['a']} <-> {p['b']}: {p.get('reason', '')}\n")
-        if len(items) > _SHORT_CAP:
-            w(f"{kind} ... and {len(items) - _SHORT_CAP} more (see the pair records)\n")
-    cells = mesh.matrix.cells
-    if cells:
-        reqs = sorted({r for r, _ in cells})
-        hosts = sorted({h for _, h in cells})[:30]
-        width = max(len(r) for r in reqs)
-        w("failing flows by requirement (rows) and destination host (columns):\n")
-        w(" " * (width + 1) + " ".join(f"{h:>8}" for h in hosts) + "\n")
-        for r in reqs:
-            row = " ".join(f"{cells.get((r, h), 0) or '.':>8}" for h in hosts)
-            w(f"{r:<{width}} {row}\n")
+    for line in render_run(mesh.matrix.fold(mesh, summary), header=False):
+        w(line + "\n")
     err.flush()
 
 

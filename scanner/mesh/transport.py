@@ -40,6 +40,10 @@ from scanner.errors import InputError
 DEFAULT_SSH = "ssh -o BatchMode=yes {address}"
 DEFAULT_SSH_USER = "ssh -o BatchMode=yes {user}@{address}"
 DEFAULT_AGENT_CMD = "portmesh agent"
+# Programs that run their command on this machine, with this machine's files: the agent can be
+# this very interpreter and package (an unactivated venv works). ssh, kubectl exec, docker exec
+# reach another filesystem, where `portmesh agent` must be installed (or --bundle used).
+LOCAL_PROGRAMS = frozenset({"ip", "nsenter", "sudo", "doas", "env", "unshare", "runuser", "setpriv"})
 PLACEHOLDERS = ("name", "address", "user", "cluster")
 _FIELD = re.compile(r"\{([^{}]*)\}")
 READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 bytes)
@@ -83,6 +87,46 @@ def render(
 def is_remote_shell(argv: Sequence[str]) -> bool:
     """Does this program hand its trailing words to a remote shell (ssh does)?"""
     return bool(argv) and os.path.basename(argv[0]) == "ssh"
+
+
+def is_local(argv: Sequence[str]) -> bool:
+    """Does this template run its command on this machine (ip netns exec, nsenter, sudo...)?"""
+    return bool(argv) and os.path.basename(argv[0]) in LOCAL_PROGRAMS
+
+
+def agent_words(prefix: Sequence[str], agent_cmd: str | None) -> list[str]:
+    """The agent command for one host. ``None`` (no --agent-cmd): through a local template this
+    interpreter and package (``sys.executable -m scanner agent``), else ``portmesh agent``."""
+    import sys
+
+    if agent_cmd is None:
+        if is_local(prefix):
+            return [sys.executable, "-m", "scanner", "agent"]
+        agent_cmd = DEFAULT_AGENT_CMD
+    return check_template(agent_cmd)
+
+
+def start_hint(prefix: Sequence[str], agent: Sequence[str], code: int | None, tail: str) -> str:
+    """What to do when an agent could not even start (no hello): "" when it is not that."""
+    text = tail.lower()
+    if is_remote_shell(prefix) and code == 255:
+        return ""  # ssh's own failure (auth, host key, network): its message says it all
+    missing = code in (126, 127) or any(
+        w in text for w in ("not found", "no such file", "exec of", "no module named")
+    )
+    if not missing:
+        return ""
+    what = shlex.join(agent)
+    if is_remote_shell(prefix):
+        return (
+            f"; {what!r} did not start on the host: install portmesh there, give its path with "
+            "--agent-cmd '/path/to/venv/bin/portmesh agent', or copy it over the channel with "
+            "--bundle DIR (docs/mesh.md)"
+        )
+    return (
+        f"; {what!r} did not start: give the agent's full path with --agent-cmd "
+        "'/path/to/venv/bin/portmesh agent' (or --bundle DIR for hosts without portmesh)"
+    )
 
 
 def command_argv(prefix: list[str], agent_argv: list[str]) -> list[str]:

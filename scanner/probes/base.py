@@ -9,6 +9,9 @@ concurrency limits; a probe sends one attempt.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +26,52 @@ class Outcome:
     # True when the outcome is silence (a timeout): the engine may retry it.
     silent: bool = False
     extra: dict | None = None
+
+
+# The clock of the RTTs the udp, icmp and ipip probes report: monotonic nanoseconds, read right
+# before the send and at the packet's receipt. Not loop.time(): uvloop's is whole milliseconds
+# and fixed for a whole loop iteration, so a loopback sweep measured 25-34 ms, and these RTTs
+# feed the engine's adaptive timeouts.
+#
+# The receipt is the kernel's: each receiving socket has SO_TIMESTAMPNS on, and the time the
+# packet then waited in the socket queue (the kernel's stamp against the wall clock, both read
+# by the kernel's realtime clock) is subtracted from the monotonic clock at the read. So a busy
+# or descheduled event loop does not lengthen the RTT, as the kernel's tcpi_rtt keeps it out of
+# the connect probe's. Without a stamp (or after a wall-clock step) the read time serves.
+clock_ns = time.monotonic_ns
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # asm-generic (x86, arm) value
+_SOL_SOCKET = socket.SOL_SOCKET
+_TIMESPEC = struct.Struct("qq")
+_MAX_WAIT_NS = 60_000_000_000  # a longer wait is a wall-clock step, not a queue
+
+
+def enable_rx_stamps(sock: socket.socket) -> None:
+    """Ask the kernel to stamp every packet ``sock`` receives (SO_TIMESTAMPNS); best effort."""
+    try:  # noqa: SIM105 - per UDP attempt: no context manager
+        sock.setsockopt(_SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass
+
+
+def receipt_ns(anc: list[tuple[int, int, bytes]]) -> int:
+    """clock_ns() of the kernel's receipt of the packet whose ancillary data is ``anc``."""
+    now = clock_ns()
+    for level, kind, data in anc:
+        if kind == SO_TIMESTAMPNS and level == _SOL_SOCKET and len(data) >= 16:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            waited = time.time_ns() - (sec * 1_000_000_000 + nsec)
+            if 0 < waited < _MAX_WAIT_NS:
+                return now - waited
+            break
+    return now
+
+
+def rtt_ms(t0_ns: int, t1_ns: int) -> float:
+    """Milliseconds from a send at clock_ns() ``t0_ns`` to a receipt at ``t1_ns`` (receipt_ns),
+    to the microsecond; a receipt before the send (a wall-clock step) counts as now."""
+    if t1_ns < t0_ns:
+        t1_ns = clock_ns()
+    return round((t1_ns - t0_ns) / 1e6, 3)
 
 
 NO_RESPONSE_FILTERED = Outcome("filtered", "no-response", None, True)

@@ -106,6 +106,18 @@ def classify_icmp(
     return errno_outcome(OSError(ee_errno, ""), rtt_ms)
 
 
+def tcp_icmp_outcome(
+    icmp_type: int, code: int, v6: bool = False, rtt_ms: float | None = None
+) -> Outcome:
+    """The outcome of an ICMP error quoting a TCP SYN (connect probe and SYN probe alike).
+
+    nmap's rule for TCP: any ICMP unreachable, port-unreachable included (what nft ``reject``
+    and iptables ``REJECT`` send by default), means a filter answered, not the port: filtered,
+    with the code's reason word. Only a RST is ``closed``.
+    """
+    return Outcome("filtered", icmp_reason(icmp_type, code, v6), rtt_ms)
+
+
 def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
     """(ee_errno, ee_origin, ee_type, ee_code, offender address) from a sock_extended_err cmsg."""
     errno_, origin, typ, code, _pad, _info, _data = struct.unpack_from("=IBBBBII", data)

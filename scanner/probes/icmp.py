@@ -32,7 +32,13 @@ import struct
 from scanner.core import privileges, tags
 from scanner.core.flows import Flow
 from scanner.probes import classify, payloads, rawrecv
-from scanner.probes.base import NO_RESPONSE_FILTERED, Outcome, ProbeOptions
+from scanner.probes.base import (
+    NO_RESPONSE_FILTERED,
+    Outcome,
+    ProbeOptions,
+    enable_rx_stamps,
+    receipt_ns,
+)
 
 IP_RECVERR = 11
 TAG_OFF = 8  # the tag's offset inside the ICMP message (right after the echo header)
@@ -53,7 +59,7 @@ class IcmpProber:
         self.ident = int.from_bytes(os.urandom(2), "big")
         self.seq = int.from_bytes(os.urandom(2), "big")
         # (destination, sequence) -> (future, tag sent, send time)
-        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, float]] = {}
+        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, int]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rx: rawrecv.RawIcmp | None = None
         self.sock: socket.socket | None = None
@@ -80,6 +86,7 @@ class IcmpProber:
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
                 s.setblocking(False)
                 s.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+                enable_rx_stamps(s)
                 with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 if self.opts.source:
@@ -120,11 +127,11 @@ class IcmpProber:
     # ---- receiving ----------------------------------------------------------------------------
 
     def _resolve(
-        self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None
+        self, key: tuple[str, int], now: int, outcome: Outcome, echoed: bytes | None
     ) -> None:
         rawrecv.resolve(self.pending, key, now, outcome, echoed)
 
-    def _on_raw(self, pkt: bytes, ihl: int, now: float) -> None:
+    def _on_raw(self, pkt: bytes, ihl: int, now: int) -> None:
         typ = pkt[ihl]
         if typ == rawrecv.ICMP_ECHO_REPLY:
             ident, seq = struct.unpack_from("!HH", pkt, ihl + 4)
@@ -151,7 +158,6 @@ class IcmpProber:
         sock, loop = self.sock, self.loop
         if sock is None or loop is None:
             return
-        now = loop.time()
         for _ in range(256):
             try:
                 data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
@@ -159,6 +165,7 @@ class IcmpProber:
                 break
             except OSError:
                 break
+            now = receipt_ns(anc)
             for level, ctype, cdata in anc:
                 if level == socket.SOL_IP and ctype == IP_RECVERR and len(data) >= 8:
                     _, origin, typ, code, offender = classify.parse_extended_err(cdata)
@@ -172,11 +179,12 @@ class IcmpProber:
                     )
         for _ in range(256):
             try:
-                data, addr = sock.recvfrom(2048)
+                data, anc, _, addr = sock.recvmsg(2048, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # an error the queue above reports; keep draining
+            now = receipt_ns(anc)
             if len(data) >= 8 and data[0] == rawrecv.ICMP_ECHO_REPLY:
                 seq = struct.unpack_from("!H", data, 6)[0]
                 self._resolve((addr[0], seq), now, OPEN, data[TAG_OFF:])

@@ -62,7 +62,7 @@ class IpipProber:
         self.secret = opts.secret or b""
         self.ident = int.from_bytes(os.urandom(2), "big")
         self.seq = int.from_bytes(os.urandom(2), "big")
-        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, float]] = {}
+        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, int]] = {}
         self.sources: dict[str, bytes] = {}  # destination -> our packed source address
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sock: socket.socket | None = None
@@ -132,11 +132,11 @@ class IpipProber:
         )
 
     def _resolve(
-        self, key: tuple[str, int], now: float, outcome: Outcome, echoed: bytes | None
+        self, key: tuple[str, int], now: int, outcome: Outcome, echoed: bytes | None
     ) -> None:
         rawrecv.resolve(self.pending, key, now, outcome, echoed)
 
-    def _on_icmp(self, pkt: bytes, ihl: int, now: float) -> None:
+    def _on_icmp(self, pkt: bytes, ihl: int, now: int) -> None:
         typ = pkt[ihl]
         if typ == rawrecv.ICMP_ECHO_REPLY:
             ident, seq = struct.unpack_from("!HH", pkt, ihl + 4)

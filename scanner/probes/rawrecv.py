@@ -14,6 +14,7 @@ import contextlib
 import socket
 from collections.abc import Callable
 
+from scanner.probes.base import clock_ns, enable_rx_stamps, receipt_ns, rtt_ms
 from scanner.probes.classify import errno_outcome
 
 ICMP_ECHO_REPLY = 0
@@ -28,8 +29,8 @@ def ip_header_len(pkt: bytes | memoryview, off: int = 0) -> int:
     return ihl if ihl >= 20 and len(pkt) >= off + ihl else 0
 
 
-# A subscriber gets (packet with its IPv4 header, ip header length, receive time).
-Handler = Callable[[bytes, int, float], None]
+# A subscriber gets (packet with its IPv4 header, ip header length, receipt time: receipt_ns()).
+Handler = Callable[[bytes, int, int], None]
 
 
 class RawIcmp:
@@ -42,20 +43,21 @@ class RawIcmp:
         # Bursts of thousands of replies must not overflow the default ~200 KiB buffer.
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        enable_rx_stamps(self.sock)
         self.handlers: list[Handler] = []
         self.users = 0
         loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recv = self.sock.recv
-        now = self.loop.time()
+        recvmsg = self.sock.recvmsg
         for _ in range(256):  # drain, but give the loop back now and then
             try:
-                pkt = recv(65535)
+                pkt, anc, _, _ = recvmsg(65535, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # a pending socket error (see send_to), consumed by this call
+            now = receipt_ns(anc)
             ihl = ip_header_len(pkt)
             if not ihl or len(pkt) < ihl + 8:
                 continue
@@ -139,10 +141,11 @@ async def send_and_wait(
 ) -> object:
     """Send ``data`` and wait for ``resolve`` to answer ``key`` (or ``silence`` at the timeout).
 
-    ``pending[key] = (future, tag, send time)`` while it waits; a send error is an outcome.
+    ``pending[key] = (future, tag, send time in clock_ns())`` while it waits; a send error is an
+    outcome.
     """
     fut = loop.create_future()
-    pending[key] = (fut, tag, loop.time())
+    pending[key] = (fut, tag, clock_ns())
     try:
         send_to(sock, data, addr)
     except OSError as e:
@@ -164,8 +167,9 @@ def _expire(pending: dict, key: tuple, fut: asyncio.Future, silence: object) -> 
         fut.set_result(silence)
 
 
-def resolve(pending: dict, key: tuple, now: float, outcome: object, echoed: bytes | None) -> None:
-    """Answer the request waiting on ``key`` with ``outcome`` (an Outcome; its rtt is set here).
+def resolve(pending: dict, key: tuple, now: int, outcome: object, echoed: bytes | None) -> None:
+    """Answer the request waiting on ``key`` with ``outcome`` (an Outcome; its rtt is set here,
+    from ``now``: the receipt's clock_ns()).
 
     ``echoed``: the payload that came back, when the reply quotes or echoes one; it must start
     with the request's tag, else the reply is stale or someone else's and is ignored.
@@ -181,5 +185,5 @@ def resolve(pending: dict, key: tuple, now: float, outcome: object, echoed: byte
     del pending[key]
     if not fut.done():
         assert isinstance(outcome, Outcome)
-        rtt = round((now - t0) * 1000.0, 3)
+        rtt = rtt_ms(t0, now)
         fut.set_result(Outcome(outcome.state, outcome.reason, rtt, extra=outcome.extra))

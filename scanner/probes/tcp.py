@@ -5,9 +5,23 @@ close. Open sockets are closed with SO_LINGER 0 (an RST, no TIME_WAIT), so a swe
 thousands of ports does not exhaust the ephemeral port range.
 
 States and reasons (nmap's words): open/syn-ack (or open/responder when our responder's token
-arrived), closed/conn-refused, filtered/no-response, filtered/host-unreach (connect() reports
-an ICMP admin-prohibited as EHOSTUNREACH too, so we cannot say admin-prohibited here),
-filtered/net-unreach, filtered/local-prohibited (our own host's firewall refused to send).
+arrived), closed/conn-refused (a RST), filtered/no-response, filtered/local-prohibited (our own
+host's firewall refused to send).
+
+An ICMP error is told apart from a RST: connect() reports both an ICMP port-unreachable (what
+nft ``reject`` and iptables ``REJECT`` send by default) and a RST as ECONNREFUSED, and every
+admin-prohibited as EHOSTUNREACH. Each socket has IP_RECVERR (IPV6_RECVERR) on, so the kernel
+also queues the ICMP error itself on the socket's error queue, with its type, code and sender;
+a failed connect reads it and the outcome is the one ``classify.tcp_icmp_outcome`` gives, the
+function the SYN probe's ICMP path uses: filtered/port-unreach, filtered/admin-prohibited,
+filtered/host-unreach, ... The same packet gets the same state and reason with or without root.
+
+A connect to a local address whose port the kernel picked as our own source port (in the
+ephemeral range, when nothing listens on it) "succeeds" by TCP simultaneous open with itself.
+That is not an open port: nothing listens (the kernel never picks a port that is bound). Such
+an attempt is detected (local address == peer address) and made again from another source
+port, which gets the real answer (a RST); if the kernel keeps picking the same port (a one-port
+ephemeral range), the outcome is closed/self-connect.
 """
 
 from __future__ import annotations
@@ -23,6 +37,15 @@ from collections.abc import Callable
 
 from scanner.core.flows import Flow
 from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.classify import (
+    IP_RECVERR,
+    IPV6_RECVERR,
+    SO_EE_ORIGIN_ICMP,
+    SO_EE_ORIGIN_ICMP6,
+    SOL_IPV6,
+    parse_extended_err,
+    tcp_icmp_outcome,
+)
 from scanner.probes.deadlines import Deadlines
 
 LINGER0 = struct.pack("ii", 1, 0)
@@ -36,6 +59,19 @@ _IPPROTO_TCP = socket.IPPROTO_TCP
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _unpack_rtt = struct.Struct("I").unpack_from  # tcp_info.tcpi_rtt (microseconds) at offset 68
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_SOL_IP = socket.SOL_IP
+_MSG_ERRQUEUE = socket.MSG_ERRQUEUE
+# (level, option) that turns on the error queue, per address family
+_RECVERR = {_AF_INET: (_SOL_IP, IP_RECVERR), _AF_INET6: (SOL_IPV6, IPV6_RECVERR)}
+_RECVERR_CMSG = ((_SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR))
+# How long an open port's first bytes may take to be our responder's token. The handshake is the
+# kernel's; the token needs the responder process to run, and on a loaded host (many processes,
+# few cores) it can be descheduled for hundreds of milliseconds: the old 0.2 s floor turned such
+# ports into open/syn-ack (not ours), a false verdict. Only open ports that are not our
+# responder and never speak first wait this long (nmap's NULL probe waits 6 s for a banner).
+TOKEN_WAIT = 2.0
+# a self-connect is made again this many times before it is reported (closed/self-connect)
+SELF_CONNECT_TRIES = 3
 
 # errno -> (state, reason) for a connect that finished with an error
 _ERRORS: dict[int, tuple[str, str]] = {
@@ -50,6 +86,20 @@ _ERRORS: dict[int, tuple[str, str]] = {
     errno.EHOSTDOWN: ("filtered", "host-down"),
     errno.ENOPROTOOPT: ("filtered", "proto-unreach"),
 }
+# connect() errors an ICMP error can be behind (the kernel's icmp_err_convert table): for these
+# the error queue is read, and a queued ICMP error decides the outcome
+_ICMP_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EOPNOTSUPP,
+        errno.EMSGSIZE,
+    }
+)
 # Resource errors: not a property of the target; the engine backs off and tries again.
 RESOURCE_ERRNOS = {
     errno.EMFILE: "fd-exhausted",
@@ -62,6 +112,7 @@ RESOURCE_REASONS = frozenset(RESOURCE_ERRNOS.values())
 
 _OPEN = Outcome("open", "syn-ack")
 _SILENT = Outcome("filtered", "no-response", None, True)
+_SELF_CONNECT = Outcome("closed", "self-connect")
 
 
 def _done(fut: asyncio.Future, value: bool) -> None:
@@ -131,7 +182,7 @@ class TcpProber:
         self._waiting.pop(fd, None)
         fut.set_result(False)
 
-    async def probe(self, flow: Flow, timeout: float) -> Outcome:
+    async def probe(self, flow: Flow, timeout: float, _try: int = 1) -> Outcome:
         loop = self.loop
         ep = self._ep
         assert loop is not None and ep is not None, "start() first"
@@ -140,6 +191,7 @@ class TcpProber:
             sock = _socket.socket(family, _STREAM)
         except OSError as e:
             return Outcome("error", RESOURCE_ERRNOS.get(e.errno or 0, f"socket-{e.errno}"))
+        sock.setsockopt(*_RECVERR[family], 1)
         if self.opts.source:
             try:
                 sock.bind((self.opts.source, 0))
@@ -169,6 +221,14 @@ class TcpProber:
                     return _SILENT
         rtt = (time.perf_counter() - t0) * 1000.0
         if err == 0:
+            if sock.getsockname()[1] == flow.port and _self_connected(sock):
+                # connected to itself (simultaneous open): nothing listens on that port; ask
+                # again from another source port for the real answer
+                sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
+                sock.close()
+                if _try < SELF_CONNECT_TRIES:
+                    return await self.probe(flow, timeout, _try + 1)
+                return _SELF_CONNECT
             # The kernel's own SYN/SYN-ACK RTT: our loop's queueing delay is not in it, so the
             # adaptive timeouts follow the network, not how busy this process is.
             try:  # noqa: SIM105 - hot path: contextlib.suppress costs a context manager per flow
@@ -183,6 +243,11 @@ class TcpProber:
             sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
             sock.close()
             return Outcome("open", "syn-ack", rtt)
+        if err in _ICMP_ERRNOS:
+            icmp = _queued_icmp(sock, flow.dst, rtt)
+            if icmp is not None:
+                sock.close()
+                return icmp
         sock.close()
         res = RESOURCE_ERRNOS.get(err)
         if res is not None:
@@ -199,7 +264,7 @@ class TcpProber:
         assert loop is not None and self.secret is not None
         want = tcp_token(self.secret, port)
         got = b""
-        deadline = loop.time() + max(timeout, 0.2)
+        deadline = loop.time() + max(timeout, TOKEN_WAIT)
         fd = sock.fileno()
         while len(got) < TOKEN_LEN:
             try:
@@ -223,6 +288,31 @@ class TcpProber:
                 break
             got += chunk
         return "responder" if got == want else "syn-ack"
+
+
+def _self_connected(sock: _socket.socket) -> bool:
+    try:
+        return sock.getsockname()[:2] == sock.getpeername()[:2]
+    except OSError:
+        return False
+
+
+def _queued_icmp(sock: _socket.socket, dst: str, rtt: float) -> Outcome | None:
+    """The outcome of the ICMP error queued on a failed connect's socket; None for a RST."""
+    try:
+        _, anc, _, _ = sock.recvmsg(0, 512, _MSG_ERRQUEUE)
+    except OSError:  # nothing queued (EAGAIN): the kernel's answer was a RST or a local error
+        return None
+    for level, ctype, cdata in anc:
+        if (level, ctype) in _RECVERR_CMSG:
+            _ee_errno, origin, typ, code, offender = parse_extended_err(cdata)
+            if origin != SO_EE_ORIGIN_ICMP and origin != SO_EE_ORIGIN_ICMP6:
+                return None
+            out = tcp_icmp_outcome(typ, code, origin == SO_EE_ORIGIN_ICMP6, rtt)
+            if offender and offender != dst:
+                out = Outcome(out.state, out.reason, rtt, extra={"icmp_from": offender})
+            return out
+    return None
 
 
 def make_prober(opts: ProbeOptions | None = None) -> TcpProber:

@@ -23,8 +23,8 @@ class Tcp6Prober(TcpProber):
     # can name it. A local output drop is EPERM and stays local-prohibited.
     errors = {**_ERRORS, errno.EACCES: ("filtered", "admin-prohibited")}
 
-    async def probe(self, flow: Flow, timeout: float) -> Outcome:
-        out = await super().probe(flow, timeout)
+    async def probe(self, flow: Flow, timeout: float, _try: int = 1) -> Outcome:
+        out = await super().probe(flow, timeout, _try)
         extra = METHOD if not out.extra else {**out.extra, **METHOD}
         return Outcome(out.state, out.reason, out.rtt_ms, out.silent, extra)
 

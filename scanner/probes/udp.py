@@ -45,7 +45,15 @@ import socket
 from scanner.core import tags
 from scanner.core.flows import Flow
 from scanner.probes import payloads
-from scanner.probes.base import NO_RESPONSE_OPEN_FILTERED, Outcome, ProbeOptions
+from scanner.probes.base import (
+    NO_RESPONSE_OPEN_FILTERED,
+    Outcome,
+    ProbeOptions,
+    clock_ns,
+    enable_rx_stamps,
+    receipt_ns,
+    rtt_ms,
+)
 from scanner.probes.classify import (
     IP_RECVERR,
     IPV6_RECVERR,
@@ -60,6 +68,7 @@ from scanner.probes.classify import (
 UDP_PER_HOST_PPS = 1.0
 UDP_PER_HOST_BURST = 6
 
+
 class _Attempt:
     __slots__ = ("loop", "sock", "fut", "nonce", "t0", "dst")
 
@@ -69,7 +78,7 @@ class _Attempt:
         sock: socket.socket,
         fut: asyncio.Future,
         nonce: bytes,
-        t0: float,
+        t0: int,
         dst: str,
     ) -> None:
         self.loop = loop
@@ -78,11 +87,6 @@ class _Attempt:
         self.nonce = nonce
         self.t0 = t0
         self.dst = dst
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(NO_RESPONSE_OPEN_FILTERED)
 
 
 class UdpProber:
@@ -96,9 +100,18 @@ class UdpProber:
         self.opts = opts
         self.secret = opts.secret or b""
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._stamps: socket.socket | None = None
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # Kernel receive stamps (probes.base.receipt_ns) are switched on host-wide by the first
+        # socket that asks, after a delay (a work queue), and off when the last one closes; one
+        # socket held for the prober's life keeps them on between the attempts' sockets.
+        try:
+            self._stamps = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            enable_rx_stamps(self._stamps)
+        except OSError:
+            self._stamps = None
         # Build every template now (scapy's import and build take ~0.5 s): doing it lazily in
         # the middle of a sweep would stall the loop while other attempts' timers run.
         kinds = set(payloads.DEFAULT_PORT_KINDS.values()) | {"tag"}
@@ -136,6 +149,7 @@ class UdpProber:
                 sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
             else:
                 sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            enable_rx_stamps(sock)
             if self.opts.source:
                 sock.bind((self.opts.source, 0))
             sock.connect((flow.dst, flow.port))
@@ -147,15 +161,16 @@ class UdpProber:
         data = self.payload(flow, tags.make_tag(self.secret, nonce), src)
         fut = loop.create_future()
         fd = sock.fileno()
-        att = _Attempt(loop, sock, fut, nonce, loop.time(), flow.dst)
+        att = _Attempt(loop, sock, fut, nonce, 0, flow.dst)
         loop.add_reader(fd, self._readable, att)
         timer = None
         try:
             try:
+                att.t0 = clock_ns()
                 sock.send(data)
             except OSError as e:
                 return errno_outcome(e)
-            timer = loop.call_later(timeout, _expire, fut)
+            timer = loop.call_later(timeout, self._expire, att)
             return await fut
         finally:
             if timer is not None:
@@ -163,10 +178,16 @@ class UdpProber:
             loop.remove_reader(fd)
             sock.close()
 
+    def _expire(self, att: _Attempt) -> None:
+        # the socket first: under load the timer can run before an answer already queued is
+        # read (uvloop runs timers before I/O), and that answer is the truth
+        self._readable(att)
+        if not att.fut.done():
+            att.fut.set_result(NO_RESPONSE_OPEN_FILTERED)
+
     def _readable(self, att: _Attempt) -> None:
         if att.fut.done():
             return
-        rtt = round((att.loop.time() - att.t0) * 1000.0, 3)
         sock = att.sock
         try:
             _, anc, _, _ = sock.recvmsg(0, 512, socket.MSG_ERRQUEUE)
@@ -175,6 +196,7 @@ class UdpProber:
         except OSError:
             anc = None
         if anc:
+            rtt = rtt_ms(att.t0, receipt_ns(anc))
             for level, ctype, cdata in anc:
                 if (level, ctype) in ((socket.SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)):
                     ee_errno, origin, typ, code, offender = parse_extended_err(cdata)
@@ -184,12 +206,13 @@ class UdpProber:
                     att.fut.set_result(out)
                     return
         try:
-            reply = sock.recv(65535)
+            reply, anc, _, _ = sock.recvmsg(65535, 64)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            att.fut.set_result(errno_outcome(e, rtt))
+            att.fut.set_result(errno_outcome(e, rtt_ms(att.t0, clock_ns())))
             return
+        rtt = rtt_ms(att.t0, receipt_ns(anc))
         reason = "udp-response"
         if self.secret and tags.check_reply(reply, self.secret) == att.nonce:
             reason = "responder"
@@ -197,6 +220,9 @@ class UdpProber:
 
     def close(self) -> None:
         self.loop = None
+        if self._stamps is not None:
+            self._stamps.close()
+            self._stamps = None
 
 
 def make_prober(opts: ProbeOptions) -> UdpProber:

@@ -5,8 +5,9 @@
 
 The input is streamed once. For ``ecs`` every result is converted as it is read (memory O(1));
 for the other views the records are folded into an Aggregate (memory O(hosts^2 x
-requirements), never O(lines)) and rendered at the end. Exit code: 0 when the input holds no
-failure, 1 when it holds any (as ``check``); bad input raises InputError (exit 2).
+requirements), never O(lines)) and rendered at the end. Exit code of the text report: 0 when
+the input holds no failure, 1 when it holds any (as ``check``); the exports (html, ecs, --fix)
+exit 0 when they were written, failures or not; bad input raises InputError (exit 2).
 
 May import: core. (It reads NDJSON, not the engine's objects.)
 """
@@ -73,10 +74,10 @@ def run_report(config: ReportConfig, out: IO[bytes], err: IO[str] | None = None)
     if config.fix is None and config.fmt == "ecs":
         from scanner.report.ecs import write_ecs
 
-        failures = write_ecs(read_records(config.inputs, stats), out)
+        write_ecs(read_records(config.inputs, stats), out)
         _require_records(config.inputs, stats)
         _notes(stats, err)
-        return 1 if failures else 0
+        return 0  # an export: written is success, whatever it holds
 
     agg, stats = aggregate(config.inputs, stats)
     if config.fix is not None:
@@ -94,6 +95,7 @@ def run_report(config: ReportConfig, out: IO[bytes], err: IO[str] | None = None)
             out.write(line.encode() + b"\n")
     if config.fix is not None or config.fmt != "text":
         _notes(stats, err)  # the text view prints them itself
+        return 0  # an export (html, --fix): written is success, whatever it holds
     return 1 if agg.failures else 0
 
 

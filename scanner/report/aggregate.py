@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.core.verdicts import verdict
 
 VERDICTS = ("pass", "fail", "unknown")
@@ -194,9 +195,7 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(parts)
 
 
-def natural_key(s: str) -> tuple[Any, ...]:
-    # isdecimal, not isdigit: "²" is a digit int() cannot read (found by Hypothesis)
-    return tuple(int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", s))
+
 
 
 class Cell:
@@ -308,6 +307,7 @@ class Run:
     unreachable: dict[str, str] = field(default_factory=dict)  # host name -> reason
     reqs: dict[str, Requirement] = field(default_factory=dict)
     results: int = 0
+    starts: int = 0  # start records seen: more than one means the run was fed twice
     pairs: int = 0
     pair_verdicts: dict[str, int] = field(default_factory=dict)
 
@@ -385,6 +385,7 @@ class Aggregate:
                 run.unreachable[rec["name"]] = str(rec.get("reason") or "")
                 run.host(rec["name"], rec.get("address"))
         elif t == "start":
+            run.starts += 1
             run.argv = rec.get("argv")
             run.listening = _expects_listening(run.argv) or rec.get("expect") == "listening"
             run.started = rec.get("ts")
@@ -429,6 +430,33 @@ class Aggregate:
         if not isinstance(cur, Cell):
             cur = req.cells[ck] = Cell(cur or 0)
         cur.note(verdict, rec, run.listening)
+
+    def add_passes(
+        self,
+        run: Run,
+        key: str,
+        proto: str,
+        src: tuple[str, str | None],
+        dst: tuple[str, str],
+        n: int,
+    ) -> None:
+        """``n`` passing results of one direction at once, for a caller that counted them
+        itself (the mesh coordinator: a Counter increment per result instead of ``add``).
+        ``src``/``dst`` are (name, address)."""
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        ck = run.host(*src) * STRIDE + run.host(*dst)
+        run.results += n
+        self.passes += n
+        req.npass += n
+        cur = req.cells.get(ck)
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
 
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
@@ -478,6 +506,21 @@ class Aggregate:
                     cell.nunknown = 1
             else:
                 cell.note(verdict, fake)
+
+
+def duplicate_warning(run: Run) -> str | None:
+    """A run fed more than once (a truncated copy and the full file): the counts add up twice.
+    Flows are not remembered (memory stays O(hosts^2)), so this is told from the counts."""
+    over = run.planned is not None and run.results > run.planned
+    if not over and run.starts <= 1:
+        return None
+    what = f"{run.results} results for {run.planned} planned flows" if over else (
+        f"its start record {run.starts} times"
+    )
+    return (
+        f"duplicate results of one run: {what} (the same run fed twice, e.g. a truncated copy "
+        "and the full file?); counts include the duplicates"
+    )
 
 
 def _expects_listening(argv: Any) -> bool:

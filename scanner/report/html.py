@@ -8,6 +8,7 @@ script builds the cells from the embedded data; hover or click a cell for the fl
 from __future__ import annotations
 
 import html
+import shlex
 import time
 from importlib import resources
 from typing import Any
@@ -106,6 +107,8 @@ def report_data(agg: Aggregate, stats: ReadStats | None = None) -> dict[str, Any
             {
                 "scan_id": run.scan_id,
                 "argv": run.argv,
+                # as a shell would need it typed: --exec 'ip netns exec pm-{name}' stays one word
+                "command": shlex.join(str(a) for a in run.argv) if run.argv else "",
                 "started": run.started,
                 "results": run.results,
                 "hosts": run.names,
