@@ -411,7 +411,8 @@ def test_explain_says_why_a_leg_is_ipv4_or_ipv6(tmp_path) -> None:
     assert vx6["included"] and "calico_vxlan_mode_ipv6=CrossSubnet" in vx6["why"]
     assert "no IPv6 address for node3 (set ip6 / access_ip6)" in vx6["why"]  # said, not silent
     assert "enable_dual_stack_networks=true" in recs[("k8s.apiserver", "ipv4")]["why"]
-    assert recs[("calico.wireguard6", "ipv6")]["why"].startswith("over IPv6: WireGuard for IPv6")
+    assert "over IPv6: WireGuard for IPv6" in recs[("calico.wireguard6", "ipv6")]["why"]
+    assert "over IPv4: the cluster's main family" in recs[("k8s.apiserver", "ipv4")]["why"]
     # the counts agree with the flows, per family
     assert count_plan(cat, site, Selection()) == sum(1 for _ in plan(cat, site, Selection()))
     assert sum(e["flows"] for e in recs.values()) == count_plan(cat, site, Selection())

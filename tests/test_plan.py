@@ -372,7 +372,8 @@ def test_explain_names_the_deciding_setting():
         "af",
         "why",
     }
-    assert rec["etcd.client"]["af"] == "ipv4" and "over IPv4" in rec["etcd.client"]["why"]
+    # an IPv4-only cluster: af says the family, the why stays about the requirement
+    assert rec["etcd.client"]["af"] == "ipv4" and "IPv4" not in rec["etcd.client"]["why"]
 
 
 def test_ports_follow_the_cluster_config():

@@ -204,13 +204,16 @@ def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
             for af, af_why in leg_families(req, eff):
                 if af == "ipv4" and all_ipv4:
                     leg = _leg(req, cluster, eff, site, selection)
-                    leg = replace(leg, why=f"{af_why}; {leg.why}", af=af)
+                    if eff.config.families.value != ("ipv4",):
+                        # a dual-stack cluster: say why this one stays on IPv4
+                        leg = replace(leg, why=f"{leg.why}; {af_why}")
+                    leg = replace(leg, af=af)
                 else:
                     if af not in views:
                         views[af] = family_view(site, af)
                     view, clusters, missing = views[af]
                     leg = _leg(req, clusters[cluster.name], eff, view, selection)
-                    why = f"{af_why}; {leg.why}"
+                    why = f"{leg.why}; {af_why}"
                     gone = [n for n in missing if n in {h.name for h in cluster.hosts}]
                     if gone and leg.applies:
                         why += f"; not checked over {_AF_NAME[af]}: no {_AF_NAME[af]} address for "
@@ -237,10 +240,10 @@ def leg_families(req: Requirement, eff: Effective) -> list[tuple[str, str]]:
     fams = eff.config.families
     main = fams.value[0] if fams.value else "ipv4"
     if "wireguard6" in req.condition.features:
-        return [("ipv6", "over IPv6: WireGuard for IPv6 (calico_wireguard_enabled, dual stack)")]
-    out = [(main, f"over {_AF_NAME[main]}: the cluster's main family ({fams.source})")]
+        return [("ipv6", "over IPv6: WireGuard for IPv6 [calico_wireguard_enabled, dual stack]")]
+    out = [(main, f"over {_AF_NAME[main]}: the cluster's main family [{fams.source}]")]
     if main != "ipv6" and "vxlan" in req.condition.features and eff.config.vxlan6.value:
-        out.append(("ipv6", f"also over IPv6: Calico VXLAN for IPv6 ({eff.config.vxlan6.source})"))
+        out.append(("ipv6", f"also over IPv6: Calico VXLAN for IPv6 [{eff.config.vxlan6.source}]"))
     return out
 
 
@@ -275,6 +278,7 @@ def family_view(site: Site, af: str) -> tuple[Site, dict[str, Cluster], tuple[st
     boot = host(site.bootstrap) if site.bootstrap is not None else None
     view = replace(site, clusters=clusters, bootstrap=boot, vips=vips(site.vips))
     return view, {c.name: c for c in clusters}, tuple(missing)
+
 
 def _endpoint_req(name: str, port: int | None) -> Requirement:
     return Requirement(
@@ -455,9 +459,7 @@ def _counted_elsewhere(req: Requirement, k: Cluster, site: Site) -> str:
     if req.src_scope != "site" or not cond.cluster:
         return ""
     owners = [c.name for c in site.clusters if c.kind in cond.cluster and c is not k]
-    if not owners or not any(
-        _has(h.roles, role) for h in k.hosts for role in req.src_roles
-    ):
+    if not owners or not any(_has(h.roles, role) for h in k.hosts for role in req.src_roles):
         return ""
     return (
         f"counted under {', '.join(owners)} (only {'/'.join(cond.cluster)} clusters have it; its "
