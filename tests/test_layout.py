@@ -30,9 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "report"},
     "report": {"top", "core"},
     "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
+    "ansible": {"top"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab", "watch"},
+                 "report", "lab", "watch", "ansible"},
     "cli": {"top", "commands"},
 }
 

@@ -403,7 +403,9 @@ def test_lab_up_total_counts_unknown(lab_name: str, tmp_path: Path) -> None:
     )
     out = io.StringIO()
     try:
-        cfg = LabUpConfig(hosts=2, name=lab_name, responders=False, faults_file=str(faults))
+        cfg = LabUpConfig(
+            hosts=2, name=lab_name, responders=False, faults_file=str(faults), truth_file=True
+        )
         assert lab_up(cfg, out=out) == 0
         text = out.getvalue()
         m = re.search(r"ground truth \(bare\): (\d+) planned flows, (\d+) pass, (\d+) fail, "

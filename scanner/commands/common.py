@@ -171,6 +171,20 @@ def output_options(f: Callable) -> Callable:
 # A /16: a run that would probe more addresses stops before sending anything (--max-hosts).
 MAX_HOSTS_DEFAULT = 65_536
 
+
+def emit_option(f: Callable) -> Callable:
+    """check and mesh: write every result, or only the flows that did not pass + tallies."""
+    return click.option(
+        "--emit",
+        type=click.Choice(["all", "failures"]),
+        default="all",
+        show_default=True,
+        help="all: one result line per flow. failures: a line per flow that did not pass, and "
+        "one tally record per (source, destination, requirement) counting the rest "
+        "(output and work grow with failures, not flows).",
+    )(f)
+
+
 PAYLOAD_KINDS = ("vxlan", "wireguard", "memberlist", "tag", "empty")
 ONLY_WORDS = ("open", "closed", "filtered", "open|filtered", "error", "pass", "fail", "unknown")
 

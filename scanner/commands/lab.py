@@ -36,6 +36,11 @@ def command() -> None:
     help="Write a dual-stack inventory (enable_dual_stack_networks, calico_vxlan_mode_ipv6): "
     "plans then check WireGuard v6 and VXLAN over IPv6 too.",
 )
+@click.option(
+    "--truth-file",
+    is_flag=True,
+    help="Also write every planned flow's ground truth to <state>/truth.ndjson (large).",
+)
 @selection_options(exclude=("inventory", "hosts", "role"))
 def up(
     selection_opts: SelectionOptions,
@@ -46,6 +51,7 @@ def up(
     ttl: float,
     show_flows: bool,
     dual_stack: bool,
+    truth_file: bool,
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth.
 
@@ -65,6 +71,7 @@ def up(
         show_flows=show_flows,
         dual_stack=dual_stack,
         selection=selection_opts,
+        truth_file=truth_file,
     )
     return lab_up(cfg)
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from scanner.commands.common import engine_options, output_options
+from scanner.commands.common import emit_option, engine_options, output_options
 from scanner.plan.selection import SelectionOptions, selection_options
 
 # engine options a mesh does not take: agents probe from their own host with one event loop
@@ -69,6 +69,7 @@ MESH_EXCLUDES = ("source", "workers")
 )
 @engine_options(exclude=MESH_EXCLUDES)
 @output_options
+@emit_option
 def command(
     selection_opts: SelectionOptions,
     exec_template: str | None,
@@ -78,6 +79,7 @@ def command(
     ttl: float | None,
     hello_timeout: float,
     forks: int,
+    emit: str,
     **opts,
 ) -> int:
     """Probe every planned flow from every host while every host responds; join both ends.
@@ -132,5 +134,6 @@ def command(
         loop=opts["loop"],
         only=parse_only(opts["only"]),
         progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),
+        emit=emit,
     )
     return run_mesh(cfg)

@@ -37,6 +37,7 @@ class CheckConfig:
     loop: str = "uvloop"
     workers: int | None = None
     summary_to: TextIO | None = None  # the human summary (stderr by default)
+    emit: str = "all"  # or "failures": passing flows in tally records (scanner.core.tally)
 
 
 class Failures:
@@ -65,6 +66,10 @@ class Failures:
             )
             port = rec.get("port")
             self.groups[key].append(port if port is not None else -1)
+
+    def with_tallied(self, tallied: int) -> dict[str, int]:
+        """The verdict counts, with the passing flows that --emit failures only counted."""
+        return {**self.verdicts, "pass": self.verdicts.get("pass", 0) + tallied}
 
     def lines(self) -> list[str]:
         out = []
@@ -157,13 +162,14 @@ def run_check(cfg: CheckConfig) -> int:
             "check": {"host": cfg.host, "expect": expect, "responder": responder},
             "plan": meta,
         },
-        summary_extra=lambda _s: {"verdicts": dict(failures.verdicts)},
+        summary_extra=lambda s: {"verdicts": failures.with_tallied(s.tallied)},
         loop=cfg.loop,
         workers=cfg.workers,
         on_record=failures,
+        emit=cfg.emit,
     )
     outcome = run(spec)
-    v = failures.verdicts
+    v = failures.with_tallied(outcome.stats.tallied)
     err.write(
         f"portmesh check from {cfg.host}: {planned} flows, {v.get('pass', 0)} pass, "
         f"{v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown ({outcome.elapsed:.2f}s)\n"

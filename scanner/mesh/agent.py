@@ -281,6 +281,7 @@ class Channel(NdjsonOutput):
         super().__init__(None, stdout=True, fd=fd)
         self._lock = threading.RLock()
         self.stopping = False
+        self.tallies: list[list[Any]] = []  # --emit failures: sent inside ``done``
 
     @property
     def dead(self) -> bool:  # type: ignore[override]
@@ -290,8 +291,19 @@ class Channel(NdjsonOutput):
         t = rec.get("type")
         if t == "start":
             rec = {"type": "probing", "scan_id": rec.get("scan_id"), "planned": rec.get("planned")}
+        elif t == "tally":
+            # one record per (destination, requirement), all inside ``done``: the coordinator
+            # counts them together with the done or not at all (an agent that dies before it
+            # says done owes every flow it did not send)
+            self.tallies.append(
+                [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
+                 rec.get("ports"), rec.get("src")]
+            )  # fmt: skip
+            return
         elif t == "summary":
             rec = {**rec, "type": "done"}
+            if self.tallies:
+                rec["tallies"] = self.tallies
         with self._lock:
             super().record(rec)
 
@@ -522,6 +534,9 @@ class Agent:
         expect = msg.get("expect", "reachable")
         if expect not in ("reachable", "listening"):
             raise ProtocolError("probe: expect must be reachable or listening")
+        emit = msg.get("emit", "all")
+        if emit not in ("all", "failures"):
+            raise ProtocolError("probe: emit must be all or failures")
         unbound = _unbound_in(msg.get("unbound") or {})
         try:
             catalog = load_catalog(files)
@@ -563,8 +578,9 @@ class Agent:
         def job() -> None:
             try:
                 probe_slice(
-                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound
-                )
+                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
+                    emit,
+                )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
 
@@ -660,6 +676,7 @@ def probe_slice(
     expect: str,
     loop_kind: str,
     unbound: dict[tuple[str, str], frozenset[int]] | None = None,
+    emit: str = "all",
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``.
 
@@ -711,6 +728,7 @@ def probe_slice(
             scan_id=scan_id,
             loop=loop_kind,
             workers=1,  # a fork would inherit the control channel; one loop per agent
+            emit=emit,
         )
     )
 

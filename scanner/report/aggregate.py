@@ -13,6 +13,7 @@ derived from the state (see ``derive_verdict``), and the requirement key is ``pr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
@@ -195,9 +196,6 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(parts)
 
 
-
-
-
 class Cell:
     """One direction (src -> dst) of one requirement in one run, once something did not pass."""
 
@@ -278,6 +276,7 @@ class Requirement:
     key: str
     proto: str
     ports: PortSet = field(default_factory=PortSet)
+    last_tally_ports: str | None = None  # the ports text of the last tally folded into ports
     # (src index, dst index) -> int (pass count, every flow passed) or Cell
     cells: dict[int, int | Cell] = field(default_factory=dict)
     nfail: int = 0
@@ -308,6 +307,7 @@ class Run:
     reqs: dict[str, Requirement] = field(default_factory=dict)
     results: int = 0
     starts: int = 0  # start records seen: more than one means the run was fed twice
+    tallied: int = 0  # passing flows counted in tally records (--emit failures)
     pairs: int = 0
     pair_verdicts: dict[str, int] = field(default_factory=dict)
 
@@ -380,6 +380,8 @@ class Aggregate:
             self._result(run, rec)
         elif t == "pair":
             self._pair(run, rec)
+        elif t == "tally":
+            self._tally(run, rec)
         elif t == "host":
             if rec.get("state") == "unreachable":
                 run.unreachable[rec["name"]] = str(rec.get("reason") or "")
@@ -458,6 +460,38 @@ class Aggregate:
         else:
             cur.npass += n
 
+    def _tally(self, run: Run, rec: dict[str, Any]) -> None:
+        """A tally record (``--emit failures``): ``flows`` passing flows of one direction."""
+        n = rec["flows"]
+        run.tallied += n
+        proto = rec["proto"]
+        text = rec.get("ports")
+        key = rec.get("req") or (f"{proto}/{text}" if text else proto)
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        if text and text != req.last_tally_ports:  # most directions repeat the same ports
+            req.last_tally_ports = text
+            for tok in text.split(","):
+                a, _, b = tok.partition("-")
+                with contextlib.suppress(ValueError):
+                    for p in range(int(a), int(b or a) + 1):
+                        req.ports.add(p)
+        s = run.host(rec["src_host"], rec.get("src"))
+        d = run.host(rec["host"], rec.get("dst"))
+        if not n:
+            return
+        ck = s * STRIDE + d
+        cur = req.cells.get(ck)
+        self.passes += n
+        req.npass += n
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
+
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
         record covered (an input filtered down to pair lines still gives a report)."""
@@ -514,8 +548,10 @@ def duplicate_warning(run: Run) -> str | None:
     over = run.planned is not None and run.results > run.planned
     if not over and run.starts <= 1:
         return None
-    what = f"{run.results} results for {run.planned} planned flows" if over else (
-        f"its start record {run.starts} times"
+    what = (
+        f"{run.results} results for {run.planned} planned flows"
+        if over
+        else (f"its start record {run.starts} times")
     )
     return (
         f"duplicate results of one run: {what} (the same run fed twice, e.g. a truncated copy "

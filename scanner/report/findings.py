@@ -113,6 +113,7 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
         key=lambda k: (natural_key(names[k // STRIDE]), natural_key(names[k % STRIDE])),
     )
     done: set[int] = set()
+    in_left = set(left)  # membership per cell: a list scan here made 10,000 cells O(n^2)
     for k in left:
         if k in done:
             continue
@@ -121,7 +122,7 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
         rstate = req.cell_state(rk)
         if rstate == "pass":
             kind = ONE_WAY
-        elif rstate == "fail" and rk in left and rk not in done:
+        elif rstate == "fail" and rk in in_left and rk not in done:
             kind = BOTH
         else:
             kind = SINGLE

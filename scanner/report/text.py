@@ -42,11 +42,13 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
     """The report as lines (without newlines)."""
     runs = list(agg.runs.values())
     nres = sum(r.results for r in runs)
+    ntal = sum(r.tallied for r in runs)
     npairs = sum(r.pairs for r in runs)
     head = (
         f"portmesh report: {len(runs)} run{'s' if len(runs) != 1 else ''}, "
         f"{nres} result{'s' if nres != 1 else ''} "
-        f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
+        + (f"+ {ntal} tallied " if ntal else "")
+        + f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
     )
     if npairs:
         oneway = sum(r.pair_verdicts.get("one-way", 0) for r in runs)
@@ -69,12 +71,15 @@ def render_run(run: Run, header: bool = True) -> Iterator[str]:
             f"run {run.scan_id}: {what}"
             + (f", started {run.started}" if run.started else "")
             + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
+            + (f" + {run.tallied} passing flows tallied" if run.tallied else "")
         )
     dup = duplicate_warning(run)
     if dup:
         yield f"  warning: {dup}"
-    if run.summary and run.planned is not None and run.summary.get("results") != run.planned:
-        yield f"  warning: planned {run.planned} flows, summary counts {run.summary.get('results')}"
+    if run.summary and run.planned is not None:
+        counted = (run.summary.get("results") or 0) + (run.summary.get("tallied") or 0)
+        if counted != run.planned:
+            yield f"  warning: planned {run.planned} flows, summary counts {counted}"
     if run.summary is None and run.results:
         yield "  warning: no summary record: the run was cut short or the input is partial"
     for name in sorted(run.unreachable, key=natural_key):
@@ -189,8 +194,10 @@ def _nothing_listening_line(run: Run, req: Requirement, f: Finding, closed: Port
     host = names[f.host]
     peers = compress_names(names[i] for i in f.peers)
     if f.kind == INGRESS:
-        seen = f"every peer ({len(f.peers)} sources: {peers})" if f.every else (
-            f"{peers} ({len(f.peers)} of {f.required} sources)"
+        seen = (
+            f"every peer ({len(f.peers)} sources: {peers})"
+            if f.every
+            else (f"{peers} ({len(f.peers)} of {f.required} sources)")
         )
         return f"{host}: nothing listening on {label} (closed, seen from {seen})"
     if f.kind == EGRESS:
