@@ -172,6 +172,8 @@ class Responder:
             for fam, where in binds:
                 s = self._open(fam, socket.SOCK_STREAM, "tcp", port, where, len(binds) > 1)
                 if s is None:
+                    if fam == socket.AF_INET:
+                        break  # held on IPv4: handled as before (also-addresses), not half-bound
                     continue
                 token = tags.tcp_token(self.secret, port)
                 self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
@@ -185,6 +187,8 @@ class Responder:
             for fam, where in binds:
                 s = self._open(fam, socket.SOCK_DGRAM, "udp", port, where, len(binds) > 1)
                 if s is None:
+                    if fam == socket.AF_INET:
+                        break  # held on IPv4: handled as before (also-addresses), not half-bound
                     continue
                 info = ipaddress.ip_address(where).is_unspecified
                 if info and fam == socket.AF_INET:
