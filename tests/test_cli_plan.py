@@ -32,7 +32,8 @@ def test_plan_ndjson_meta_then_flows_and_count_agrees():
     assert recs[0]["nodeport"] == "sample" and recs[0]["nodeport_sample"] == 2
     flows = recs[1:]
     assert flows and all(r["type"] == "flow" for r in flows)
-    assert set(flows[0]) == {"type", "src", "src_host", "dst", "host", "proto", "port", "req"}
+    assert set(flows[0]) == {"type", "src", "src_host", "dst", "af", "host", "proto", "port", "req"}
+    assert flows[0]["af"] == "ipv4"
     assert all(r["src_host"] != r["host"] for r in flows)
     ports = {r["port"] for r in flows if r["req"] == "k8s.nodeport"}
     assert ports == {30000, 30922, 31845, 32767}  # K=2 spread + both ends

@@ -362,7 +362,18 @@ def test_explain_names_the_deciding_setting():
     assert "needs cni cilium" in rec["cilium.health"]["why"]
     assert not rec["istio.gateway.http"]["included"]
     assert "only for global clusters" in rec["istio.gateway.http"]["why"]
-    assert set(rec["etcd.client"]) == {"type", "req", "cluster", "kind", "included", "flows", "why"}
+    assert set(rec["etcd.client"]) == {
+        "type",
+        "req",
+        "cluster",
+        "kind",
+        "included",
+        "flows",
+        "af",
+        "why",
+    }
+    # an IPv4-only cluster: af says the family, the why stays about the requirement
+    assert rec["etcd.client"]["af"] == "ipv4" and "IPv4" not in rec["etcd.client"]["why"]
 
 
 def test_ports_follow_the_cluster_config():

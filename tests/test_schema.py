@@ -75,7 +75,8 @@ def test_schema_matches_the_code() -> None:
     assert defs["start"]["properties"]["version"]["const"] == SCHEMA_VERSION
     # every field result_dict writes for a plain flow is required, and nothing more
     plain = result_dict(Result(Flow(LOCAL, 22), "open", "syn-ack", 0.1, 1, 0.0), "x")
-    assert set(defs["result"]["required"]) == set(plain)
+    # ... but "af", added within version 1, so that older files still validate
+    assert set(defs["result"]["required"]) == set(plain) - {"af"}
     full = result_dict(
         Result(Flow(LOCAL, 22, "tcp", "h", "127.0.0.2", "a", "r"), "open", "x", None, 1, 0, "pass"),
         "x",
@@ -399,7 +400,7 @@ def test_golden_result_line() -> None:
     r = Result(Flow("198.18.0.2", 6443, "tcp", "node2"), "open", "syn-ack", 0.1234567, 1, TS)
     assert encode(result_dict(r, SID)) == (
         b'{"type":"result","scan_id":"0123456789abcdef","ts":"2023-11-14T22:13:20.500Z",'
-        b'"src":null,"dst":"198.18.0.2","host":"node2","proto":"tcp","port":6443,'
+        b'"src":null,"dst":"198.18.0.2","af":"ipv4","host":"node2","proto":"tcp","port":6443,'
         b'"state":"open","reason":"syn-ack","rtt_ms":0.123,"attempts":1}\n'
     )
 
@@ -409,10 +410,29 @@ def test_golden_result_line_of_a_planned_flow() -> None:
     r = Result(flow, "filtered", "no-response", None, 3, TS, "fail", {"icmp_from": "198.18.0.9"})
     assert encode(result_dict(r, SID)) == (
         b'{"type":"result","scan_id":"0123456789abcdef","ts":"2023-11-14T22:13:20.500Z",'
-        b'"src":"198.18.0.1","dst":"198.18.0.3","host":"node3","proto":"icmp","port":null,'
+        b'"src":"198.18.0.1","dst":"198.18.0.3","af":"ipv4","host":"node3","proto":"icmp","port":null,'
         b'"state":"filtered","reason":"no-response","rtt_ms":null,"attempts":3,'
         b'"src_host":"node1","req":"calico.icmp","verdict":"fail","icmp_from":"198.18.0.9"}\n'
     )
+
+
+def test_golden_result_line_over_ipv6() -> None:
+    r = Result(
+        Flow("2001:2::2", 6443, "tcp", "node2"),
+        "open",
+        "syn-ack",
+        0.5,
+        1,
+        TS,
+        None,
+        {"tcp_method": "connect"},
+    )
+    assert encode(result_dict(r, SID)) == (
+        b'{"type":"result","scan_id":"0123456789abcdef","ts":"2023-11-14T22:13:20.500Z",'
+        b'"src":null,"dst":"2001:2::2","af":"ipv6","host":"node2","proto":"tcp","port":6443,'
+        b'"state":"open","reason":"syn-ack","rtt_ms":0.5,"attempts":1,"tcp_method":"connect"}\n'
+    )
+    assert errors(orjson.loads(encode(result_dict(r, SID)))) == []
 
 
 def test_encode_results_is_the_lines_joined() -> None:

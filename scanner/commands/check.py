@@ -36,7 +36,12 @@ def command(
 
     Exit 0 when all pass, 1 when any fails, 2 on bad input. Failures are summarised on stderr.
     """
-    from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.commands.common import (
+        build_engine_config,
+        build_output,
+        check_site_hosts,
+        parse_only,
+    )
     from scanner.engine.check import CheckConfig, run_check
     from scanner.errors import InputError
 
@@ -53,6 +58,7 @@ def command(
             )
         from_host = h.name
     catalog, site, selection = selection_opts.resolve(sources=[from_host], scanner=from_host)
+    check_site_hosts(site, opts["max_hosts"])
     cfg = CheckConfig(
         catalog=catalog,
         site=site,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +93,21 @@ def _engine_options(f: Callable, exclude: tuple[str, ...]) -> Callable:
             metavar="PORT=KIND",
             help="UDP payload kind for a port: vxlan, wireguard, memberlist, tag, empty.",
         ),
-        click.option("--source", default=None, metavar="ADDR", help="Local address to probe from."),
+        click.option(
+            "--source",
+            default=None,
+            metavar="ADDR",
+            help="Local address to probe from (must be an address of this host).",
+        ),
+        click.option(
+            "--max-hosts",
+            "max_hosts",
+            type=int,
+            default=MAX_HOSTS_DEFAULT,
+            show_default=True,
+            metavar="N",
+            help="Refuse, before sending anything, a run that would probe more addresses.",
+        ),
         click.option(
             "--method",
             "tcp_method",
@@ -153,6 +168,10 @@ def output_options(f: Callable) -> Callable:
     return f
 
 
+# A /16: a run that would probe more addresses stops before sending anything (--max-hosts).
+MAX_HOSTS_DEFAULT = 65_536
+
+
 def emit_option(f: Callable) -> Callable:
     """check and mesh: write every result, or only the flows that did not pass + tallies."""
     return click.option(
@@ -176,6 +195,8 @@ def build_engine_config(opts: dict[str, Any]):
     from scanner.probes.base import ProbeOptions
 
     def positive(name: str, value: float | None, zero_ok: bool = False) -> None:
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         if value is not None and (value < 0 or (value == 0 and not zero_ok)):
             raise InputError(
                 f"--{name.replace('_', '-')} must be {'>= 0' if zero_ok else '> 0'}, got {value}"
@@ -190,6 +211,7 @@ def build_engine_config(opts: dict[str, Any]):
     positive("retries", opts["retries"], zero_ok=True)
     positive("max_retries", opts["max_retries"], zero_ok=True)
     positive("workers", opts["workers"])
+    positive("max_hosts", opts.get("max_hosts"))
     if not 0 <= opts["vxlan_vni"] < 1 << 24:
         raise InputError(f"--vxlan-vni must be 0-16777215, got {opts['vxlan_vni']}")
     payloads: dict[int, str] = {}
@@ -217,12 +239,7 @@ def build_engine_config(opts: dict[str, Any]):
     except OSError as e:
         raise InputError(f"cannot read secret file {opts['secret_file']!r}: {e.strerror}") from None
     if opts["source"] is not None:
-        import ipaddress
-
-        try:
-            ipaddress.ip_address(opts["source"])
-        except ValueError:
-            raise InputError(f"bad --source {opts['source']!r}: not an IP address") from None
+        check_source(opts["source"])
     return EngineConfig(
         concurrency=opts["concurrency"],
         rate=opts["rate"],
@@ -240,6 +257,60 @@ def build_engine_config(opts: dict[str, Any]):
             source=opts["source"],
         ),
     )
+
+
+def check_source(source: str, local: set[str] | None = None) -> None:
+    """--source must be an address of this host: a raw SYN from any other address is a spoofed
+    packet, and its answers would go to someone else. ``local`` replaces the interface
+    addresses (tests)."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(source.split("%")[0])
+    except ValueError:
+        raise InputError(f"bad --source {source!r}: not an IP address") from None
+    if addr.is_unspecified or addr.is_multicast:
+        raise InputError(f"bad --source {source!r}: not a unicast address")
+    if addr.is_loopback:  # all of 127.0.0.0/8 is local (one route), and ::1
+        return
+    if local is None:
+        from scanner.plan.inventory import local_addresses
+
+        local = local_addresses()
+    mine = set()
+    for a in local:
+        try:
+            mine.add(ipaddress.ip_address(a.split("%")[0]))
+        except ValueError:
+            continue
+    if addr not in mine:
+        raise InputError(
+            f"bad --source {source!r}: not an address of this host "
+            "(probes would be spoofed; use one of `ip -brief addr`)"
+        )
+
+
+def check_max_hosts(count: int, limit: int | None) -> None:
+    """Stop before sending anything when a run would probe more than ``limit`` addresses."""
+    if limit is None:
+        limit = MAX_HOSTS_DEFAULT
+    if count > limit:
+        raise InputError(
+            f"refusing to probe {count:,} addresses (more than --max-hosts {limit:,}): "
+            f"narrow the targets, or pass --max-hosts {count} to allow it"
+        )
+
+
+def check_site_hosts(site: Any, limit: int | None) -> None:
+    """check/mesh: the addresses a site's plan can reach (hosts of both families and VIPs)."""
+    addrs: set[str] = set(site.vips.values())
+    for c in site.clusters:
+        addrs.update(c.vips.values())
+    for h in site.hosts():
+        addrs.add(h.address)
+        if getattr(h, "address6", None):
+            addrs.add(h.address6)
+    check_max_hosts(len(addrs), limit)
 
 
 def build_output(opts: dict[str, Any]):

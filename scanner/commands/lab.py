@@ -31,6 +31,12 @@ def command() -> None:
     "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
 )
 @click.option(
+    "--dual-stack",
+    is_flag=True,
+    help="Write a dual-stack inventory (enable_dual_stack_networks, calico_vxlan_mode_ipv6): "
+    "plans then check WireGuard v6 and VXLAN over IPv6 too.",
+)
+@click.option(
     "--truth-file",
     is_flag=True,
     help="Also write every planned flow's ground truth to <state>/truth.ndjson (large).",
@@ -44,6 +50,7 @@ def up(
     no_responders: bool,
     ttl: float,
     show_flows: bool,
+    dual_stack: bool,
     truth_file: bool,
 ) -> int:
     """Build the lab, apply the faults, write its inventory, start responders, print the truth.
@@ -62,6 +69,7 @@ def up(
         responders=not no_responders,
         ttl=check_ttl(ttl),
         show_flows=show_flows,
+        dual_stack=dual_stack,
         selection=selection_opts,
         truth_file=truth_file,
     )

@@ -91,7 +91,12 @@ def command(
     running with it (`portmesh lab up`, `portmesh respond`) answer the agents' probes too.
     Exit 0 all pass, 1 any failure or unreachable host, 2 bad input, 130 interrupted.
     """
-    from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.commands.common import (
+        build_engine_config,
+        build_output,
+        check_site_hosts,
+        parse_only,
+    )
     from scanner.errors import InputError
     from scanner.mesh import transport
     from scanner.mesh.coordinator import DEFAULT_TTL, MeshConfig, run_mesh
@@ -109,6 +114,7 @@ def command(
     if not hello_timeout > 0:
         raise InputError("--hello-timeout must be > 0")
     catalog, site, selection = selection_opts.resolve()
+    check_site_hosts(site, opts["max_hosts"])
     if bundle is not None:
         transport.bundle_payload(bundle)  # fail early, before any host is contacted
     cfg = MeshConfig(

@@ -47,11 +47,16 @@ def command(
 
     Targets: IPv4/IPv6 addresses, CIDR blocks, octet ranges (198.18.0.1-20), hostnames.
     """
-    from scanner.commands.common import build_engine_config, build_output, parse_only
+    from scanner.commands.common import (
+        build_engine_config,
+        build_output,
+        check_max_hosts,
+        parse_only,
+    )
     from scanner.core.ports import parse_ports
     from scanner.engine.scan import ScanConfig, run_scan
     from scanner.errors import InputError
-    from scanner.plan.targets import parse_targets, read_target_file
+    from scanner.plan.targets import count_hosts, parse_targets, read_target_file
 
     tokens = list(targets)
     if input_list:
@@ -63,11 +68,22 @@ def command(
             "no ports: give -p PORTS (e.g. -p 22,6443 or -p 30000-32767), --icmp or --ipip"
         )
     port_list = parse_ports(ports) if ports else []
+    target_list = parse_targets(tokens)
+    engine = build_engine_config(opts)
+    check_max_hosts(count_hosts(target_list), opts["max_hosts"])
+    if opts["source"]:
+        version = 6 if ":" in opts["source"] else 4
+        for t in target_list:
+            if t.versions() - {version}:
+                raise InputError(
+                    f"--source {opts['source']} is IPv{version} but target {t.text!r} is not: "
+                    "scan each address family with a source of its own"
+                )
     cfg = ScanConfig(
-        targets=parse_targets(tokens),
+        targets=target_list,
         ports=port_list,
         extra=tuple(p for p, on in (("icmp", icmp), ("ipip", ipip)) if on),
-        engine=build_engine_config(opts),
+        engine=engine,
         output=build_output(opts),
         only=parse_only(opts["only"]),
         progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),

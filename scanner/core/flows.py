@@ -31,3 +31,8 @@ class Flow:
     src: str | None = None
     src_host: str | None = None
     req: str | None = None
+
+    @property
+    def af(self) -> str:
+        """The address family the flow goes over: "ipv4" or "ipv6" (from the destination)."""
+        return "ipv6" if ":" in self.dst else "ipv4"

@@ -52,6 +52,7 @@ class Host:
     roles: frozenset[str] = frozenset()
     cluster: str | None = None  # cluster name; None for the bootstrap node
     user: str | None = None  # ansible_user, for the mesh's exec template
+    address6: str | None = None  # IPv6 address of a dual-stack host: access_ip6, then ip6
 
     @property
     def inventory_name(self) -> str:
@@ -101,6 +102,8 @@ class ClusterConfig:
     registry: (host, port) of the image registry, when known (kubespray registry_host).
     minio: (host, port) of MinIO on the bootstrap node, when known (minio_address).
     unresolved: variable name -> raw value, for templated values that could not be resolved.
+    families: the address families, main one first (ipv4_stack, ipv6_stack,
+        enable_dual_stack_networks); vxlan6: calico_vxlan_mode_ipv6 is on.
     endpoints: hosts outside the inventory the variables point at (registry, files, mirrors).
     """
 
@@ -111,6 +114,11 @@ class ClusterConfig:
     registry: Setting | None = None
     minio: Setting | None = None
     unresolved: dict[str, str] = field(default_factory=dict)
+    # the address families the cluster runs: ("ipv4",), ("ipv4", "ipv6") or ("ipv6",), the
+    # first being the one its API server, kubelet and etcd use (kubespray's main_ip)
+    families: Setting = field(default_factory=lambda: Setting(("ipv4",), "default"))
+    # Calico VXLAN over IPv6 (calico_vxlan_mode_ipv6 other than Never)
+    vxlan6: Setting = field(default_factory=lambda: Setting(False, "default"))
     endpoints: tuple[Endpoint, ...] = ()
 
 

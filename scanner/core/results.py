@@ -73,6 +73,7 @@ def result_dict(r: Result, scan_id: str) -> dict[str, Any]:
         "ts": iso_ts(r.ts),
         "src": f.src,
         "dst": f.dst,
+        "af": f.af,
         "host": f.host,
         "proto": f.proto,
         "port": f.port,

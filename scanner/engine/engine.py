@@ -148,7 +148,16 @@ class Stats:
     backoffs: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> flows not probed
     interrupted: bool = False
-    tcp_method: str | None = None  # connect | syn, once a TCP flow was probed
+    tcp_method: str | None = None  # connect | syn (| mixed: see tcp_methods), once TCP ran
+    # address family ("ipv4" / "ipv6") -> the TCP probe its flows used: raw SYN is IPv4 only,
+    # so IPv6 TCP flows always go by connect() and the summary must say so
+    tcp_methods: dict[str, str] = field(default_factory=dict)
+
+    def note_tcp_method(self, af: str, method: str) -> None:
+        self.tcp_methods[af] = method
+        used = set(self.tcp_methods.values())
+        self.tcp_method = used.pop() if len(used) == 1 else "mixed"
+
     fd_limited: tuple[int, int] | None = None  # (asked, allowed) when the fd budget cut the pool
     # what the neighbour-table guard did (scanner.engine.neigh), when it had anything to do
     neighbour: dict | None = None
@@ -177,6 +186,8 @@ class Engine:
         self._should_stop = should_stop
         self.hosts: dict[str, HostState] = {}
         self.probers: dict[str, object] = {}
+        self._used: dict[str, object] = {}  # probers a flow has used (key as in _V6_KEYS)
+        self._methods: dict[str, tuple[str, str]] = {}  # TCP key -> (family, method)
         self._starting: dict[str, asyncio.Future] = {}
         self._next_slot = 0.0
         self.concurrency = 0
@@ -318,7 +329,12 @@ class Engine:
         return res
 
     def _module(self, proto: str) -> str:
-        """The probe module for a protocol (TCP: the connect or the raw SYN probe)."""
+        """The probe module for a prober key (see ``_V6_KEYS``; TCP: connect or raw SYN)."""
+        if proto == "tcp6":
+            # raw SYN is IPv4 only: IPv6 TCP is probed with connect() whatever --method says,
+            # and every such result and the summary say so
+            self._methods[proto] = ("ipv6", "connect")
+            return "tcp6"
         if proto != "tcp":
             return proto
         method = self.cfg.tcp_method
@@ -329,7 +345,7 @@ class Engine:
                 self.cfg.probe_options.secret is None or self.cfg.token_sample > 0
             )
             method = "syn" if syn_ok else "connect"
-        self.stats.tcp_method = method
+        self._methods[proto] = ("ipv4", method)
         return "syn" if method == "syn" else "tcp"
 
     def _timeout_for(self, dst: str) -> float:
@@ -434,7 +450,18 @@ class Engine:
                 return Result(flow, "error", "unresolved", None, 0)
             flow = dataclasses.replace(flow, dst=addr)
         if prober is None:
-            prober = self.probers.get(flow.proto) or await self._prober(flow.proto)
+            key = flow.proto
+            if ":" in flow.dst:
+                key = _V6_KEYS.get(key, key)
+            prober = self._used.get(key)
+            if prober is None:
+                # first flow of this key: the method is reported once a flow used it (probers
+                # started ahead of the sweep may never see one, e.g. IPv4 TCP in an IPv6-only
+                # run)
+                prober = self.probers.get(key) or await self._prober(key)
+                self._used[key] = prober
+                if key in self._methods:
+                    self.stats.note_tcp_method(*self._methods[key])
         if isinstance(prober, _Refuser):
             o = prober.outcome
             self.stats.skipped[o.reason] = self.stats.skipped.get(o.reason, 0) + 1
@@ -556,6 +583,11 @@ class Engine:
         finally:
             if counted:
                 hs.retrying -= 1
+
+
+# IPv6 flows of these protocols go to a prober of their own (key -> module of that name):
+# ICMPv6 echo is another protocol on other sockets; TCP over IPv6 is always connect().
+_V6_KEYS = {"tcp": "tcp6", "icmp": "icmp6"}
 
 
 class _Refuser:

@@ -253,6 +253,7 @@ def write_summary(
         extra["interrupted"] = True
     if stats.tcp_method:
         extra["tcp_method"] = stats.tcp_method
+        extra["tcp_methods"] = stats.tcp_methods
     if stats.fd_limited:
         asked, allowed = stats.fd_limited
         extra["fd_limited"] = {"asked": asked, "allowed": allowed}

@@ -206,7 +206,8 @@ def run_sharded(spec, n: int):
         for k, v in d["skipped"].items():
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
-        total.tcp_method = total.tcp_method or d.get("tcp_method")
+        for af, method in (d.get("tcp_methods") or {}).items():
+            total.note_tcp_method(af, method)
         if d.get("tallies"):
             for rec in d["tallies"]:
                 merged.merge(rec)

@@ -12,6 +12,7 @@ A fault file is YAML::
         ports: "2380"           # tcp/udp: "2380", "30000-30100", "2379,2380", 2380 or null (all)
         action: drop            # drop | reject | reject-admin
         from: node3             # optional (direction in): only packets from this lab host
+        family: ipv6            # optional: only IPv6 (or ipv4) packets; default both families
       - {host: node1, direction: out, proto: udp, ports: 4789, action: drop, to: node2}
 
 A bare list of faults (without ``faults:``) is accepted too. Each fault becomes one nftables
@@ -69,7 +70,9 @@ DIRECTIONS = ("in", "out")
 FAULT_PROTOS = ("tcp", "udp", "icmp", "ipip")
 ACTIONS = ("drop", "reject", "reject-admin")
 MODES = ("responder", "bare")
-_KEYS = {"host", "direction", "proto", "ports", "action", "from", "to", "comment"}
+_KEYS = {"host", "direction", "proto", "ports", "action", "from", "to", "comment", "family"}
+FAMILIES = ("ipv4", "ipv6")
+_FAMILY_NAME = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,12 @@ class Fault:
     action: str  # drop | reject | reject-admin
     peer: str | None = None  # in: only from this host; out: only to this host
     comment: str | None = None
+    family: str | None = None  # "ipv4" | "ipv6": only packets of that family; None: both
+
+    def matches_family(self, af: str) -> bool:
+        if self.proto == "ipip":
+            return af == "ipv4"  # IP protocol 4 carries IPv4 packets over IPv4
+        return self.family is None or self.family == af
 
     def matches_port(self, port: int | None) -> bool:
         if self.ports is None:
@@ -93,7 +102,8 @@ class Fault:
         where = "from" if self.direction == "in" else "to"
         peer = f" {where} {self.peer}" if self.peer else ""
         ports = "" if self.ports is None else f" {ports_text(self.ports)}"
-        return f"{self.host} {self.direction} {self.proto}{ports}{peer}: {self.action}"
+        fam = f" ({_FAMILY_NAME[self.family]} only)" if self.family else ""
+        return f"{self.host} {self.direction} {self.proto}{ports}{peer}{fam}: {self.action}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,11 @@ def parse_fault(entry: object, where: str) -> Fault:
     if peer is not None and peer.strip() == host.strip():
         raise InputError(f"{where}: field {own!r}: a host cannot be its own peer")
     comment = entry.get("comment")
+    family = None
+    if entry.get("family") is not None:
+        family = word("family", FAMILIES)
+        if proto == "ipip" and family == "ipv6":
+            raise InputError(f"{where}: field 'family': ipip is IPv4 only")
     return Fault(
         host.strip(),
         direction,
@@ -199,6 +214,7 @@ def parse_fault(entry: object, where: str) -> Fault:
         action,
         peer.strip() if peer else None,
         str(comment) if comment is not None else None,
+        family,
     )
 
 
@@ -291,20 +307,55 @@ def _addr(lab: _AddrBook | Mapping[str, str], name: str) -> str:
     return lab.host(name).addr
 
 
-def nft_rule(f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0) -> str:
+def _addr6(lab: _AddrBook | Mapping[str, str], name: str) -> str | None:
+    if isinstance(lab, Mapping):
+        a = lab.get(f"{name}/ipv6")  # a mapping may carry IPv6 addresses under "name/ipv6"
+        return a if isinstance(a, str) else None
+    return getattr(lab.host(name), "addr6", None)
+
+
+def nft_rules(f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0) -> list[str]:
+    """The rules of one fault: one, or one per family where the match says the family (a peer
+    address, ICMP vs ICMPv6 echo). A peer without an IPv6 address gets no IPv6 rule."""
+    if f.proto == "ipip":
+        return [nft_rule(f, lab, index)]
+    if f.family is not None:
+        fams = [f.family]
+    elif f.peer is not None or f.proto == "icmp":
+        fams = ["ipv4", "ipv6"]
+    else:
+        return [nft_rule(f, lab, index)]  # tcp/udp by port: one rule, both families
+    out = []
+    for fam in fams:
+        if fam == "ipv6" and f.peer is not None and _addr6(lab, f.peer) is None:
+            continue
+        out.append(nft_rule(f, lab, index, fam))
+    return out
+
+
+def nft_rule(
+    f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0, family: str | None = None
+) -> str:
     # TCP, UDP and ICMP echo: only a connection's first packet, so replies and ICMP errors of
     # other flows pass. Not for IP-in-IP: conntrack tracks protocol 4 by addresses alone, so a
     # probe B->A would count as the reply of an earlier probe A->B and slip past the rule.
     parts = [] if f.proto == "ipip" else ["ct state new"]
+    v6 = family == "ipv6"
+    if family is not None and f.peer is None and f.proto in ("tcp", "udp"):
+        parts.append(f"meta nfproto {family}")
     if f.peer is not None:
-        parts.append(f"ip {'saddr' if f.direction == 'in' else 'daddr'} {_addr(lab, f.peer)}")
+        way = "saddr" if f.direction == "in" else "daddr"
+        if v6:
+            parts.append(f"ip6 {way} {_addr6(lab, f.peer)}")
+        else:
+            parts.append(f"ip {way} {_addr(lab, f.peer)}")
     if f.proto in ("tcp", "udp"):
         if f.ports is None:
             parts.append(f"meta l4proto {f.proto}")
         else:
             parts.append(f"{f.proto} dport {{ {', '.join(_nft_ports(f.ports))} }}")
     elif f.proto == "icmp":
-        parts.append("icmp type echo-request")
+        parts.append("icmpv6 type echo-request" if v6 else "icmp type echo-request")
     else:
         parts.append("ip protocol 4")
     parts.append(_nft_verdict(f))
@@ -324,7 +375,7 @@ def nft_ruleset(faults_for_host: Iterable[Fault], lab: _AddrBook | Mapping[str, 
     """
     rules: dict[str, list[str]] = {"input": [], "output": []}
     for i, f in enumerate(faults_for_host, 1):
-        rules["input" if f.direction == "in" else "output"].append(nft_rule(f, lab, i))
+        rules["input" if f.direction == "in" else "output"].extend(nft_rules(f, lab, i))
     out = [
         # declare-then-delete: loading replaces an older table of ours and fails on nothing
         "table inet portmesh {}",
@@ -446,6 +497,7 @@ def hit(flow: Flow, faults: Iterable[Fault], lab: Any = None) -> Fault | None:
             and f.proto == flow.proto
             and (f.peer is None or f.peer == there)
             and f.matches_port(flow.port)
+            and f.matches_family(flow.af)
         )
 
     for f in faults:

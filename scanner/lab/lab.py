@@ -48,8 +48,16 @@ def default_roles(names: list[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def inventory_doc(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
-    """A kubespray/Kubean-style YAML inventory (the hosts.yml of Kubean's hosts-conf ConfigMap)."""
+def inventory_doc(
+    lab: Lab,
+    roles: dict[str, tuple[str, ...]] | None = None,
+    dual_stack_vars: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A kubespray/Kubean-style YAML inventory (the hosts.yml of Kubean's hosts-conf ConfigMap).
+
+    Hosts carry ip6 (their 2001:2::/48 lab address); ``dual_stack_vars`` (e.g.
+    ``{"enable_dual_stack_networks": True, "calico_vxlan_mode_ipv6": "Always"}``) go to all.vars,
+    which is what makes the plan check anything over IPv6."""
     roles = {**default_roles(lab.host_names()), **(roles or {})}
     groups: dict[str, dict[str, Any]] = {g: {} for g in dict.fromkeys(_ROLE_GROUPS.values())}
     for h in lab.hosts:
@@ -63,24 +71,41 @@ def inventory_doc(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> 
     return {
         "all": {
             "hosts": {
-                h.name: {"ansible_host": h.addr, "ip": h.addr, "access_ip": h.addr}
+                h.name: {
+                    "ansible_host": h.addr,
+                    "ip": h.addr,
+                    "access_ip": h.addr,
+                    **({"ip6": h.addr6} if h.addr6 else {}),
+                }
                 for h in lab.hosts
             },
             "children": {
                 **{g: {"hosts": members} for g, members in groups.items()},
                 "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}},
             },
+            **({"vars": dict(dual_stack_vars)} if dual_stack_vars else {}),
         }
     }
 
 
-def write_inventory(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -> Path:
+# the variables of a dual-stack lab inventory (lab up --dual-stack)
+DUAL_STACK_VARS: dict[str, Any] = {
+    "enable_dual_stack_networks": True,
+    "calico_vxlan_mode_ipv6": "Always",
+}
+
+
+def write_inventory(
+    lab: Lab,
+    roles: dict[str, tuple[str, ...]] | None = None,
+    dual_stack_vars: dict[str, Any] | None = None,
+) -> Path:
     import yaml
 
     p = lab.state_dir() / "inventory.yml"
     p.write_text(
         f"# portmesh lab {lab.name}: {lab.subnet}\n"
-        + yaml.safe_dump(inventory_doc(lab, roles), sort_keys=False)
+        + yaml.safe_dump(inventory_doc(lab, roles, dual_stack_vars), sort_keys=False)
     )
     return p
 
@@ -144,6 +169,7 @@ class LabUpConfig:
     responders: bool = True
     ttl: float = 600.0
     show_flows: bool = False
+    dual_stack: bool = False
     selection: Any = None  # SelectionOptions without inventories: --with, --cni, --vars, ...
     truth_file: bool = False  # write every flow's ground truth (truth.ndjson)
 
@@ -176,7 +202,9 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     lab = Lab.up(cfg.hosts, cfg.name)
     try:
         lab.apply_faults(faults)
-        inv = write_inventory(lab, ff.roles if ff else None)
+        inv = write_inventory(
+            lab, ff.roles if ff else None, DUAL_STACK_VARS if cfg.dual_stack else None
+        )
         secret = lab.state_dir() / "secret"
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -195,7 +223,8 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
         resp = ""
         if r:
             resp = f"  responder pid {r['pid']}: tcp {r['bound']['tcp'] or '-'} udp {r['bound']['udp'] or '-'}"
-        w(f"  {h.name:<8} {h.addr:<15} netns {h.ns}{resp}\n")
+        v6 = f" {h.addr6}" if h.addr6 else ""
+        w(f"  {h.name:<8} {h.addr:<15}{v6} netns {h.ns}{resp}\n")
     w(f"inventory: {inv}\n")
     w(f"secret file: {lab.state_dir() / 'secret'}\n")
     w(f"exec template: {lab.exec_template()}\n")

@@ -3,7 +3,7 @@
 Layout of a lab named ``pm`` with hosts node1..nodeN::
 
     namespace pm-sw        bridge br0 (STP off, no forward delay) and one port per host
-    namespace pm-node1     lo up, eth0 = 198.18.K.1/24   (veth, peer p1 in pm-sw)
+    namespace pm-node1     lo up, eth0 = 198.18.K.1/24 and 2001:2:0:K::1/64 (veth, peer p1 in pm-sw)
     ...
     namespace pm-nodeN     lo up, eth0 = 198.18.K.N/24
     root namespace         (host_link=True) a veth into the bridge with 198.18.K.254/24,
@@ -68,6 +68,7 @@ class LabHost:
     name: str  # inventory host name (node1, ...)
     ns: str  # network namespace name (<lab>-<name>)
     addr: str  # IPv4 address on the lab bridge
+    addr6: str | None = None  # IPv6 address on the lab bridge (2001:2::/48), None in old labs
 
 
 def require_root() -> None:
@@ -98,6 +99,23 @@ def subnet_index(name: str) -> int:
 def subnet_for(index: int) -> ipaddress.IPv4Network:
     base = int(LAB_NET.network_address) + (index << 8)
     return ipaddress.IPv4Network((base, 24))
+
+
+LAB_NET6 = ipaddress.ip_network("2001:2::/48")  # RFC 5180: IPv6 benchmarking
+
+
+def subnet6_for(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
+    """The lab's IPv6 /64, paired with its IPv4 /24: 2001:2:0:<index>::/64, hosts at ::1, ::2
+    ... like .1, .2 ..., the host link at ::fe like .254."""
+    index = (int(subnet.network_address) - int(LAB_NET.network_address)) >> 8
+    return ipaddress.IPv6Network((int(LAB_NET6.network_address) | (index << 64), 64))
+
+
+def _canon6(addr: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(addr))
+    except ValueError:
+        return addr
 
 
 def root_ifname(name: str) -> str:
@@ -182,12 +200,14 @@ class Lab:
         *,
         host_link: bool = True,
         host_addr: str | None = None,
+        host_addr6: str | None = None,
     ) -> None:
         self.name = name
         self.hosts = hosts
         self.subnet = subnet
         self.host_link = host_link
         self.host_addr = host_addr  # the root namespace's address on the lab bridge, or None
+        self.host_addr6 = host_addr6  # ... and its IPv6 address
         self.switch_ns = f"{name}-{SWITCH}"
         self.root_if = root_ifname(name) if host_link else None
 
@@ -233,13 +253,18 @@ class Lab:
                     f"a link named {root_ifname(name)!r} already exists in the root namespace"
                 )
             subnet = cls._pick_subnet(name)
+            subnet6 = subnet6_for(subnet)
             addrs = list(subnet.hosts())
             lab = cls(
                 name,
-                [LabHost(n, f"{name}-{n}", str(addrs[i])) for i, n in enumerate(names)],
+                [
+                    LabHost(n, f"{name}-{n}", str(addrs[i]), str(subnet6[i + 1]))
+                    for i, n in enumerate(names)
+                ],
                 str(subnet),
                 host_link=host_link,
                 host_addr=str(addrs[HOST_LINK_OCTET - 1]) if host_link else None,
+                host_addr6=str(subnet6[HOST_LINK_OCTET]) if host_link else None,
             )
             lab._save_state()
         try:
@@ -283,6 +308,7 @@ class Lab:
                         f"link set eth0 alias {alias}",
                         "link set eth0 addrgenmode none",
                         f"addr add {h.addr}/{plen} dev eth0",
+                        *([f"addr add {h.addr6}/64 dev eth0 nodad"] if h.addr6 else []),
                         "link set eth0 up",
                     ],
                 )
@@ -313,6 +339,11 @@ class Lab:
                         f"link set {self.root_if} alias {alias}",
                         f"link set {self.root_if} addrgenmode none",
                         f"addr add {self.host_addr}/{plen} dev {self.root_if}",
+                        *(
+                            [f"addr add {self.host_addr6}/64 dev {self.root_if} nodad"]
+                            if self.host_addr6
+                            else []
+                        ),
                         f"link set {self.root_if} up",
                     ],
                 )
@@ -408,9 +439,12 @@ class Lab:
             "subnet": self.subnet,
             "host_link": self.host_link,
             "host_addr": self.host_addr,
+            "host_addr6": self.host_addr6,
             "root_if": self.root_if,
             "switch_ns": self.switch_ns,
-            "hosts": [{"name": h.name, "ns": h.ns, "addr": h.addr} for h in self.hosts],
+            "hosts": [
+                {"name": h.name, "ns": h.ns, "addr": h.addr, "addr6": h.addr6} for h in self.hosts
+            ],
         }
         tmp = d / "lab.json.tmp"
         tmp.write_text(json.dumps(st, indent=1) + "\n")
@@ -425,10 +459,11 @@ class Lab:
             st = json.loads(p.read_text())
             return cls(
                 st["name"],
-                [LabHost(h["name"], h["ns"], h["addr"]) for h in st["hosts"]],
+                [LabHost(h["name"], h["ns"], h["addr"], h.get("addr6")) for h in st["hosts"]],
                 st["subnet"],
                 host_link=bool(st.get("host_link")),
                 host_addr=st.get("host_addr"),
+                host_addr6=st.get("host_addr6"),
             )
         except FileNotFoundError:
             raise LabError(f"no lab named {name!r} (nothing in {p.parent})") from None
@@ -455,7 +490,7 @@ class Lab:
 
     def by_addr(self, addr: str) -> LabHost | None:
         for h in self.hosts:
-            if h.addr == addr:
+            if h.addr == addr or (h.addr6 is not None and h.addr6 == _canon6(addr)):
                 return h
         return None
 
@@ -505,10 +540,17 @@ class Lab:
             "name": self.name,
             "subnet": self.subnet,
             "host_addr": self.host_addr,
+            "host_addr6": self.host_addr6,
             "exec": self.exec_template(),
             "switch": {"ns": self.switch_ns, "present": self.switch_ns in present},
             "hosts": [
-                {"name": h.name, "ns": h.ns, "addr": h.addr, "present": h.ns in present}
+                {
+                    "name": h.name,
+                    "ns": h.ns,
+                    "addr": h.addr,
+                    "addr6": h.addr6,
+                    "present": h.ns in present,
+                }
                 for h in self.hosts
             ],
         }

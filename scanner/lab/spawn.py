@@ -82,7 +82,10 @@ def spawn(
                 os.dup2(log, 1)
                 os.dup2(log, 2)
                 enter_netns(ns)
-                cfg = ResponderConfig(tcp_ports=tcp, udp_ports=udp, secret=secret, ttl=ttl)
+                # "::": both families (the lab hosts are dual stack)
+                cfg = ResponderConfig(
+                    tcp_ports=tcp, udp_ports=udp, secret=secret, ttl=ttl, bind="::"
+                )
                 cfg.name = name
                 code = run_responder(cfg)
             except BaseException:  # noqa: BLE001 - a child must never unwind into the parent

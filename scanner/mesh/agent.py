@@ -97,6 +97,7 @@ def _host_out(h: Any) -> dict[str, Any]:
         "roles": sorted(h.roles),
         "cluster": h.cluster,
         "user": h.user,
+        "address6": h.address6,
     }
 
 
@@ -119,6 +120,8 @@ def site_to_wire(site: Any) -> dict[str, Any]:
                     "registry": _setting_out(cfg.registry),
                     "minio": _setting_out(cfg.minio),
                     "unresolved": dict(cfg.unresolved),
+                    "families": _setting_out(cfg.families),
+                    "vxlan6": _setting_out(cfg.vxlan6),
                     "endpoints": [
                         [e.name, e.host, e.port, list(e.vars), e.source] for e in cfg.endpoints
                     ],
@@ -174,6 +177,7 @@ def _host_in(d: Any, where: str) -> Any:
         frozenset(roles),
         _want(d, "cluster", (str, type(None)), where),
         _want(d, "user", (str, type(None)), where),
+        d.get("address6") if isinstance(d.get("address6"), str) else None,
     )
 
 
@@ -222,6 +226,11 @@ def site_from_wire(d: Any) -> Any:
             registry=_setting_in(cfg.get("registry"), f"{cw}.registry"),
             minio=_setting_in(cfg.get("minio"), f"{cw}.minio"),
             unresolved=_str_map(cfg.get("unresolved", {}), f"{cw}.unresolved"),
+            **{
+                k: _setting_in(cfg[k], f"{cw}.{k}")
+                for k in ("families", "vxlan6")
+                if cfg.get(k) is not None
+            },
             endpoints=_endpoints_in(cfg.get("endpoints", []), f"{cw}.endpoints"),
         )
         if any(v is None for v in config.features.values()):
@@ -854,7 +863,9 @@ def _responder_main(arg: str) -> int:
             exit_on_stdin_close=True,
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
-            bind=cfg.get("bind") or "0.0.0.0",
+            # one address when agents share a machine; else both families (dual-stack plans
+            # probe IPv6 too; IPv4 alone on a host without IPv6)
+            bind=cfg.get("bind") or "::",
             also=[str(a) for a in cfg.get("also") or ()],
         )
     )

@@ -647,6 +647,7 @@ class Mesh:
                 "ts": ts,
                 "src": f.src,
                 "dst": f.dst,
+                "af": f.af,
                 "host": f.host,
                 "proto": f.proto,
                 "port": f.port,

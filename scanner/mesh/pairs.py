@@ -157,14 +157,14 @@ class Direction:
     def counts(self) -> dict[str, int]:
         return {"pass": self.passed, "fail": self.failed, "unknown": self.unknown}
 
-    def why(self, src: str, dst: str, witnessed: bool = False) -> str:
+    def why(self, src: str, dst: str, witnessed: bool = False, over: str = "") -> str:
         """One line: what went wrong in this direction (empty when it passed)."""
         parts = []
         for (state, reason), ps in sorted(self.failures.items()):
             where = f"{self.proto}/{ps.text()} " if ps.count else ""
             parts.append(f"{where}{state} ({reason})")
         if self.failed:
-            text = f"{src} -> {dst}: " + "; ".join(parts)
+            text = f"{src} -> {dst}{over}: " + "; ".join(parts)
             if witnessed:
                 text += (
                     f"; the probe arrived at {dst} (witness) but no answer came back: "
@@ -173,7 +173,7 @@ class Direction:
             return text
         if self.unknown:
             rs = ", ".join(f"{r} x{n}" if n > 1 else r for r, n in sorted(self.unknowns.items()))
-            return f"{src} -> {dst}: undecided ({rs})"
+            return f"{src} -> {dst}{over}: undecided ({rs})"
         return ""
 
 
@@ -234,6 +234,17 @@ class _Req:
         self.sparse: dict[int, Direction] = {}  # directions with a non-passing flow
 
 
+# the requirement key of IPv6 directions (a dual-stack requirement is joined per family)
+V6_KEY = "\x00ipv6"
+
+
+def _is_v6(rec: dict[str, Any]) -> bool:
+    af = rec.get("af")
+    if af is not None:
+        return af == "ipv6"
+    return ":" in str(rec.get("dst") or "")
+
+
 class PairJoin:
     """Fold result, tally and witness records; produce the pair records at the end.
 
@@ -260,6 +271,8 @@ class PairJoin:
         s, d, req = index.get(rec.get("src_host")), index.get(rec.get("host")), rec.get("req")  # type: ignore[arg-type]
         if s is None or d is None or req is None:
             return None
+        if _is_v6(rec):
+            req += V6_KEY  # a dual-stack requirement: one table per family
         t = self.reqs.get(req)
         if t is None:
             t = self.reqs[req] = _Req(rec.get("proto") or "?", self.n * self.n)
@@ -297,7 +310,10 @@ class PairJoin:
         """The hot path of ``add`` for a passing flow from host index ``s``: False when the
         record needs the general path (unknown host or requirement, a direction with a failure).
         """
-        t = self.reqs.get(rec.get("req"))  # type: ignore[arg-type]
+        req = rec.get("req")
+        if req is not None and _is_v6(rec):
+            req += V6_KEY
+        t = self.reqs.get(req)  # type: ignore[arg-type]
         d = self.index.get(rec.get("host"))  # type: ignore[arg-type]
         if t is None or d is None:
             return False
@@ -333,9 +349,9 @@ class PairJoin:
         t.passed[k] += flows
         t.sig[k] = self.states.intern(ps)
 
-    def direction(self, req: str, src: str, dst: str) -> Direction | None:
+    def direction(self, req: str, src: str, dst: str, af: str = "ipv4") -> Direction | None:
         """The folded direction (a Direction built on the fly for an all-passing one)."""
-        t = self.reqs.get(req)
+        t = self.reqs.get(req + V6_KEY if af == "ipv6" else req)
         s, d = self.index.get(src), self.index.get(dst)
         if t is None or s is None or d is None:
             return None
@@ -383,8 +399,10 @@ class PairJoin:
         n = self.n
         names = self.names
         head = {"type": "pair"} if scan_id is None else {"type": "pair", "scan_id": scan_id}
-        for req in sorted(self.reqs):
-            t = self.reqs[req]
+        for key in sorted(self.reqs):
+            t = self.reqs[key]
+            req, v6, _ = key.partition(V6_KEY)
+            af = "ipv6" if v6 else "ipv4"
             sig, passed = t.sig, t.passed
             proto = t.proto
             port_fields: dict[tuple[int, int], dict[str, Any]] = {}
@@ -400,7 +418,7 @@ class PairJoin:
                         continue
                     if sab == SPARSE or sba == SPARSE:
                         ab, ba = self._dir(t, row + b), self._dir(t, kba)
-                        rec = self.pair(req, names[a], names[b], ab, ba)  # type: ignore[arg-type]
+                        rec = self.pair(req, names[a], names[b], ab, ba, af)  # type: ignore[arg-type]
                         if scan_id is not None:
                             rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
                         yield rec
@@ -416,6 +434,7 @@ class PairJoin:
                         "b": names[b],
                         "req": req,
                         "proto": proto,
+                        "af": af,
                         **pf,
                         "a_to_b": "pass",
                         "b_to_a": "pass",
@@ -439,15 +458,24 @@ class PairJoin:
             return {"port": single}
         return {"ports": ports.text()}
 
-    def pair(self, req: str, a: str, b: str, ab: Direction, ba: Direction) -> dict[str, Any]:
+    def pair(
+        self, req: str, a: str, b: str, ab: Direction, ba: Direction, af: str = "ipv4"
+    ) -> dict[str, Any]:
         va, vb = ab.verdict(), ba.verdict()
         rec: dict[str, Any] = {"type": "pair", "a": a, "b": b, "req": req, "proto": ab.proto}
+        rec["af"] = af
+        over = " over IPv6" if af == "ipv6" else ""
         rec.update(self._port_field(ab.ports, ba.ports))
         rec["a_to_b"] = va
         rec["b_to_a"] = vb
         rec["verdict"] = pair_verdict(va, vb)
         reasons = [
-            r for r in (ab.why(a, b, self._witnessed(ab)), ba.why(b, a, self._witnessed(ba))) if r
+            r
+            for r in (
+                ab.why(a, b, self._witnessed(ab), over),
+                ba.why(b, a, self._witnessed(ba), over),
+            )
+            if r
         ]
         if reasons:
             rec["reason"] = "; ".join(reasons)

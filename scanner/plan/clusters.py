@@ -25,6 +25,7 @@ from scanner.plan.inventory_files import (
 from scanner.plan.kubean import VarsLayer
 
 ADDRESS_VARS = ("access_ip", "ip", "ansible_host")
+ADDRESS6_VARS = ("access_ip6", "ip6")  # kubespray's per-host IPv6 addresses (dual stack)
 # --role words for --hosts (and a site cluster's inline hosts) -> the roles each host gets
 QUICK_ROLES: dict[str, frozenset[str]] = {
     "node": frozenset({"node"}),
@@ -63,6 +64,31 @@ def _address(name: str, layers: Sequence[VarsLayer], where_inv: str) -> str:
         ) from None
 
 
+def _address6(name: str, layers: Sequence[VarsLayer], main: str) -> str | None:
+    """A dual-stack host's IPv6 address: access_ip6, then ip6 (kubespray); an IPv6 main
+    address (ansible_host/ip of an IPv6-only host) when neither is set."""
+    view = chain(layers)
+    for var in ADDRESS6_VARS:
+        value = view.get(var)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        where = origin(layers, var)
+        if kubean.is_template(value):
+            resolved, _ = kubean.resolve_templates(view, [var])
+            if var not in resolved:
+                raise InventoryError(
+                    f"{where}: host {name}: {var}={value!r} is a template that does not resolve"
+                )
+            value = resolved[var]
+        try:
+            return str(ipaddress.IPv6Address(str(value).strip()))
+        except ValueError:
+            raise InventoryError(
+                f"{where}: host {name}: {var}={value!r} is not an IPv6 address"
+            ) from None
+    return main if ":" in main else None
+
+
 def inventory_hosts(
     inv: Inventory,
     cluster: str,
@@ -99,13 +125,15 @@ def inventory_hosts(
             continue  # e.g. a bastion: not part of the cluster's mesh
         layers = per_host[name]
         user = chain(layers).get("ansible_user")
+        address = _address(name, layers, inv.where)
         hosts.append(
             Host(
                 name=name,
-                address=_address(name, layers, inv.where),
+                address=address,
                 roles=frozenset(roles),
                 cluster=cluster,
                 user=str(user) if isinstance(user, (str, int)) and str(user) else None,
+                address6=_address6(name, layers, address),
             )
         )
     if not hosts:

@@ -191,7 +191,7 @@ def local_host(site: Site, addresses: Iterable[str] | None = None) -> Host | Non
     injected = addresses is not None
     local = {_norm(a) for a in (addresses if addresses is not None else local_addresses())}
     for h in site.hosts():
-        if _norm(h.address) in local:
+        if _norm(h.address) in local or (h.address6 and _norm(h.address6) in local):
             return h
     if not injected:
         me = socket.gethostname().split(".")[0].lower()

@@ -44,7 +44,9 @@ KNOWN_VARS = (
     "calico_ipip_mode",
     "calico_wireguard_enabled",
     "enable_dual_stack_networks",
+    "ipv4_stack",
     "ipv6_stack",
+    "calico_vxlan_mode_ipv6",
     "typha_enabled",
     "metallb_enabled",
     "kube_vip_enabled",
@@ -478,6 +480,13 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
     else:
         features["wireguard6"] = Setting(False, f"{wg_src} but IPv6 is off ({dual_src})")
 
+    families = _families(v)
+    mode6, src6 = v.choice("calico_vxlan_mode_ipv6", CALICO_MODES, "Never")
+    if "ipv6" not in families.value:
+        vxlan6 = Setting(False, f"{src6}; the cluster has no IPv6 ({families.source})")
+    else:
+        vxlan6 = Setting(mode6 != "Never", src6)
+
     for feature, name in (
         ("typha", "typha_enabled"),
         ("metallb", "metallb_enabled"),
@@ -534,8 +543,27 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
         registry=registry,
         minio=minio,
         unresolved=unresolved,
+        families=families,
+        vxlan6=vxlan6,
         endpoints=found,
     )
+
+
+def _families(v: _Vars) -> Setting:
+    """The address families and the main one (kubespray 2.27+: ipv4_stack / ipv6_stack, its
+    main_ip is IPv4 whenever ipv4_stack is on; before: enable_dual_stack_networks)."""
+    v4, v4_src = v.boolean("ipv4_stack", True)
+    v6, v6_src = v.boolean("ipv6_stack", False)
+    dual, dual_src = v.boolean("enable_dual_stack_networks", False)
+    if v6 and not v4:
+        return Setting(("ipv6",), f"IPv6 only: {v6_src} and {v4_src}")
+    if v6:
+        return Setting(("ipv4", "ipv6"), f"dual stack, IPv4 main: {v6_src}")
+    if dual:
+        return Setting(("ipv4", "ipv6"), f"dual stack, IPv4 main: {dual_src}")
+    if not v4:
+        raise v.error("ipv4_stack", "false with ipv6_stack off leaves no address family")
+    return Setting(("ipv4",), f"IPv4 only: {v6_src}")
 
 
 def kube_api_vip(layers: Sequence[VarsLayer]) -> str | None:

@@ -42,12 +42,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scanner.catalog import Catalog, Requirement, expand_ports
 from scanner.core.flows import Flow
-from scanner.core.model import Cluster, ClusterConfig, Setting, Site
+from scanner.core.model import Cluster, ClusterConfig, Host, Setting, Site
 from scanner.core.ports import parse_ports
 from scanner.plan.selection import Selection
 
@@ -160,6 +160,7 @@ class Leg:
     srcs: tuple[End, ...] = ()
     dsts: tuple[End, ...] = ()
     ports: tuple[int | None, ...] = ()
+    af: str = "ipv4"  # the address family of every flow of this leg
 
     def count(self) -> int:
         if not (self.srcs and self.dsts and self.ports):
@@ -192,17 +193,91 @@ def _pairs(srcs: tuple[End, ...], dsts: tuple[End, ...]) -> int:
 
 
 def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
-    """Every (requirement, cluster), applying or not, in plan order."""
+    """Every (requirement, cluster, address family), applying or not, in plan order."""
     effs = {c.name: effective(c, selection) for c in site.clusters}
+    views: dict[str, tuple[Site, dict[str, Cluster], tuple[str, ...]]] = {}
+    all_ipv4 = _all_ipv4(site)
     boot_ports: dict[str, set[int | None]] = {c.name: set() for c in site.clusters}
     for req in catalog:
         for cluster in site.clusters:
-            leg = _leg(req, cluster, effs[cluster.name], site, selection)
-            if leg.applies and req.dst_role == "bootstrap":
-                boot_ports[cluster.name].update(leg.ports)
-            yield leg
+            eff = effs[cluster.name]
+            for af, af_why in leg_families(req, eff):
+                if af == "ipv4" and all_ipv4:
+                    leg = _leg(req, cluster, eff, site, selection)
+                    if eff.config.families.value != ("ipv4",):
+                        # a dual-stack cluster: say why this one stays on IPv4
+                        leg = replace(leg, why=f"{leg.why}; {af_why}")
+                    leg = replace(leg, af=af)
+                else:
+                    if af not in views:
+                        views[af] = family_view(site, af)
+                    view, clusters, missing = views[af]
+                    leg = _leg(req, clusters[cluster.name], eff, view, selection)
+                    why = f"{leg.why}; {af_why}"
+                    gone = [n for n in missing if n in {h.name for h in cluster.hosts}]
+                    if gone and leg.applies:
+                        why += f"; not checked over {_AF_NAME[af]}: no {_AF_NAME[af]} address for "
+                        why += ", ".join(gone) + (" (set ip6 / access_ip6)" if af == "ipv6" else "")
+                    leg = replace(leg, cluster=cluster, why=why, af=af)
+                if leg.applies and req.dst_role == "bootstrap":
+                    boot_ports[cluster.name].update(leg.ports)
+                yield leg
     for cluster in site.clusters:
         yield from _endpoint_legs(cluster, site, selection, boot_ports[cluster.name])
+
+
+_AF_NAME = {"ipv4": "IPv4", "ipv6": "IPv6"}
+
+
+def leg_families(req: Requirement, eff: Effective) -> list[tuple[str, str]]:
+    """[(family, why)]: the address families a requirement is checked over in a cluster.
+
+    WireGuard for IPv6 (calico.wireguard6, UDP 51821) goes over IPv6 only; Calico VXLAN also
+    goes over IPv6 when calico_vxlan_mode_ipv6 is on; everything else (the API server,
+    kubelet, etcd, ...) over the cluster's main family, which is IPv4 unless the cluster is
+    IPv6 only (kubespray binds them to main_ip).
+    """
+    fams = eff.config.families
+    main = fams.value[0] if fams.value else "ipv4"
+    if "wireguard6" in req.condition.features:
+        return [("ipv6", "over IPv6: WireGuard for IPv6 [calico_wireguard_enabled, dual stack]")]
+    out = [(main, f"over {_AF_NAME[main]}: the cluster's main family [{fams.source}]")]
+    if main != "ipv6" and "vxlan" in req.condition.features and eff.config.vxlan6.value:
+        out.append(("ipv6", f"also over IPv6: Calico VXLAN for IPv6 [{eff.config.vxlan6.source}]"))
+    return out
+
+
+def _all_ipv4(site: Site) -> bool:
+    return not any(":" in h.address for h in site.hosts())
+
+
+def family_view(site: Site, af: str) -> tuple[Site, dict[str, Cluster], tuple[str, ...]]:
+    """The site as seen over one family: hosts at their address of that family (IPv6: address6),
+    VIPs of that family; hosts without one are left out and named in the third value."""
+    missing: list[str] = []
+
+    def addr(h: Host) -> str | None:
+        if af == "ipv6":
+            return h.address6 or (h.address if ":" in h.address else None)
+        return None if ":" in h.address else h.address
+
+    def host(h: Host) -> Host | None:
+        a = addr(h)
+        if a is None:
+            missing.append(h.name)
+            return None
+        return replace(h, address=a)
+
+    def vips(d: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in d.items() if (":" in v) == (af == "ipv6")}
+
+    clusters = tuple(
+        replace(c, hosts=tuple(x for x in map(host, c.hosts) if x is not None), vips=vips(c.vips))
+        for c in site.clusters
+    )
+    boot = host(site.bootstrap) if site.bootstrap is not None else None
+    view = replace(site, clusters=clusters, bootstrap=boot, vips=vips(site.vips))
+    return view, {c.name: c for c in clusters}, tuple(missing)
 
 
 def _endpoint_req(name: str, port: int | None) -> Requirement:
@@ -239,7 +314,8 @@ def _endpoint_legs(
             gone = " (after --from)" if sel.sources is not None else ""
             yield Leg(req, k, True, f"{why}; no source hosts with role node{gone}")
             continue
-        yield Leg(req, k, True, why, srcs, ((e.name, e.host),), (e.port,))
+        af = "ipv6" if ":" in e.host else "ipv4"
+        yield Leg(req, k, True, why, srcs, ((e.name, e.host),), (e.port,), af)
     for name, raw in k.config.unresolved.items():
         if is_endpoint_var(name):
             yield Leg(
@@ -273,6 +349,7 @@ def explain(catalog: Catalog, site: Site, selection: Selection) -> Iterator[dict
             "kind": leg.cluster.kind,
             "included": n > 0,
             "flows": n,
+            "af": leg.af,
             "why": leg.why,
         }
 
@@ -284,6 +361,7 @@ def flow_record(f: Flow) -> dict[str, Any]:
         "src": f.src,
         "src_host": f.src_host,
         "dst": f.dst,
+        "af": f.af,
         "host": f.host,
         "proto": f.proto,
         "port": f.port,
@@ -327,6 +405,7 @@ def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, A
                 "cni": eff.cni.value,
                 "features": sorted(f for f, s in eff.features.items() if s.value),
                 "nodeport_range": eff.port_values()["nodeport_range"],
+                "families": list(eff.config.families.value),
             }
         )
     return {
@@ -380,9 +459,7 @@ def _counted_elsewhere(req: Requirement, k: Cluster, site: Site) -> str:
     if req.src_scope != "site" or not cond.cluster:
         return ""
     owners = [c.name for c in site.clusters if c.kind in cond.cluster and c is not k]
-    if not owners or not any(
-        _has(h.roles, role) for h in k.hosts for role in req.src_roles
-    ):
+    if not owners or not any(_has(h.roles, role) for h in k.hosts for role in req.src_roles):
         return ""
     return (
         f"counted under {', '.join(owners)} (only {'/'.join(cond.cluster)} clusters have it; its "

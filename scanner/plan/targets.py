@@ -2,6 +2,9 @@
 
 Port specs are parsed by scanner.core.ports (nmap's -p syntax). Targets follow nmap too: IPv4/IPv6 literals, CIDR blocks, IPv4 octet ranges
 (198.18.0.1-20, 198.18.0-1.*), hostnames (resolved once), and files of them (-iL).
+Address ranges of either family: first-last (2001:2::1-2001:2::20, 198.18.0.1-198.18.1.9) or a
+range of the last IPv6 group (2001:2::1-20, hex like the address). A /0 block (0.0.0.0/0,
+::/0) is refused outright: it is always a mistake, never a target.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ class Target:
     addrs: tuple[str, ...] | None = None  # resolved addresses (hostname / literal)
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     octets: tuple[tuple[int, ...], ...] | None = None
+    span: tuple[int, int, int] | None = None  # (IP version, first, last) of an address range
 
     def count(self) -> int:
         if self.addrs is not None:
             return len(self.addrs)
+        if self.span is not None:
+            return self.span[2] - self.span[1] + 1
         if self.network is not None:
             return _net_hosts_count(self.network)
         assert self.octets is not None
@@ -36,6 +42,16 @@ class Target:
         for o in self.octets:
             n *= len(o)
         return n
+
+    def versions(self) -> set[int]:
+        """The IP versions (4, 6) of the addresses this target expands to."""
+        if self.addrs is not None:
+            return {6 if ":" in a else 4 for a in self.addrs}
+        if self.network is not None:
+            return {self.network.version}
+        if self.span is not None:
+            return {self.span[0]}
+        return {4}
 
     def __iter__(self) -> Iterator[str]:
         if self.addrs is not None:
@@ -48,6 +64,11 @@ class Target:
             else:
                 for a in net.hosts():
                     yield str(a)
+        elif self.span is not None:
+            version, first, last = self.span
+            cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+            for i in range(first, last + 1):
+                yield str(cls(i))
         else:
             assert self.octets is not None
             for combo in itertools.product(*self.octets):
@@ -91,6 +112,36 @@ def _octet(tok: str, index: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(vals))
 
 
+def _address_range(t: str, tok: str) -> tuple[int, int, int]:
+    """first-last (both full addresses of one family), or an IPv6 address whose last group is
+    a range (2001:2::1-20) -> (version, first, last)."""
+    a, _, b = t.partition("-")
+    try:
+        first = ipaddress.ip_address(a.strip())
+    except ValueError:
+        raise InputError(f"bad target {tok!r}: {a!r} is not an address") from None
+    b = b.strip()
+    try:
+        last = ipaddress.ip_address(b)
+    except ValueError:
+        # 2001:2::1-20: the last 16-bit group runs to b (hex, as in the address)
+        if (
+            first.version != 6
+            or not b
+            or len(b) > 4
+            or not all(c in "0123456789abcdefABCDEF" for c in b)
+        ):
+            raise InputError(
+                f"bad target {tok!r}: {b!r} is neither an address nor a last group"
+            ) from None
+        last = ipaddress.IPv6Address((int(first) & ~0xFFFF) | int(b, 16))
+    if first.version != last.version:
+        raise InputError(f"bad target {tok!r}: the range mixes IPv4 and IPv6")
+    if int(last) < int(first):
+        raise InputError(f"bad target {tok!r}: the range ends before it starts")
+    return first.version, int(first), int(last)
+
+
 def _looks_like_octets(tok: str) -> bool:
     parts = tok.split(".")
     return len(parts) == 4 and all(p and set(p) <= set("0123456789-,*") for p in parts)
@@ -106,10 +157,17 @@ def parse_target(tok: str, resolve: bool = True) -> Target:
     try:
         if "/" in t:
             net = ipaddress.ip_network(t, strict=False)
+            if net.prefixlen == 0:
+                raise InputError(
+                    f"bad target {tok!r}: a /0 block is every address of the family; "
+                    "name the networks to scan"
+                )
             return Target(t, None, network=net)
         addr = ipaddress.ip_address(t)
         return Target(t, None, addrs=(str(addr),))
     except ValueError:
+        if "-" in t and "/" not in t and (":" in t or t.count(".") == 6):
+            return Target(t, None, span=_address_range(t, tok))
         if "/" in t or ":" in t:
             raise InputError(f"bad target {tok!r}: not an address or CIDR block") from None
     if _looks_like_octets(t):
@@ -168,6 +226,11 @@ def parse_targets(tokens: Iterable[str], resolve: bool = True) -> list[Target]:
     if not targets:
         raise InputError("no targets given")
     return targets
+
+
+def count_hosts(targets: list[Target]) -> int:
+    """Addresses the targets expand to (arithmetically: a /64 is not enumerated)."""
+    return sum(t.count() for t in targets)
 
 
 def count_flows(

@@ -134,6 +134,7 @@ class TcpProber:
 
     proto = "tcp"
     needs_raw = False
+    errors = _ERRORS  # errno -> (state, reason); tcp6.py reads IPv6's EACCES differently
 
     def __init__(self, opts: ProbeOptions | None = None) -> None:
         self.opts = opts or ProbeOptions()
@@ -251,7 +252,7 @@ class TcpProber:
         res = RESOURCE_ERRNOS.get(err)
         if res is not None:
             return Outcome("error", res)
-        state, reason = _ERRORS.get(err, ("error", errno.errorcode.get(err, str(err)).lower()))
+        state, reason = self.errors.get(err, ("error", errno.errorcode.get(err, str(err)).lower()))
         silent = reason == "no-response"
         return Outcome(state, reason, None if silent else rtt, silent)
 

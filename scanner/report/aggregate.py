@@ -272,6 +272,10 @@ class Cell:
         return max(self.reasons.items(), key=lambda kv: kv[1])[0]
 
 
+# A requirement checked over IPv6 is reported apart from its IPv4 twin, under this suffix.
+IPV6_SUFFIX = " over IPv6"
+
+
 @dataclass
 class Requirement:
     """One requirement (catalog id, or proto/port for a plain scan) within one run."""
@@ -403,6 +407,8 @@ class Aggregate:
         proto = rec["proto"]
         port = rec.get("port")
         key = rec.get("req") or (f"{proto}/{port}" if port is not None else proto)
+        if rec.get("af") == "ipv6" or ":" in rec["dst"]:
+            key += IPV6_SUFFIX  # the family is part of what failed: name it
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)
@@ -502,6 +508,8 @@ class Aggregate:
         proto = str(rec.get("proto") or "?")
         ports = rec.get("ports") if rec.get("ports") is not None else rec.get("port")
         key = rec.get("req") or (f"{proto}/{ports}" if ports is not None else proto)
+        if rec.get("af") == "ipv6":
+            key += IPV6_SUFFIX
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)

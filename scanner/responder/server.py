@@ -59,6 +59,7 @@ DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, s
 MAX_TTL = 7 * 24 * 3600.0
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python does not export it
 _PKTINFO = struct.Struct("@i4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
+_PKTINFO6 = struct.Struct("@16sI")  # struct in6_pktinfo: addr, ifindex
 _UDP_BATCH = 64  # datagrams drained per readiness callback, so one busy port cannot starve others
 _ACCEPT_BATCH = 64
 
@@ -145,36 +146,59 @@ class Responder:
         addr = ipaddress.ip_address(self.bind)
         family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
         pktinfo = family == socket.AF_INET and addr.is_unspecified
+        if self.bind == "::":
+            # both families: a socket set per family (IPV6_V6ONLY), so each answers UDP from
+            # the address the probe was sent to (IP_PKTINFO / IPV6_PKTINFO); on a host without
+            # IPv6 the IPv4 set alone serves
+            binds = [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+            family, pktinfo = socket.AF_INET, True
+        else:
+            binds = [(family, self.bind)]
 
         def budget(proto: str, port: int) -> bool:
             # stop short of the limit: an accept, the witness's socket, a later import (which
             # opens a file) all need a descriptor - running out there would end the responder
             nonlocal room
-            if room <= 0:
+            if room < len(binds):
                 self.failed.append(Failure(proto, port, "too many open files"))
                 return False
-            room -= 1
+            room -= len(binds)
             return True
 
         for port in dict.fromkeys(self.tcp_ports):
             if not budget("tcp", port):
                 continue
-            s = self._open(family, socket.SOCK_STREAM, "tcp", port)
-            if s is None:
-                continue
-            token = tags.tcp_token(self.secret, port)
-            self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
-            self.bound_tcp.append(port)
+            ok = False
+            for fam, where in binds:
+                s = self._open(fam, socket.SOCK_STREAM, "tcp", port, where, len(binds) > 1)
+                if s is None:
+                    if fam == socket.AF_INET:
+                        break  # held on IPv4: handled as before (also-addresses), not half-bound
+                    continue
+                token = tags.tcp_token(self.secret, port)
+                self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
+                ok = True
+            if ok:
+                self.bound_tcp.append(port)
         for port in dict.fromkeys(self.udp_ports):
             if not budget("udp", port):
                 continue
-            s = self._open(family, socket.SOCK_DGRAM, "udp", port)
-            if s is None:
-                continue
-            if pktinfo:
-                s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            self._loop.add_reader(s.fileno(), self._on_datagram, s, pktinfo, port)
-            self.bound_udp.append(port)
+            ok = False
+            for fam, where in binds:
+                s = self._open(fam, socket.SOCK_DGRAM, "udp", port, where, len(binds) > 1)
+                if s is None:
+                    if fam == socket.AF_INET:
+                        break  # held on IPv4: handled as before (also-addresses), not half-bound
+                    continue
+                info = ipaddress.ip_address(where).is_unspecified
+                if info and fam == socket.AF_INET:
+                    s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                elif info:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                self._loop.add_reader(s.fileno(), self._on_datagram, s, info, port)
+                ok = True
+            if ok:
+                self.bound_udp.append(port)
         if self.failed:
             _annotate_owners(self.failed)
         if self.also and addr.is_unspecified:
@@ -223,12 +247,17 @@ class Responder:
         kind: int,
         proto: str,
         port: int,
+        where: str | None = None,
+        dual: bool = False,
         addr: str | None = None,
         quiet: bool = False,
     ) -> socket.socket | None:
+        where = where or addr or self.bind
         try:
             s = socket.socket(family, kind)
         except OSError as e:
+            if dual and family == socket.AF_INET6 and e.errno == errno.EAFNOSUPPORT:
+                return None  # no IPv6 on this host: the IPv4 socket serves
             if not quiet:
                 self.failed.append(Failure(proto, port, _errtext(e)))
             return None
@@ -237,7 +266,9 @@ class Responder:
             if kind == socket.SOCK_STREAM:
                 # lets a restarted responder rebind while old connections sit in TIME_WAIT
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((addr or self.bind, port))
+            if family == socket.AF_INET6 and dual:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((where, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(128)
         except OSError as e:
@@ -278,7 +309,7 @@ class Responder:
         for _ in range(_UDP_BATCH):
             try:
                 if pktinfo:
-                    data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))
+                    data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO6.size))
                 else:
                     data, peer = s.recvfrom(65535)
                     anc = []
@@ -355,6 +386,13 @@ def _reply_pktinfo(anc: list[tuple[int, int, bytes]]) -> list[tuple[int, int, by
             _ifindex, _spec, dst = _PKTINFO.unpack(data[: _PKTINFO.size])
             # answer from the address the probe was sent to; let routing pick the interface
             return [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, dst, b"\0\0\0\0"))]
+        if (
+            level == socket.IPPROTO_IPV6
+            and kind == socket.IPV6_PKTINFO
+            and len(data) >= _PKTINFO6.size
+        ):
+            dst6, _ifindex = _PKTINFO6.unpack(data[: _PKTINFO6.size])
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _PKTINFO6.pack(dst6, 0))]
     return []
 
 

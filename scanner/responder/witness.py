@@ -7,6 +7,7 @@ socket (cooked, SOCK_DGRAM: offsets start at the IP header on any link type) beh
 BPF filter that passes only
 
     IPv4, first fragment, and (ICMP echo request | IP protocol 4 | UDP to a witnessed port)
+    IPv6 (a second socket), and (ICMPv6 echo request | UDP to a witnessed port)
 
 and reports each one whose payload carries a valid tag for the secret (``tags.find_tag``) as::
 
@@ -31,6 +32,7 @@ from typing import Any
 from scanner.core import tags
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 SO_ATTACH_FILTER = 26
 PACKET_OUTGOING = 4
 _MAX_UDP_PORTS = 200  # one BPF instruction per port; a classic BPF program holds 4096
@@ -96,6 +98,66 @@ def bpf_program(udp_ports: Iterable[int]) -> list[tuple[int, int, int, int]]:
     return prog
 
 
+def bpf_program6(udp_ports: Iterable[int]) -> list[tuple[int, int, int, int]]:
+    """The IPv6 filter (for an ETH_P_IPV6 socket): ICMPv6 echo request or UDP to a witnessed
+    port, right after the fixed header (a probe carries no extension headers)."""
+    ports = sorted(set(udp_ports))[:_MAX_UDP_PORTS]
+    n = len(ports)
+    prog: list[tuple[int, int, int, int]] = [
+        (_LD_B_ABS, 0, 0, 6),  # 0: next header
+        (_JEQ_K, 0, 0, 58),  # 1: ICMPv6 -> 3
+        (_JEQ_K, 0, 0, 17),  # 2: UDP -> 5, else REJECT
+        (_LD_B_ABS, 0, 0, 40),  # 3: ICMPv6 type
+        (_JEQ_K, 0, 0, 128),  # 4: echo request -> ACCEPT else REJECT
+        (_LD_H_ABS, 0, 0, 42),  # 5: UDP destination port
+    ]
+    first_port = len(prog)
+    prog.extend((_JEQ_K, 0, 0, p) for p in ports)
+    reject = len(prog)
+    accept = reject + 1
+    prog.append((_RET_K, 0, 0, 0))
+    prog.append((_RET_K, 0, 0, 0x40000))
+
+    def rel(src: int, dst: int) -> int:
+        return dst - src - 1
+
+    prog[1] = (_JEQ_K, rel(1, 3), 0, 58)
+    prog[2] = (_JEQ_K, rel(2, 5) if n else rel(2, reject), rel(2, reject), 17)
+    prog[4] = (_JEQ_K, rel(4, accept), rel(4, reject), 128)
+    for i in range(n):
+        idx = first_port + i
+        prog[idx] = (_JEQ_K, rel(idx, accept), 0, ports[i])
+    return prog
+
+
+def parse_probe6(pkt: bytes, secret: bytes) -> dict[str, Any] | None:
+    """A witness record for one IPv6 packet (ICMPv6 echo or UDP), or None without a valid tag."""
+    if len(pkt) < 48 or pkt[0] >> 4 != 6:
+        return None
+    nh = pkt[6]
+    body = pkt[40:]
+    port: int | None = None
+    if nh == 58 and body[0] == 128:
+        name = "icmp"
+    elif nh == 17:
+        name = "udp"
+        port = struct.unpack("!H", body[2:4])[0]
+        body = body[8:]
+    else:
+        return None
+    nonce = tags.find_tag(body, secret)
+    if nonce is None:
+        return None
+    return {
+        "type": "witness",
+        "proto": name,
+        "src": socket.inet_ntop(socket.AF_INET6, pkt[8:24]),
+        "dst": socket.inet_ntop(socket.AF_INET6, pkt[24:40]),
+        "port": port,
+        "nonce": nonce.hex(),
+    }
+
+
 def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
     arr = (_SockFilter * len(prog))(*[_SockFilter(*row) for row in prog])
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
@@ -150,6 +212,7 @@ class Witness:
         self.on_probe = on_probe
         self.udp_ports = list(udp_ports)
         self.sock: socket.socket | None = None
+        self.sock6: socket.socket | None = None  # IPv6 capture, when the host has IPv6
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> str | None:
@@ -169,7 +232,36 @@ class Witness:
             return f"cannot attach the BPF filter: {e.strerror or e}"
         self.sock = s
         self._loop = loop
+        try:  # IPv6 too; a host without it is served by the IPv4 capture alone
+            s6 = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IPV6))
+        except OSError:
+            return None
+        try:
+            attach_filter(s6, bpf_program6(self.udp_ports))
+            s6.setblocking(False)
+            loop.add_reader(s6.fileno(), self._on_packet6)
+        except OSError:
+            s6.close()
+            return None
+        self.sock6 = s6
         return None
+
+    def _on_packet6(self) -> None:
+        s = self.sock6
+        if s is None:
+            return
+        for _ in range(64):
+            try:
+                pkt, addr = s.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(addr) > 2 and addr[2] == PACKET_OUTGOING:
+                continue
+            rec = parse_probe6(pkt, self.secret)
+            if rec is not None:
+                self.on_probe(rec)
 
     def _on_packet(self) -> None:
         s = self.sock
@@ -189,6 +281,12 @@ class Witness:
                 self.on_probe(rec)
 
     def close(self) -> None:
+        if self.sock6 is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self.sock6.fileno())
+            self.sock6.close()
+            self.sock6 = None
         if self.sock is not None:
             if self._loop is not None and not self._loop.is_closed():
                 with contextlib.suppress(Exception):
