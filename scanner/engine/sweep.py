@@ -65,6 +65,7 @@ class Sweep:
         self.loop = asyncio.get_running_loop()
         self.inflight: dict[object, _Attempt] = {}  # the probe's key -> attempt
         self.tasks = 0  # flows running through the per-flow path
+        self.noted = False  # tcp_method reported
         self.neigh_wait: set[_Attempt] = set()  # pausing after a neighbour-table overflow
         self.parked: dict[str, deque[Flow]] = {}  # per-host cap reached: waiting flows
         self.nparked = 0
@@ -184,6 +185,9 @@ class Sweep:
         if self.token_sample and eng._token_due(flow):
             self._task(flow, self.prober.connect_prober())
             return True
+        if not self.noted:  # the summary's tcp_method: IPv4 TCP went by raw SYN
+            self.noted = True
+            eng.stats.note_tcp_method("ipv4", "syn")
         hs = eng.hosts.get(flow.dst) or eng._host(flow.dst)
         cap = self.cap
         if cap and hs.inflight >= cap:
