@@ -720,8 +720,13 @@ def probe_slice(
     held = unbound or {}
     doubt = unsure or {}
     # src: the address packets leave from (as check records it), not only the inventory's
-    real = route_sources(
-        {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
+    # (unless the probes are bound to a source: agents sharing a machine probe from their own)
+    real = (
+        {}
+        if engine.probe_options.source
+        else route_sources(
+            {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
+        )
     )
 
     def flows() -> Iterator[Any]:
