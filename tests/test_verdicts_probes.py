@@ -299,3 +299,31 @@ def test_token_from_a_descheduled_responder_still_confirms_it() -> None:
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+TCP_REJECTS = """
+table inet v19pu {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        tcp dport 8000-8059 reject
+    }
+}
+"""
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("method", ["syn", "connect"])
+def test_udp_closed_ports_beside_tcp_rejects_are_closed(make_lab, method: str) -> None:
+    """The far kernel's ICMP allowance is one per destination for all protocols: TCP rejects
+    spend it, so UDP's port-unreachables must be paced once that host has sent ICMP errors of
+    any kind. Before: 10/10 UDP closed ports came back open|filtered (nmap -sS -sU: closed)."""
+    lab = make_lab(hosts=2)
+    lab.nft("node2", TCP_REJECTS)
+    far = lab.host("node2").addr
+    res = lab_scan(
+        lab, "node1", far, "-p", "T:8000-8019,U:40001-40010", "--method", method, "--workers", "1"
+    )
+    udp = {r["port"]: (r["state"], r["reason"]) for r in res if r["proto"] == "udp"}
+    assert udp == {p: ("closed", "port-unreach") for p in range(40001, 40011)}, udp
+    tcp = {r["state"] for r in res if r["proto"] == "tcp"}
+    assert tcp == {"filtered"}

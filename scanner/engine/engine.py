@@ -109,6 +109,14 @@ class HostState:
         self.held = False
         self.expiry = 0.0
 
+    def note_icmp(self) -> None:
+        """This destination answered with an ICMP error (any protocol's). Its kernel's ICMP
+        rate limit is one per destination for every protocol: TCP rejects spend the allowance
+        UDP's port-unreachables need, so a later UDP silence is pacing's business."""
+        if self.buckets is None:
+            self.buckets = {}
+        self.buckets.setdefault("icmp", [0.0, 0.0])
+
     def pace(self, proto: str, pps: float, burst: int, now: float) -> float:
         """Reserve the next send slot for ``proto``; return how long to wait for it (GCRA)."""
         if self.buckets is None:
@@ -547,20 +555,19 @@ class Engine:
                     await asyncio.sleep(min(0.005 * backoff, 0.2))
                     continue
                 attempts += 1
-                if pps:
-                    if not out.silent and out.state in ("closed", "filtered"):
-                        if hs.buckets is None:
-                            hs.buckets = {}
-                        hs.buckets.setdefault(f"{flow.proto}:icmp", [0.0, 0.0])
-                    elif (
-                        out.silent
-                        and hs.buckets is not None
-                        and f"{flow.proto}:icmp" in hs.buckets
-                        and flow.proto not in hs.buckets
-                    ):
-                        # It answers with ICMP errors and now fell silent: its error rate
-                        # limit, not loss. Start with an empty bucket: the burst is spent.
-                        hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
+                if not out.silent and (
+                    out.state == "filtered" or (flow.proto == "udp" and out.state == "closed")
+                ):
+                    hs.note_icmp()  # an ICMP error, whichever probe read it
+                if pps and (
+                    out.silent
+                    and hs.buckets is not None
+                    and "icmp" in hs.buckets
+                    and flow.proto not in hs.buckets
+                ):
+                    # It answers with ICMP errors and now fell silent: its error rate
+                    # limit, not loss. Start with an empty bucket: the burst is spent.
+                    hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
                 if out.silent:
                     if not self.stopping and attempts <= self._retries_allowed(hs, flow.proto):
                         st.retries += 1

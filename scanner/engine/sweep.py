@@ -266,6 +266,8 @@ class Sweep:
         eng = self.engine
         st = eng.stats
         hs = a.hs
+        if out.state == "filtered":
+            hs.note_icmp()  # UDP pacing must know this host's ICMP allowance is being spent
         if out.rtt_ms is not None:
             hs.update(out.rtt_ms / 1000.0)
             hs.answered += 1
