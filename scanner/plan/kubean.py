@@ -55,6 +55,31 @@ KNOWN_VARS = (
     "minio_address",
 )
 
+# What the plan does when one of KNOWN_VARS does not resolve (for the warning line).
+INSTEAD = {
+    "kube_network_plugin": "kubespray's default calico",
+    "calico_network_backend": "kubespray's default vxlan (no BGP, TCP 179)",
+    "calico_vxlan_mode": "kubespray's default Always",
+    "calico_ipip_mode": "kubespray's default Never",
+    "calico_wireguard_enabled": "the default false (no WireGuard ports)",
+    "enable_dual_stack_networks": "the default false (IPv4 only)",
+    "ipv6_stack": "the default false (IPv4 only)",
+    "typha_enabled": "the default false (no Typha port)",
+    "metallb_enabled": "the default false (no MetalLB ports)",
+    "kube_vip_enabled": "the default false (no kube-vip)",
+    "kube_vip_address": "no kube-vip VIP",
+    "kube_apiserver_port": "kubespray's default 6443",
+    "kube_apiserver_node_port_range": "kubespray's default 30000-32767",
+}
+
+
+def instead(name: str) -> str:
+    """What the plan does in place of following variable ``name``."""
+    if name in INSTEAD:
+        return f"the plan uses {INSTEAD[name]}"
+    return "no flow to that host is planned"
+
+
 CALICO_MODES = ("Always", "CrossSubnet", "Never")
 CALICO_BACKENDS = ("bird", "vxlan", "none")
 _TRUE = ("true", "yes", "on", "1")
@@ -77,10 +102,58 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise InventoryError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+class Vaulted:
+    """An inline ``!vault`` value (or ``{"__ansible_vault": ...}`` in ansible-inventory JSON):
+    portmesh has no vault password, so such a variable does not resolve."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "!vault"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vaulted)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+VAULTED = Vaulted()
+
+
+class _AnsibleLoader(_Loader):  # type: ignore[misc, valid-type]
+    """The safe loader plus Ansible's tags: ``!vault`` (kept as VAULTED), ``!unsafe`` (a plain
+    string: it only stops Jinja from rendering it)."""
+
+
+def _vault(loader: Any, node: Any) -> Vaulted:
+    return VAULTED
+
+
+def _unsafe(loader: Any, node: Any) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_mapping(node, deep=True)
+
+
+_AnsibleLoader.add_constructor("!vault", _vault)
+_AnsibleLoader.add_constructor("!unsafe", _unsafe)
+VAULT_HEADER = "$ANSIBLE_VAULT;"
+
+
 def load_yaml_documents(text: str, where: str) -> list[Any]:
     """All YAML documents of ``text`` (None for empty ones), errors with the line number."""
+    if text.lstrip().startswith(VAULT_HEADER):
+        raise InventoryError(
+            f"{where}: vault-encrypted: run `ansible-inventory -i INVENTORY --list"
+            " --vault-password-file FILE > inv.json` and give portmesh inv.json"
+        )
     try:
-        return list(yaml.load_all(text, Loader=_Loader))
+        return list(yaml.load_all(text, Loader=_AnsibleLoader))
     except yaml.YAMLError as e:
         raise yaml_error(where, e) from None
     except (ValueError, TypeError, RecursionError) as e:  # e.g. bad timestamps, deep nesting
@@ -224,10 +297,75 @@ def merge_vars(layers: Sequence[VarsLayer]) -> MergedVars:
 # --------------------------------------------------------------------------- Jinja references
 
 _UNRESOLVED = object()
+UNRESOLVED = _UNRESOLVED  # what eval_expr returns for an expression it does not follow
 _EXPR = re.compile(r"\{\{((?:(?!\}\}).)*?)\}\}", re.S)  # one {{ ... }}, never across "}}"
 _NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\Z")
 _SCALARS = (str, int, float, bool)
 MAX_RENDERED = 65536
+
+
+_FILTER = re.compile(r"\s*([A-Za-z_]+)\s*(?:\((.*)\))?\s*\Z", re.S)
+_LITERAL = re.compile(r"""\s*(?:'([^'\\]*)'|"([^"\\]*)"|(-?[0-9]+)|(true|false|True|False))\s*\Z""")
+
+
+def _literal(text: str) -> Any:
+    m = _LITERAL.match(text)
+    if not m:
+        return _UNRESOLVED
+    if m.group(1) is not None or m.group(2) is not None:
+        return m.group(1) if m.group(1) is not None else m.group(2)
+    if m.group(3) is not None:
+        return int(m.group(3))
+    return m.group(4).lower() == "true"
+
+
+def eval_expr(expr: str, lookup: Callable[[str], Any]) -> Any:
+    """One ``{{ ... }}`` body: a variable name, optionally piped through the simple filters
+    ``int``, ``string``, ``lower``, ``upper``, ``trim``, ``bool`` and ``default(literal)`` /
+    ``d(literal)``; anything else (tests, ternaries, ``groups[...]``, lookups) is _UNRESOLVED."""
+    head, *filters = expr.split("|")
+    m = _NAME.match(head)
+    if not m:
+        return _UNRESOLVED
+    value = lookup(m.group(1))
+    for f in filters:
+        fm = _FILTER.match(f)
+        if not fm:
+            return _UNRESOLVED
+        fname, arg = fm.group(1), fm.group(2)
+        if fname in ("default", "d"):
+            if arg is None:
+                return _UNRESOLVED
+            fallback = _literal(arg.split(",")[0] if arg.count(",") <= 1 else arg)
+            if fallback is _UNRESOLVED:
+                return _UNRESOLVED
+            if value is _UNRESOLVED or value is None:
+                value = fallback
+            continue
+        if value is _UNRESOLVED or arg is not None or not isinstance(value, _SCALARS):
+            return _UNRESOLVED
+        if fname == "int":
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                value = 0  # Jinja's int filter
+        elif fname == "string":
+            value = _show(value) if isinstance(value, bool) else str(value)
+        elif fname in ("lower", "upper", "trim"):
+            value = getattr(str(value), {"trim": "strip"}.get(fname, fname))()
+        elif fname == "bool":
+            value = str(value).strip().lower() in _TRUE
+        else:
+            return _UNRESOLVED
+    return value
+
+
+_USERINFO = re.compile(r"(://)[^/@\s'\"]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user:password of every URL in it replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def is_template(value: Any) -> bool:
@@ -243,16 +381,13 @@ def _render(template: str, lookup: Callable[[str], Any]) -> Any:
         return _UNRESOLVED  # an unbalanced brace pair
     whole = _EXPR.fullmatch(template.strip())
     if whole and template == template.strip():
-        m = _NAME.match(whole.group(1))
-        if not m:
-            return _UNRESOLVED
-        return lookup(m.group(1))  # "{{ x }}" keeps x's type, as Ansible's native rendering does
+        # "{{ x }}" keeps x's type, as Ansible's native rendering does
+        return eval_expr(whole.group(1), lookup)
     failed = False
 
     def sub(m: re.Match[str]) -> str:
         nonlocal failed
-        name = _NAME.match(m.group(1))
-        value = lookup(name.group(1)) if name else _UNRESOLVED
+        value = eval_expr(m.group(1), lookup)
         if value is _UNRESOLVED or not isinstance(value, _SCALARS):
             failed = True
             return ""
@@ -280,6 +415,8 @@ def resolve_templates(
         if name not in values:
             return _UNRESOLVED
         raw = values[name]
+        if isinstance(raw, Vaulted) or (isinstance(raw, dict) and "__ansible_vault" in raw):
+            return _UNRESOLVED
         if not is_template(raw):
             cache[name] = raw
             return raw
@@ -296,7 +433,9 @@ def resolve_templates(
     for name in values if names is None else (n for n in names if n in values):
         v = resolve(name, set())
         if v is _UNRESOLVED:
-            unresolved[name] = str(values[name])
+            raw = values[name]
+            vaulted = isinstance(raw, dict) and "__ansible_vault" in raw
+            unresolved[name] = str(VAULTED if vaulted else raw)
         else:
             resolved[name] = v
     return resolved, unresolved
@@ -322,17 +461,17 @@ class _Vars:
         shown = _show(self.values[name])
         if is_template(raw):
             shown = f"{raw} -> {shown}"
-        return f"{self.origin[name]}: {name}={shown}"
+        return redact(f"{self.origin[name]}: {name}={shown}")
 
     def default(self, name: str, value: Any = None) -> str:
         said = f"{DEFAULT}: {name}={_show(value)}" if value is not None else f"{DEFAULT}: {name} unset"
         if name in self.unresolved:
-            return f"{said}; {name} unresolved: {self.unresolved[name]}"
+            return redact(f"{said}; {name} unresolved: {self.unresolved[name]}")
         return said
 
     def error(self, name: str, why: str) -> InventoryError:
         return InventoryError(
-            f"{self.origin[name]}: variable {name}: {why} (got {self.raw[name]!r})"
+            redact(f"{self.origin[name]}: variable {name}: {why} (got {self.raw[name]!r})")
         )
 
     def boolean(self, name: str, default: bool) -> tuple[bool, str]:
@@ -415,6 +554,8 @@ def parse_host_port(value: Any, default_port: int) -> tuple[str, int] | None:
             default_port = 80
         elif scheme == "https":
             default_port = 443
+        elif scheme == "ftp":
+            default_port = 21
     else:
         text = "//" + text
     try:
@@ -497,12 +638,12 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
         nodeport_range = Setting((30000, 32767), v.default(name, "30000-32767"))
 
     registry = minio = None
-    if v.has("registry_host"):
+    if v.has("registry_host") and v.values["registry_host"] != "":
         hp = parse_host_port(v.values["registry_host"], 443)
         if hp is None:
             raise v.error("registry_host", "not host:port")
         registry = Setting(hp, v.source("registry_host"))
-    if v.has("minio_address"):
+    if v.has("minio_address") and v.values["minio_address"] != "":
         hp = parse_host_port(v.values["minio_address"], 9000)
         if hp is None:
             raise v.error("minio_address", "not a URL like http://host:9000")
@@ -516,7 +657,7 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
     def source(name: str) -> str:
         if name in v.values:
             return v.source(name)
-        return f"{v.origin[name]}: {name}={v.raw[name]}"
+        return redact(f"{v.origin[name]}: {name}={v.raw[name]}")
 
     found, partial = endpoints(v.raw, lookup, source, parse_host_port)
     unresolved = {

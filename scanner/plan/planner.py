@@ -50,6 +50,7 @@ from scanner.core.flows import Flow
 from scanner.core.model import Cluster, ClusterConfig, Setting, Site
 from scanner.core.ports import parse_ports
 from scanner.plan.selection import Selection
+from scanner.plan.kubean import redact
 
 NODE_ROLES = frozenset({"node", "control_plane", "worker"})
 
@@ -213,7 +214,7 @@ def _endpoint_req(name: str, port: int | None) -> Requirement:
         ports=None if port is None else str(port),
         description=f"{name}: a host outside the inventory every node pulls from",
         dst_role="node",
-        src_roles=("node",),
+        src_roles=("node", "etcd"),  # kubespray's container-engine and download run on k8s_cluster:etcd
         reference="kubespray variables (registry, files, mirrors)",
         section="endpoint",
     )
@@ -246,7 +247,7 @@ def _endpoint_legs(
                 _endpoint_req(name, None),
                 k,
                 False,
-                f"{name}={raw!r}: the template does not resolve to a host here; not planned",
+                redact(f"{name}={raw!r}: the template does not resolve to a host here; not planned"),
             )
 
 
@@ -400,7 +401,7 @@ def _ports(
         var = _PLACEHOLDER_VARS[name]
         s = eff.port_setting(name)
         if var in eff.config.unresolved:
-            notes.append(f"{var} unresolved ({eff.config.unresolved[var]!r})")
+            notes.append(redact(f"{var} unresolved ({eff.config.unresolved[var]!r})"))
         if s is not None:
             notes.append(f"{name} {values[name]} ({s.source})")
     spec = expand_ports(req.ports, values)

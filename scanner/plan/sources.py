@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scanner.errors import InventoryError
+from scanner.errors import InventoryError, warn
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import (
     CliVars,
@@ -213,7 +213,25 @@ def read_inventory_file(path: str) -> list[ClusterSource] | SiteDoc:
     inv = _ansible_file(path, text, docs)
     if len(docs) == 1 and looks_like_ansible_json(first):
         beside = []  # ansible-inventory already merged group_vars/host_vars into _meta.hostvars
+        _check_json_groups(inv, path)
     return [ClusterSource(stem, inv, beside)]
+
+
+def _check_json_groups(inv: Inventory, path: str) -> None:
+    """ansible-inventory applies group_vars/k8s_cluster only when the inventory defines that
+    group; kubespray's own sample does not (kubespray adds it at run time), so such JSON lacks
+    those variables. portmesh cannot get them back: it says so."""
+    groups = {n for n, g in inv.groups.items() if g.defined and (g.hosts or g.children)}
+    if groups & {"kube_control_plane", "kube_node", "kube-master", "kube-node"} and not groups & {
+        "k8s_cluster",
+        "k8s-cluster",
+    }:
+        warn(
+            f"{path}: ansible-inventory JSON without a k8s_cluster group, so it holds no"
+            " group_vars/k8s_cluster/ variables (kubespray adds that group only at run time); give"
+            " portmesh the inventory folder, or add [k8s_cluster:children] kube_control_plane"
+            " kube_node calico_rr to the inventory before running ansible-inventory"
+        )
 
 
 def _inventory_files(folder: Path) -> list[Path]:
@@ -270,7 +288,16 @@ def load_cli_vars(paths: list[str]) -> CliVars:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            entries = {Path(n).stem for n in os.listdir(path) if not n.startswith(".")}
+            names = [n for n in os.listdir(path) if not n.startswith(".")]
+            entries = {Path(n).stem for n in names}
+            if path.name == "host_vars" or "host_vars" in names or (
+                path.name != "group_vars" and "group_vars" in names
+            ):
+                raise InventoryError(
+                    f"{p}: --vars takes a vars file or a group_vars folder, and this is an"
+                    " inventory folder (group_vars/, host_vars/): give it as --inventory, or"
+                    " give its group_vars/ as --vars"
+                )
             if path.name == "group_vars" or "all" in entries:
                 cli.items.append(VarsDir(path.parent, path.name))
             else:
