@@ -131,6 +131,37 @@ def authority(
     return hp
 
 
+LB = "loadbalancer_apiserver"
+
+
+def _loadbalancer(
+    raw: Mapping[str, Any],
+    lookup: Callable[[str], Any],
+    source: Callable[[str], str],
+    parse: Callable[[str, int], Any],
+) -> tuple[str, int] | None:
+    """kubespray's external API load balancer: ``loadbalancer_apiserver.address`` at
+    ``.port | default(kube_apiserver_port)``, the API endpoint every node uses."""
+    lb = raw.get(LB)
+    if not isinstance(lb, dict) or not isinstance(lb.get("address"), str):
+        return None
+    where = source(LB).split(": ", 1)[0]
+    port = lb.get("port")
+    if port is None:
+        port = lookup("kube_apiserver_port")
+    if port is None:
+        port = 6443
+    text = f"{lb['address'].strip()}:{str(port).strip()}"
+    if ":" in lb["address"].strip():  # IPv6
+        text = f"[{lb['address'].strip()}]:{str(port).strip()}"
+    hp = parse(text, 6443)
+    if hp is None:
+        raise InventoryError(
+            f"{where}: variable {LB}: address {lb['address']!r} port {port!r} is not host:port"
+        )
+    return hp
+
+
 def _source(source: Callable[[str], str], label: str, var_of: Mapping[str, str]) -> str:
     name = var_of.get(label, label)
     if name == label:
@@ -173,6 +204,9 @@ def endpoints(
                 continue
             found.setdefault((hp[0], hp[1]), []).append(label)
             var_of[label] = name
+    lb = _loadbalancer(raw, lookup, source, parse)
+    if lb is not None:
+        found.setdefault(lb, []).insert(0, LB)
     out = tuple(
         Endpoint(names[0], host, port, tuple(names), _source(source, names[0], var_of))
         for (host, port), names in found.items()

@@ -214,7 +214,9 @@ def _endpoint_req(name: str, port: int | None) -> Requirement:
         ports=None if port is None else str(port),
         description=f"{name}: a host outside the inventory every node pulls from",
         dst_role="node",
-        src_roles=("node", "etcd"),  # kubespray's container-engine and download run on k8s_cluster:etcd
+        # kubespray's container-engine and download roles run on k8s_cluster:etcd; only nodes
+        # use the API load balancer
+        src_roles=("node",) if name == "loadbalancer_apiserver" else ("node", "etcd"),
         reference="kubespray variables (registry, files, mirrors)",
         section="endpoint",
     )
@@ -355,6 +357,11 @@ def _leg(req: Requirement, k: Cluster, eff: Effective, site: Site, sel: Selectio
     dsts, dst_why = _dsts(req, k, site)
     if dst_why:
         why = f"{why}; {dst_why}"
+    if req.dst_role == "vip:kube_api":
+        for e in k.config.endpoints:  # kubespray: loadbalancer_apiserver.port wins
+            if e.name == "loadbalancer_apiserver" and any(d[1] == e.host for d in dsts):
+                ports = (e.port,)
+                why = f"{why}; port {e.port} ({e.source})"
     if not dsts:
         return Leg(req, k, True, why)
     srcs = _srcs(req, k, site, sel)

@@ -181,6 +181,11 @@ def _ansible_file(path: str, text: str, docs: list[Any] | None) -> Inventory:
         raise InventoryError(f"{path}: several YAML documents, but none is a Kubernetes object")
     if looks_like_ansible_json(first):
         return parse_ansible_json(first, path)
+    if isinstance(first, dict) and isinstance(first.get("plugin"), str):
+        raise InventoryError(
+            f"{path}: an inventory plugin configuration (plugin: {first['plugin']}); portmesh"
+            " runs no plugins: give it the output of `ansible-inventory -i INVENTORY --list`"
+        )
     return parse_yaml_inventory(first, path)
 
 
