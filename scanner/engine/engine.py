@@ -18,17 +18,21 @@ socket, future and timer. The engine owns everything a probe should not care abo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import ipaddress
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from scanner.core.flows import Flow
 from scanner.core.results import Result
+from scanner.errors import warn
 from scanner.probes.base import Outcome, ProbeOptions
 
 # Retries of a silent flow while there is no basis to estimate loss (fewer than 20 answers):
@@ -39,6 +43,33 @@ PRIOR_RETRIES_PORTLESS = 6
 
 RESOURCE_REASONS = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted"})
 
+
+
+def _resolve(name: str) -> asyncio.Future:
+    """getaddrinfo(name) in a daemon thread (the loop's executor would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if fut.cancelled():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def work() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop as is
+            error = e
+        with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
+            loop.call_soon_threadsafe(done, result, error)
+
+    threading.Thread(target=work, name=f"resolve {name}", daemon=True).start()
+    return fut
 
 @dataclass
 class EngineConfig:
@@ -325,17 +356,23 @@ class Engine:
         return addr
 
     async def _getaddrinfo(self, name: str) -> str:
+        """The resolver, bounded by the flow's time budget (--timeout per attempt), in a daemon
+        thread: a resolver that hangs (DNS down) neither holds the run nor delays Ctrl-C."""
+        budget = self.cfg.timeout * (1 + self.cfg.retries)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                name, None, type=socket.SOCK_STREAM
-            )
+            infos = await asyncio.wait_for(_resolve(name), budget)
+        except asyncio.TimeoutError:
+            return self._no_address(name, f"no answer from the resolver within {budget:g}s")
         except (OSError, UnicodeError) as e:
-            self.unresolved[name] = getattr(e, "strerror", None) or str(e)
-            return ""
+            return self._no_address(name, getattr(e, "strerror", None) or str(e))
         if not infos:
-            self.unresolved[name] = "no address"
-            return ""
+            return self._no_address(name, "no address")
         return str(infos[0][4][0])
+
+    def _no_address(self, name: str, why: str) -> str:
+        self.unresolved[name] = why
+        warn(f"{name} does not resolve here ({why}); its flows are unknown, not failed")
+        return ""
 
     async def _probe_flow(self, flow: Flow) -> Result:
         addr = self._addrs.get(flow.dst)

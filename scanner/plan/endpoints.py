@@ -187,7 +187,7 @@ def endpoints(
         for label, value in _items(name, raw[name]):
             if value is None or value == "":
                 continue
-            if isinstance(value, Vaulted) or isinstance(value, dict):
+            if isinstance(value, (Vaulted, dict)):
                 unresolved[name] = str(VAULTED)
                 continue
             if not isinstance(value, str):

@@ -49,8 +49,8 @@ from scanner.catalog import Catalog, Requirement, expand_ports
 from scanner.core.flows import Flow
 from scanner.core.model import Cluster, ClusterConfig, Setting, Site
 from scanner.core.ports import parse_ports
-from scanner.plan.selection import Selection
 from scanner.plan.kubean import redact
+from scanner.plan.selection import Selection
 
 NODE_ROLES = frozenset({"node", "control_plane", "worker"})
 
