@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -66,13 +65,13 @@ def layout(tmp_path: Path, vars_text: str, ini: str = INI) -> tuple[Path, Path]:
 TEMPLATES = [
     # (vars, warned variables, the flows that must be planned, the (req, port) that must not)
     (
-        "my_port: 7443\nkube_apiserver_port: \"{{ my_port | int }}\"\n",
+        'my_port: 7443\nkube_apiserver_port: "{{ my_port | int }}"\n',
         [],
         {("k8s.apiserver", 7443)},
         {("k8s.apiserver", 6443)},
     ),
     (
-        "kube_apiserver_port: \"{{ my_port | default(8443) }}\"\n",
+        'kube_apiserver_port: "{{ my_port | default(8443) }}"\n',
         [],
         {("k8s.apiserver", 8443)},
         {("k8s.apiserver", 6443)},
@@ -127,8 +126,11 @@ def test_what_the_plan_cannot_follow_is_one_warning_naming_variable_file_and_fal
 
 
 def test_catalog_warns_too_and_prints_the_followed_port(tmp_path):
-    inv, v = layout(tmp_path, "my_port: 7443\nkube_apiserver_port: \"{{ my_port | int }}\"\n"
-                    "calico_network_backend: \"{{ x if y else z }}\"\n")
+    inv, v = layout(
+        tmp_path,
+        'my_port: 7443\nkube_apiserver_port: "{{ my_port | int }}"\n'
+        'calico_network_backend: "{{ x if y else z }}"\n',
+    )
     p = run("catalog", "-i", str(inv), "--vars", str(v), "--format", "ndjson")
     assert p.returncode == 0, p.stderr
     row = next(r for r in records(p) if r.get("id") == "k8s.apiserver")
@@ -158,9 +160,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, inventory, vars_arg, needle)
     pw.write_text("portmesh-test\n")
     (tmp_path / "vaulted.yml").write_text("all:\n  hosts:\n    n1: {ip: 198.18.6.1}\n")
     subprocess.run(
-        [tool("ansible-vault"), "encrypt", "--vault-password-file", str(pw),
-         str(tmp_path / "vaulted.yml")],
-        check=True, capture_output=True,
+        [
+            tool("ansible-vault"),
+            "encrypt",
+            "--vault-password-file",
+            str(pw),
+            str(tmp_path / "vaulted.yml"),
+        ],
+        check=True,
+        capture_output=True,
     )
     inv = inventory if os.path.isabs(inventory) else str(tmp_path / inventory)
     args = ["plan", "-i", inv] + (["--vars", vars_arg] if vars_arg else [])
@@ -173,10 +181,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, inventory, vars_arg, needle)
 
 # --------------------------------------------------------------------------- High 3
 
+
 def test_ansible_inventory_json_without_k8s_cluster_warns_and_with_it_does_not(tmp_path):
     out = tmp_path / "inv.json"
-    p = subprocess.run([tool("ansible-inventory"), "-i", str(KS), "--list"],
-                       capture_output=True, check=True)
+    p = subprocess.run(
+        [tool("ansible-inventory"), "-i", str(KS), "--list"], capture_output=True, check=True
+    )
     out.write_bytes(p.stdout)
     plain = run("plan", "-i", str(out))
     assert plain.returncode == 0, plain.stderr
@@ -187,8 +197,9 @@ def test_ansible_inventory_json_without_k8s_cluster_warns_and_with_it_does_not(t
     shutil.copytree(KS, d)
     with open(d / "inventory.ini", "a") as f:
         f.write("\n[k8s_cluster:children]\nkube_control_plane\nkube_node\n")
-    p = subprocess.run([tool("ansible-inventory"), "-i", str(d), "--list"],
-                       capture_output=True, check=True)
+    p = subprocess.run(
+        [tool("ansible-inventory"), "-i", str(d), "--list"], capture_output=True, check=True
+    )
     out.write_bytes(p.stdout)
     fixed = run("plan", "-i", str(out))
     assert fixed.returncode == 0 and warnings(fixed) == []
@@ -207,14 +218,20 @@ ENDPOINTS = [
         "      - host: http://198.18.7.1:5000\n        capabilities: [pull]\n",
         ("endpoint.containerd_registries_mirrors[0].mirrors[0].host", "198.18.7.1", 5000),
     ),
-    ("docker_registry_mirrors: [\"https://198.18.7.2\"]\n",
-     ("endpoint.docker_registry_mirrors[0]", "198.18.7.2", 443)),
+    (
+        'docker_registry_mirrors: ["https://198.18.7.2"]\n',
+        ("endpoint.docker_registry_mirrors[0]", "198.18.7.2", 443),
+    ),
     ("http_proxy: http://198.18.7.3:3128\n", ("endpoint.http_proxy", "198.18.7.3", 3128)),
     ("https_proxy: http://198.18.7.3:3129\n", ("endpoint.https_proxy", "198.18.7.3", 3129)),
-    ("docker_rh_repo_base_url: http://198.18.7.4/centos/$releasever\n",
-     ("endpoint.docker_rh_repo_base_url", "198.18.7.4", 80)),
-    ("argocd_install_url: https://198.18.7.5:8443/install.yaml\n",
-     ("endpoint.argocd_install_url", "198.18.7.5", 8443)),
+    (
+        "docker_rh_repo_base_url: http://198.18.7.4/centos/$releasever\n",
+        ("endpoint.docker_rh_repo_base_url", "198.18.7.4", 80),
+    ),
+    (
+        "argocd_install_url: https://198.18.7.5:8443/install.yaml\n",
+        ("endpoint.argocd_install_url", "198.18.7.5", 8443),
+    ),
     ("files_repo: ftp://198.18.7.6/files\n", ("endpoint.files_repo", "198.18.7.6", 21)),
 ]
 INI_ETCD = INI + "[etcd]\ne1 ip=198.18.6.5\n"
@@ -252,10 +269,18 @@ def test_loadbalancer_apiserver_port_is_followed_and_every_node_reaches_it():
 
 BLAME = [
     # (group_vars/all.yml, host_vars/n1.yml, host_vars/n2.yml, the variable named)
-    ("registry_host: 198.18.1.9:5000\nkube_image_repo: \"{{ registry_host }}\"\n", None,
-     "registry_host: 198.18.1.8:5000\n", "variable registry_host is '198.18.1.9:5000' on n1"),
-    ("kube_image_repo: \"{{ registry_host }}\"\n", "registry_host: 198.18.1.9:5000\n",
-     "registry_host: 198.18.1.8:5000\n", "variable registry_host is '198.18.1.9:5000' on n1"),
+    (
+        'registry_host: 198.18.1.9:5000\nkube_image_repo: "{{ registry_host }}"\n',
+        None,
+        "registry_host: 198.18.1.8:5000\n",
+        "variable registry_host is '198.18.1.9:5000' on n1",
+    ),
+    (
+        'kube_image_repo: "{{ registry_host }}"\n',
+        "registry_host: 198.18.1.9:5000\n",
+        "registry_host: 198.18.1.8:5000\n",
+        "variable registry_host is '198.18.1.9:5000' on n1",
+    ),
 ]
 
 
@@ -277,8 +302,11 @@ def test_per_host_difference_blames_the_variable_set_not_its_template(
 
 
 def test_passwords_in_urls_are_never_printed(tmp_path):
-    inv, v = layout(tmp_path, "files_repo: http://user:s3cret@198.18.6.9:8080/f\n"
-                    "yum_repo: \"{{ files_repo }}/{{ nope if x }}\"\n")
+    inv, v = layout(
+        tmp_path,
+        "files_repo: http://user:s3cret@198.18.6.9:8080/f\n"
+        'yum_repo: "{{ files_repo }}/{{ nope if x }}"\n',
+    )
     p = run("plan", "-i", str(inv), "--vars", str(v), "--explain")
     assert p.returncode == 0
     assert b"s3cret" not in p.stdout + p.stderr and b"***@198.18.6.9" in p.stdout
@@ -295,8 +323,11 @@ def test_files_ansible_skips_in_host_vars_are_skipped_as_ansible_does(tmp_path):
     p = run("plan", "-i", str(d))
     assert p.returncode == 0, p.stderr
     # the oracle: ansible-inventory keeps node4's address from host_vars/node4.yml
-    a = subprocess.run([tool("ansible-inventory"), "-i", str(d), "--host", "node4"],
-                       capture_output=True, check=True)
+    a = subprocess.run(
+        [tool("ansible-inventory"), "-i", str(d), "--host", "node4"],
+        capture_output=True,
+        check=True,
+    )
     assert json.loads(a.stdout)["ip"] == "198.18.3.44"
     assert {f["dst"] for f in flows(p) if f["host"] == "node4"} == {"198.18.3.44"}
 
@@ -335,11 +366,16 @@ sys.stdout.write(json.dumps({"rc": p.returncode, "out": p.stdout.decode(),
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces of its own")
 def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
-    (tmp_path / "inv.ini").write_text(INI.replace("198.18.6.1", "127.0.0.2").replace(
-        "198.18.6.2", "127.0.0.3"))
+    (tmp_path / "inv.ini").write_text(
+        INI.replace("198.18.6.1", "127.0.0.2").replace("198.18.6.2", "127.0.0.3")
+    )
     (tmp_path / "v.yml").write_text("files_repo: http://files.portmesh.invalid:8080/f\n")
-    p = subprocess.run(["unshare", "-n", "-m", sys.executable, "-c", DNS_SCRIPT, str(tmp_path)],
-                       capture_output=True, timeout=120, cwd=ROOT)
+    p = subprocess.run(
+        ["unshare", "-n", "-m", sys.executable, "-c", DNS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert "Traceback" not in res["err"], res["err"]
@@ -348,7 +384,9 @@ def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
     assert [(r["state"], r["reason"], r["verdict"]) for r in files] == [
         ("error", "unresolved", "unknown")
     ]
-    assert "files.portmesh.invalid does not resolve here (no answer from the resolver within" \
-        " 0.3s)" in res["err"], res["err"]
+    assert (
+        "files.portmesh.invalid does not resolve here (no answer from the resolver within"
+        " 0.3s)" in res["err"]
+    ), res["err"]
     # glibc alone would wait 2 x 5 s for this name; the bound is the flow's budget
     assert res["s"] < 8, res["s"]

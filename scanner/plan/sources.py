@@ -17,7 +17,9 @@ An ``--inventory`` is a file or a folder:
 
 A ``--vars`` is a vars file (YAML/JSON, or ConfigMaps with ``data["group_vars.yml"]``), a
 ``group_vars`` folder (entries named after groups, applied to the hosts of those groups as
-Ansible applies them), or another folder, whose files apply to every host in lexical order.
+Ansible applies them), or another folder, whose files apply to every host in lexical order. A
+folder holding ``group_vars/`` or ``host_vars/`` (an inventory folder) is refused: its host_vars
+would otherwise apply to every host.
 """
 
 from __future__ import annotations
