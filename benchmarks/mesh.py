@@ -1,6 +1,8 @@
 """Mesh wall time for 2, 4, 8 (, 12) lab hosts, flows/s per agent and in total (median of 3).
 
     sudo python benchmarks/mesh.py [--hosts 2,4,8] [--repeat 3] [--sample 16]
+    python benchmarks/mesh.py --simulate 1000 [--sample 16 | --full] [--emit failures]
+        (the real coordinator against simulated agents: benchmarks/mesh_sim.py)
 
 Every run: a fresh lab of N hosts (first host control plane + etcd, the rest workers), the
 packaged catalog with calico (kubespray's default) + MetalLB, the NodePort range sampled
@@ -89,6 +91,9 @@ def coordinator_ceiling(lines: int = 200_000) -> float:
             from scanner.mesh.coordinator import Window
 
             self.window = Window()
+            self.got = None
+            self.jidx = None  # the general path (one link for every source here)
+            self.name = "-"
             self.results = 0
 
     link = Link()
@@ -133,6 +138,11 @@ def synthetic_counts(nodes: int, sample: int | None) -> int:
 
 
 def main() -> int:
+    if "--simulate" in sys.argv:  # the coordinator against simulated agents: benchmarks/mesh_sim.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import mesh_sim
+
+        return mesh_sim.main(sys.argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--hosts", default="2,4,8")
     ap.add_argument("--repeat", type=int, default=3)

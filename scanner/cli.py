@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("scanner.commands.agent", "The mesh agent (NDJSON over stdin/stdout)."),
     "report": ("scanner.commands.report", "Turn NDJSON results into a report."),
     "watch": ("scanner.commands.watch", "After install: keep checking the mesh; Prometheus metrics."),
+    "ansible": ("scanner.commands.ansible", "The mesh as an Ansible playbook; Kubean's preHook."),
 }
 
 

@@ -203,3 +203,47 @@ def test_plan_of_a_dce_site_file():
         assert ("istio.gateway.https", w) not in included
     n = lines(run("plan", "-i", str(SITE_FILE), "--count").stdout)[0]["flows"]
     assert n == sum(r["flows"] for r in rec.values())
+
+
+# ---- issue 20: tables and --explain wording ---------------------------------------------
+
+SITE = pathlib.Path(__file__).parent / "data" / "inventories" / "site" / "site.yml"
+
+
+def _columns_aligned(text: str, ncols: int) -> None:
+    """Every row's first ncols-1 cells start at the header's column positions."""
+    rows = [ln for ln in text.splitlines() if ln.strip()]
+    head = rows[0]
+    starts = [i for i in range(len(head)) if head[i] != " " and (i == 0 or head[i - 1] == " ")]
+    assert len(starts) == ncols, head
+    for row in rows[1:]:
+        for s in starts[1:]:
+            assert row[s - 1] == " " and row[s] != " ", (row, s)
+
+
+def test_plan_and_explain_tables_are_aligned():
+    p = run("plan", "-i", str(SITE), "--format", "table", "--nodeport-sample", "2")
+    assert p.returncode == 0, p.stderr
+    _columns_aligned(p.stdout.decode(), 7)
+    e = run("plan", "-i", str(SITE), "--explain", "--format", "table")
+    assert e.returncode == 0, e.stderr
+    _columns_aligned(e.stdout.decode(), 5)
+
+
+def test_explain_wording():
+    e = run("plan", "-i", str(SITE), "--explain")
+    why = {(r["req"], r["cluster"]): r["why"] for r in lines(e.stdout)}
+    assert not any("((" in w or "))" in w for w in why.values()), [
+        w for w in why.values() if "))" in w
+    ][:3]
+    w = why[("k8s.apiserver", "worker-a")]
+    assert w.startswith("always required; apiserver_port 6443 [default (kubespray)") and w.endswith(
+        "]"
+    ), w
+    # worker rows of a site-scoped requirement: counted under the global cluster, said so
+    w = why[("insight.metrics", "worker-a")]
+    assert w.startswith("counted under kpanda-global") and "worker-a" in w, w
+    # a requirement with no condition, excluded for want of hosts: the reason, no "always"
+    h = run("plan", "--hosts", HOSTS, "--explain")
+    rec = {r["req"]: r for r in lines(h.stdout)}["bootstrap.registry"]
+    assert rec["flows"] == 0 and rec["why"] == "no bootstrap node in the site", rec

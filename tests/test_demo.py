@@ -74,8 +74,81 @@ def test_loopback_demo_without_privileges(tmp_path: Path) -> None:
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "loopback demo" in p.stderr and "Left out" in p.stderr
+    # one mesh, as the README describes (not one check per host): one run, pair records
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["type"] for r in recs].count("start") == 1 and "mesh" in recs[0]
+    assert any(r["type"] == "pair" for r in recs)
+    assert p.stdout == out.read_text()  # -o adds a copy; a pipe still gets the NDJSON
     want = {("etcd.peer", s, "node1", "tcp", 2380) for s in ("node2", "node3", "node4")}
     for src in ("node1", "node2", "node3"):
         for port in NODEPORT_SLICE:
             want.add(("k8s.nodeport", src, "node4", "tcp", port))
     assert _failures(out) == want
+
+
+# ---- issue 20: the first hour ------------------------------------------------------------
+
+
+@pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or "")
+def test_demo_refuses_an_existing_lab(lab_name: str) -> None:
+    """A kept lab (or another demo in progress) of the demo's name is never removed."""
+    from scanner.lab.netns import Lab
+
+    Lab.up(2, lab_name)
+    p = subprocess.run(
+        [sys.executable, "-m", "scanner", "demo", "--name", lab_name],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and "already exists" in p.stderr, p.stderr
+    assert "--name" in p.stderr
+    assert Lab.load(lab_name).status()["hosts"][0]["present"]  # still there
+    bad = subprocess.run([sys.executable, "-m", "scanner", "demo", "--name", "a b"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "bad lab name" in bad.stderr
+
+
+def _on_a_terminal(argv: list[str], timeout: float = 180) -> tuple[int, str]:
+    """Run argv with stdout and stderr on a pseudo-terminal; (exit code, what the terminal got)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], 0.5)
+        if r:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    code = p.wait(timeout=30)
+    return code, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or "")
+def test_demo_on_a_terminal_fits_one_screen(tmp_path: Path) -> None:
+    """On a tty: the story and the report, no NDJSON, at most 40 lines; -o FILE still a copy."""
+    out = tmp_path / "copy.ndjson"
+    code, screen = _on_a_terminal([sys.executable, "-m", "scanner", "demo", "--name",
+                                   f"d{os.getpid() & 0xFFFF:x}", "-o", str(out)])  # fmt: skip
+    assert code == 0, screen[-3000:]
+    lines = screen.rstrip("\n").splitlines()
+    assert len(lines) <= 40, screen
+    assert '{"type"' not in screen
+    for fault in ("node1 drops tcp/2380 from every peer", "one-way: node2 -> node3 udp/4789",
+                  "node4 rejects tcp/30100-30199 from every peer", "node2 drops ipip"):
+        assert fault in screen, (fault, screen)
+    assert "exactly the injected faults" in screen and f"in {out}" in screen
+    assert len(_summaries(out)) == 1

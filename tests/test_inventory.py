@@ -279,7 +279,7 @@ def write_site(tmp_path: Path, body: str) -> str:
         ("portmesh_site:\n  clusters: [{name: a}]\n", "exactly one of inventory or hosts"),
         (
             "portmesh_site:\n  clusters: [{name: a, inventory: missing.yml}]\n",
-            "missing.yml: cannot read inventory",
+            "inventory: missing.yml: no such file: ",
         ),
         (
             "portmesh_site:\n  clusters: [{name: a, kind: big, inventory: hosts.yml}]\n",
@@ -319,7 +319,7 @@ def write_site(tmp_path: Path, body: str) -> str:
         ("portmesh_site:\n  clusters: [{name: a, hosts: x, role: king}]\n", "unknown role 'king'"),
         (
             "portmesh_site:\n  clusters: [{name: a, inventory: hosts.yml, vars: nope.yml}]\n",
-            "nope.yml: cannot read",
+            "vars: nope.yml: no such file: ",
         ),
         (
             "portmesh_site: {clusters: [{name: a, hosts: x}]}\nother: 1\n",
@@ -712,3 +712,15 @@ def test_documented_example_is_the_fixture(tmp_path):
     assert [{k: s.value for k, s in c.config.features.items()} for c in documented.clusters] == [
         {k: s.value for k, s in c.config.features.items()} for c in fixture.clusters
     ]
+
+
+def test_site_file_missing_inventory_names_the_site_file_and_the_full_path(tmp_path):
+    """Issue 20: which site file, which cluster, the path as written and where it was looked."""
+    site = tmp_path / "dce" / "site.yml"
+    site.parent.mkdir()
+    site.write_text("portmesh_site:\n  clusters: [{name: a, inventory: nothere/hosts.yml}]\n")
+    with pytest.raises(InventoryError) as e:
+        load_site([str(site)])
+    msg = str(e.value)
+    assert msg.startswith(f"{site}: cluster a.inventory: nothere/hosts.yml: no such file: "), msg
+    assert str(tmp_path / "dce" / "nothere" / "hosts.yml") in msg

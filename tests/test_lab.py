@@ -246,3 +246,58 @@ def test_nft_loads_rules_in_one_host_only(lab) -> None:
     assert "portmesh" in one and "portmesh" not in two
     with pytest.raises(labmod.LabError, match="nft"):
         lab.nft("node1", "this is not nft\n")
+
+
+# ---- issue 20: README's IP-in-IP fault in `lab up` ----------------------------------------
+
+README_FAULTS = """faults:
+  - {host: node1, direction: in, proto: tcp, ports: "2380", action: drop}
+  - {host: node2, direction: in, proto: ipip, action: drop}
+"""
+
+
+def _lab_up(name: str, tmp_path, *extra: str):
+    import subprocess
+    import sys
+
+    faults = tmp_path / "faults.yml"
+    faults.write_text(README_FAULTS)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "scanner", "lab", "up", "--name", name, "--hosts", "3",
+             "--no-responders", "--faults", str(faults), *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        subprocess.run([sys.executable, "-m", "scanner", "lab", "down", "--name", name],
+                       capture_output=True, timeout=60)  # fmt: skip
+
+
+def test_lab_up_warns_about_a_fault_that_matches_no_planned_flow(lab_name: str, tmp_path) -> None:
+    cp = _lab_up(lab_name, tmp_path)
+    assert cp.returncode == 0, cp.stderr
+    warn = [ln for ln in cp.stderr.splitlines() if "matches no planned flow" in ln]
+    assert len(warn) == 1, cp.stderr
+    assert "node2 in ipip" in warn[0] and "--with ipip" in warn[0]
+    assert "fail node2 -> node1 tcp/2380" in cp.stdout  # the etcd fault did match
+
+
+def test_lab_up_takes_the_selection_options(lab_name: str, tmp_path) -> None:
+    cp = _lab_up(lab_name, tmp_path, "--with", "ipip", "--nodeport-sample", "4")
+    assert cp.returncode == 0, cp.stderr
+    assert "matches no planned flow" not in cp.stderr
+    assert "fail node1 -> node2 ipip" in cp.stdout, cp.stdout
+    assert "selection: --with ipip --nodeport-sample 4" in cp.stdout
+    # 3 hosts, sampled NodePorts: far fewer than the full range's ~16,600 flows
+    total = int(cp.stdout.split("ground truth (bare): ")[1].split()[0])
+    assert total < 1000, cp.stdout
+    bad = subprocess_run_bad_with(lab_name)
+    assert bad.returncode == 2 and "--with" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def subprocess_run_bad_with(name: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "scanner", "lab", "up", "--name", name,
+                           "--with", "nosuchfeature"], capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -26,12 +26,14 @@ ALLOWED: dict[str, set[str]] = {
     "probes": {"top", "core"},
     "engine": {"top", "core", "catalog", "plan", "probes"},
     "responder": {"top", "core"},
-    "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
+    # mesh -> report: the mesh's stderr summary is the report's text (one grouping of faults)
+    "mesh": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "report"},
     "report": {"top", "core"},
     "watch": {"top", "core", "catalog", "plan", "probes", "engine", "responder"},
+    "ansible": {"top"},
     "lab": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh", "report"},
     "commands": {"top", "core", "catalog", "plan", "probes", "engine", "responder", "mesh",
-                 "report", "lab", "watch"},
+                 "report", "lab", "watch", "ansible"},
     "cli": {"top", "commands"},
 }
 

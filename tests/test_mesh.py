@@ -331,7 +331,7 @@ def test_mesh_equals_ground_truth(faulted_lab, tmp_path: Path, protos: list[str]
             assert {"one-way", "fail", "pass"} <= kinds, (proto, kinds)
         assert code == 1
         assert summary["pairs"]["one-way"] == sum(v == "one-way" for v in pairs.values())
-        assert "ONE-WAY" in err and err.index("ONE-WAY") < err.index("FAIL ")
+        _assert_summary_is_the_report(recs, err, tmp_path)
 
 
 @pytest.mark.lab
@@ -359,7 +359,22 @@ def test_unreachable_host_is_reported_and_owes_every_flow(faulted_lab, tmp_path:
     pairs = [p for p in recs if p["type"] == "pair" and "ghost" in (p["a"], p["b"])]
     assert pairs and all(p["verdict"] == "unknown" for p in pairs)
     assert summary["hosts"]["unreachable"] == ["ghost"]
-    assert code == 1 and "UNREACHABLE ghost" in err
+    assert code == 1 and "unreachable: ghost (" in err
+    _assert_summary_is_the_report(recs, err, tmp_path)
+
+
+def _assert_summary_is_the_report(recs: list[dict], err: str, tmp: Path) -> None:
+    """Issue 20: the mesh's stderr summary is `portmesh report`'s text of the same run: the
+    same grouping ("node3 drops ... from every peer", one-way lines), the same matrix."""
+    from scanner.report import ReportConfig, run_report
+
+    f = tmp / f"report-{time.monotonic_ns()}.ndjson"
+    f.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    buf = io.BytesIO()
+    run_report(ReportConfig(inputs=[str(f)]), buf, io.StringIO())
+    report = buf.getvalue().decode().splitlines()
+    assert report[2].startswith("run ")  # header, blank, the run line: the mesh prints totals
+    assert err.splitlines()[1:] == report[3:], "\n".join(["MESH:", err, "REPORT:", *report])
 
 
 def _lab_leftovers(lab) -> list[str]:
@@ -473,3 +488,73 @@ def test_bundle_runs_the_agent_from_copied_wheels(make_lab, tmp_path: Path) -> N
         p for p in Path("/tmp").glob("portmesh-bundle-*") if p.stat().st_mtime > time.time() - 120
     ]
     assert not leftovers  # the bootstrap removed its temporary directory
+
+
+# ---- issue 20: the first hour ------------------------------------------------------------
+
+
+def test_local_template_runs_this_interpreter_others_portmesh_agent() -> None:
+    from scanner.mesh.transport import agent_words, start_hint
+
+    local = agent_words(["ip", "netns", "exec", "pm-node1"], None)
+    assert local == [sys.executable, "-m", "scanner", "agent"]
+    assert agent_words(["ssh", "-o", "BatchMode=yes", "h"], None) == ["portmesh", "agent"]
+    assert agent_words(["kubectl", "exec", "-i", "p", "--"], None) == ["portmesh", "agent"]
+    # an explicit --agent-cmd always wins
+    assert agent_words(["ip", "netns", "exec", "x"], "/opt/pm/bin/portmesh agent") == [
+        "/opt/pm/bin/portmesh",
+        "agent",
+    ]
+    hint = start_hint(["ssh", "h"], ["portmesh", "agent"], 127, "bash: portmesh: command not found")
+    assert "--agent-cmd" in hint and "--bundle" in hint
+    # ssh's own failures are not about the agent: no hint
+    assert start_hint(["ssh", "h"], ["portmesh", "agent"], 255, "Permission denied (publickey)") == ""
+    assert "--agent-cmd" in start_hint(
+        ["ip", "netns", "exec", "x"], ["portmesh", "agent"], 255, 'exec of "portmesh" failed'
+    )
+    assert start_hint(["ssh", "h"], ["portmesh", "agent"], 1, "agent error: boom") == ""
+
+
+def test_mesh_help_lists_only_what_mesh_takes() -> None:
+    cp = subprocess.run(
+        [sys.executable, "-m", "scanner", "mesh", "--help"], capture_output=True, text=True
+    )
+    assert cp.returncode == 0
+    for gone in ("--source", "--workers"):
+        assert gone not in cp.stdout, gone
+    for kept in ("--concurrency", "--rate", "--exec", "--agent-cmd", "--method", "--secret-file"):
+        assert kept in cp.stdout, kept
+    cp = subprocess.run(
+        [sys.executable, "-m", "scanner", "mesh", "--hosts", "127.0.0.2", "--workers", "2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cp.returncode == 2 and "No such option '--workers'" in cp.stderr
+    scan = subprocess.run(
+        [sys.executable, "-m", "scanner", "scan", "--help"], capture_output=True, text=True
+    )
+    assert "--workers" in scan.stdout and "--secret-file" in scan.stdout
+
+
+@pytest.mark.lab
+def test_mesh_from_an_unactivated_venv(make_lab, tmp_path: Path) -> None:
+    """README: `.venv/bin/portmesh mesh ... --exec 'ip netns exec ...'` with no venv on PATH."""
+    lab = make_lab(hosts=2)
+    inv = write_inventory(lab, tmp_path / "inv.yml")
+    cat = lab_catalog(tmp_path / "lab.toml", ["tcp"])
+    out = tmp_path / "out.ndjson"
+    exe = Path(sys.executable).parent / "portmesh"
+    if not exe.exists():
+        pytest.skip("no portmesh console script next to this interpreter")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"  # no venv, no portmesh on PATH
+    cp = subprocess.run(
+        [str(exe), "mesh", "-i", str(inv), "--catalog", str(cat), "--exec", lab.exec_template(),
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    recs = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert recs[-1]["planned"] == recs[-1]["results"] == 4
+    assert recs[-1]["hosts"]["unreachable"] == []
+    agent = recs[0]["mesh"]["agent_cmd"]  # the console script's own interpreter
+    assert agent.startswith(str(exe.parent)) and agent.endswith(" -m scanner agent"), agent

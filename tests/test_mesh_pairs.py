@@ -116,7 +116,8 @@ def test_nodeport_sweep_collapses_to_counts_and_ranges() -> None:
     for port in range(30000, 32768):
         j.add(rec("a", "b", "fail" if port < 30100 else "pass", port=port, req="np"))
         j.add(rec("b", "a", "pass", port=port, req="np"))
-    d = j.dirs[("np", "a", "b")]
+    d = j.direction("np", "a", "b")
+    assert d is not None
     assert d.ports.exact is None and d.ports.count == 2768  # nothing per port is kept
     (p,) = j.pairs()
     assert p["ports"] == "30000-32767"

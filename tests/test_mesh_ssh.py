@@ -81,7 +81,9 @@ def ssh_lab(make_lab, tmp_path: Path):
             p.wait(timeout=10)
 
 
-def _mesh(lab, tmp: Path, template: str) -> tuple[int, list[dict], str]:
+def _mesh(
+    lab, tmp: Path, template: str, agent_cmd: str = f"{sys.executable} -m scanner agent"
+) -> tuple[int, list[dict], str]:
     inv = write_inventory(lab, tmp / "inv.yml")
     cat = lab_catalog(tmp / "lab.toml", ["tcp"])
     catalog, site, selection = SelectionOptions(
@@ -95,7 +97,7 @@ def _mesh(lab, tmp: Path, template: str) -> tuple[int, list[dict], str]:
             site=site,
             selection=selection,
             exec_template=template,
-            agent_cmd=f"{sys.executable} -m scanner agent",
+            agent_cmd=agent_cmd,
             output=NdjsonOutput(str(out), stdout=False),
             summary_to=err,
             hello_timeout=30,
@@ -128,4 +130,17 @@ def test_ssh_refused_key_is_an_unreachable_host(ssh_lab, tmp_path: Path) -> None
     assert all("Permission denied" in h["reason"] for h in hosts.values()), hosts
     summary = recs[-1]
     assert summary["planned"] == summary["results"] == 4
-    assert code == 1 and "UNREACHABLE node1" in err
+    assert code == 1 and "unreachable: node1 (" in err
+
+
+def test_ssh_without_portmesh_on_the_host_says_what_to_do(ssh_lab, tmp_path: Path) -> None:
+    """The remote shell cannot find the agent: the reason names --agent-cmd and --bundle."""
+    lab, d = ssh_lab
+    template = f"ssh -i {d / 'client_key'} {SSH_OPTS} {{address}}"
+    code, recs, err = _mesh(lab, tmp_path, template, agent_cmd="portmesh-not-installed agent")
+    hosts = {r["name"]: r for r in recs if r["type"] == "host"}
+    assert set(hosts) == {"node1", "node2"}
+    for h in hosts.values():
+        assert "not found" in h["reason"], h
+        assert "--agent-cmd" in h["reason"] and "--bundle" in h["reason"], h
+    assert code == 1

@@ -415,7 +415,10 @@ def test_lab_up_status_down(lab_name: str, tmp_path: Path) -> None:
         "  - {host: node3, direction: in, proto: tcp, ports: '30000-30009', action: reject}\n"
         "  - {host: node2, direction: out, proto: udp, ports: 4789, action: drop, to: node1}\n"
     )
-    cp = _lab("up", "--hosts", "3", "--name", lab_name, "--faults", str(faults), "--ttl", "60")
+    cp = _lab(
+        "up", "--hosts", "3", "--name", lab_name, "--faults", str(faults), "--ttl", "60",
+        "--truth-file",
+    )  # fmt: skip
     assert cp.returncode == 0, cp.stderr
     out = cp.stdout
     state = run_dir() / lab_name

@@ -447,3 +447,18 @@ def test_ports_text_is_the_inverse_of_parse_ports(ports: list[int], text: str) -
     assert ports_text(ports) == text
     if text:
         assert [p for _, p in parse_ports(text)] == sorted(set(ports))
+
+
+@pytest.mark.parametrize(
+    ("tok", "says"),
+    [
+        ("127.0.0.300", "the fourth octet '300': 300 is above 255"),
+        ("127.0-300.0.1", "the second octet '0-300': 300 is above 255"),
+        ("1.2.3.5-4", "the fourth octet '5-4': range '5-4' runs backwards"),
+        ("1.2.3.1-2-3", "the fourth octet '1-2-3': '1-2-3' is not a number or range"),
+    ],
+)
+def test_bad_octet_says_which_octet(tok: str, says: str) -> None:
+    with pytest.raises(InputError) as ei:
+        parse_target(tok, resolve=False)
+    assert str(ei.value) == f"bad target {tok!r}: {says}"

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from scanner.commands.common import engine_options, output_options
+from scanner.commands.common import emit_option, engine_options, output_options
 from scanner.plan.selection import SelectionOptions, selection_options
 
 
@@ -28,7 +28,10 @@ from scanner.plan.selection import SelectionOptions, selection_options
 )
 @engine_options
 @output_options
-def command(selection_opts: SelectionOptions, from_host: str | None, expect: str, **opts) -> int:
+@emit_option
+def command(
+    selection_opts: SelectionOptions, from_host: str | None, expect: str, emit: str, **opts
+) -> int:
     """Probe every flow the plan gives this host and say pass, fail or unknown for each.
 
     Exit 0 when all pass, 1 when any fails, 2 on bad input. Failures are summarised on stderr.
@@ -63,5 +66,6 @@ def command(selection_opts: SelectionOptions, from_host: str | None, expect: str
         argv=["portmesh", *sys.argv[1:]],
         loop=opts["loop"],
         workers=opts["workers"],
+        emit=emit,
     )
     return run_check(cfg)

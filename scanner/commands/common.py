@@ -10,7 +10,15 @@ import click
 from scanner.errors import InputError
 
 
-def engine_options(f: Callable) -> Callable:
+def engine_options(f: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """The engine options, as a decorator; ``engine_options(exclude=(...))`` leaves some out
+    (by parameter name), so a command's --help lists only what it takes."""
+    if f is None:
+        return lambda g: _engine_options(g, exclude)
+    return _engine_options(f, exclude)
+
+
+def _engine_options(f: Callable, exclude: tuple[str, ...]) -> Callable:
     opts = [
         click.option(
             "--concurrency",
@@ -110,6 +118,10 @@ def engine_options(f: Callable) -> Callable:
         ),
     ]
     for o in reversed(opts):
+        probe = o(lambda: None)
+        names = [p.name for p in getattr(probe, "__click_params__", [])]
+        if any(n in exclude for n in names):
+            continue
         f = o(f)
     return f
 
@@ -139,6 +151,19 @@ def output_options(f: Callable) -> Callable:
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def emit_option(f: Callable) -> Callable:
+    """check and mesh: write every result, or only the flows that did not pass + tallies."""
+    return click.option(
+        "--emit",
+        type=click.Choice(["all", "failures"]),
+        default="all",
+        show_default=True,
+        help="all: one result line per flow. failures: a line per flow that did not pass, and "
+        "one tally record per (source, destination, requirement) counting the rest "
+        "(output and work grow with failures, not flows).",
+    )(f)
 
 
 PAYLOAD_KINDS = ("vxlan", "wireguard", "memberlist", "tag", "empty")

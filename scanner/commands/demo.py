@@ -11,20 +11,30 @@ import click
     "--output",
     default=None,
     metavar="FILE",
-    help="Write the NDJSON results to FILE instead of stdout.",
+    help="Also write the NDJSON results to FILE (as -o does for scan and mesh).",
+)
+@click.option(
+    "--name",
+    default="pmdemo",
+    show_default=True,
+    metavar="NAME",
+    help="The lab's name; an existing lab of that name is left alone (the demo refuses).",
 )
 @click.option("--loopback", is_flag=True, help="Run the loopback demo even as root.")
 @click.option(
     "--keep",
     is_flag=True,
-    help="Leave the lab up afterwards (remove with `portmesh lab down --name pmdemo`).",
+    help="Leave the lab up afterwards (remove with `portmesh lab down --name NAME`).",
 )
-def command(output: str | None, loopback: bool, keep: bool) -> int:
+def command(output: str | None, name: str, loopback: bool, keep: bool) -> int:
     """A 4-host cluster with injected firewall faults, checked from every host.
 
     As root: network namespaces and nftables. Otherwise: loopback, TCP and UDP only.
-    The human report goes to stderr, NDJSON to stdout (or -o FILE).
+    The story and the report go to stderr; the NDJSON to stdout when it is a file or a pipe
+    (not to a terminal), and with -o FILE also to FILE.
     """
     from scanner.lab.demo import DemoConfig, run_demo
+    from scanner.lab.netns import check_name
 
-    return run_demo(DemoConfig(output=output, force_loopback=loopback, keep=keep))
+    check_name("lab", name)
+    return run_demo(DemoConfig(output=output, force_loopback=loopback, keep=keep, name=name))

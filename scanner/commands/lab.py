@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from scanner.plan.selection import SelectionOptions, selection_options
+
 CTX = {"help_option_names": ["-h", "--help"]}
 
 
@@ -28,15 +30,28 @@ def command() -> None:
 @click.option(
     "--show-flows", is_flag=True, help="Print every failing flow, not one line per fault."
 )
+@click.option(
+    "--truth-file",
+    is_flag=True,
+    help="Also write every planned flow's ground truth to <state>/truth.ndjson (large).",
+)
+@selection_options(exclude=("inventory", "hosts", "role"))
 def up(
+    selection_opts: SelectionOptions,
     hosts: int,
     name: str,
     faults_file: str | None,
     no_responders: bool,
     ttl: float,
     show_flows: bool,
+    truth_file: bool,
 ) -> int:
-    """Build the lab, apply the faults, write its inventory, start responders, print the truth."""
+    """Build the lab, apply the faults, write its inventory, start responders, print the truth.
+
+    The selection flags (--with ipip, --cni, --vars, ...) shape the plan the responders and the
+    ground truth follow; give the same to plan, check and mesh. A fault that matches no planned
+    flow is warned about.
+    """
     from scanner.commands.respond import check_ttl
     from scanner.lab.lab import LabUpConfig, lab_up
 
@@ -47,6 +62,8 @@ def up(
         responders=not no_responders,
         ttl=check_ttl(ttl),
         show_flows=show_flows,
+        selection=selection_opts,
+        truth_file=truth_file,
     )
     return lab_up(cfg)
 

@@ -6,8 +6,11 @@ import sys
 
 import click
 
-from scanner.commands.common import engine_options, output_options
+from scanner.commands.common import emit_option, engine_options, output_options
 from scanner.plan.selection import SelectionOptions, selection_options
+
+# engine options a mesh does not take: agents probe from their own host with one event loop
+MESH_EXCLUDES = ("source", "workers")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,10 +25,11 @@ from scanner.plan.selection import SelectionOptions, selection_options
 )
 @click.option(
     "--agent-cmd",
-    default="portmesh agent",
-    show_default=True,
+    default=None,
     metavar="CMD",
-    help="The agent command run after the exec template on every host.",
+    help="The agent command run after the exec template on every host (default: this "
+    "Python's `-m scanner agent` through a local template such as `ip netns exec`, "
+    "else `portmesh agent`).",
 )
 @click.option(
     "--bundle",
@@ -63,17 +67,19 @@ from scanner.plan.selection import SelectionOptions, selection_options
     metavar="N",
     help="Agents being started (exec, login, bundle copy) at once.",
 )
-@engine_options
+@engine_options(exclude=MESH_EXCLUDES)
 @output_options
+@emit_option
 def command(
     selection_opts: SelectionOptions,
     exec_template: str | None,
-    agent_cmd: str,
+    agent_cmd: str | None,
     bundle: str | None,
     bundle_python: str,
     ttl: float | None,
     hello_timeout: float,
     forks: int,
+    emit: str,
     **opts,
 ) -> int:
     """Probe every planned flow from every host while every host responds; join both ends.
@@ -90,16 +96,12 @@ def command(
     from scanner.mesh import transport
     from scanner.mesh.coordinator import DEFAULT_TTL, MeshConfig, run_mesh
 
-    for flag in ("source", "workers"):
-        if opts.get(flag) is not None:
-            raise InputError(
-                f"--{flag.replace('_', '-')} does not apply to mesh "
-                "(agents probe from their own host with one loop)"
-            )
+    # not offered: agents probe from their own host with one loop
+    opts.update(dict.fromkeys(MESH_EXCLUDES))
     engine = build_engine_config(opts)
     if exec_template is not None:
         transport.check_template(exec_template)
-    if bundle is None:
+    if bundle is None and agent_cmd is not None:
         transport.check_template(agent_cmd)
     ttl = DEFAULT_TTL if ttl is None else ttl
     if not 0 < ttl <= 7 * 86400:
@@ -126,5 +128,6 @@ def command(
         loop=opts["loop"],
         only=parse_only(opts["only"]),
         progress=opts["progress"] if opts["progress"] is not None else sys.stderr.isatty(),
+        emit=emit,
     )
     return run_mesh(cfg)

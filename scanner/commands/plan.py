@@ -68,8 +68,7 @@ def command(
         if fmt == "ndjson":
             _batched(out, recs, _ndjson)
         else:
-            out.write(b"REQ  CLUSTER  IN  FLOWS  WHY\n")
-            _batched(out, recs, _explain_rows)
+            out.write(_explain_table(list(recs)))  # requirements x clusters: a few hundred rows
     else:
         from scanner.plan.planner import flow_record
 
@@ -79,8 +78,9 @@ def command(
             _batched(out, flows, _ndjson)
         else:
             sys.stderr.write(_meta_line(meta))
-            out.write(b"SRC_HOST  SRC  ->  HOST  DST  PROTO/PORT  REQ\n")
-            _batched(out, flows, _flow_rows)
+            widths = _flow_widths(catalog, site, selection)
+            out.write(_flow_rows([FLOW_HEAD], widths))
+            _batched(out, flows, lambda rs: _flow_rows(map(_flow_cells, rs), widths))
     out.close()
 
 
@@ -104,21 +104,56 @@ def _ndjson(records) -> bytes:
     return b"".join(dumps(r, option=opt) for r in records)
 
 
-def _flow_rows(records) -> bytes:
+FLOW_HEAD = ("SRC_HOST", "SRC", "->", "HOST", "DST", "PROTO/PORT", "REQ")
+
+
+def _flow_cells(r) -> tuple[str, ...]:
+    port = f"{r['proto']}/{r['port']}" if r["port"] is not None else r["proto"]
+    return (r["src_host"], r["src"] or "-", "->", r["host"], r["dst"], port, r["req"])
+
+
+def _flow_widths(catalog, site, selection) -> list[int]:
+    """Column widths known before the first flow (flows stream; a plan may have billions):
+    the longest host name, address and requirement id the site and catalog can produce."""
+    names = {h.name for h in site.hosts()} | {"scanner", selection.scanner or ""}
+    addrs = {h.address for h in site.hosts()} | {"-"}
+    for c in site.clusters:
+        names |= {f"vip:{v}@{c.name}" for v in c.vips}
+        addrs |= set(c.vips.values())
+    names |= {f"vip:{v}" for v in site.vips}
+    addrs |= set(site.vips.values())
+    name_w = max(map(len, names))
+    addr_w = max(map(len, addrs))
+    return [
+        max(name_w, len(FLOW_HEAD[0])),
+        max(addr_w, len(FLOW_HEAD[1])),
+        2,
+        max(name_w, len(FLOW_HEAD[3])),
+        max(addr_w, len(FLOW_HEAD[4])),
+        len("tcp/65535") + 1,
+    ]
+
+
+def _flow_rows(rows, widths: list[int]) -> bytes:
     lines = []
-    for r in records:
-        port = f"{r['proto']}/{r['port']}" if r["port"] is not None else r["proto"]
-        lines.append(
-            f"{r['src_host']}  {r['src'] or '-'}  ->  {r['host']}  {r['dst']}  {port}  {r['req']}\n"
-        )
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]) + "\n")
     return "".join(lines).encode()
 
 
-def _explain_rows(records) -> bytes:
-    return "".join(
-        f"{r['req']}  {r['cluster']}  {'yes' if r['included'] else 'no'}  {r['flows']}  {r['why']}\n"
+def _explain_table(records) -> bytes:
+    head = ("REQ", "CLUSTER", "IN", "FLOWS", "WHY")
+    rows = [
+        (r["req"], r["cluster"], "yes" if r["included"] else "no", str(r["flows"]), r["why"])
         for r in records
-    ).encode()
+    ]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head) - 1)]
+    lines = []
+    for row in [head, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip() + "\n")
+    return "".join(lines).encode()
 
 
 def _meta_line(meta) -> str:

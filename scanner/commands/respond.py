@@ -102,7 +102,7 @@ def resolve_ports(
 def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[int]]:
     """The TCP and UDP ports the plan probes host ``name`` on (from any source)."""
     from scanner.errors import InputError
-    from scanner.plan.planner import plan
+    from scanner.plan.planner import legs
 
     catalog, site, selection = opts.resolve()
     found = site.match(name)
@@ -115,9 +115,16 @@ def ports_for_host(opts: SelectionOptions, name: str) -> tuple[list[int], list[i
     host = found[0]
     tcp: set[int] = set()
     udp: set[int] = set()
-    for f in plan(catalog, site, selection):
-        if f.dst == host.address and f.port is not None:
-            (tcp if f.proto == "tcp" else udp if f.proto == "udp" else set()).add(f.port)
+    # per leg, not per flow: a 100-host plan over the full NodePort range is 27 M flows
+    for leg in legs(catalog, site, selection):
+        if not (leg.applies and leg.srcs and leg.dsts and leg.ports):
+            continue
+        into = {"tcp": tcp, "udp": udp}.get(leg.req.proto)
+        if into is None:
+            continue
+        for dname, daddr in leg.dsts:
+            if daddr == host.address and any(sn != dname and sa != daddr for sn, sa in leg.srcs):
+                into.update(p for p in leg.ports if p is not None)
     return sorted(tcp), sorted(udp)
 
 

@@ -17,6 +17,7 @@ Role vocabulary (used by the catalog's dst_role / src_roles):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ROLES = (
@@ -166,3 +167,11 @@ def _norm_addr(text: str) -> str | None:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
         return None
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural_key(s: str) -> tuple:
+    """Sort key for host names as people number them: node2 before node10 (ASCII digits only;
+    '²' is a digit to str.isdigit, not to int())."""
+    return tuple(int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(s)))

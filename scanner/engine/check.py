@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from scanner.core.model import natural_key
 from scanner.core.ports import ports_text
 from scanner.core.results import Result
 from scanner.core.verdicts import verdict
@@ -36,6 +37,7 @@ class CheckConfig:
     loop: str = "uvloop"
     workers: int | None = None
     summary_to: TextIO | None = None  # the human summary (stderr by default)
+    emit: str = "all"  # or "failures": passing flows in tally records (scanner.core.tally)
 
 
 class Failures:
@@ -65,9 +67,17 @@ class Failures:
             port = rec.get("port")
             self.groups[key].append(port if port is not None else -1)
 
+    def with_tallied(self, tallied: int) -> dict[str, int]:
+        """The verdict counts, with the passing flows that --emit failures only counted."""
+        return {**self.verdicts, "pass": self.verdicts.get("pass", 0) + tallied}
+
     def lines(self) -> list[str]:
         out = []
-        for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items()):
+        def key(item: tuple) -> tuple:
+            req, host, dst, proto, state, reason = item[0]
+            return (natural_key(req), natural_key(str(host)), str(dst), proto, state, reason)
+
+        for (req, host, dst, proto, state, reason), ports in sorted(self.groups.items(), key=key):
             where = host if host == dst else f"{host} ({dst})"
             what = proto if ports == [-1] else f"{proto}/{ports_text(p for p in ports if p >= 0)}"
             word = "FAIL" if reason != "unresolved" else "UNKNOWN"  # a name that does not resolve
@@ -152,13 +162,14 @@ def run_check(cfg: CheckConfig) -> int:
             "check": {"host": cfg.host, "expect": expect, "responder": responder},
             "plan": meta,
         },
-        summary_extra=lambda _s: {"verdicts": dict(failures.verdicts)},
+        summary_extra=lambda s: {"verdicts": failures.with_tallied(s.tallied)},
         loop=cfg.loop,
         workers=cfg.workers,
         on_record=failures,
+        emit=cfg.emit,
     )
     outcome = run(spec)
-    v = failures.verdicts
+    v = failures.with_tallied(outcome.stats.tallied)
     err.write(
         f"portmesh check from {cfg.host}: {planned} flows, {v.get('pass', 0)} pass, "
         f"{v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown ({outcome.elapsed:.2f}s)\n"

@@ -32,6 +32,10 @@ from typing import Any
 
 from scanner.core.flows import Flow
 from scanner.core.results import Result
+from scanner.engine.neigh import PAUSES as NEIGH_PAUSES
+from scanner.engine.neigh import REASON as NEIGH_FULL
+from scanner.engine.neigh import RETRIES as NEIGH_RETRIES
+from scanner.engine.neigh import NeighGuard
 from scanner.errors import warn
 from scanner.probes.base import Outcome, ProbeOptions
 
@@ -92,6 +96,9 @@ class EngineConfig:
     # CAP_NET_RAW), or "auto": syn when raw sockets are allowed and no scan secret asks for
     # our responder's token (which needs a full connection), else connect. As nmap's -sS/-sT.
     tcp_method: str = "auto"
+    # keep on-link destinations in flight under the neighbour table's size and retry what its
+    # overflow hit (scanner.engine.neigh); False only for tests that need the raw behaviour
+    neighbour_guard: bool = True
 
 
 # Default pool size. A sweep of 2,768 ports on a LAN host is done in ~0.3 s with 1,024
@@ -102,9 +109,12 @@ DEFAULT_CONCURRENCY = 1024
 class HostState:
     """RTT estimate and in-flight count of one destination."""
 
-    __slots__ = ("srtt", "rttvar", "inflight", "waiters", "answered", "late", "retrying", "buckets")
+    __slots__ = (
+        "srtt", "rttvar", "inflight", "waiters", "answered", "late", "retrying", "buckets",
+        "fam", "held", "expiry",
+    )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, fam: int = 0) -> None:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.inflight = 0
@@ -115,6 +125,11 @@ class HostState:
         # proto -> [tokens, last refill]: per-destination pacing a probe asks for (UDP: the far
         # kernel answers at most ~1 ICMP error per second after a burst, see probes/udp.py)
         self.buckets: dict[str, list[float]] | None = None
+        # neighbour table (scanner.engine.neigh): 4/6 for an on-link destination, else 0;
+        # held: counted among the active destinations; expiry: when that count lapses
+        self.fam = fam
+        self.held = False
+        self.expiry = 0.0
 
     def pace(self, proto: str, pps: float, burst: int, now: float) -> float:
         """Reserve the next send slot for ``proto``; return how long to wait for it (GCRA)."""
@@ -157,6 +172,10 @@ class Stats:
     interrupted: bool = False
     tcp_method: str | None = None  # connect | syn, once a TCP flow was probed
     fd_limited: tuple[int, int] | None = None  # (asked, allowed) when the fd budget cut the pool
+    # what the neighbour-table guard did (scanner.engine.neigh), when it had anything to do
+    neighbour: dict | None = None
+    tallied: int = 0  # --emit failures: passing flows counted in tally records, not written
+    tallies: list | None = None  # a shard's tally records, for its parent to merge
 
     def loss(self) -> float:
         """Observed loss: the share of answered flows whose first attempt(s) went unanswered."""
@@ -170,8 +189,10 @@ class Engine:
         emit: Callable[[Result], None],
         *,
         should_stop: Callable[[], bool] | None = None,
+        neigh: NeighGuard | None = None,
     ) -> None:
         self.cfg = cfg
+        self.neigh = neigh
         self.emit = emit
         self.stats = Stats()
         self.stopping = False
@@ -208,6 +229,8 @@ class Engine:
         if self.concurrency < n:
             # the pool was sized down to the descriptors left (ulimit -n): say so
             self.stats.fd_limited = (n, self.concurrency)
+        if self.neigh is None and self.cfg.neighbour_guard:
+            self.neigh = NeighGuard.create(share=self.cfg.probe_options.shard[1])
         it = iter(flows)
         for proto in self.cfg.protos:
             await self._prober(proto)
@@ -217,6 +240,9 @@ class Engine:
         finally:
             for p in self.probers.values():
                 p.close()  # type: ignore[attr-defined]
+            g = self.neigh
+            if g is not None and (g.hits or g.unknown or g.waited):
+                self.stats.neighbour = g.report()
         # flows never launched (interrupted): still one result each
         now = time.time()
         for flow in it:
@@ -308,8 +334,11 @@ class Engine:
             if len(self.hosts) >= 200_000:
                 # bound memory on huge sweeps: forget idle hosts (they start over at --timeout)
                 for k in [k for k, v in self.hosts.items() if v.inflight == 0]:
+                    if self.neigh is not None:
+                        self.neigh.forget(self.hosts[k])
                     del self.hosts[k]
-            hs = self.hosts[dst] = HostState()
+            g = self.neigh
+            hs = self.hosts[dst] = HostState(g.family(dst) if g is not None else 0)
         return hs
 
     def _retries_allowed(self, hs: HostState, proto: str) -> int:
@@ -395,11 +424,15 @@ class Engine:
             fut = asyncio.get_running_loop().create_future()
             hs.waiters.append(fut)
             await fut
+        if hs.fam and not hs.held:
+            await self.neigh.acquire(hs)  # type: ignore[union-attr]
         hs.inflight += 1
         try:
             return await self._attempts(prober, flow, hs)
         finally:
             hs.inflight -= 1
+            if hs.inflight == 0 and hs.held:
+                self.neigh.release(hs)  # type: ignore[union-attr]
             if hs.waiters:
                 w = hs.waiters.pop(0)
                 if not w.done():
@@ -418,6 +451,9 @@ class Engine:
         pps = getattr(prober, "per_host_pps", None)
         last: Outcome | None = None
         counted = False  # this flow is in hs.retrying
+        guard = self.neigh if hs.fam else None
+        mark = 0
+        nhits = 0
         try:
             while True:
                 if pps and hs.buckets is not None and flow.proto in hs.buckets:
@@ -439,9 +475,21 @@ class Engine:
                                 return Result(flow, "error", "interrupted", None, 0)
                             return Result(flow, last.state, last.reason, None, attempts)
                 timeout = hs.timeout(cfg)
+                if guard is not None:
+                    mark = guard.mark(hs.fam)
                 out: Outcome = await prober.probe(flow, timeout)
-                last = out
                 st.attempts += 1
+                if guard is not None and guard.hit(hs.fam, mark, out.state, out.reason, out.silent):
+                    # the table overflowed meanwhile: this attempt may never have left the
+                    # host, so its silence proves nothing. Pause (entries older than 5 s can
+                    # be evicted again) and try again; in the end, unknown, never fail.
+                    if nhits >= NEIGH_RETRIES or self.stopping:
+                        guard.unknown += 1
+                        return Result(flow, "error", NEIGH_FULL, None, attempts)
+                    await asyncio.sleep(NEIGH_PAUSES[nhits])
+                    nhits += 1
+                    continue
+                last = out
                 if out.state == "error" and out.reason in RESOURCE_REASONS:
                     st.backoffs[out.reason] = st.backoffs.get(out.reason, 0) + 1
                     backoff += 1

@@ -23,7 +23,9 @@ from scanner.core.results import (
     start_record,
     summary_record,
 )
+from scanner.core.tally import Tallies
 from scanner.engine.engine import Engine, EngineConfig, Stats
+from scanner.engine.neigh import advice
 from scanner.engine.output import NdjsonOutput
 
 SHARD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
@@ -49,6 +51,9 @@ class RunSpec:
     # in sharded runs the parent calls it on the parsed lines it forwards
     on_record: Callable[[dict[str, Any]], None] | None = None
     workers: int | None = None  # shard processes; None = default_workers(planned)
+    # "failures": a passing flow (verdict pass) is counted in a tally record instead of
+    # written (scanner.core.tally); on_record sees only the lines that are written
+    emit: str = "all"
 
 
 @dataclass
@@ -128,6 +133,7 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
     only = spec.only
     annotate = spec.annotate
     on_record = None if shard else spec.on_record
+    tallies = Tallies() if spec.emit == "failures" else None
 
     def flush() -> None:
         if pending:
@@ -138,6 +144,10 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
     def emit(r: Result) -> None:
         if annotate is not None:
             annotate(r)
+        if tallies is not None and r.verdict == "pass":
+            f = r.flow
+            tallies.add(f.src_host, f.src, f.host, f.dst, f.req, f.proto, f.port, r.state)
+            return
         if on_record is not None:
             on_record(result_dict(r, scan_id))
         if only is None or r.state in only or (r.verdict is not None and r.verdict in only):
@@ -204,8 +214,12 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
         for sig in installed:
             loop.remove_signal_handler(sig)
     elapsed = time.perf_counter() - t0
+    if tallies is not None:
+        stats.tallied = tallies.flows
     if shard:
         flush()
+        if tallies is not None:
+            stats.tallies = list(tallies.records(scan_id))  # merged by the parent
         out.close()
         stats.concurrency = engine.concurrency  # type: ignore[attr-defined]
         return RunOutcome(stats, elapsed, stats.interrupted, {})
@@ -213,6 +227,9 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
         _progress(stats.results, spec.planned, elapsed)
         sys.stderr.write("\n")
     flush()
+    if tallies is not None:
+        for rec in tallies.records(scan_id):
+            out.record(rec)
     summary = write_summary(spec, stats, elapsed, engine.concurrency, 1)
     return RunOutcome(stats, elapsed, stats.interrupted, summary)
 
@@ -243,14 +260,33 @@ def write_summary(
             f"portmesh: the file-descriptor limit allowed {allowed} probes in flight per process "
             f"(asked {asked}); raise it with `ulimit -n` for more\n"
         )
+    if stats.neighbour:
+        extra["neighbour"] = stats.neighbour
+        if stats.neighbour.get("unknown"):
+            sys.stderr.write(neighbour_advice(stats.neighbour))
+    if spec.emit == "failures":
+        extra["emit"] = "failures"
+        extra["tallied"] = stats.tallied
     if spec.summary_extra is not None:
         extra.update(spec.summary_extra(stats))
     summary = summary_record(
-        spec.scan_id, spec.planned, stats.results, dict(stats.states), elapsed, **extra
+        spec.scan_id,
+        spec.planned,
+        stats.results - stats.tallied,  # lines written: results + tallied == planned
+        dict(stats.states),
+        elapsed,
+        **extra,
     )
     spec.output.record(summary)
     spec.output.close()
     return summary
+
+
+def neighbour_advice(nb: dict[str, Any]) -> str:
+    """The one stderr line for flows given up on because the neighbour table was full."""
+    fams = {int(f) for f, n in (nb.get("table_fulls") or {}).items() if n} or {4}
+    th = {int(f): v for f, v in (nb.get("gc_thresh3") or {}).items()}
+    return advice(th, fams, int(nb.get("unknown", 0)))
 
 
 def _fill_interrupted(engine: Engine, flows: Iterator[Flow]) -> None:

@@ -27,6 +27,7 @@ import traceback
 import orjson
 
 from scanner.core.results import start_record
+from scanner.core.tally import Tallies
 from scanner.engine.engine import Stats
 from scanner.engine.output import NdjsonOutput
 from scanner.engine.process import SHARD_SIGNALS, RunOutcome, _progress, run_shard, write_summary
@@ -185,6 +186,7 @@ def run_sharded(spec, n: int):
         _progress(lines, spec.planned, elapsed)
         sys.stderr.write("\n")
     total = Stats()
+    merged = Tallies()
     concurrency = 0
     for raw in stats_raw.values():
         if not raw:
@@ -205,11 +207,34 @@ def run_sharded(spec, n: int):
             total.skipped[k] = total.skipped.get(k, 0) + v
         total.interrupted = total.interrupted or d["interrupted"]
         total.tcp_method = total.tcp_method or d.get("tcp_method")
+        if d.get("tallies"):
+            for rec in d["tallies"]:
+                merged.merge(rec)
+        if d.get("neighbour"):
+            total.neighbour = merge_neighbour(total.neighbour, d["neighbour"])
         if d.get("fd_limited"):
             lim = tuple(d["fd_limited"])
             total.fd_limited = lim if total.fd_limited is None else min(total.fd_limited, lim)  # type: ignore[assignment]
+    total.tallied = merged.flows
+    for rec in merged.records(spec.scan_id):
+        out.record(rec)
     summary = write_summary(spec, total, elapsed, concurrency, n)
     return RunOutcome(total, elapsed, total.interrupted, summary)
+
+
+def merge_neighbour(a: dict | None, b: dict) -> dict:
+    """Two shards' neighbour-guard reports: counts add up, the kernel's counter does not."""
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    for k in ("retried", "waited", "unknown"):
+        out[k] = a.get(k, 0) + b.get(k, 0)
+    for k in ("limit", "limit_end"):
+        out[k] = {f: a.get(k, {}).get(f, 0) + v for f, v in b.get(k, {}).items()}
+    out["table_fulls"] = {
+        f: max(a.get("table_fulls", {}).get(f, 0), v) for f, v in b.get("table_fulls", {}).items()
+    }
+    return out
 
 
 def _filter(data: bytes, on_record, only, loads) -> bytes:

@@ -10,16 +10,20 @@ With root: a 4-host lab in network namespaces (scanner.lab.lab) with four faults
 probes its planned flows (calico with VXLAN and IP-in-IP, the full NodePort range), the
 verdicts are compared with the ground truth the faults imply, and the lab is removed.
 
-Without root (no namespaces, no nftables, no raw sockets): the same story on loopback, hosts
-127.0.0.2-127.0.0.5 with responders bound to them. A fault is simulated by a responder that does
-not open a port (so the probe reads closed: a fail when a responder is expected). Drops, ICMP
-and IP-in-IP need root and are left out; the demo says so.
+Without root (no namespaces, no nftables, no raw sockets): the same story on loopback, as one
+`portmesh mesh` too: hosts 127.0.0.2-127.0.0.5, an agent per host on this machine whose
+responder binds its host's address and whose probes leave from it. A fault is a port that host's
+responder leaves closed (MeshConfig.withhold), so a probe is answered with a reset (closed: a
+fail where a responder is expected). Drops, ICMP and IP-in-IP need root
+and are left out; the demo says so.
+
+Output: the story and the report (the mesh's summary) on stderr, about 35 lines; the NDJSON on
+stdout only when stdout is not a terminal (a file or a pipe), and with ``-o FILE`` a copy in
+FILE, as ``-o`` means for scan and mesh.
 """
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +40,12 @@ LOOPBACK_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
 @dataclass
 class DemoConfig:
-    output: str | None = None  # NDJSON file; None: stdout
+    output: str | None = None  # also write the NDJSON to this file
     force_loopback: bool = False
     keep: bool = False  # leave the lab up afterwards
     err: IO[str] | None = None
+    name: str = LAB_NAME  # the lab's name; an existing lab of that name is never touched
+    stdout: bool | None = None  # NDJSON on stdout; None: when stdout is not a terminal
 
 
 def demo_faults() -> list:
@@ -79,7 +85,6 @@ def _have(tool: str) -> bool:
 
 
 def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    from scanner.engine.output import NdjsonOutput
     from scanner.lab.lab import write_inventory
     from scanner.lab.netns import Lab
     from scanner.mesh import MeshConfig, run_mesh
@@ -87,8 +92,7 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
 
     t0 = time.perf_counter()
     faults = demo_faults()
-    Lab.cleanup(LAB_NAME)
-    lab = Lab.up(4, LAB_NAME)
+    lab = Lab.up(4, cfg.name)  # refuses a lab of that name that exists (kept, or in use)
     try:
         lab.apply_faults(faults)
         inv = write_inventory(lab)
@@ -110,8 +114,7 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
                 site=site,
                 selection=selection,
                 exec_template=lab.exec_template(),
-                agent_cmd=f"{sys.executable} -m scanner agent",
-                output=NdjsonOutput(str(result_file), stdout=False),
+                output=_mesh_output(result_file),
                 argv=["portmesh", "mesh", *sel, "--exec", lab.exec_template()],
                 summary_to=err,
             )
@@ -129,6 +132,12 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
     return rc
 
 
+def _mesh_output(path: Path) -> Any:
+    from scanner.engine.output import NdjsonOutput
+
+    return NdjsonOutput(str(path), stdout=False)
+
+
 def _finish(
     cfg: DemoConfig,
     err: IO[str],
@@ -137,24 +146,21 @@ def _finish(
     what: str,
     t0: float,
 ) -> int:
-    """Write the NDJSON and the report; compare every verdict with the ground truth.
+    """Write the NDJSON where it goes; compare every verdict with the ground truth.
 
+    The report itself is the mesh's summary, already on ``err``.
     ``expect_fail(result record) -> (should it fail, the expected state)``.
     """
-    from scanner.report import ReportConfig, run_report
-
     data = result_file.read_bytes()
     if cfg.output:
         Path(cfg.output).write_bytes(data)
-    else:
+    to_stdout = cfg.stdout if cfg.stdout is not None else not sys.stdout.isatty()
+    if to_stdout:
         from scanner.engine.output import NdjsonOutput
 
         o = NdjsonOutput()
         o.write_raw(data)
         o.close()
-    buf = _TextBuf()
-    run_report(ReportConfig(inputs=[str(result_file)]), buf, err)
-    err.write("\n" + buf.text())
     wrong = 0
     total = 0
     for line in data.splitlines():
@@ -179,6 +185,12 @@ def _finish(
         f"portmesh demo: {total} flows checked in {time.perf_counter() - t0:.1f}s; "
         f"the report shows {verdict}.\n"
     )
+    if not to_stdout:
+        where = f"in {cfg.output}" if cfg.output else "not printed on a terminal"
+        err.write(
+            f"portmesh demo: the {total} NDJSON results are {where}; pipe them "
+            "(`portmesh demo | jq ...`) or add -o FILE.\n"
+        )
     return 0 if wrong == 0 else 1
 
 
@@ -196,18 +208,6 @@ def _lab_truth(faults: list, lab: Any) -> Callable[[dict[str, Any]], tuple[bool,
     return truth
 
 
-class _TextBuf:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, b: bytes) -> int:
-        self.parts.append(b)
-        return len(b)
-
-    def text(self) -> str:
-        return b"".join(self.parts).decode()
-
-
 # -- the loopback demo ----------------------------------------------------------------------
 
 
@@ -218,8 +218,8 @@ LOOPBACK_FAULTS = {"node1": {2380}, "node4": set(range(30100, 30200))}
 def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
     import yaml
 
-    from scanner.core.tags import new_secret
-    from scanner.responder.server import wait_ready
+    from scanner.mesh import MeshConfig, run_mesh
+    from scanner.plan.selection import SelectionOptions
 
     t0 = time.perf_counter()
     names = [f"node{i}" for i in range(1, 5)]
@@ -236,8 +236,6 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
                 "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}},
             },
         }}))  # fmt: skip
-        secret = d / "secret"
-        secret.write_bytes(new_secret() + b"\n")
         sel = ["--inventory", str(inv)]
         catalogs: tuple[str, ...] = ()
         from scanner.core.privileges import CAP_NET_BIND_SERVICE, has_cap
@@ -252,61 +250,41 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
                 "portmesh demo: also left out: tcp/22 (ssh), a port below 1024 that a responder "
                 "cannot open without CAP_NET_BIND_SERVICE.\n"
             )
-        procs = []
-        try:
-            for n in names:
-                ports = _responder_ports(str(inv), catalogs, n, LOOPBACK_FAULTS.get(n, set()))
-                p = subprocess.Popen(
-                    [sys.executable, "-m", "scanner", "respond", "-p", ports, "--bind", addr[n],
-                     "--secret-file", str(secret), "--ttl", "120", "--parent-channel"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                )  # fmt: skip
-                procs.append(p)
-                wait_ready(p.stdout.readline)
-            err.write(
-                "portmesh demo: loopback cluster node1-node4 on 127.0.0.2-5; simulated faults:\n"
+        err.write(
+            "portmesh demo: loopback cluster node1-node4 on 127.0.0.2-5; simulated faults:\n"
+        )
+        err.write("  - node1 does not answer tcp/2380 (etcd peer)\n")
+        err.write("  - node4 does not answer tcp/30100-30199 (a NodePort slice)\n")
+        err.write(
+            "portmesh demo: `portmesh mesh` with every agent on this machine: each host's "
+            "responder on its own address, every host probes every peer from it\n"
+        )
+        catalog, site, selection = SelectionOptions(
+            inventories=(str(inv),), catalog_files=catalogs
+        ).resolve()
+        result_file = d / "demo.ndjson"
+        template = "env PORTMESH_DEMO_HOST={name}"  # runs here: the agent is this Python
+        mesh_rc = run_mesh(
+            MeshConfig(
+                catalog=catalog,
+                site=site,
+                selection=selection,
+                exec_template=template,
+                output=_mesh_output(result_file),
+                argv=["portmesh", "mesh", *sel, "--exec", template],
+                summary_to=err,
+                witness=False,
+                local_bind=True,
+                # the faults: each host's responder leaves these ports closed, so a probe
+                # gets a reset where a responder should answer, as from a firewall's reject
+                withhold={n: frozenset(ps) for n, ps in LOOPBACK_FAULTS.items()},
             )
-            err.write("  - node1 does not answer tcp/2380 (etcd peer)\n")
-            err.write("  - node4 does not answer tcp/30100-30199 (a NodePort slice)\n")
-            result_file = d / "demo.ndjson"
-            with open(result_file, "wb") as out:
-                for n in names:
-                    argv = [sys.executable, "-m", "scanner", "check", *sel, "--from", n,
-                            "--secret-file", str(secret), "--source", addr[n], "--no-progress"]  # fmt: skip
-                    p = subprocess.run(argv, capture_output=True)
-                    if p.returncode not in (0, 1):
-                        raise RuntimeError(f"check from {n} failed: {p.stderr.decode()[-300:]}")
-                    out.write(p.stdout)
+        )
+        if mesh_rc not in (0, 1):
+            raise RuntimeError(f"the mesh ended with exit code {mesh_rc}")
 
-            def truth(rec: dict[str, Any]) -> tuple[bool, str]:
-                fail = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
-                return fail, "closed/fail" if fail else "open/pass"
+        def truth(rec: dict[str, Any]) -> tuple[bool, str]:
+            fail = rec["port"] in LOOPBACK_FAULTS.get(rec["host"], set())
+            return fail, "closed/fail" if fail else "open/pass"
 
-            return _finish(cfg, err, result_file, truth, "simulated", t0)
-        finally:
-            for p in procs:
-                with contextlib.suppress(OSError):
-                    p.stdin.close()
-                p.terminate()
-                p.wait(timeout=10)
-
-
-def _responder_ports(inv: str, catalogs: tuple[str, ...], name: str, withheld: set[int]) -> str:
-    """The ports the plan probes `name` on, minus the withheld ones, as a -p spec."""
-    from scanner.plan.planner import plan
-    from scanner.plan.selection import SelectionOptions
-    from scanner.responder.server import ranges_text
-
-    opts = SelectionOptions(inventories=(inv,), catalog_files=catalogs)
-    catalog, site, selection = opts.resolve()
-    tcp: set[int] = set()
-    udp: set[int] = set()
-    for fl in plan(catalog, site, selection):
-        if fl.host == name and fl.port is not None and fl.port not in withheld:
-            (tcp if fl.proto == "tcp" else udp).add(fl.port)
-    parts = []
-    if tcp:
-        parts.append("T:" + ranges_text(tcp))
-    if udp:
-        parts.append("U:" + ranges_text(udp))
-    return ",".join(parts)
+        return _finish(cfg, err, result_file, truth, "simulated", t0)

@@ -5,16 +5,19 @@ inventory, its responders, its faults and ground truth, and ``lab up`` / ``down`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
-import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.errors import InputError
 from scanner.lab.netns import (
     MAX_HOSTS,
@@ -82,48 +85,51 @@ def write_inventory(lab: Lab, roles: dict[str, tuple[str, ...]] | None = None) -
     return p
 
 
-def start_responders(lab: Lab, ttl: float, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-    """Start ``portmesh respond --inventory ... --as NAME`` in every lab host, detached.
+def start_responders(
+    lab: Lab, ttl: float, timeout: float = 60.0, selection: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Start a responder in every lab host, detached (scanner.lab.spawn: forked from here).
 
-    Each one logs its NDJSON to ``<state>/<host>.responder.ndjson`` and its pid goes to
-    ``<state>/<host>.responder.pid``. Returns host -> ready record (LabError if one fails).
+    Each one answers on every port the plan probes its host on (as ``portmesh respond
+    --inventory ... --as NAME``), logs its NDJSON to ``<state>/<host>.responder.ndjson``; its
+    pid and start time go to ``<state>/<host>.responder.pid``. Returns host -> ready record
+    (LabError if one fails).
     """
-    import sys
+    from scanner.core.tags import load_secret
+    from scanner.lab import spawn
+    from scanner.plan.selection import SelectionOptions
 
     d = lab.state_dir()
-    inv = d / "inventory.yml"
-    secret = d / "secret"
-    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-    for h in lab.hosts:
-        log = d / f"{h.name}.responder.ndjson"
-        with open(log, "wb") as out, open(os.devnull, "rb") as devnull:
-            p = lab.popen(
-                h.name,
-                [
-                    sys.executable, "-m", "scanner", "respond",
-                    "--inventory", str(inv), "--as", h.name,
-                    "--secret-file", str(secret), "--ttl", f"{ttl:g}",
-                ],
-                stdin=devnull,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # detached: survives the terminal, ends by TTL or down
-            )  # fmt: skip
-        (d / f"{h.name}.responder.pid").write_text(f"{p.pid}\n")
-        procs[h.name] = (p, log)
+    secret = load_secret(path=str(d / "secret")) or b""
+    # the selection options (--with, --cni, --vars, ...) shape the ports, as for the truth
+    opts = dataclasses.replace(
+        selection or SelectionOptions(), inventories=(str(d / "inventory.yml"),), hosts=None
+    )
+    catalog, site, sel = opts.resolve()
+    ports = spawn.host_ports(catalog, site, sel)
+    logs = {h.name: d / f"{h.name}.responder.ndjson" for h in lab.hosts}
+    pids = spawn.spawn([(h.name, h.ns) for h in lab.hosts], ports, secret, ttl, logs)
+    for name, pid in pids.items():
+        (d / f"{name}.responder.pid").write_text(f"{pid} {spawn.start_time(pid)}\n")
     ready: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
-    while len(ready) < len(procs):
-        for name, (p, log) in procs.items():
+    while len(ready) < len(pids):
+        for name, pid in pids.items():
             if name in ready:
                 continue
+            log = logs[name]
             for line in log.read_text(errors="replace").splitlines():
                 if line.startswith("{") and '"ready"' in line:
                     ready[name] = json.loads(line)
-            if name not in ready and p.poll() is not None:
-                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise LabError(f"the responder in {name} exited ({p.returncode}): {tail[0]}")
-        if len(ready) < len(procs):
+            if name not in ready:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                    code = os.waitstatus_to_exitcode(status)
+                    raise LabError(
+                        f"the responder in {name} exited ({code}): {(tail or ['no output'])[0]}"
+                    )
+        if len(ready) < len(pids):
             if time.monotonic() > deadline:
                 raise LabError(f"responders not ready after {timeout:g} s")
             time.sleep(0.05)
@@ -138,11 +144,12 @@ class LabUpConfig:
     responders: bool = True
     ttl: float = 600.0
     show_flows: bool = False
+    selection: Any = None  # SelectionOptions without inventories: --with, --cni, --vars, ...
+    truth_file: bool = False  # write every flow's ground truth (truth.ndjson)
 
 
 def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     """``portmesh lab up``: build, fault, inventory, responders, ground truth summary."""
-    import sys
 
     from scanner.core.tags import new_secret
     from scanner.lab.faults import check_hosts, load_fault_file
@@ -160,6 +167,12 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
         unknown = sorted(set(ff.roles) - set(names))
         if unknown:
             raise InputError(f"{cfg.faults_file}: roles: {unknown[0]!r} is not a lab host")
+    from scanner.catalog import load_catalog
+    from scanner.plan.selection import SelectionOptions, selection_argv
+
+    sel_opts = cfg.selection or SelectionOptions()
+    sel_opts.selection(load_catalog(sel_opts.catalog_files))  # bad --with etc.: before building
+    sel_args = selection_argv(sel_opts)
     lab = Lab.up(cfg.hosts, cfg.name)
     try:
         lab.apply_faults(faults)
@@ -170,7 +183,7 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
             fh.write(new_secret() + b"\n")
         if cfg.faults_file:
             shutil.copyfile(cfg.faults_file, lab.state_dir() / "faults.yml")
-        ready = start_responders(lab, cfg.ttl) if cfg.responders else {}
+        ready = start_responders(lab, cfg.ttl, selection=sel_opts) if cfg.responders else {}
     except BaseException:
         lab.down()
         raise
@@ -186,10 +199,18 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     w(f"inventory: {inv}\n")
     w(f"secret file: {lab.state_dir() / 'secret'}\n")
     w(f"exec template: {lab.exec_template()}\n")
-    w(f"mesh: {mesh_command(lab)}\n")
+    w(f"mesh: {shlex.join([*shlex.split(mesh_command(lab)), *sel_args])}\n")
+    if sel_args:
+        w(f"selection: {shlex.join(sel_args)} (give the same to plan, check and mesh)\n")
     for f in faults:
         w(f"fault: {f.describe()}\n")
-    truth_summary(lab, inv, faults, out, cfg.show_flows, "responder" if cfg.responders else "bare")
+    mode = "responder" if cfg.responders else "bare"
+    unmatched = truth_summary(lab, inv, faults, out, cfg.show_flows, mode, sel_opts, cfg.truth_file)
+    for f, hint in unmatched:
+        err = sys.stderr
+        err.write(
+            f"portmesh lab up: warning: fault {f.describe()!r} matches no planned flow{hint}\n"
+        )
     w(f"remove with: portmesh lab down --name {lab.name}\n")
     return 0
 
@@ -208,25 +229,118 @@ def mesh_command(lab: Lab) -> str:
 
 
 def truth_summary(
-    lab: Lab, inventory: Path, faults: list, out: Any, show_flows: bool, mode: str
-) -> None:
-    """Plan every host's flows, write the ground truth NDJSON and print what should fail."""
-    import orjson
+    lab: Lab,
+    inventory: Path,
+    faults: list,
+    out: Any,
+    show_flows: bool,
+    mode: str,
+    selection_opts: Any = None,
+    truth_file: bool = False,
+) -> list[tuple[Any, str]]:
+    """Count every host's planned flows as the faults decide them and print what should fail.
 
-    from scanner.lab.faults import expected
+    Only the (source, destination) pairs a fault can touch are looked at flow by flow; every
+    other pair passes as a whole (a 100-host lab over the full NodePort range is 27 M flows).
+    ``truth_file``: also write every flow's ground truth to ``<state>/truth.ndjson``.
+
+    Returns the faults that match no planned flow (each with a hint): a fault that changes
+    nothing is almost always a mistake (a protocol the plan lacks, a port it does not probe).
+    """
+    from scanner.lab.faults import hit
+    from scanner.plan.planner import legs
     from scanner.plan.selection import SelectionOptions
     from scanner.responder.server import ranges_text
 
-    catalog, site, selection = SelectionOptions(inventories=(str(inventory),)).resolve()
-    from scanner.plan.planner import plan
-
-    path = lab.state_dir() / "truth.ndjson"
+    opts = dataclasses.replace(
+        selection_opts or SelectionOptions(), inventories=(str(inventory),), hosts=None
+    )
+    catalog, site, selection = opts.resolve()
     counts = {"pass": 0, "fail": 0, "unknown": 0}
     groups: dict[tuple[Any, ...], list[int]] = {}
+    unmatched = list(faults)
+
+    def note(fl: Any, e: Any) -> None:
+        nonlocal unmatched
+        if unmatched:
+            unmatched = [f for f in unmatched if hit(fl, [f], lab) is None]
+        counts[e.verdict] = counts.get(e.verdict, 0) + 1
+        if e.verdict == "fail":
+            key = (
+                fl.src_host,
+                fl.host,
+                fl.proto,
+                e.state,
+                e.reason,
+                fl.req if show_flows else None,
+            )
+            groups.setdefault(key, []).append(fl.port or 0)
+
+    path = lab.state_dir() / "truth.ndjson"
+    if truth_file:
+        _write_truth(path, catalog, site, selection, faults, lab, mode, note)
+        where = f" -> {path}"
+    else:
+        _count_truth(catalog, site, selection, faults, lab, mode, note, counts)
+        where = " (per-flow file: --truth-file)"
+    total = sum(counts.values())  # every planned flow: pass + fail + unknown
+    out.write(
+        f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, "
+        f"{counts['fail']} fail, {counts['unknown']} unknown{where}\n"
+    )
+    for (src, dst, proto, state, reason, req), ports in sorted(
+        groups.items(), key=lambda kv: tuple(natural_key(str(x)) for x in kv[0])
+    ):
+        pr = ranges_text(p for p in ports if p)
+        what = f"{proto}/{pr}" if pr else proto
+        extra = f" [{req}]" if req else ""
+        out.write(f"  fail {src} -> {dst} {what}: {state} ({reason}){extra}\n")
+    protos = {leg.req.proto for leg in legs(catalog, site, selection) if leg.count()}
+    hints = []
+    for f in unmatched:
+        if f.proto not in protos:
+            feature = {"ipip": "ipip"}.get(f.proto)
+            turn = f": turn it on with --with {feature}" if feature else ""
+            hints.append((f, f" (the plan has no {f.proto} flows{turn})"))
+        else:
+            hints.append((f, f" (no planned {f.proto} flow to or from {f.host} on those ports)"))
+    return hints
+
+
+def _count_truth(catalog, site, selection, faults, lab, mode, note, counts) -> None:
+    from scanner.core.flows import Flow
+    from scanner.lab.faults import expected
+    from scanner.plan.planner import legs
+
+    names = {h.addr: h.name for h in lab.hosts}
+    touched = {(f.host, f.direction, f.proto) for f in faults}
+    for leg in legs(catalog, site, selection):
+        if not (leg.applies and leg.srcs and leg.dsts and leg.ports):
+            continue
+        proto, rid, ports = leg.req.proto, leg.req.id, leg.ports
+        for sname, saddr in leg.srcs:
+            src_hit = (names.get(saddr, sname), "out", proto) in touched
+            for dname, daddr in leg.dsts:
+                if dname == sname or daddr == saddr:
+                    continue
+                if not src_hit and (names.get(daddr, dname), "in", proto) not in touched:
+                    counts["pass"] += len(ports)  # no fault can touch this pair
+                    continue
+                for port in ports:
+                    fl = Flow(daddr, port, proto, dname, saddr, sname, rid)  # type: ignore[arg-type]
+                    note(fl, expected(fl, faults, lab, mode=mode))
+
+
+def _write_truth(path, catalog, site, selection, faults, lab, mode, note) -> None:
+    import orjson
+
+    from scanner.lab.faults import expected
+    from scanner.plan.planner import plan
+
     with open(path, "wb") as fh:
         for fl in plan(catalog, site, selection):
             e = expected(fl, faults, lab, mode=mode)
-            counts[e.verdict] = counts.get(e.verdict, 0) + 1
+            note(fl, e)
             rec = {
                 "type": "truth",
                 "src": fl.src,
@@ -241,32 +355,9 @@ def truth_summary(
                 "verdict": e.verdict,
             }
             fh.write(orjson.dumps(rec) + b"\n")
-            if e.verdict == "fail":
-                key = (
-                    fl.src_host,
-                    fl.host,
-                    fl.proto,
-                    e.state,
-                    e.reason,
-                    fl.req if show_flows else None,
-                )
-                groups.setdefault(key, []).append(fl.port or 0)
-    total = sum(counts.values())  # every planned flow: pass + fail + unknown
-    out.write(
-        f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, "
-        f"{counts['fail']} fail, {counts['unknown']} unknown -> {path}\n"
-    )
-    for (src, dst, proto, state, reason, req), ports in sorted(
-        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
-    ):
-        pr = ranges_text(p for p in ports if p)
-        what = f"{proto}/{pr}" if pr else proto
-        extra = f" [{req}]" if req else ""
-        out.write(f"  fail {src} -> {dst} {what}: {state} ({reason}){extra}\n")
 
 
 def lab_down(name: str, out: Any = None) -> int:
-    import sys
 
     out = out or sys.stdout
     check_name("lab", name)
@@ -283,17 +374,24 @@ def lab_down(name: str, out: Any = None) -> int:
 def _kill_recorded_responders(name: str) -> None:
     # down() ends every process inside the lab's namespaces; these pid files only cover a
     # responder whose namespace is already gone. A pid is signalled only when its command line
-    # still says it is a portmesh responder (pids are reused).
+    # still says it is a portmesh responder, or its start time is the one recorded (pids are
+    # reused).
     for pidfile in (run_dir() / name).glob("*.responder.pid"):
         with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().strip())
+            pid_s, _, started = pidfile.read_text().strip().partition(" ")
+            pid = int(pid_s)
+            if started:  # forked by scanner.lab.spawn: the same process if it started then
+                from scanner.lab.spawn import start_time
+
+                if start_time(pid) == started:
+                    os.kill(pid, signal.SIGTERM)
+                continue
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"respond" in cmd and b"--as" in cmd:
                 os.kill(pid, signal.SIGTERM)
 
 
 def lab_status(name: str | None, out: Any = None) -> int:
-    import sys
 
     out = out or sys.stdout
     names = [check_name("lab", name)] if name else Lab.names()

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InputError, PrivilegeError, ScannerError
+from scanner.lab import sysctls
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 HOST_LINK_OCTET = 254
@@ -242,6 +243,7 @@ class Lab:
             )
             lab._save_state()
         try:
+            sysctls.claim(lab.state_dir(), len(lab.hosts))  # the kernel's ARP table size
             lab._build()
         except BaseException:
             lab.down()
@@ -531,6 +533,7 @@ class Lab:
         if cmds:
             _ip(["-force", "-batch", "-"], input="\n".join(cmds) + "\n", check=False)
         shutil.rmtree(self.state_dir(), ignore_errors=True)
+        sysctls.release(self.state_dir())
 
     @classmethod
     def cleanup(cls, name: str) -> None:
@@ -550,6 +553,7 @@ class Lab:
         if cmds:
             _ip(["-force", "-batch", "-"], input="\n".join(cmds) + "\n", check=False)
         shutil.rmtree(run_dir() / name, ignore_errors=True)
+        sysctls.release(run_dir() / name)
 
     def __enter__(self) -> Lab:
         return self

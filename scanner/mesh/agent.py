@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -271,6 +272,7 @@ class Channel(NdjsonOutput):
         super().__init__(None, stdout=True, fd=fd)
         self._lock = threading.RLock()
         self.stopping = False
+        self.tallies: list[list[Any]] = []  # --emit failures: sent inside ``done``
 
     @property
     def dead(self) -> bool:  # type: ignore[override]
@@ -280,8 +282,19 @@ class Channel(NdjsonOutput):
         t = rec.get("type")
         if t == "start":
             rec = {"type": "probing", "scan_id": rec.get("scan_id"), "planned": rec.get("planned")}
+        elif t == "tally":
+            # one record per (destination, requirement), all inside ``done``: the coordinator
+            # counts them together with the done or not at all (an agent that dies before it
+            # says done owes every flow it did not send)
+            self.tallies.append(
+                [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
+                 rec.get("ports"), rec.get("src")]
+            )  # fmt: skip
+            return
         elif t == "summary":
             rec = {**rec, "type": "done"}
+            if self.tallies:
+                rec["tallies"] = self.tallies
         with self._lock:
             super().record(rec)
 
@@ -410,8 +423,17 @@ class Agent:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 7 * 86400:
             raise ProtocolError("respond: field 'ttl' must be seconds in (0, 604800]")
         witness = bool(msg.get("witness", True))
+        bind = msg.get("bind")  # one address (agents sharing a machine), else all
+        if bind is not None:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(bind)
+            except (TypeError, ValueError):
+                raise ProtocolError("respond: field 'bind' must be an IP address") from None
         self.responded = True
-        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name}
+        cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name,
+               "bind": bind}  # fmt: skip
         self.loop.create_task(self._run_responder(cfg))
 
     async def _run_responder(self, cfg: dict[str, Any]) -> None:
@@ -503,6 +525,9 @@ class Agent:
         expect = msg.get("expect", "reachable")
         if expect not in ("reachable", "listening"):
             raise ProtocolError("probe: expect must be reachable or listening")
+        emit = msg.get("emit", "all")
+        if emit not in ("all", "failures"):
+            raise ProtocolError("probe: emit must be all or failures")
         unbound = _unbound_in(msg.get("unbound") or {})
         try:
             catalog = load_catalog(files)
@@ -531,14 +556,22 @@ class Agent:
                 udp_payloads={int(k): v for k, v in payloads.items()} or None,
             ),
         )
+        if msg.get("from_own_address"):  # agents sharing a machine: probe from our address
+            own = next((h for h in site.hosts() if h.name == self.name), None)
+            if own is None:
+                raise ProtocolError(f"probe: from_own_address: {self.name!r} is not in the site")
+            engine = dataclasses.replace(
+                engine, probe_options=dataclasses.replace(engine.probe_options, source=own.address)
+            )
         loop_kind = eng.get("loop", "uvloop")
         out = self.out
 
         def job() -> None:
             try:
                 probe_slice(
-                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound
-                )
+                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
+                    emit,
+                )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
 
@@ -634,6 +667,7 @@ def probe_slice(
     expect: str,
     loop_kind: str,
     unbound: dict[tuple[str, str], frozenset[int]] | None = None,
+    emit: str = "all",
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``.
 
@@ -685,6 +719,7 @@ def probe_slice(
             scan_id=scan_id,
             loop=loop_kind,
             workers=1,  # a fork would inherit the control channel; one loop per agent
+            emit=emit,
         )
     )
 
@@ -784,6 +819,7 @@ def _responder_main(arg: str) -> int:
             exit_on_stdin_close=True,
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
+            bind=cfg.get("bind") or "0.0.0.0",
         )
     )
 

@@ -26,9 +26,11 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import shlex
 import signal
 import sys
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,9 +38,12 @@ from typing import Any, TextIO
 
 import orjson
 
+from scanner.core.model import natural_key
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
 from scanner.engine.engine import EngineConfig
+from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import neighbour_advice
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
 from scanner.mesh.pairs import PairJoin, ranges
@@ -67,7 +72,9 @@ class MeshConfig:
     site: Any
     selection: Any
     exec_template: str | None = None
-    agent_cmd: str = transport.DEFAULT_AGENT_CMD
+    agent_cmd: str | None = (
+        None  # None: this interpreter through a local template, else portmesh agent
+    )
     bundle: str | None = None
     bundle_python: str = "python3"
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -83,6 +90,13 @@ class MeshConfig:
     progress: bool = False
     only: frozenset[str] | None = None  # forward only these states/verdicts (counts: all)
     forks: int = 64  # execs (ssh handshakes, bundle copies) in progress at once, as Ansible's
+    # every agent on this machine (the loopback demo): each responder binds its host's
+    # address and each agent probes from it, so four hosts can share one machine's ports
+    local_bind: bool = False
+    # simulated faults (the loopback demo, where nftables needs root): host -> TCP ports its
+    # responder leaves closed, so a probe gets a reset where a responder should answer (fail)
+    withhold: dict[str, frozenset[int]] = field(default_factory=dict)
+    emit: str = "all"  # or "failures": agents send failing flows + tallies (scanner.core.tally)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -107,8 +121,11 @@ def per_source_counts(catalog: Any, site: Any, selection: Any) -> Counter[str]:
     return counts
 
 
-def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[str, str]]:
-    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on."""
+def responder_ports(
+    catalog: Any, site: Any, selection: Any, withhold: dict[str, frozenset[int]] | None = None
+) -> dict[str, tuple[str, str]]:
+    """host -> (tcp ports, udp ports) as range text: every port the plan probes it on, less the
+    TCP ports ``withhold`` names for the host (a simulated fault: see MeshConfig.withhold)."""
     from scanner.plan.planner import legs
 
     hosts = {h.name for h in site.hosts()}
@@ -125,6 +142,7 @@ def responder_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[
     out: dict[str, tuple[str, str]] = {}
     for name, items in want.items():
         tcp = {p for pr, ps in items if pr == "tcp" for p in ps if p is not None}
+        tcp -= (withhold or {}).get(name, frozenset())
         udp = {p for pr, ps in items if pr == "udp" for p in ps if p is not None}
         out[name] = (ranges(tcp), ranges(udp))
     return out
@@ -176,17 +194,78 @@ class Window:
 
 
 class Matrix:
-    """Failures per (requirement, destination host), and verdict counts (bounded)."""
+    """Verdict counts, and what the human summary needs (bounded: hosts^2 x requirements).
+
+    The summary is the text of ``portmesh report`` (scanner.report): the same grouping into
+    faults ("node11 drops tcp/10250 from every peer", one-way lines) and the same matrix. A
+    failing or undecided result is folded into the report's Aggregate as it comes (rare); a
+    passing one only increments a counter per direction (the hot path: the coordinator forwards
+    ~420,000 lines/s), merged into the Aggregate at the end (``fold``).
+    """
 
     def __init__(self) -> None:
-        self.cells: Counter[tuple[str, str]] = Counter()
-        self.verdicts: Counter[str] = Counter()
+        from scanner.report.aggregate import Aggregate
+
+        self.verdicts: dict[str, int] = {}
+        # (req, src_host, host) -> passes; the rest of a direction's identity, once per key
+        self.passes: dict[tuple[Any, Any, Any], int] = {}
+        self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
+        self.agg = Aggregate()
 
     def add(self, rec: dict[str, Any]) -> None:
-        v = rec.get("verdict") or "unknown"
-        self.verdicts[v] += 1
-        if v == "fail":
-            self.cells[(rec.get("req") or "-", rec.get("host") or rec.get("dst") or "?")] += 1
+        get = rec.get
+        v = get("verdict") or "unknown"
+        vs = self.verdicts
+        vs[v] = vs.get(v, 0) + 1
+        if v != "pass":
+            self.agg.add(rec)
+            return
+        key = (get("req"), get("src_host"), get("host"))
+        p = self.passes
+        n = p.get(key)
+        if n is None:
+            p[key] = 1
+            self.ends[key] = (get("proto"), get("src"), get("dst"))
+        else:
+            p[key] = n + 1
+
+    def add_passes(self, rec: dict[str, Any], n: int = 1) -> None:
+        """``n`` passing flows of one direction that did not come through ``add``: the
+        coordinator's fast path for folded passing lines, and tally records."""
+        get = rec.get
+        self.verdicts["pass"] = self.verdicts.get("pass", 0) + n
+        key = (get("req"), get("src_host"), get("host"))
+        p = self.passes
+        if key in p:
+            p[key] += n
+        else:
+            p[key] = n
+            self.ends[key] = (get("proto"), get("src"), get("dst"))
+
+    def fold(self, mesh: Mesh, summary: dict[str, Any]) -> Any:
+        """The report's Run of this mesh: passes merged, port labels from the plan."""
+        from scanner.plan.planner import legs
+
+        agg = self.agg
+        run = agg.run(mesh.scan_id)
+        run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
+        for key, n in self.passes.items():
+            req, sh, host = key
+            proto, src, dst = self.ends[key]
+            src_name = sh or src or "(local)"
+            agg.add_passes(
+                run, req or f"{proto}", str(proto), (src_name, src), (host or dst, dst), n
+            )
+        for name, reason in mesh.unreachable.items():
+            run.unreachable[name] = reason
+            run.host(name)
+        for leg in legs(mesh.cfg.catalog, mesh.cfg.site, mesh.selection):
+            r = run.reqs.get(leg.req.id)
+            if r is not None and leg.srcs and leg.dsts:
+                for p in leg.ports:
+                    if p is not None:
+                        r.ports.add(p)
+        return run
 
 
 # ---- one agent ------------------------------------------------------------------------------
@@ -195,13 +274,19 @@ class Matrix:
 class AgentLink:
     """The coordinator's side of one agent: its process, its phase futures, its window."""
 
-    def __init__(self, mesh: Mesh, host: Any, argv: list[str]) -> None:
+    def __init__(self, mesh: Mesh, host: Any, parts: tuple[list[str], list[str]]) -> None:
         self.mesh = mesh
         self.host = host
         self.name: str = host.name
-        self.argv = argv
+        self.prefix, self.agent = parts  # the exec template's words, the agent command's
+        self.argv = transport.command_argv(*parts)
         self.proc: asyncio.subprocess.Process | None = None
         self.window = Window()
+        # --emit failures: the plan indexes of the lines received (the passing flows never
+        # come one by one, so no window can close over them); 8 bytes per failing flow
+        self.got: array[int] | None = array("Q") if mesh.cfg.emit == "failures" else None
+        self.tallied = 0
+        self.jidx: int | None = mesh.join.index.get(self.name)  # this host in the pair join
         self.results = 0
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
@@ -283,39 +368,59 @@ class AgentLink:
         p = self.proc
         assert p is not None and p.stdout is not None
         mesh = self.mesh
-        async for rec, line in transport.ndjson_records(p.stdout):
-            t = rec.get("type")
-            if t == "result":
-                if self.failed is None:
-                    mesh.on_result(self, rec, line)
-                continue
-            if t == "witness":
-                mesh.join.witness(rec)
-                continue
-            if t == "done":
-                self.done_rec = rec
-            elif t == "exit":
-                self.exit_rec = rec
-            elif t == "probing" and rec.get("planned") != self.planned:
-                self._resolve_error(
-                    f"the agent planned {rec.get('planned')} flows, the coordinator "
-                    f"{self.planned} (different portmesh versions on the two ends?)"
-                )
-                continue
-            elif t == "error":
-                self._resolve_error(f"agent error: {rec.get('reason')}")
-                continue
-            fut = self.waiting.get(t) if isinstance(t, str) else None
-            if fut is not None and not fut.done():
-                fut.set_result(rec)
+        on_result = mesh.on_result
+        loads = orjson.loads
+        async for lines in transport.ndjson_lines(p.stdout):
+            for line in lines:
+                try:
+                    rec = loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a peer's garbage never ends the reader
+                if rec.__class__ is not dict:
+                    continue
+                if rec.get("type") == "result":
+                    if self.failed is None:
+                        on_result(self, rec, line)
+                else:
+                    self._control(rec)
+            del lines
         code = await p.wait()
         await asyncio.sleep(0)  # let the stderr reader catch up with the last lines
         if self.err_reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self.err_reader), 1.0)
         tail = f": {self.stderr[-1]}" if self.stderr else ""
+        if self.hello_rec is None:
+            tail += transport.start_hint(self.prefix, self.agent, code, "\n".join(self.stderr))
         if not self.eof.done():
             self.eof.set_result(f"the agent exited with status {code}{tail}")
+
+    def _control(self, rec: dict[str, Any]) -> None:
+        """Every record of an agent but its results."""
+        mesh = self.mesh
+        t = rec.get("type")
+        if t == "witness":
+            mesh.join.witness(rec)
+            return
+        if t == "done":
+            tallies = rec.pop("tallies", None)
+            if tallies and self.failed is None:
+                mesh.on_tallies(self, tallies)
+            self.done_rec = rec
+        elif t == "exit":
+            self.exit_rec = rec
+        elif t == "probing" and rec.get("planned") != self.planned:
+            self._resolve_error(
+                f"the agent planned {rec.get('planned')} flows, the coordinator "
+                f"{self.planned} (different portmesh versions on the two ends?)"
+            )
+            return
+        elif t == "error":
+            self._resolve_error(f"agent error: {rec.get('reason')}")
+            return
+        fut = self.waiting.get(t) if isinstance(t, str) else None
+        if fut is not None and not fut.done():
+            fut.set_result(rec)
 
     def _resolve_error(self, reason: str) -> None:
         # fail at once: not one more line of this agent may be counted
@@ -352,6 +457,8 @@ class Mesh:
         self.matrix = Matrix()
         self.states: Counter[str] = Counter()
         self.results = 0
+        self.tallied = 0  # --emit failures: passing flows counted in tally records
+        self.neigh_full = 0  # flows unknown because an agent's neighbour table was full
         self.links: list[AgentLink] = []
         self.unreachable: dict[str, str] = {}
         self.interrupted = False
@@ -360,21 +467,78 @@ class Mesh:
     # -- results -----------------------------------------------------------------------------
 
     def on_result(self, link: AgentLink, rec: dict[str, Any], line: bytes) -> None:
+        """One result line of an agent (the hot path: 26 million calls at 1,000 hosts)."""
         i = rec.pop("i", None)
-        if isinstance(i, int) and not link.window.add(i):
-            return  # a duplicate line: every flow has exactly one result
+        if i.__class__ is int:
+            w = link.window
+            if link.got is not None:
+                link.got.append(i)  # type: ignore[arg-type]
+            elif i == w.low and not w.above:
+                w.low = i + 1  # type: ignore[operator]  # in order: the common case
+            elif not w.add(i):  # type: ignore[arg-type]
+                return  # a duplicate line: every flow has exactly one result
         link.results += 1
         # forward the agent's own bytes minus the index field (it is the last one written)
         cut = line.rfind(b',"i":')
-        self.emit(rec, line[:cut] + b"}\n" if cut > 0 else None)
+        raw = line[:cut] + b"}\n" if cut > 0 else None
+        if (
+            raw is not None
+            and link.jidx is not None
+            and self.cfg.only is None
+            and rec.get("verdict") == "pass"
+            and rec.get("src_host") == link.name
+            and self.join.add_passing(link.jidx, rec)
+        ):
+            # a passing flow folded: count it and forward its bytes (what emit() does)
+            self.results += 1
+            state = rec.get("state", "?")
+            states = self.states
+            states[state] = states.get(state, 0) + 1
+            self.matrix.add_passes(rec)
+            self.out.write(raw)
+            return
+        self.emit(rec, raw)
+
+    def on_tallies(self, link: AgentLink, tallies: list[Any]) -> None:
+        """An agent's tally records (inside its ``done``): fold, count, write them."""
+        for t in tallies:
+            try:
+                host, dst, req, proto, flows, states, ports, src = t
+                rec: dict[str, Any] = {
+                    "type": "tally",
+                    "scan_id": self.scan_id,
+                    "src_host": link.name,
+                    "src": src,
+                    "host": host,
+                    "dst": dst,
+                    "req": req,
+                    "proto": proto,
+                    "flows": int(flows),
+                    "states": {str(k): int(v) for k, v in states.items()},
+                }
+            except (TypeError, ValueError, AttributeError):
+                continue  # a malformed entry: its flows stay owed
+            if ports:
+                rec["ports"] = str(ports)
+            link.tallied += rec["flows"]
+            self.tallied += rec["flows"]
+            for k, v in rec["states"].items():
+                self.states[k] += v
+            self.matrix.add_passes(rec, rec["flows"])
+            self.join.add_tally(rec)
+            self.out.record(rec)
 
     def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
         self.results += 1
-        self.states[rec.get("state", "?")] += 1
+        state = rec.get("state", "?")
+        states = self.states
+        states[state] = states.get(state, 0) + 1
+        if state == "error" and rec.get("reason") == NEIGH_FULL:
+            self.neigh_full += 1
         self.join.add(rec)
         self.matrix.add(rec)
         only = self.cfg.only
-        if only is None or rec.get("state") in only or rec.get("verdict") in only:
+        if only is None or state in only or rec.get("verdict") in only:
             self.out.write(raw if raw is not None else encode(rec))
 
     def fail(self, link: AgentLink, reason: str) -> None:
@@ -407,10 +571,15 @@ class Mesh:
 
         sel = dataclasses.replace(self.selection, sources=frozenset({link.name}))
         ts = iso_ts(time.time())
+        got = set(link.got) if link.got is not None else None
         for i, f in enumerate(plan(self.cfg.catalog, self.cfg.site, sel)):
-            if i in link.window:
+            if got is not None:
+                if i in got:
+                    continue
+            elif i in link.window:
                 continue
-            link.window.add(i)
+            else:
+                link.window.add(i)
             rec = {
                 "type": "result",
                 "scan_id": self.scan_id,
@@ -433,14 +602,18 @@ class Mesh:
     # -- phases ------------------------------------------------------------------------------
 
     def agent_argv(self, host: Any) -> list[str]:
+        return transport.command_argv(*self.agent_parts(host))
+
+    def agent_parts(self, host: Any) -> tuple[list[str], list[str]]:
+        """(the exec template's words for this host, the agent command's words)."""
         cfg = self.cfg
         tpl = cfg.exec_template or transport.default_template(host.user)
         prefix = transport.render(tpl, host.inventory_name, host.address, host.user, host.cluster)
         if cfg.bundle is not None:
             agent = transport.bootstrap_argv(cfg.bundle_python)
         else:
-            agent = transport.check_template(cfg.agent_cmd)
-        return transport.command_argv(prefix, agent)
+            agent = transport.agent_words(prefix, cfg.agent_cmd)
+        return prefix, agent
 
     async def _phase(self, links: list[AgentLink], step: Any) -> None:
         async def one(link: AgentLink) -> None:
@@ -465,8 +638,8 @@ class Mesh:
         # hosts (a lab's): their ports answer our probes as our own responders would
         secret = given.decode() if given else new_secret().decode()
         payload = transport.bundle_payload(cfg.bundle) if cfg.bundle else None
-        ports = responder_ports(cfg.catalog, cfg.site, self.selection)
-        self.links = [AgentLink(self, h, self.agent_argv(h)) for h in self.hosts]
+        ports = responder_ports(cfg.catalog, cfg.site, self.selection, cfg.withhold)
+        self.links = [AgentLink(self, h, self.agent_parts(h)) for h in self.hosts]
 
         gate = asyncio.Semaphore(cfg.forks)
 
@@ -486,9 +659,11 @@ class Mesh:
 
         async def respond(link: AgentLink) -> None:
             tcp, udp = ports.get(link.name, ("", ""))
-            link.send(
-                {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl, "witness": cfg.witness}
-            )
+            msg = {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl,
+                   "witness": cfg.witness}  # fmt: skip
+            if cfg.local_bind:
+                msg["bind"] = link.host.address
+            link.send(msg)
             link.ready_rec = await link.expect("ready", cfg.ready_timeout)
 
         await self._phase(self.links, hello)
@@ -508,8 +683,11 @@ class Mesh:
             },
             "engine": _engine_share(cfg.engine, max(1, len(live)), cfg.loop),
             "expect": cfg.expect,
+            "emit": cfg.emit,
             "unbound": unbound_ports(self.links),
         }
+        if cfg.local_bind:
+            probe_msg["from_own_address"] = True
         probe = orjson.dumps(probe_msg) + b"\n"  # encoded once: the same bytes for every agent
 
         async def probe_one(link: AgentLink) -> None:
@@ -537,7 +715,16 @@ class Mesh:
                 self.owed(link, "interrupted")
             elif link.failed is not None:
                 self.owed(link, f"agent unreachable: {link.failed}")
-            elif link.window.low < link.planned or link.results < link.planned:
+            elif link.got is not None and link.tallied:
+                if link.results + link.tallied != link.planned:
+                    # its tallies are counted: owed() cannot tell which flows they covered
+                    sys.stderr.write(
+                        f"portmesh mesh: {link.name}: {link.results} results + {link.tallied} "
+                        f"tallied != {link.planned} planned (agent bug?)\n"
+                    )
+            elif (
+                link.got is None and link.window.low < link.planned
+            ) or link.results < link.planned:
                 # the agent ended without every result (interrupted before it probed, or it
                 # said done too early): never silently lose a flow
                 why = "interrupted" if self.interrupted else "the agent ended without a result"
@@ -617,7 +804,11 @@ def run_mesh(cfg: MeshConfig) -> int:
             mesh={
                 "hosts": len(mesh.hosts),
                 "exec": cfg.exec_template or "ssh -o BatchMode=yes [{user}@]{address}",
-                "agent_cmd": cfg.agent_cmd if cfg.bundle is None else "bundle",
+                "agent_cmd": "bundle"
+                if cfg.bundle is not None
+                else (
+                    shlex.join(mesh.agent_parts(mesh.hosts[0])[1]) if mesh.hosts else cfg.agent_cmd
+                ),
                 "protocol": PROTOCOL_VERSION,
             },
             plan=plan_meta(cfg.catalog, cfg.site, mesh.selection),
@@ -654,25 +845,15 @@ def run_mesh(cfg: MeshConfig) -> int:
     if cfg.progress:
         sys.stderr.write("\n")
     elapsed = time.perf_counter() - mesh.t0
-    pairs = Counter()
-    one_way: list[dict[str, Any]] = []
-    two_way: list[dict[str, Any]] = []
-    for rec in mesh.join.pairs():
-        rec = {
-            "type": "pair",
-            "scan_id": mesh.scan_id,
-            **{k: v for k, v in rec.items() if k != "type"},
-        }
+    pairs: Counter[str] = Counter()
+    for rec in mesh.join.pairs(mesh.scan_id):
         pairs[rec["verdict"]] += 1
-        if rec["verdict"] == "one-way":
-            one_way.append(_short(rec))
-        elif rec["verdict"] == "fail":
-            two_way.append(_short(rec))
         out.record(rec)
     agents = {
         link.name: {
             "planned": link.planned,
             "results": link.results,
+            **({"tallied": link.tallied} if link.got is not None else {}),
             "elapsed_s": (link.done_rec or {}).get("elapsed_s"),
             "rate_pps": (link.done_rec or {}).get("rate_pps"),
             "agent": (link.hello_rec or {}).get("agent"),
@@ -682,33 +863,28 @@ def run_mesh(cfg: MeshConfig) -> int:
         for link in mesh.links
         if link.failed is None
     }
+    emitted = {"emit": "failures", "tallied": mesh.tallied} if cfg.emit == "failures" else {}
     summary = summary_record(
         mesh.scan_id,
         mesh.planned,
         mesh.results,
         dict(mesh.states),
         elapsed,
+        **emitted,
         verdicts={k: mesh.matrix.verdicts.get(k, 0) for k in ("pass", "fail", "unknown")},
         pairs={k: pairs.get(k, 0) for k in ("pass", "fail", "one-way", "unknown")},
-        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable)},
+        hosts={"total": len(mesh.hosts), "unreachable": sorted(mesh.unreachable, key=natural_key)},
         agents=agents,
         **({"interrupted": True} if mesh.interrupted else {}),
     )
     out.record(summary)
     out.close()
-    _human(cfg.summary_to or sys.stderr, mesh, pairs, one_way, two_way, elapsed)
+    _human(cfg.summary_to or sys.stderr, mesh, pairs, summary, elapsed)
     if mesh.interrupted:
         return 130
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
         return 1
     return 0
-
-
-_SHORT_CAP = 200  # pairs listed on stderr per kind; the NDJSON has them all
-
-
-def _short(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec.get(k) for k in ("a", "b", "req", "proto", "port", "ports", "reason")}
 
 
 def _progress(mesh: Mesh) -> None:
@@ -720,42 +896,26 @@ def _progress(mesh: Mesh) -> None:
 
 
 def _human(
-    err: TextIO,
-    mesh: Mesh,
-    pairs: Counter[str],
-    one_way: list[dict[str, Any]],
-    two_way: list[dict[str, Any]],
-    elapsed: float,
+    err: TextIO, mesh: Mesh, pairs: Counter[str], summary: dict[str, Any], elapsed: float
 ) -> None:
+    """The totals, then the run as ``portmesh report`` prints it (grouped faults, matrix)."""
+    from scanner.report.text import render_run
+
     v = mesh.matrix.verdicts
     w = err.write
     w(
-        f"portmesh mesh: {len(mesh.hosts)} hosts, {mesh.results}/{mesh.planned} flows: "
+        f"portmesh mesh: {len(mesh.hosts)} hosts, {mesh.results + mesh.tallied}/{mesh.planned} "
+        "flows: "
         f"{v.get('pass', 0)} pass, {v.get('fail', 0)} fail, {v.get('unknown', 0)} unknown; "
         f"pairs: {pairs.get('pass', 0)} pass, {pairs.get('one-way', 0)} one-way, "
         f"{pairs.get('fail', 0)} fail, {pairs.get('unknown', 0)} unknown ({elapsed:.1f}s)\n"
     )
     if mesh.interrupted:
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
-    for name, reason in sorted(mesh.unreachable.items()):
-        w(f"UNREACHABLE {name}: {reason}\n")
-    for kind, items in (("ONE-WAY", one_way), ("FAIL   ", two_way)):
-        for p in items[:_SHORT_CAP]:
-            port = p.get("ports") or p.get("port")
-            what = p["proto"] if port is None else f"{p['proto']}/{port}"
-            w(f"{kind} {p['req']:<26} {what:<16} {p['a']} <-> {p['b']}: {p.get('reason', '')}\n")
-        if len(items) > _SHORT_CAP:
-            w(f"{kind} ... and {len(items) - _SHORT_CAP} more (see the pair records)\n")
-    cells = mesh.matrix.cells
-    if cells:
-        reqs = sorted({r for r, _ in cells})
-        hosts = sorted({h for _, h in cells})[:30]
-        width = max(len(r) for r in reqs)
-        w("failing flows by requirement (rows) and destination host (columns):\n")
-        w(" " * (width + 1) + " ".join(f"{h:>8}" for h in hosts) + "\n")
-        for r in reqs:
-            row = " ".join(f"{cells.get((r, h), 0) or '.':>8}" for h in hosts)
-            w(f"{r:<{width}} {row}\n")
+    if mesh.neigh_full:
+        w(neighbour_advice({"unknown": mesh.neigh_full}).replace("this host's", "the agents'"))
+    for line in render_run(mesh.matrix.fold(mesh, summary), header=False):
+        w(line + "\n")
     err.flush()
 
 

@@ -345,16 +345,26 @@ def plan_meta(catalog: Catalog, site: Site, selection: Selection) -> dict[str, A
 # --------------------------------------------------------------------------- one leg
 
 
+def _src(source: str) -> str:
+    """Where a setting came from, in brackets of another kind than the source's own
+    ("[default (kubespray)]", not "(default (kubespray))")."""
+    return f"[{source}]"
+
+
 def _leg(req: Requirement, k: Cluster, eff: Effective, site: Site, sel: Selection) -> Leg:
     ok, why = _condition(req, k, eff)
     if not ok:
-        return Leg(req, k, False, why)
+        return Leg(req, k, False, _counted_elsewhere(req, k, site) or why)
+    always = why == ALWAYS
     ports, port_why = _ports(req, eff, sel)
     if port_why:
         why = f"{why}; {port_why}"
     if ports is None:
         return Leg(req, k, False, why)
     dsts, dst_why = _dsts(req, k, site)
+    if not dsts:
+        # nothing to probe: the missing hosts are the reason, not "always required"
+        return Leg(req, k, True, dst_why if always else f"{dst_why}; {why}")
     if dst_why:
         why = f"{why}; {dst_why}"
     if req.dst_role == "vip:kube_api":
@@ -362,14 +372,33 @@ def _leg(req: Requirement, k: Cluster, eff: Effective, site: Site, sel: Selectio
             if e.name == "loadbalancer_apiserver" and any(d[1] == e.host for d in dsts):
                 ports = (e.port,)
                 why = f"{why}; port {e.port} ({e.source})"
-    if not dsts:
-        return Leg(req, k, True, why)
     srcs = _srcs(req, k, site, sel)
     if not srcs:
         roles = ", ".join(req.src_roles)
         gone = " (after --from)" if sel.sources is not None else ""
-        return Leg(req, k, True, f"{why}; no source hosts with role {roles}{gone}")
+        none = f"no source hosts with role {roles}{gone}"
+        return Leg(req, k, True, none if always else f"{none}; {why}")
     return Leg(req, k, True, why, srcs, dsts, ports)
+
+
+def _counted_elsewhere(req: Requirement, k: Cluster, site: Site) -> str:
+    """For a requirement of another kind of cluster whose sources come from every cluster
+    (e.g. Insight, reached from every node): k's hosts are sources there, say so."""
+    cond = req.condition
+    if req.src_scope != "site" or not cond.cluster:
+        return ""
+    owners = [c.name for c in site.clusters if c.kind in cond.cluster and c is not k]
+    if not owners or not any(
+        _has(h.roles, role) for h in k.hosts for role in req.src_roles
+    ):
+        return ""
+    return (
+        f"counted under {', '.join(owners)} (only {'/'.join(cond.cluster)} clusters have it; its "
+        f"sources are every cluster's hosts, {k.name}'s among them)"
+    )
+
+
+ALWAYS = "always required"
 
 
 def _condition(req: Requirement, k: Cluster, eff: Effective) -> tuple[bool, str]:
@@ -384,15 +413,15 @@ def _condition(req: Requirement, k: Cluster, eff: Effective) -> tuple[bool, str]
         if eff.cni.value not in cond.cni:
             return (
                 False,
-                f"needs cni {'|'.join(cond.cni)}; cni is {eff.cni.value} ({eff.cni.source})",
+                f"needs cni {'|'.join(cond.cni)}; cni is {eff.cni.value} {_src(eff.cni.source)}",
             )
-        parts.append(f"cni {eff.cni.value} ({eff.cni.source})")
+        parts.append(f"cni {eff.cni.value} {_src(eff.cni.source)}")
     for f in cond.features:
         s = eff.feature(f)
         if not s.value:
-            return False, f"feature {f} is off ({s.source})"
-        parts.append(f"feature {f} on ({s.source})")
-    return True, "; ".join(parts) or "always required"
+            return False, f"feature {f} is off {_src(s.source)}"
+        parts.append(f"feature {f} on {_src(s.source)}")
+    return True, "; ".join(parts) or ALWAYS
 
 
 def _ports(
@@ -410,7 +439,7 @@ def _ports(
         if var in eff.config.unresolved:
             notes.append(redact(f"{var} unresolved ({eff.config.unresolved[var]!r})"))
         if s is not None:
-            notes.append(f"{name} {values[name]} ({s.source})")
+            notes.append(f"{name} {values[name]} {_src(s.source)}")
     spec = expand_ports(req.ports, values)
     if spec is None:
         return None, "; ".join([*notes, f"ports {req.ports}: a variable without a value"])

@@ -166,22 +166,35 @@ def split_hosts(value: str | Sequence[str] | None) -> list[str]:
     return [h.strip() for item in items for h in item.split(",") if h.strip()]
 
 
-def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the shared selection flags; the command receives them as ``selection_opts``."""
+def selection_options(
+    f: Callable[..., Any] | None = None, *, exclude: tuple[str, ...] = ()
+) -> Callable[..., Any]:
+    """Add the shared selection flags; the command receives them as ``selection_opts``.
+    ``selection_options(exclude=("inventory", "hosts", "role"))`` leaves some out (by
+    parameter name): `lab up` plans its own inventory with the rest."""
+    if f is None:
+        return lambda g: _selection_options(g, exclude)
+    return _selection_options(f, exclude)
+
+
+def _selection_options(f: Callable[..., Any], exclude: tuple[str, ...]) -> Callable[..., Any]:
     import click
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def take(name: str) -> Any:  # an excluded name may be the command's own parameter
+            return None if name in exclude else kwargs.pop(name, None)
+
         opts = SelectionOptions(
-            inventories=tuple(kwargs.pop("inventory") or ()),
-            vars_files=tuple(kwargs.pop("vars_files") or ()),
-            hosts=",".join(kwargs.pop("hosts") or ()) or None,
-            role=kwargs.pop("role"),
-            cni=kwargs.pop("cni"),
-            with_features=tuple(kwargs.pop("with_features") or ()),
-            without_features=tuple(kwargs.pop("without_features") or ()),
-            catalog_files=tuple(kwargs.pop("catalog_files") or ()),
-            nodeport_sample=kwargs.pop("nodeport_sample"),
+            inventories=tuple(take("inventory") or ()),
+            vars_files=tuple(take("vars_files") or ()),
+            hosts=",".join(take("hosts") or ()) or None,
+            role=take("role") or "node",
+            cni=take("cni"),
+            with_features=tuple(take("with_features") or ()),
+            without_features=tuple(take("without_features") or ()),
+            catalog_files=tuple(take("catalog_files") or ()),
+            nodeport_sample=take("nodeport_sample"),
         )
         return f(*args, selection_opts=opts, **kwargs)
 
@@ -253,5 +266,22 @@ def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
     ]
     for opt in reversed(options):
+        probe = opt(lambda: None)
+        if any(p.name in exclude for p in getattr(probe, "__click_params__", [])):
+            continue
         wrapper = opt(wrapper)
     return wrapper
+
+
+def selection_argv(opts: SelectionOptions) -> list[str]:
+    """The flags that give ``opts`` again (without inventories/hosts), for a child command."""
+    argv: list[str] = []
+    for flag, values in (("--vars", opts.vars_files), ("--catalog", opts.catalog_files),
+                         ("--with", opts.with_features), ("--without", opts.without_features)):  # fmt: skip
+        for v in values:
+            argv += [flag, v]
+    if opts.cni:
+        argv += ["--cni", opts.cni]
+    if opts.nodeport_sample is not None:
+        argv += ["--nodeport-sample", str(opts.nodeport_sample)]
+    return argv

@@ -66,10 +66,21 @@ def _vips(value: Any, allowed: Sequence[str], where: str) -> dict[str, str]:
 
 
 def _paths(value: Any, base: str, where: str) -> list[str]:
+    """The files a site file names, resolved from its folder; a missing one is an error that
+    names the site file, the key, the path as written and the full path looked at."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
-    return [os.path.normpath(os.path.join(base, _str(v, where))) for v in items]
+    out = []
+    for v in items:
+        p = os.path.normpath(os.path.join(base, _str(v, where)))
+        if not os.path.exists(p):
+            raise InventoryError(
+                f"{where}: {v}: no such file: {os.path.abspath(p)} (paths in a site file are "
+                "relative to its folder)"
+            )
+        out.append(p)
+    return out
 
 
 def _site_features(value: Any, where: str) -> dict[str, Setting]:

@@ -64,19 +64,29 @@ def _net_hosts_count(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     return net.num_addresses - 1
 
 
-def _octet(tok: str, whole: str) -> tuple[int, ...]:
+_ORDINAL = ("first", "second", "third", "fourth")
+
+
+def _octet(tok: str, index: int) -> tuple[int, ...]:
+    """One octet spec (``5``, ``1-20``, ``*``, ``1,3``); ValueError saying which octet and why."""
+    where = f"the {_ORDINAL[index]} octet {tok!r}"
     vals: list[int] = []
     for part in tok.split(","):
-        if part == "*":
-            lo, hi = 0, 255
-        elif "-" in part:
-            a, _, b = part.partition("-")
-            lo = int(a) if a else 0
-            hi = int(b) if b else 255
-        else:
-            lo = hi = int(part)
-        if not (0 <= lo <= hi <= 255):
-            raise ValueError(whole)
+        try:
+            if part == "*":
+                lo, hi = 0, 255
+            elif "-" in part:
+                a, _, b = part.partition("-")
+                lo = int(a) if a else 0
+                hi = int(b) if b else 255
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise ValueError(f"{where}: {part!r} is not a number or range") from None
+        if lo > 255 or hi > 255:
+            raise ValueError(f"{where}: {max(lo, hi)} is above 255")
+        if lo > hi:
+            raise ValueError(f"{where}: range {part!r} runs backwards")
         vals.extend(range(lo, hi + 1))
     return tuple(dict.fromkeys(vals))
 
@@ -104,9 +114,9 @@ def parse_target(tok: str, resolve: bool = True) -> Target:
             raise InputError(f"bad target {tok!r}: not an address or CIDR block") from None
     if _looks_like_octets(t):
         try:
-            octs = tuple(_octet(p, t) for p in t.split("."))
-        except ValueError:
-            raise InputError(f"bad target {tok!r}: bad octet range") from None
+            octs = tuple(_octet(p, i) for i, p in enumerate(t.split(".")))
+        except ValueError as e:
+            raise InputError(f"bad target {tok!r}: {e}") from None
         return Target(t, None, octets=octs)
     if not _valid_hostname(t):
         raise InputError(f"bad target {tok!r}: not an address, CIDR block, range or hostname")

@@ -5,8 +5,9 @@
 
 The input is streamed once. For ``ecs`` every result is converted as it is read (memory O(1));
 for the other views the records are folded into an Aggregate (memory O(hosts^2 x
-requirements), never O(lines)) and rendered at the end. Exit code: 0 when the input holds no
-failure, 1 when it holds any (as ``check``); bad input raises InputError (exit 2).
+requirements), never O(lines)) and rendered at the end. Exit code of the text report: 0 when
+the input holds no failure, 1 when it holds any (as ``check``); the exports (html, ecs, --fix)
+exit 0 when they were written, failures or not; bad input raises InputError (exit 2).
 
 May import: core. (It reads NDJSON, not the engine's objects.)
 """
@@ -14,14 +15,16 @@ May import: core. (It reads NDJSON, not the engine's objects.)
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
+from scanner.core.results import encode
 from scanner.errors import InputError
-from scanner.report.aggregate import Aggregate
+from scanner.report.aggregate import Aggregate, derive_verdict
 from scanner.report.reader import ReadStats, read_records
 
-FORMATS = ("text", "html", "ecs")
+FORMATS = ("text", "html", "ecs", "ndjson")
 FIX_KINDS = ("nftables", "iptables", "firewalld")
 
 
@@ -48,10 +51,14 @@ class ReportConfig:
         return self
 
 
-def aggregate(inputs: list[str], stats: ReadStats | None = None) -> tuple[Aggregate, ReadStats]:
+def aggregate(
+    inputs: list[str],
+    stats: ReadStats | None = None,
+    records: Iterable[dict[str, Any]] | None = None,
+) -> tuple[Aggregate, ReadStats]:
     """Read and fold every input; InputError when nothing usable was found."""
     stats = stats or ReadStats()
-    agg = Aggregate().feed(read_records(inputs, stats))
+    agg = Aggregate().feed(records if records is not None else read_records(inputs, stats))
     _require_records(inputs, stats)
     return agg, stats
 
@@ -65,20 +72,40 @@ def _require_records(inputs: list[str], stats: ReadStats) -> None:
         )
 
 
-def run_report(config: ReportConfig, out: IO[bytes], err: IO[str] | None = None) -> int:
-    """Write the report to ``out``; notes about damaged input go to ``err``. Returns the exit code."""
+def run_report(
+    config: ReportConfig,
+    out: IO[bytes],
+    err: IO[str] | None = None,
+    records: Iterable[dict[str, Any]] | None = None,
+    stats: ReadStats | None = None,
+) -> int:
+    """Write the report to ``out``; notes about damaged input go to ``err``. Returns the exit code.
+
+    ``records`` (with the ``stats`` its reader fills): a record stream to report on instead of
+    reading ``config.inputs`` (``portmesh report --join`` passes the joined run).
+    """
     config.validate()
     err = err if err is not None else sys.stderr
-    stats = ReadStats()
-    if config.fix is None and config.fmt == "ecs":
-        from scanner.report.ecs import write_ecs
-
-        failures = write_ecs(read_records(config.inputs, stats), out)
+    stats = stats if stats is not None else ReadStats()
+    recs = records if records is not None else read_records(config.inputs, stats)
+    if config.fix is None and config.fmt == "ndjson":
+        failures = 0
+        for rec in recs:
+            if rec.get("type") == "result" and derive_verdict(rec) == "fail":
+                failures += 1
+            out.write(encode(rec))
         _require_records(config.inputs, stats)
         _notes(stats, err)
         return 1 if failures else 0
+    if config.fix is None and config.fmt == "ecs":
+        from scanner.report.ecs import write_ecs
 
-    agg, stats = aggregate(config.inputs, stats)
+        write_ecs(recs, out)
+        _require_records(config.inputs, stats)
+        _notes(stats, err)
+        return 0  # an export: written is success, whatever it holds
+
+    agg, stats = aggregate(config.inputs, stats, recs)
     if config.fix is not None:
         from scanner.report.fix import render_fix
 
@@ -94,6 +121,7 @@ def run_report(config: ReportConfig, out: IO[bytes], err: IO[str] | None = None)
             out.write(line.encode() + b"\n")
     if config.fix is not None or config.fmt != "text":
         _notes(stats, err)  # the text view prints them itself
+        return 0  # an export (html, --fix): written is success, whatever it holds
     return 1 if agg.failures else 0
 
 

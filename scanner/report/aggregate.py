@@ -13,12 +13,14 @@ derived from the state (see ``derive_verdict``), and the requirement key is ``pr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.core.model import natural_key
 from scanner.core.verdicts import verdict
 
 VERDICTS = ("pass", "fail", "unknown")
@@ -194,10 +196,6 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(parts)
 
 
-def natural_key(s: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
-
-
 class Cell:
     """One direction (src -> dst) of one requirement in one run, once something did not pass."""
 
@@ -274,6 +272,7 @@ class Requirement:
     key: str
     proto: str
     ports: PortSet = field(default_factory=PortSet)
+    last_tally_ports: str | None = None  # the ports text of the last tally folded into ports
     # (src index, dst index) -> int (pass count, every flow passed) or Cell
     cells: dict[int, int | Cell] = field(default_factory=dict)
     nfail: int = 0
@@ -303,6 +302,8 @@ class Run:
     unreachable: dict[str, str] = field(default_factory=dict)  # host name -> reason
     reqs: dict[str, Requirement] = field(default_factory=dict)
     results: int = 0
+    starts: int = 0  # start records seen: more than one means the run was fed twice
+    tallied: int = 0  # passing flows counted in tally records (--emit failures)
     pairs: int = 0
     pair_verdicts: dict[str, int] = field(default_factory=dict)
 
@@ -375,11 +376,14 @@ class Aggregate:
             self._result(run, rec)
         elif t == "pair":
             self._pair(run, rec)
+        elif t == "tally":
+            self._tally(run, rec)
         elif t == "host":
             if rec.get("state") == "unreachable":
                 run.unreachable[rec["name"]] = str(rec.get("reason") or "")
                 run.host(rec["name"], rec.get("address"))
         elif t == "start":
+            run.starts += 1
             run.argv = rec.get("argv")
             run.listening = _expects_listening(run.argv) or rec.get("expect") == "listening"
             run.started = rec.get("ts")
@@ -422,6 +426,65 @@ class Aggregate:
         if not isinstance(cur, Cell):
             cur = req.cells[ck] = Cell(cur or 0)
         cur.note(verdict, rec, run.listening)
+
+    def add_passes(
+        self,
+        run: Run,
+        key: str,
+        proto: str,
+        src: tuple[str, str | None],
+        dst: tuple[str, str],
+        n: int,
+    ) -> None:
+        """``n`` passing results of one direction at once, for a caller that counted them
+        itself (the mesh coordinator: a Counter increment per result instead of ``add``).
+        ``src``/``dst`` are (name, address)."""
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        ck = run.host(*src) * STRIDE + run.host(*dst)
+        run.results += n
+        self.passes += n
+        req.npass += n
+        cur = req.cells.get(ck)
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
+
+    def _tally(self, run: Run, rec: dict[str, Any]) -> None:
+        """A tally record (``--emit failures``): ``flows`` passing flows of one direction."""
+        n = rec["flows"]
+        run.tallied += n
+        proto = rec["proto"]
+        text = rec.get("ports")
+        key = rec.get("req") or (f"{proto}/{text}" if text else proto)
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        if text and text != req.last_tally_ports:  # most directions repeat the same ports
+            req.last_tally_ports = text
+            for tok in text.split(","):
+                a, _, b = tok.partition("-")
+                with contextlib.suppress(ValueError):
+                    for p in range(int(a), int(b or a) + 1):
+                        req.ports.add(p)
+        s = run.host(rec["src_host"], rec.get("src"))
+        d = run.host(rec["host"], rec.get("dst"))
+        if not n:
+            return
+        ck = s * STRIDE + d
+        cur = req.cells.get(ck)
+        self.passes += n
+        req.npass += n
+        if cur is None:
+            req.cells[ck] = n
+        elif isinstance(cur, int):
+            req.cells[ck] = cur + n
+        else:
+            cur.npass += n
 
     def _pair(self, run: Run, rec: dict[str, Any]) -> None:
         """Pair records (mesh) restate both directions; they only fill directions no result
@@ -469,6 +532,23 @@ class Aggregate:
                     cell.nunknown = 1
             else:
                 cell.note(verdict, fake)
+
+
+def duplicate_warning(run: Run) -> str | None:
+    """A run fed more than once (a truncated copy and the full file): the counts add up twice.
+    Flows are not remembered (memory stays O(hosts^2)), so this is told from the counts."""
+    over = run.planned is not None and run.results > run.planned
+    if not over and run.starts <= 1:
+        return None
+    what = (
+        f"{run.results} results for {run.planned} planned flows"
+        if over
+        else (f"its start record {run.starts} times")
+    )
+    return (
+        f"duplicate results of one run: {what} (the same run fed twice, e.g. a truncated copy "
+        "and the full file?); counts include the duplicates"
+    )
 
 
 def _expects_listening(argv: Any) -> bool:

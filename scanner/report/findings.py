@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from scanner.report.aggregate import STRIDE, Cell, PortSet, Requirement, Run
+from scanner.report.aggregate import STRIDE, Cell, PortSet, Requirement, Run, natural_key
 
 # Finding kinds
 INGRESS = "ingress"  # one destination, several sources
@@ -59,6 +59,7 @@ def failing_keys(req: Requirement, state: str = "fail") -> list[int]:
 
 def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2) -> list[Finding]:
     """Cover ``keys`` (cells of ``req``) with findings, largest groups first."""
+    names = run.names
     by_dst: dict[int, set[int]] = {}
     by_src: dict[int, set[int]] = {}
     for k in keys:
@@ -75,21 +76,27 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
 
     out: list[Finding] = []
     names = run.names
+    # ties go to the first host in natural order (node2 before node10), not to whichever host
+    # the input happened to name first: the mesh's summary and the report group alike
+    def best(groups: dict[int, set[int]]) -> tuple[int, set[int]] | None:
+        return min(groups.items(), key=lambda kv: (-len(kv[1]), natural_key(names[kv[0]])),
+                   default=None)  # fmt: skip
+
     while True:
-        best_dst = max(by_dst.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=None)
-        best_src = max(by_src.items(), key=lambda kv: (len(kv[1]), -kv[0]), default=None)
+        best_dst = best(by_dst)
+        best_src = best(by_src)
         nd = len(best_dst[1]) if best_dst else 0
         ns = len(best_src[1]) if best_src else 0
         if max(nd, ns) < min_group:
             break
         if nd >= ns:  # ties go to ingress: a host's own input chain is the usual culprit
             assert best_dst is not None
-            d, srcs = best_dst[0], sorted(best_dst[1], key=lambda i: names[i])
+            d, srcs = best_dst[0], sorted(best_dst[1], key=lambda i: natural_key(names[i]))
             cells = [s * STRIDE + d for s in srcs]
             out.append(Finding(INGRESS, d, srcs, len(srcs) == n_srcs[d], n_srcs[d], cells))
         else:
             assert best_src is not None
-            s, dsts = best_src[0], sorted(best_src[1], key=lambda i: names[i])
+            s, dsts = best_src[0], sorted(best_src[1], key=lambda i: natural_key(names[i]))
             cells = [s * STRIDE + d for d in dsts]
             out.append(Finding(EGRESS, s, dsts, len(dsts) == n_dsts[s], n_dsts[s], cells))
         for k in cells:
@@ -103,9 +110,10 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
 
     left = sorted(
         (s * STRIDE + d for s, ds in by_src.items() for d in ds),
-        key=lambda k: (names[k // STRIDE], names[k % STRIDE]),
+        key=lambda k: (natural_key(names[k // STRIDE]), natural_key(names[k % STRIDE])),
     )
     done: set[int] = set()
+    in_left = set(left)  # membership per cell: a list scan here made 10,000 cells O(n^2)
     for k in left:
         if k in done:
             continue
@@ -114,7 +122,7 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
         rstate = req.cell_state(rk)
         if rstate == "pass":
             kind = ONE_WAY
-        elif rstate == "fail" and rk in left and rk not in done:
+        elif rstate == "fail" and rk in in_left and rk not in done:
             kind = BOTH
         else:
             kind = SINGLE
@@ -136,6 +144,4 @@ def iter_findings(run: Run) -> Iterator[tuple[Requirement, list[Finding], list[F
 
 
 def natural_req_key(key: str) -> tuple:
-    from scanner.report.aggregate import natural_key
-
     return natural_key(key)

@@ -166,7 +166,7 @@ def render_fix(
     for i, hf in enumerate(hosts):
         out.append(f"fix_{i}() {{")
         out.append(f"  # {_c(hf.name)} ({hf.addr or 'address unknown'})")
-        if kind == "nftables":
+        if kind == "nftables" and hf.openings:
             out.append(
                 f'  [ -n "${{DRY_RUN:-}}" ] || nft list chain {family} {table} {nft_chain} >/dev/null || '
                 f"{{ echo 'no chain {family} {table} {nft_chain} on this host: "
@@ -181,7 +181,9 @@ def render_fix(
                 f" ({_c('; '.join(sorted(r for r in op.reasons if r)))})"
             )
             out.extend("  " + line for line in gen(op, family, table, nft_chain))
-        if kind == "firewalld":
+        if not hf.openings:  # only notes: nothing to open, nothing to reload
+            out.append(f'  echo "{_c(hf.name)}: nothing to open (see the notes in this section)"')
+        elif kind == "firewalld":
             out.append("  run firewall-cmd --reload")
         out.append("}")
         out.append("")

@@ -20,7 +20,7 @@ from scanner.errors import InputError
 
 # The record types the report understands; anything else (plan's "flow", agent chatter) is
 # counted as ignored, not as damage.
-KNOWN_TYPES = ("start", "result", "host", "pair", "summary", "watch")
+KNOWN_TYPES = ("start", "result", "host", "pair", "summary", "tally", "watch")
 # Fields without which a result record cannot be placed in the report.
 RESULT_FIELDS = ("dst", "proto", "state")
 MAX_BAD_SAMPLES = 5
@@ -88,27 +88,41 @@ def _why(rec: Any) -> str | None:
                 return f"pair without '{f}'"
     elif t == "host" and not isinstance(rec.get("name"), str):
         return "host without 'name'"
+    elif t == "tally":
+        for f in ("src_host", "host", "proto"):
+            if not isinstance(rec.get(f), str):
+                return f"tally without '{f}'"
+        n = rec.get("flows")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return "tally with a bad 'flows'"
+        if rec.get("ports") is not None and not isinstance(rec.get("ports"), str):
+            return "tally with a bad 'ports'"
     return None
 
 
-def iter_lines(source: str, stream: Iterable[bytes], stats: ReadStats) -> Iterator[dict[str, Any]]:
-    """Parse one stream; yield the usable records and count the rest in ``stats``."""
+def iter_lines(
+    source: str, stream: Iterable[bytes], stats: ReadStats, extra: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """Parse one stream; yield the usable records and count the rest in ``stats``.
+
+    ``extra``: record types to pass through besides KNOWN_TYPES (``--join`` reads ``witness``).
+    """
     pending: tuple[int, bytes] | None = None  # the previous line, held back one step
     for lineno, raw in enumerate(stream, 1):
         stats.lines += 1
         if pending is not None:
-            rec = _parse(source, *pending, stats, last=False)
+            rec = _parse(source, *pending, stats, last=False, extra=extra)
             if rec is not None:
                 yield rec
         pending = (lineno, raw)
     if pending is not None:
-        rec = _parse(source, *pending, stats, last=True)
+        rec = _parse(source, *pending, stats, last=True, extra=extra)
         if rec is not None:
             yield rec
 
 
 def _parse(
-    source: str, lineno: int, raw: bytes, stats: ReadStats, last: bool
+    source: str, lineno: int, raw: bytes, stats: ReadStats, last: bool, extra: tuple[str, ...] = ()
 ) -> dict[str, Any] | None:
     line = raw.strip()
     if not line:
@@ -126,19 +140,21 @@ def _parse(
     if why is not None:
         stats.note_bad(source, lineno, why)
         return None
-    if rec["type"] not in KNOWN_TYPES:
+    if rec["type"] not in KNOWN_TYPES and rec["type"] not in extra:
         stats.ignored += 1
         return None
     stats.records += 1
     return rec
 
 
-def read_records(paths: Iterable[str], stats: ReadStats) -> Iterator[dict[str, Any]]:
+def read_records(
+    paths: Iterable[str], stats: ReadStats, extra: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
     """Every usable record of every path ('-' is stdin), in order, streamed."""
     for path in paths:
         name, fh = _open(path)
         try:
-            yield from iter_lines(name, fh, stats)
+            yield from iter_lines(name, fh, stats, extra)
         except OSError as e:
             raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         finally:

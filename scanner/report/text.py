@@ -18,6 +18,7 @@ from scanner.report.aggregate import (
     Requirement,
     Run,
     compress_names,
+    duplicate_warning,
     natural_key,
     port_label,
 )
@@ -41,11 +42,13 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
     """The report as lines (without newlines)."""
     runs = list(agg.runs.values())
     nres = sum(r.results for r in runs)
+    ntal = sum(r.tallied for r in runs)
     npairs = sum(r.pairs for r in runs)
     head = (
         f"portmesh report: {len(runs)} run{'s' if len(runs) != 1 else ''}, "
         f"{nres} result{'s' if nres != 1 else ''} "
-        f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
+        + (f"+ {ntal} tallied " if ntal else "")
+        + f"({agg.passes} pass, {agg.failures} fail, {agg.unknowns} unknown)"
     )
     if npairs:
         oneway = sum(r.pair_verdicts.get("one-way", 0) for r in runs)
@@ -55,19 +58,28 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
         yield f"note: {note}"
     for run in runs:
         yield ""
-        yield from _render_run(run, multi=len(runs) > 1)
+        yield from render_run(run)
 
 
-def _render_run(run: Run, multi: bool) -> Iterator[str]:
+def render_run(run: Run, header: bool = True) -> Iterator[str]:
+    """One run's part of the report; ``header=False`` leaves out its "run ID: command" line
+    (the mesh prints these lines under its own totals line)."""
     names = run.names
     what = shlex.join(run.argv) if run.argv else "?"
-    yield (
-        f"run {run.scan_id}: {what}"
-        + (f", started {run.started}" if run.started else "")
-        + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
-    )
-    if run.summary and run.planned is not None and run.summary.get("results") != run.planned:
-        yield f"  warning: planned {run.planned} flows, summary counts {run.summary.get('results')}"
+    if header:
+        yield (
+            f"run {run.scan_id}: {what}"
+            + (f", started {run.started}" if run.started else "")
+            + f", {len(names)} hosts, {run.results} result{'s' if run.results != 1 else ''}"
+            + (f" + {run.tallied} passing flows tallied" if run.tallied else "")
+        )
+    dup = duplicate_warning(run)
+    if dup:
+        yield f"  warning: {dup}"
+    if run.summary and run.planned is not None:
+        counted = (run.summary.get("results") or 0) + (run.summary.get("tallied") or 0)
+        if counted != run.planned:
+            yield f"  warning: planned {run.planned} flows, summary counts {counted}"
     if run.summary is None and run.results:
         yield "  warning: no summary record: the run was cut short or the input is partial"
     for name in sorted(run.unreachable, key=natural_key):
@@ -142,6 +154,8 @@ def _ports_text(req: Requirement, blocked: PortSet, closed: PortSet) -> str:
 def _fail_line(run: Run, req: Requirement, f: Finding) -> str:
     names = run.names
     blocked, closed = f.ports(req)
+    if closed and not blocked:  # check --expect listening: nothing listens, nothing blocked
+        return _nothing_listening_line(run, req, f, closed)
     ports = _ports_text(req, blocked, closed)
     reasons = f.reasons(req)
     present, participle = _verb(reasons)
@@ -171,6 +185,30 @@ def _fail_line(run: Run, req: Requirement, f: Finding) -> str:
         return f"{host} <-> {b}: {ports} {participle} both ways ({why})"
     rev = "" if f.reverse is None else f", {b} -> {host} {f.reverse}"
     return f"{host} -> {b}: {ports} {participle}{rev} ({why})"
+
+
+def _nothing_listening_line(run: Run, req: Requirement, f: Finding, closed: PortSet) -> str:
+    """The packets got through and were answered with a reset: no service, not a firewall."""
+    names = run.names
+    label = port_label(req.proto, closed)
+    host = names[f.host]
+    peers = compress_names(names[i] for i in f.peers)
+    if f.kind == INGRESS:
+        seen = (
+            f"every peer ({len(f.peers)} sources: {peers})"
+            if f.every
+            else (f"{peers} ({len(f.peers)} of {f.required} sources)")
+        )
+        return f"{host}: nothing listening on {label} (closed, seen from {seen})"
+    if f.kind == EGRESS:
+        return (
+            f"{host} -> {peers}: nothing listening on {label} "
+            f"(closed at {len(f.peers)} of {f.required} destinations)"
+        )
+    b = names[f.peers[0]]
+    if f.kind == BOTH:
+        return f"{host} <-> {b}: nothing listening on {label} either way (closed)"
+    return f"{host} -> {b}: nothing listening on {label} at {b} (closed)"
 
 
 def _unknown_line(run: Run, req: Requirement, f: Finding) -> str:

@@ -1,0 +1,448 @@
+"""The prober's own neighbour table (ARP / NDP): never a false ``fail`` because it was full.
+
+Every on-link destination needs an entry in the source host's neighbour table. The kernel
+holds at most ``gc_thresh3`` entries (net.ipv4.neigh.default.gc_thresh3, 1,024 by default)
+and cannot evict one updated in the last 5 seconds, so a host probing ~1,000 peers at once
+overflows it. Measured on kernel 6.18 (this lab): the packet is then dropped *silently* - a
+non-blocking connect() says EINPROGRESS, sendto() succeeds, and only the table's
+``table_fulls`` counter and a "neighbor table overflow!" line in dmesg tell - so a probe sees
+silence and would report ``filtered (no-response)``. Older kernels return ENOBUFS or
+EHOSTUNREACH from the send instead.
+
+What the engine does about it (``NeighGuard``):
+
+- keep the number of distinct on-link destinations that are in flight, or were in the last
+  ``LINGER`` seconds (not yet evictable), under a budget taken from ``gc_thresh3``;
+- after an attempt that came back silent, unreachable or out of buffers, read the table's
+  ``table_fulls`` counter: when it rose during the attempt, the attempt does not count (it
+  may never have left the host): the budget shrinks and the flow is retried after a pause;
+- a flow still hit after ``RETRIES`` such retries is ``error`` / ``neighbour-table-full``
+  (verdict unknown), and the run says once on stderr which sysctl to raise.
+
+The thresholds and counters are the kernel's neighbour-table settings: ``/proc/sys`` and
+``/proc/net/stat`` in the initial network namespace; inside any other namespace (a lab host,
+a container) those files do not exist, and the same numbers come from rtnetlink
+(RTM_GETNEIGHTBL, what ``ip ntable show`` prints). The table and its limits are global to the
+kernel: every namespace's entries count against the one ``gc_thresh3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+LINGER = 5.0  # the kernel keeps an entry updated in the last 5 s (neigh_forced_gc's tref)
+MIN_BUDGET = 8
+RETRIES = 6  # neighbour-table retries of one flow; the pauses below add up to > LINGER
+PAUSES = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0)
+FRESH = 0.005  # a counter read younger than this is reused
+# outcomes that a full table can produce (silence on 5.x/6.x, errors on older kernels)
+SUSPECT_REASONS = frozenset({"no-response", "host-unreach", "enobufs", "no-buffers"})
+REASON = "neighbour-table-full"
+TABLES = {4: "arp_cache", 6: "ndisc_cache"}
+SYSCTL = {4: "net.ipv4.neigh.default.gc_thresh3", 6: "net.ipv6.neigh.default.gc_thresh3"}
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One neighbour table's limits and counters (global to the kernel)."""
+
+    family: int  # 4 or 6
+    thresh1: int
+    thresh2: int
+    thresh3: int
+    entries: int
+    table_fulls: int
+
+
+# ---- reading the kernel's numbers -----------------------------------------------------------
+
+_RTM_NEWNEIGHTBL, _RTM_GETNEIGHTBL = 64, 66
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NDTA_THRESH1, _NDTA_THRESH2, _NDTA_THRESH3, _NDTA_CONFIG, _NDTA_STATS = 2, 3, 4, 5, 7
+_FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
+
+
+def parse_neightbl(data: bytes) -> tuple[dict[int, Table], bool]:
+    """RTM_NEWNEIGHTBL messages -> {family: Table}, and whether NLMSG_DONE was seen (pure)."""
+    out: dict[int, Table] = {}
+    off = 0
+    while off + 16 <= len(data):
+        mlen, mtype = struct.unpack_from("=IH", data, off)
+        if mlen < 16:
+            break
+        if mtype in (_NLMSG_DONE, _NLMSG_ERROR):
+            return out, True
+        if mtype == _RTM_NEWNEIGHTBL and mlen >= 20:
+            fam = _FAMILY.get(data[off + 16])
+            attrs: dict[int, bytes] = {}
+            a = off + 20
+            end = off + mlen
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                attrs[atype & 0x3FFF] = data[a + 4 : a + alen]
+                a += (alen + 3) & ~3
+            t3 = attrs.get(_NDTA_THRESH3)
+            if fam is not None and t3 is not None and len(t3) >= 4:
+                cfg = attrs.get(_NDTA_CONFIG, b"")
+                stats = attrs.get(_NDTA_STATS, b"")
+                out[fam] = Table(
+                    fam,
+                    struct.unpack("=I", attrs.get(_NDTA_THRESH1, b"\0\0\0\0")[:4])[0],
+                    struct.unpack("=I", attrs.get(_NDTA_THRESH2, b"\0\0\0\0")[:4])[0],
+                    struct.unpack("=I", t3[:4])[0],
+                    struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
+                    struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0,
+                )
+        off += (mlen + 3) & ~3
+    return out, False
+
+
+def _netlink_tables(family: int = 0) -> dict[int, Table]:
+    """Every neighbour table through rtnetlink (works in any network namespace)."""
+    fam = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family, socket.AF_UNSPEC)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # NETLINK_ROUTE
+        s.settimeout(1.0)
+        s.bind((0, 0))
+        req = struct.pack("=IHHII", 20, _RTM_GETNEIGHTBL, 0x301, 1, 0) + struct.pack(
+            "=BBH", fam, 0, 0
+        )
+        s.send(req)
+        out: dict[int, Table] = {}
+        while True:
+            got, done = parse_neightbl(s.recv(1 << 16))
+            out.update(got)
+            if done:
+                return out
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """/proc/net/stat/arp_cache -> (entries, table_fulls summed over CPUs) (pure)."""
+    lines = text.split("\n")
+    head = lines[0].split()
+    ie, it = head.index("entries"), head.index("table_fulls")
+    entries = fulls = 0
+    for line in lines[1:]:
+        cols = line.split()
+        if len(cols) > it:
+            entries = int(cols[ie], 16)  # the same global count on every line
+            fulls += int(cols[it], 16)
+    return entries, fulls
+
+
+def _proc_table(family: int) -> Table | None:
+    """From /proc (initial namespace only; None where the files are missing)."""
+    v = "ipv4" if family == 4 else "ipv6"
+    try:
+        th = []
+        for k in (1, 2, 3):
+            with open(f"/proc/sys/net/{v}/neigh/default/gc_thresh{k}", encoding="ascii") as fh:
+                th.append(int(fh.read()))
+        with open(f"/proc/net/stat/{TABLES[family]}", encoding="ascii") as fh:
+            entries, fulls = parse_stat(fh.read())
+    except (OSError, ValueError):
+        return None
+    return Table(family, th[0], th[1], th[2], entries, fulls)
+
+
+def read_table(family: int) -> Table | None:
+    """The neighbour table of this family, or None when this system does not say (not Linux)."""
+    t = _proc_table(family)
+    if t is not None:
+        return t
+    try:
+        return _netlink_tables(family).get(family)
+    except (OSError, struct.error):
+        return None
+
+
+def fulls_reader(family: int) -> Callable[[], int] | None:
+    """A cheap function returning the table's ``table_fulls`` counter now (None: unavailable)."""
+    path = f"/proc/net/stat/{TABLES[family]}"
+    try:
+        with open(path, encoding="ascii") as fh:
+            parse_stat(fh.read())
+    except (OSError, ValueError):
+        pass
+    else:
+
+        def from_proc() -> int:
+            with open(path, encoding="ascii") as fh:
+                return parse_stat(fh.read())[1]
+
+        return from_proc
+    if read_table(family) is None:
+        return None
+
+    def from_netlink() -> int:
+        t = _netlink_tables(family).get(family)
+        return 0 if t is None else t.table_fulls
+
+    return from_netlink
+
+
+# ---- which destinations need an entry -------------------------------------------------------
+
+
+Route = tuple[int, int, bool]  # (network as int, prefix length, on-link: no gateway)
+
+
+def parse_routes_v4(text: str) -> list[Route]:
+    """/proc/net/route -> routes (pure; lo and reject routes are not on-link)."""
+    out: list[Route] = []
+    for line in text.splitlines()[1:]:
+        c = line.split()
+        if len(c) < 8:
+            continue
+        dest = int.from_bytes(bytes.fromhex(c[1]), "little")
+        gw = int(c[2], 16)
+        flags = int(c[3], 16)
+        mask = int.from_bytes(bytes.fromhex(c[7]), "little")
+        plen = bin(mask).count("1")
+        onlink = gw == 0 and c[0] != "lo" and not flags & 0x0200  # RTF_REJECT
+        out.append((dest, plen, onlink))
+    return out
+
+
+def parse_routes_v6(text: str) -> list[Route]:
+    """/proc/net/ipv6_route -> routes (pure)."""
+    out: list[Route] = []
+    for line in text.splitlines():
+        c = line.split()
+        if len(c) < 10:
+            continue
+        dest = int(c[0], 16)
+        plen = int(c[1], 16)
+        flags = int(c[8], 16)
+        onlink = int(c[4], 16) == 0 and c[9] != "lo" and not flags & 0x0200
+        out.append((dest, plen, onlink))
+    return out
+
+
+def is_onlink(addr: str, v4: list[Route], v6: list[Route]) -> int:
+    """4 or 6 when ``addr`` is reached without a gateway (it needs its own entry), else 0."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return 0
+    if ip.is_loopback or ip.is_multicast:
+        return 0
+    routes, bits, fam = (v4, 32, 4) if ip.version == 4 else (v6, 128, 6)
+    n = int(ip)
+    best = -1
+    onlink = False
+    for net, plen, ol in routes:
+        if plen > best and (plen == 0 or (n >> (bits - plen)) == (net >> (bits - plen))):
+            best, onlink = plen, ol
+    return fam if onlink else 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+# ---- the guard --------------------------------------------------------------------------------
+
+
+class NeighGuard:
+    """Distinct on-link destinations in flight under the table's budget; hits detected.
+
+    The engine calls ``family(dst)`` once per destination, ``acquire``/``release`` around a
+    destination's in-flight flows, ``mark(fam)`` before an attempt and ``hit(fam, mark, out)``
+    after one; everything else is bookkeeping. ``share``: the number of processes probing from
+    this host at once (shards), each gets its part of the budget.
+    """
+
+    def __init__(
+        self,
+        tables: dict[int, Table],
+        readers: dict[int, Callable[[], int]],
+        *,
+        share: int = 1,
+        routes: tuple[list[Route], list[Route]] | None = None,
+    ) -> None:
+        self.tables = tables
+        self.readers = readers
+        share = max(1, share)
+        self.budget = {
+            f: max(MIN_BUDGET, budget_for(t.thresh3) // share) for f, t in tables.items()
+        }
+        self.start_budget = dict(self.budget)
+        self.active = dict.fromkeys(tables, 0)
+        self.waiters: dict[int, deque[asyncio.Future[None]]] = {f: deque() for f in tables}
+        self.lingering: deque[tuple[float, Any]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._cache: dict[int, tuple[int, float]] = {}
+        for f in tables:
+            with contextlib.suppress(OSError, ValueError):
+                self._cache[f] = (readers[f](), time.monotonic())
+        if routes is None:
+            routes = (
+                parse_routes_v4(_read("/proc/net/route")),
+                parse_routes_v6(_read("/proc/net/ipv6_route")),
+            )
+        self.routes = routes
+        self.hits = 0  # attempts that did not count: the table overflowed meanwhile
+        self.unknown = 0  # flows given up on (neighbour-table-full)
+        self.waited = 0  # flows that waited for a destination slot
+        self.fulls0 = {f: c for f, (c, _) in self._cache.items()}
+
+    @classmethod
+    def create(cls, share: int = 1) -> NeighGuard | None:
+        """A guard for this host's tables, or None when the kernel does not tell (not Linux)."""
+        tables: dict[int, Table] = {}
+        readers: dict[int, Callable[[], int]] = {}
+        for fam in (4, 6):
+            t = read_table(fam)
+            r = fulls_reader(fam) if t is not None else None
+            if t is not None and r is not None and t.thresh3 > 0:
+                tables[fam], readers[fam] = t, r
+        return cls(tables, readers, share=share) if tables else None
+
+    # -- destinations ------------------------------------------------------------------------
+
+    def family(self, dst: str) -> int:
+        fam = is_onlink(dst, *self.routes)
+        return fam if fam in self.budget else 0
+
+    async def acquire(self, hs: Any) -> None:
+        """Count ``hs`` (a HostState with fam, held, expiry) among the active destinations."""
+        fam = hs.fam
+        while not hs.held:
+            self._expire(time.monotonic())
+            if self.active[fam] < self.budget[fam]:
+                self.active[fam] += 1
+                hs.held = True
+                return
+            self.waited += 1
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters[fam].append(fut)
+            self._arm()
+            await fut
+
+    def release(self, hs: Any) -> None:
+        """``hs`` has nothing in flight: it stays counted for LINGER seconds."""
+        hs.expiry = time.monotonic() + LINGER
+        self.lingering.append((hs.expiry, hs))
+        if any(self.waiters.values()):
+            self._arm()
+
+    def forget(self, hs: Any) -> None:
+        """The engine drops an idle HostState: give its slot back at once."""
+        if hs.held:
+            hs.held = False
+            self.active[hs.fam] -= 1
+            self._wake(hs.fam)
+
+    def _expire(self, now: float) -> None:
+        lg = self.lingering
+        while lg and lg[0][0] <= now:
+            exp, hs = lg.popleft()
+            if hs.held and hs.inflight == 0 and hs.expiry == exp:
+                hs.held = False
+                self.active[hs.fam] -= 1
+                self._wake(hs.fam)
+
+    def _wake(self, fam: int) -> None:
+        ws = self.waiters[fam]
+        while ws:
+            w = ws.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def _arm(self) -> None:
+        if self._timer is not None or not self.lingering:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self.lingering[0][0] - time.monotonic()) + 0.001
+        self._timer = loop.call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._expire(time.monotonic())
+        for fam, ws in self.waiters.items():
+            # a shrunk budget: wake as many as there is room for now
+            room = self.budget[fam] - self.active[fam]
+            while ws and room > 0:
+                w = ws.popleft()
+                if not w.done():
+                    w.set_result(None)
+                    room -= 1
+        if any(self.waiters.values()):
+            self._arm()
+
+    # -- detection ---------------------------------------------------------------------------
+
+    def mark(self, fam: int) -> int:
+        """The counter before an attempt (a cached value: an older one only makes us stricter)."""
+        c = self._cache.get(fam)
+        return c[0] if c is not None else 0
+
+    def fulls(self, fam: int) -> int:
+        now = time.monotonic()
+        c = self._cache.get(fam)
+        if c is not None and now - c[1] < FRESH:
+            return c[0]
+        try:
+            v = self.readers[fam]()
+        except (OSError, ValueError, struct.error):
+            return c[0] if c is not None else 0
+        self._cache[fam] = (v, now)
+        return v
+
+    def hit(self, fam: int, mark: int, state: str, reason: str, silent: bool) -> bool:
+        """Did the table overflow while this attempt ran (so its silence proves nothing)?"""
+        if not (silent or reason in SUSPECT_REASONS) or state == "open":
+            return False
+        if self.fulls(fam) <= mark:
+            return False
+        self.hits += 1
+        # fewer destinations at once from now on
+        self.budget[fam] = max(MIN_BUDGET, min(self.budget[fam], (self.active[fam] * 3) // 4))
+        return True
+
+    def report(self) -> dict[str, Any]:
+        """For the summary: what the guard did (only interesting when something happened)."""
+        fulls = {f: self.fulls(f) - self.fulls0.get(f, 0) for f in self.tables}
+        return {
+            "limit": {str(f): self.start_budget[f] for f in self.tables},
+            "limit_end": {str(f): self.budget[f] for f in self.tables},
+            "gc_thresh3": {str(f): t.thresh3 for f, t in self.tables.items()},
+            "table_fulls": {str(f): n for f, n in fulls.items()},
+            "retried": self.hits,
+            "waited": self.waited,
+            "unknown": self.unknown,
+        }
+
+
+def budget_for(thresh3: int) -> int:
+    """Distinct on-link destinations at once: gc_thresh3 less a reserve for the host's own."""
+    return thresh3 - max(16, thresh3 // 16)
+
+
+def advice(thresh3: dict[int, int], families: set[int], flows: int) -> str:
+    """The one stderr line when flows were given up on."""
+    fams = sorted(families) or [4]
+    names = " / ".join(SYSCTL[f] for f in fams)
+    now = ", ".join(f"{SYSCTL[f]} = {thresh3[f]}" for f in fams if f in thresh3)
+    now = f" ({now})" if now else ""
+    return (
+        f"portmesh: {flows} flows could not be probed because this host's neighbour table "
+        f"(ARP/NDP) was full{now}: they are unknown (neighbour-table-full); raise {names} "
+        f"(and gc_thresh1/gc_thresh2 with it) above the number of peers, then probe again\n"
+    )
