@@ -342,7 +342,7 @@ def test_help_names_folders_and_ansible_inventory_json(command):
 # --------------------------------------------------------------------------- Low 13: DNS
 
 DNS_SCRIPT = r"""
-import json, os, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 d = sys.argv[1]
 for c in ("ip link set lo up",
           "ip link add v0 type veth peer name v1", "ip link set v0 up", "ip link set v1 up",
@@ -354,24 +354,29 @@ open(os.path.join(d, "resolv.conf"), "w").write(
     "nameserver 198.18.255.53\noptions timeout:5 attempts:2\n")
 subprocess.run(["mount", "--bind", os.path.join(d, "resolv.conf"), "/etc/resolv.conf"],
                check=True)
+timeout = sys.argv[2]  # --timeout; with a long one the test sends Ctrl-C after 2 s
+p = subprocess.Popen([sys.executable, "-m", "scanner", "check", "-i", os.path.join(d, "inv.ini"),
+                      "--vars", os.path.join(d, "v.yml"), "--from", "n1", "--nodeport-sample",
+                      "1", "--method", "connect", "--timeout", timeout, "--retries", "0"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 start = time.monotonic()
-p = subprocess.run([sys.executable, "-m", "scanner", "check", "-i", os.path.join(d, "inv.ini"),
-                    "--vars", os.path.join(d, "v.yml"), "--from", "n1", "--nodeport-sample", "1",
-                    "--method", "connect", "--timeout", "0.3", "--retries", "0"],
-                   capture_output=True)
-sys.stdout.write(json.dumps({"rc": p.returncode, "out": p.stdout.decode(),
-                             "err": p.stderr.decode(), "s": time.monotonic() - start}))
+if float(timeout) > 1:
+    time.sleep(2)
+    start = time.monotonic()
+    p.send_signal(signal.SIGINT)
+out, err = p.communicate()
+sys.stdout.write(json.dumps({"rc": p.returncode, "out": out.decode(),
+                             "err": err.decode(), "s": time.monotonic() - start}))
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces of its own")
-def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
+def hanging_resolver(tmp_path: Path, timeout: str) -> tuple[dict, list[dict]]:
     (tmp_path / "inv.ini").write_text(
         INI.replace("198.18.6.1", "127.0.0.2").replace("198.18.6.2", "127.0.0.3")
     )
     (tmp_path / "v.yml").write_text("files_repo: http://files.portmesh.invalid:8080/f\n")
     p = subprocess.run(
-        ["unshare", "-n", "-m", sys.executable, "-c", DNS_SCRIPT, str(tmp_path)],
+        ["unshare", "-n", "-m", sys.executable, "-c", DNS_SCRIPT, str(tmp_path), timeout],
         capture_output=True,
         timeout=120,
         cwd=ROOT,
@@ -379,7 +384,12 @@ def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert "Traceback" not in res["err"], res["err"]
-    recs = [orjson.loads(x) for x in res["out"].splitlines()]
+    return res, [orjson.loads(x) for x in res["out"].splitlines()]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces of its own")
+def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
+    res, recs = hanging_resolver(tmp_path, "0.3")
     files = [r for r in recs if r.get("req") == "endpoint.files_repo"]
     assert [(r["state"], r["reason"], r["verdict"]) for r in files] == [
         ("error", "unresolved", "unknown")
@@ -390,3 +400,16 @@ def test_a_resolver_that_never_answers_is_bounded_and_named(tmp_path):
     ), res["err"]
     # glibc alone would wait 2 x 5 s for this name; the bound is the flow's budget
     assert res["s"] < 8, res["s"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces of its own")
+def test_ctrl_c_during_a_hanging_lookup_ends_the_run_with_every_result(tmp_path):
+    res, recs = hanging_resolver(tmp_path, "5")
+    assert res["rc"] == 130, res["err"]
+    start = recs[0]
+    results = [r for r in recs if r["type"] == "result"]
+    assert len(results) == start["planned"]
+    files = [r for r in results if r.get("req") == "endpoint.files_repo"]
+    assert [(r["state"], r["reason"]) for r in files] == [("error", "interrupted")]
+    # before: the resolver thread was joined at exit (10 s and more after Ctrl-C)
+    assert res["s"] < 4, res["s"]

@@ -48,6 +48,8 @@ PRIOR_RETRIES_PORTLESS = 6
 RESOURCE_REASONS = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted"})
 
 
+_INTERRUPTED = "interrupted"
+
 
 def _resolve(name: str) -> asyncio.Future:
     """getaddrinfo(name) in a daemon thread (the loop's executor would be joined at exit)."""
@@ -206,6 +208,7 @@ class Engine:
         # plans carry host names only for endpoints outside the inventory (a registry's name)
         self._addrs: dict[str, str] = {}
         self._resolving: dict[str, asyncio.Future] = {}
+        self._stop_event = asyncio.Event()  # set by stop(): name lookups give up at once
         self.unresolved: dict[str, str] = {}  # name -> the resolver's error, for messages
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -217,6 +220,7 @@ class Engine:
         if not self.stopping:
             self.stopping = True
             self.stats.interrupted = interrupted
+            self._stop_event.set()
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
         from scanner.core.privileges import fd_budget
@@ -388,10 +392,18 @@ class Engine:
         """The resolver, bounded by the flow's time budget (--timeout per attempt), in a daemon
         thread: a resolver that hangs (DNS down) neither holds the run nor delays Ctrl-C."""
         budget = self.cfg.timeout * (1 + self.cfg.retries)
-        try:
-            infos = await asyncio.wait_for(_resolve(name), budget)
-        except asyncio.TimeoutError:
+        res = _resolve(name)
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        await asyncio.wait({res, stop}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not res.done():
+            res.cancel()
+            if self.stopping:  # Ctrl-C: the flow is interrupted, not unresolved
+                self.unresolved[name] = _INTERRUPTED
+                return ""
             return self._no_address(name, f"no answer from the resolver within {budget:g}s")
+        try:
+            infos = res.result()
         except (OSError, UnicodeError) as e:
             return self._no_address(name, getattr(e, "strerror", None) or str(e))
         if not infos:
@@ -408,6 +420,8 @@ class Engine:
         if addr is None:
             addr = await self._address(flow.dst)
         if addr != flow.dst:
+            if not addr and self.unresolved.get(flow.dst) is _INTERRUPTED:
+                return Result(flow, "error", "interrupted", None, 0)
             if not addr:
                 self.stats.skipped["unresolved"] = self.stats.skipped.get("unresolved", 0) + 1
                 return Result(flow, "error", "unresolved", None, 0)
