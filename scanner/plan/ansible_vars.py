@@ -36,6 +36,21 @@ from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
 
 VARS_EXTS = ("", ".yml", ".yaml", ".json")
+# ansible-core's INVENTORY_IGNORE_EXTS default (REJECT_EXTS + .orig, .cfg, .retry)
+IGNORED_EXTS = (
+    ".pyc",
+    ".pyo",
+    ".swp",
+    ".bak",
+    "~",
+    ".rpm",
+    ".md",
+    ".txt",
+    ".rst",
+    ".orig",
+    ".cfg",
+    ".retry",
+)
 # kubespray roles/dynamic_groups: group -> the groups whose hosts it gets (in kubespray's order)
 KUBESPRAY_GROUPS: dict[str, tuple[str, ...]] = {
     "kube_control_plane": ("kube-master",),
@@ -145,8 +160,6 @@ class VarsDir:
         folder = self.base / "host_vars"
         if not folder.is_dir():
             return []
-        from scanner.plan.sources import IGNORED_EXTS
-
         return [
             (_entry_name(n), folder / n)
             for n in sorted(os.listdir(folder))

@@ -24,7 +24,7 @@ from typing import Any
 
 from scanner.core.model import Endpoint
 from scanner.errors import InventoryError
-from scanner.plan.kubean import UNRESOLVED, VAULTED, Vaulted, eval_expr, redact
+from scanner.plan.templates import UNRESOLVED, VAULTED, Vaulted, eval_expr, redact
 
 PRIMARY = ("registry_host", "minio_address", "files_repo")
 BASE_URLS = (

@@ -32,6 +32,7 @@ from typing import Any
 from scanner.errors import InventoryError, warn
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import (
+    IGNORED_EXTS,
     CliVars,
     VarsDir,
     add_kubespray_groups,
@@ -50,21 +51,6 @@ from scanner.plan.inventory_files import (
 )
 from scanner.plan.kubean import VarsLayer
 
-# ansible-core's INVENTORY_IGNORE_EXTS default (REJECT_EXTS + .orig, .cfg, .retry)
-IGNORED_EXTS = (
-    ".pyc",
-    ".pyo",
-    ".swp",
-    ".bak",
-    "~",
-    ".rpm",
-    ".md",
-    ".txt",
-    ".rst",
-    ".orig",
-    ".cfg",
-    ".retry",
-)
 IGNORED_NAMES = ("group_vars", "host_vars", "vars_plugins")
 
 
