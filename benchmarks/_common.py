@@ -299,6 +299,7 @@ class Tool:
     compare_kw: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
     note: str = ""
+    floor: bool = False  # the C floor of the case (the /floor column divides by it)
 
 
 @dataclass
@@ -310,7 +311,8 @@ class Row:
     flows: int = 0
     baseline: bool = False
     note: str = ""
-    value: str | None = None  # non-timing rows (case 5): a preformatted value
+    value: str | None = None
+    floor: bool = False  # non-timing rows (case 5): a preformatted value
 
     def med(self, attr: str) -> float:
         return statistics.median(getattr(m, attr) for m in self.runs)
@@ -337,7 +339,10 @@ def paired(
 ) -> list[Row]:
     """Warm-up (one run of each, not kept), then ``runs`` rounds; the order of the tools
     rotates every round so no tool always runs first (or right after the same neighbour)."""
-    rows = [Row(case, t.label, flows=len(truth), baseline=t.baseline, note=t.note) for t in tools]
+    rows = [
+        Row(case, t.label, flows=len(truth), baseline=t.baseline, note=t.note, floor=t.floor)
+        for t in tools
+    ]
     if warmup:
         for t in tools:
             timed(t.argv(), ns)
@@ -373,24 +378,30 @@ def table(rows: Iterable[Row]) -> str:
         "RSS MB",
         "flows/s",
         "ratio",
+        "/floor",
         "runs",
         "correct",
     )
     lines: list[tuple[str, ...]] = [head]
     base: dict[str, float] = {}
+    floor: dict[str, float] = {}
     for r in rows:
         if r.baseline and r.runs:
             base[r.case] = r.med("wall")
+        if r.floor and r.runs:
+            floor[r.case] = r.med("wall")
     for r in rows:
         if r.value is not None:
-            lines.append((r.case, r.label, r.value, "", "", "", "", "", "", r.note))
+            lines.append((r.case, r.label, r.value, "", "", "", "", "", "", "", r.note))
             continue
         if not r.runs:
-            lines.append((r.case, r.label, "-", "", "", "", "", "", "", r.note or "not run"))
+            lines.append((r.case, r.label, "-", "", "", "", "", "", "", "", r.note or "not run"))
             continue
         wall = r.med("wall")
         b = base.get(r.case)
         ratio = f"{wall / b:.2f}" if b else "-"
+        f = floor.get(r.case)
+        vs_floor = "1.00f" if r.floor else (f"{wall / f:.2f}" if f else "-")
         rss = max(m.maxrss_mb for m in r.runs)
         whole = rss > 0  # 0: timed in-process by another script, no rusage
         lines.append(
@@ -403,6 +414,7 @@ def table(rows: Iterable[Row]) -> str:
                 f"{rss:.0f}" if whole else "-",
                 f"{r.flows / wall:,.0f}" if r.flows else "-",
                 ("1.00*" if r.baseline else ratio),
+                vs_floor,
                 str(len(r.runs)),
                 r.verdict() + (f"; {r.note}" if r.note else ""),
             )

@@ -66,7 +66,23 @@ def one_mesh(n: int, sample: int, tmp: Path) -> dict:
         lab.down()
     assert summary["planned"] == summary["results"], summary
     agents = [a for a in summary["agents"].values() if a.get("rate_pps")]
+    reasons: dict[str, int] = {}
+    sweep: dict[str, list[float]] = {}  # agent -> its NodePort results' times
+    for line in out.read_bytes().splitlines():
+        if line.startswith(b'{"type":"result"'):
+            r = orjson.loads(line)
+            if r["proto"] == "tcp" and r["state"] == "open":
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+            if r["req"] == "k8s.nodeport":
+                t = r["ts"]  # 2026-11-29T00:19:49.757Z
+                secs = int(t[11:13]) * 3600 + int(t[14:16]) * 60 + float(t[17:-1])
+                sweep.setdefault(r["src_host"], []).append(secs)
+    # the NodePort sweep's own rate per agent: its flows over the span of their results
+    # (result timestamps have millisecond resolution)
+    nodeport = [len(ts) / max(max(ts) - min(ts), 0.001) for ts in sweep.values() if len(ts) > 100]
     return {
+        "reasons": reasons,
+        "nodeport_rate": statistics.median(nodeport) if nodeport else 0.0,
         "code": code,
         "planned": summary["planned"],
         "wall": wall,
@@ -74,6 +90,13 @@ def one_mesh(n: int, sample: int, tmp: Path) -> dict:
         "agent_rate": statistics.median(a["rate_pps"] for a in agents),
         "agent_probe_s": statistics.median(a["elapsed_s"] for a in agents),
     }
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def coordinator_ceiling(lines: int = 200_000) -> float:
@@ -147,11 +170,12 @@ def main() -> int:
     ap.add_argument("--hosts", default="2,4,8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sample", type=int, default=16)
+    ap.add_argument("--steady-only", action="store_true", help="only the 2-host full-range run")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("benchmarks/mesh.py builds labs: run it as root", file=sys.stderr)
         return 2
-    sizes = [int(x) for x in args.hosts.split(",")]
+    sizes = [] if args.steady_only else [int(x) for x in args.hosts.split(",")]
     print(f"mesh: calico + metallb, --nodeport-sample {args.sample}, median of {args.repeat}")
     print(f"{'hosts':>5} {'flows':>7} {'wall s':>7} {'agent probe s':>13} "
           f"{'flows/s/agent':>13} {'flows/s total':>13}")  # fmt: skip
@@ -173,8 +197,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         runs = [one_mesh(2, None, Path(d)) for _ in range(args.repeat)]
     steady = statistics.median(r["agent_rate"] for r in runs)
+    fails = max(r["fail"] for r in runs)
     print(f"steady state: 2 hosts, full NodePort range, {runs[0]['planned']} flows: "
-          f"{steady:,.0f} flows/s per agent, wall {statistics.median(r['wall'] for r in runs):.2f} s")  # fmt: skip
+          f"{steady:,.0f} flows/s per agent, wall {statistics.median(r['wall'] for r in runs):.2f} s; "
+          f"failing flows {fails}; open TCP by reason {runs[0]['reasons']}; load {_load()}")  # fmt: skip
+    sweep = statistics.median(r["nodeport_rate"] for r in runs)
+    print(f"NodePort sweep per agent (2,768 flows over the span of their results): "
+          f"{sweep:,.0f} flows/s")  # fmt: skip
+    if args.steady_only:
+        return 0
     rates = {2: steady}
     ceiling = coordinator_ceiling()
     print(f"coordinator: {ceiling:,.0f} result lines/s (parse, window, pair join, write)")

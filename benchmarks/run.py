@@ -36,6 +36,9 @@ NMAP_TIMING = ["-T4", "--min-rate", "5000"]
 # missed 37 at 50,000 and 100,000 pps. With --wait 0 or 1 it still exits ~4 s after the last
 # packet, and some runs never exit at all (masscan issue #144: "waiting -N-secs" forever),
 # so every run has a watchdog that sends SIGINT (masscan then saves its results and exits).
+# The floor (issue 16): benchmarks/floor_syn.c, one raw socket sending every SYN and counting
+# the answers, no retries; its ratio column shows portmesh / floor per case.
+FLOOR_LABEL = "C floor: one raw socket, every SYN (floor_syn.c)"
 MASSCAN_RATE = 20000
 MASSCAN_WAIT = 1
 MASSCAN_WATCHDOG = 8  # seconds: a run that exits normally takes ~5.5 s here; past 8 it is hung
@@ -90,6 +93,34 @@ def masscan_argv(lab: C.BenchLab, targets: list[str]) -> list[str]:
     return ["sh", "-c", "\n".join(cmds)]
 
 
+def floor_argv(addrs: list[str]) -> list[str] | None:
+    """benchmarks/floor_syn.c compiled with the system's cc (once per run), or None."""
+    exe = build_floor()
+    if exe is None:
+        return None
+    lo, hi = C.NODEPORTS
+    return [exe, "-p", f"{lo}-{hi}", *addrs]
+
+
+_FLOOR: list[str | None] = []
+
+
+def build_floor() -> str | None:
+    if not _FLOOR:
+        cc = next((c for c in ("cc", "gcc", "clang") if C.have(c)), None)
+        exe = f"/tmp/bench-floor-syn-{os.getpid()}"
+        if cc is None:
+            _FLOOR.append(None)
+        else:
+            cp = subprocess.run(
+                [cc, "-O2", "-o", exe, str(C.HERE / "floor_syn.c")], capture_output=True, text=True
+            )
+            _FLOOR.append(exe if cp.returncode == 0 else None)
+            if cp.returncode:
+                log(f"floor_syn.c did not compile: {cp.stderr.strip()[-300:]}")
+    return _FLOOR[0]
+
+
 def offloads(lab: C.BenchLab, hosts: list[str], on: bool) -> bool:
     if not C.have("ethtool"):
         return False
@@ -138,12 +169,26 @@ def case_sweep(
     if "naive" in tools:
         ts.append(
             C.Tool(
-                "naive asyncio+uvloop (floor)",
+                "naive asyncio+uvloop",
                 lambda: [py, str(C.HERE / "_common.py"), "naive", *addrs, "-p", f"{lo}-{hi}"],
                 C.parse_naive,
             )
         )
     rows_extra: list[C.Row] = []
+    if "floor" in tools:
+        if floor_argv(addrs) is not None:
+            ts.append(
+                C.Tool(
+                    FLOOR_LABEL,
+                    lambda: floor_argv(addrs) or [],
+                    C.parse_naive,
+                    floor=True,
+                )
+            )
+        else:
+            rows_extra.append(
+                C.Row(case, FLOOR_LABEL, note="skipped: no C compiler (cc, gcc, clang) found")
+            )
     masscan_tool = None
     if "masscan" in tools:
         if C.have("masscan"):
@@ -454,6 +499,15 @@ def case_scale(runs: int, quick: bool) -> list[C.Row]:
 # ---- main ---------------------------------------------------------------------------------
 
 
+def load() -> str:
+    """The 1/5/15-minute load averages (/proc/loadavg): the machine is shared, so every
+    figure is stated with the load it ran under."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -500,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
     )
     print("# " + machine().rstrip().replace("\n", "\n# "))
+    print(f"# load at start: {load()}")
     sys.stdout.flush()
     rows: list[C.Row] = []
     lab = None
@@ -510,10 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             lab = C.BenchLab(n, name=args.lab_name)
             if 1 in cases:
                 rows += case_sweep(
-                    lab, "1 nodeports x1", 1, runs, args.quick, {"syn", "naive", "masscan"}
+                    lab, "1 nodeports x1", 1, runs, args.quick, {"syn", "naive", "masscan", "floor"}
                 )
             if 2 in cases:
-                rows += case_sweep(lab, "2 nodeports x8", 8, runs, args.quick, {"masscan"})
+                rows += case_sweep(lab, "2 nodeports x8", 8, runs, args.quick, {"masscan", "floor"})
             if 6 in cases:
                 rows += case_loss(lab, runs, args.quick)
             lab.down()
@@ -535,8 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\nwall/user/sys: medians of paired runs, whole process (wait4 rusage); RSS: largest "
         "single process; ratio: median wall / the case's baseline (*); "
-        f"total {time.perf_counter() - t_start:.0f} s"
+        "/floor: median wall / the C floor's median wall in the same case and rounds; "
+        f"total {time.perf_counter() - t_start:.0f} s; load at end: {load()}"
     )
+    if _FLOOR and _FLOOR[0]:
+        Path(_FLOOR[0]).unlink(missing_ok=True)
     for text in EXTERNAL_OUTPUT:
         print("\n" + text.rstrip())
     return 0

@@ -554,6 +554,35 @@ def test_fix_opens_a_closed_fail_when_the_run_did_not_check_for_listeners(tmp_pa
     )
 
 
+def test_fix_uses_the_addresses_the_failing_flows_left_from(tmp_path: Path) -> None:
+    """Review of issue 19, item 3: a multi-homed node1 reaches node2 from .1 (passes) and node3
+    from .101 (fails): the rule for node3 opens .101, the address the failing packets carried,
+    not the first address seen for node1."""
+    base = {"type": "result", "scan_id": "m", "src_host": "node1", "proto": "tcp", "port": 2380,
+            "req": "etcd.peer"}  # fmt: skip
+    recs = [
+        {**base, "src": "198.18.0.1", "dst": "198.18.0.2", "host": "node2", "state": "open",
+         "reason": "responder", "verdict": "pass"},
+        {**base, "src": "198.18.0.101", "dst": "198.18.0.3", "host": "node3",
+         "state": "filtered", "reason": "no-response", "verdict": "fail"},
+        {**base, "src": "198.18.0.1", "dst": "198.18.0.4", "host": "node4",
+         "state": "filtered", "reason": "no-response", "verdict": "fail"},
+    ]  # fmt: skip
+    p = tmp_path / "m.ndjson"
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    for kind, want in (("nftables", "ip saddr { 198.18.0.101 } tcp dport { 2380 }"),
+                       ("iptables", "-s 198.18.0.101 --dport 2380")):  # fmt: skip
+        code, script, _ = report(p, fix=kind)
+        assert code == 1
+        node3 = script[script.index("# node3") : script.index("# node4")]
+        assert want in node3, node3
+        assert (
+            "198.18.0.1 " not in node3 and "198.18.0.1," not in node3 and "198.18.0.1}" not in node3
+        )
+        node4 = script[script.index("# node4") :]
+        assert want.replace("0.101", "0.1") in node4
+
+
 def test_fix_with_nothing_failed_says_so() -> None:
     agg = Aggregate().feed(iter_lines("t", _mesh(2, {}), ReadStats()))
     assert "# nothing failed: nothing to open" in render_fix(agg, "nftables")

@@ -148,3 +148,54 @@ def test_nft_fix_refuses_a_missing_chain(make_lab, tmp_path: Path) -> None:
     cp = lab.run(n2.name, ["sh", str(fix), n2.name], capture_output=True, text=True, timeout=30)
     assert cp.returncode != 0
     assert "no chain inet nosuch input on this host" in cp.stderr
+
+
+def test_multi_homed_source_warning_and_fix_use_the_real_address(make_lab, tmp_path: Path) -> None:
+    """Review of issue 19, items 3 and 5: node2 reaches node1 from a second address (.102) and
+    node3 from its inventory address. ``check --from node2`` run on node2 itself warns in words
+    that fit (not "another machine"), records .102, and ``report --fix`` opens .102 - the
+    address the failing packets carried - in node1's drop; the rerun passes."""
+    import yaml
+
+    from scanner.catalog import load_catalog
+    from scanner.lab.lab import inventory_doc
+
+    lab = make_lab(hosts=3)
+    n1, n2, n3 = lab.hosts
+    second = n2.addr.rsplit(".", 1)[0] + ".102"
+    lab.run(n2.name, ["ip", "addr", "add", f"{second}/24", "dev", "eth0"], check=True)
+    lab.run(n2.name, ["ip", "route", "add", f"{n1.addr}/32", "dev", "eth0", "src", second],
+            check=True)  # fmt: skip
+    lab.nft(n1.name, DROP)
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
+    cat = tmp_path / "c.toml"  # only lab.tcp: every packaged requirement disabled
+    cat.write_text(
+        "".join(f'[[requirement]]\nid = "{r.id}"\ndisabled = true\n\n' for r in load_catalog())
+        + f'[[requirement]]\nid = "lab.tcp"\ncomponent = "lab"\nproto = "tcp"\nports = "{PORT}"\n'
+        'description = "lab tcp"\ndst_role = "node"\nsrc_roles = ["node"]\nsrc_scope = "cluster"\n'
+    )
+    argv = [sys.executable, "-m", "scanner", "check", "-i", str(inv), "--catalog", str(cat),
+            "--from", n2.name]  # fmt: skip
+    cp = lab.run(n2.name, argv, capture_output=True, text=True, timeout=120)
+    recs = [orjson.loads(x) for x in cp.stdout.splitlines()]
+    res = {r["host"]: r for r in recs if r["type"] == "result"}
+    assert (res[n1.name]["src"], res[n1.name]["verdict"]) == (second, "fail"), res
+    assert (res[n3.name]["src"], res[n3.name]["verdict"]) == (n2.addr, "pass"), str(res[n3.name])
+    (warning,) = [x for x in cp.stderr.splitlines() if "warning" in x]
+    assert second in warning and "through another of its addresses" in warning, warning
+
+    results = tmp_path / "check.ndjson"
+    results.write_text(cp.stdout)
+    code = run_report(ReportConfig(inputs=[str(results)], fix="nftables"),
+                      out := io.BytesIO(), io.StringIO())  # fmt: skip
+    script = out.getvalue().decode()
+    assert code == 0  # an export: written is success (docs/report.md)
+    assert f"ip saddr {{ {second} }} tcp dport {{ {PORT} }} accept" in script, script
+    fix = tmp_path / "fix.sh"
+    fix.write_text(script)
+    done = lab.run(n1.name, ["sh", str(fix), n1.name], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    cp = lab.run(n2.name, argv, capture_output=True, text=True, timeout=120)
+    recs = [orjson.loads(x) for x in cp.stdout.splitlines()]
+    assert {r["verdict"] for r in recs if r["type"] == "result"} == {"pass"}, recs

@@ -535,7 +535,7 @@ def test_truth_counted_per_pair_equals_per_flow(tmp_path: Path, monkeypatch, see
     texts = []
     for truth_file in (False, True):
         out = io.StringIO()
-        truth_summary(lab, inv, faults, out, False, mode, truth_file)
+        truth_summary(lab, inv, faults, out, False, mode, truth_file=truth_file)
         texts.append(
             [line.split(" -> /")[0].split(" (per-flow")[0] for line in out.getvalue().splitlines()]
         )

@@ -13,10 +13,12 @@ Lab tests use real network namespaces, nftables and sockets (tests/conftest.py f
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -31,8 +33,13 @@ from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
 from scanner.lab.faults import Fault, expected
-from scanner.mesh.agent import HELD_PASS, held_verdict
-from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports
+from scanner.mesh.agent import (
+    HELD_PASS,
+    UNSURE_UNKNOWN,
+    held_verdict,
+    unsure_verdict,
+)
+from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
 from scanner.mesh.pairs import pair_verdict
 from scanner.plan.planner import count_plan, plan
 from scanner.plan.selection import SelectionOptions
@@ -150,9 +157,23 @@ def test_held_port_verdicts() -> None:
             self.ready_rec, self.failed = rec, failed
 
     failed = [
-        {"proto": "tcp", "port": 2381, "error": "address in use", "process": "etcd"},
-        {"proto": "udp", "port": 4789, "error": "address in use"},
+        {"proto": "tcp", "port": 2381, "error": "address in use", "local": ["127.0.0.1"]},
+        {"proto": "udp", "port": 4789, "error": "address in use", "local": ["127.0.0.1", "::1"]},
         {"proto": "witness", "port": 0, "error": "x"},
+        # a holder on the wildcard or on the probed address answers the probe itself: a reset
+        # there is a firewall's, the port is not held (issue 19 review, item 1)
+        {"proto": "tcp", "port": 10250, "error": "address in use", "local": ["0.0.0.0"]},
+        {"proto": "udp", "port": 8472, "error": "address in use", "local": ["::"]},
+        {"proto": "tcp", "port": 2379, "error": "address in use", "local": ["198.18.9.1"]},
+        {
+            "proto": "tcp",
+            "port": 2380,
+            "error": "address in use",
+            "local": ["127.0.0.1", "198.18.9.1"],
+        },  # fmt: skip
+        # nothing tells who answers: unsure, never held
+        {"proto": "tcp", "port": 30000, "error": "too many open files"},
+        {"proto": "udp", "port": 30001, "error": "address in use"},
     ]
     links = [
         Link("198.18.9.1", {"type": "ready", "failed": failed}),
@@ -160,6 +181,40 @@ def test_held_port_verdicts() -> None:
         Link("198.18.9.3", {"type": "ready", "failed": failed}, failed="gone"),
     ]
     assert unbound_ports(links) == {"198.18.9.1": {"tcp": "2381", "udp": "4789"}}
+    assert unsure_ports(links) == {"198.18.9.1": {"tcp": "30000", "udp": "30001"}}
+    assert unsure_verdict("closed", "reachable") == ("unknown", UNSURE_UNKNOWN)
+    assert unsure_verdict("open|filtered", "reachable") == ("unknown", UNSURE_UNKNOWN)
+    for state in ("open", "filtered", "error"):
+        assert unsure_verdict(state, "reachable") is None
+
+
+def test_a_failed_bind_records_where_the_holder_listens() -> None:
+    """The responder's failure annotation reads the holder's local address from /proc/net."""
+    from scanner.responder.server import Responder
+
+    held = []
+    for addr, kind in (("127.0.0.1", socket.SOCK_STREAM), ("127.0.0.1", socket.SOCK_DGRAM),
+                       ("0.0.0.0", socket.SOCK_STREAM)):  # fmt: skip
+        s = socket.socket(socket.AF_INET, kind)
+        s.bind((addr, 0))
+        if kind == socket.SOCK_STREAM:
+            s.listen()
+        held.append(s)
+    loop = asyncio.new_event_loop()
+    try:
+        t_lo, u_lo, t_any = (s.getsockname()[1] for s in held)
+        r = Responder([t_lo, t_any], [u_lo], b"x" * 32)
+        r.start(loop)
+        r.close()
+        got = {(f["proto"], f["port"]): f for f in r.ready_record()["failed"]}
+        assert got[("tcp", t_lo)]["local"] == ["127.0.0.1"]
+        assert got[("udp", u_lo)]["local"] == ["127.0.0.1"]
+        assert got[("tcp", t_any)]["local"] == ["0.0.0.0"]
+        assert got[("tcp", t_lo)]["pid"] == os.getpid()
+    finally:
+        loop.close()
+        for s in held:
+            s.close()
 
 
 def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
@@ -175,6 +230,43 @@ def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
     (pair,) = join.pairs()
     assert (pair["a"], pair["b"], pair["verdict"]) == ("node1@a", "node1@b", "unknown")
     assert HELD_UNKNOWN in pair["reason"]
+
+
+def test_from_and_as_resolve_a_host_or_say_why(tmp_path: Path) -> None:
+    """Review of issue 19, item 4 and the ``watch --as`` note: ``--from`` never checks nothing
+    silently - ``NAME@CLUSTER`` resolves on a site whose names are unique (so unqualified), a
+    name or address the site lacks is one line and exit 2; ``watch --as`` takes what ``--from``
+    takes (an address, NAME@CLUSTER)."""
+    site = tmp_path / "one.yml"
+    site.write_text(
+        "portmesh_site:\n  name: one\n  clusters:\n    - name: a\n      kind: standalone\n"
+        "      hosts: [node1=127.0.0.11, node2=127.0.0.12]\n"
+    )
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "47123", "cluster")])
+    base = [sys.executable, "-m", "scanner", "check", "-i", str(site), "--catalog", str(cat)]
+    p = subprocess.run([*base, "--from", "node1@a"], capture_output=True, text=True, timeout=60)
+    lines = [orjson.loads(x) for x in p.stdout.splitlines()]
+    res = [r for r in lines if r["type"] == "result"]
+    assert p.returncode == 0 and len(res) == 1 and res[0]["src_host"] == "node1", p.stderr
+    for bad in ("nosuch", "127.0.0.99", "node1@b"):
+        p = subprocess.run([*base, "--from", bad], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stdout == "", (bad, p.stdout, p.stderr)
+        (line,) = p.stderr.splitlines()
+        assert f"--from: no host named {bad!r}" in line and "nor with that address" in line
+
+    twins = two_cluster_site(tmp_path / "twins.yml", {
+        "a-node1": "127.0.0.11", "a-node2": "127.0.0.12",
+        "b-node1": "127.0.0.13", "b-node2": "127.0.0.14"})  # fmt: skip
+    watch = [sys.executable, "-m", "scanner", "watch", "-i", str(twins), "--catalog", str(cat),
+             "--secret", "s", "--rounds", "1", "--round", "1", "--bind", "127.0.0.13"]  # fmt: skip
+    for key in ("127.0.0.13", "node1@b"):
+        p = subprocess.run([*watch, "--as", key], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        first = orjson.loads(p.stdout.splitlines()[0])
+        assert (first["type"], first["node"], first["addr"]) == ("watch_start", "node1@b",
+                                                                 "127.0.0.13")  # fmt: skip
+    p = subprocess.run([*watch, "--as", "node1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--as: 'node1' is 2 hosts" in p.stderr, p.stderr
 
 
 # ---- item 5 in the lab: two clusters of node1/node2 over the mesh ----------------------------
@@ -251,6 +343,84 @@ def test_mesh_over_two_clusters_with_the_same_host_names(make_lab, tmp_path: Pat
     assert b"check from node1@b" in p.stderr
 
 
+def test_a_port_held_on_loopback_is_bound_on_the_probed_address() -> None:
+    """The mesh's responder gets the host's inventory address (``also``): a port that a socket
+    on 127.0.0.1 holds is bound there instead and answers with the token, so no held-port rule
+    decides that port at all."""
+    from scanner.core import tags
+    from scanner.responder.server import Responder
+
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    hold.listen()
+    port = hold.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    r = Responder([port], [], b"k" * 32, also=["127.0.0.2"])
+    try:
+        r.start(loop)
+        rec = r.ready_record()
+        assert rec["failed"] == [] and rec["bound_on"] == {
+            "127.0.0.2": {"tcp": str(port), "udp": ""}
+        }
+
+        async def fetch() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.2", port)
+            data = await reader.read(64)
+            writer.close()
+            return data
+
+        assert loop.run_until_complete(fetch()) == tags.tcp_token(b"k" * 32, port)
+    finally:
+        r.close()
+        loop.close()
+        hold.close()
+
+
+def test_exec_template_giving_two_hosts_one_command_is_refused(tmp_path: Path) -> None:
+    """Review of issue 19, item 2: node1@a and node1@b under ``ip netns exec LAB-{name}`` would
+    be probed from one machine under two names: one line, exit 2, no agent started."""
+    addrs = {"a-node1": "198.18.9.1", "a-node2": "198.18.9.2",
+             "b-node1": "198.18.9.3", "b-node2": "198.18.9.4"}  # fmt: skip
+    site = two_cluster_site(tmp_path / "site.yml", addrs)
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "2380", "site")])
+    argv = [sys.executable, "-m", "scanner", "mesh", "-i", str(site), "--catalog", str(cat)]
+    p = subprocess.run([*argv, "--exec", "ip netns exec nosuchlab-{name}"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == "", p
+    (line,) = p.stderr.splitlines()
+    assert "node1@a and node1@b the same command" in line and "{cluster}" in line, line
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.lab
+def test_mesh_warns_when_an_agent_probes_from_another_address(make_lab, tmp_path: Path) -> None:
+    """Review of issue 19, item 2: an inventory whose names do not match the machines the exec
+    template reaches (here rotated: node1's agent runs where node3's address lives) is not a
+    silent pass: results record the real source, and stderr says which agent moved."""
+    lab = make_lab(hosts=3)
+    a = {h.name: h.addr for h in lab.hosts}
+    site = tmp_path / "rot.yml"
+    site.write_text(
+        "all:\n  children:\n    kube_node:\n      hosts:\n"
+        + "".join(
+            f"        {n}: {{ansible_host: {a[m]}}}\n"
+            for n, m in (("node1", "node2"), ("node2", "node3"), ("node3", "node1"))
+        )
+    )
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.tcp", "tcp", "2380", "cluster")])
+    code, recs, err = mesh(site, cat, lab.exec_template(), tmp_path)
+    res = [r for r in recs if r["type"] == "result"]
+    assert len(res) == 6
+    # node1's agent runs in lab host node1 (a["node1"]), which the inventory calls node3
+    assert {r["src"] for r in res if r["src_host"] == "node1" and r["dst"] != a["node1"]} == {
+        a["node1"]
+    }
+    warned = [x for x in err.splitlines() if x.startswith("WARNING ")]
+    assert len(warned) == 3, err
+    assert any(x.startswith("WARNING node1:") and a["node1"] in x and a["node2"] in x
+               for x in warned), warned  # fmt: skip
+
+
 # ---- item 6 in the lab: a service on 127.0.0.1 holds a checked port ---------------------------
 
 HOLD = """
@@ -264,7 +434,13 @@ time.sleep(600)
 
 
 @pytest.mark.lab
-def test_port_held_on_loopback_passes_and_a_drop_still_fails(make_lab, tmp_path: Path) -> None:
+def test_port_held_on_loopback_is_answered_and_a_reject_or_drop_still_fails(
+    make_lab, tmp_path: Path
+) -> None:
+    """Issue 19 item 6 and its review (item 1): a service on 127.0.0.1 holds a checked port.
+    The agent's responder cannot bind the wildcard, so it binds the node's own address (where
+    the peers probe) and answers there: the path passes as any other. A firewall's reject
+    (reset / port-unreachable) or drop on that port fails - never a held-port pass."""
     lab = make_lab(hosts=2)
     inv = tmp_path / "inv.yml"
     import yaml
@@ -282,34 +458,72 @@ def test_port_held_on_loopback_passes_and_a_drop_still_fails(make_lab, tmp_path:
         stdout=subprocess.PIPE,
         text=True,
     )
+    n2 = lab.host("node2").addr
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         code, recs, err = mesh(inv, cat, lab.exec_template(), tmp_path)
         res = {(r["src_host"], r["proto"]): r for r in recs if r["type"] == "result"}
-        held_tcp, held_udp = res[("node1", "tcp")], res[("node1", "udp")]
-        # the reset came from node2 itself: the path is open
-        assert (held_tcp["state"], held_tcp["verdict"]) == ("closed", "pass"), held_tcp
-        assert held_tcp["verdict_reason"] == HELD_PASS
-        assert (held_udp["state"], held_udp["verdict"]) == ("closed", "pass"), held_udp
-        # the other direction is answered by node1's responder
-        assert res[("node2", "tcp")]["reason"] == "responder"
+        for proto in ("tcp", "udp"):
+            r = res[("node1", proto)]
+            assert (r["state"], r["reason"], r["verdict"]) == ("open", "responder", "pass"), r
+            assert "verdict_reason" not in r
         pairs = {p["req"]: p["verdict"] for p in recs if p["type"] == "pair"}
         assert pairs == {"lab.metrics": "pass", "lab.udp": "pass"}, err
         assert code == 0 and "one-way:" not in err and "FAIL " not in err
 
-        # a real firewall drop on the held port still fails
-        lab.apply_faults([Fault("node2", "in", "tcp", ((2381, 2381),), "drop")])
-        code, recs, err = mesh(inv, cat, lab.exec_template(), tmp_path)
-        res = {(r["src_host"], r["proto"]): r for r in recs if r["type"] == "result"}
-        dropped = res[("node1", "tcp")]
-        assert (dropped["state"], dropped["verdict"]) == ("filtered", "fail"), dropped
-        assert "verdict_reason" not in dropped
-        pairs = {p["req"]: p["verdict"] for p in recs if p["type"] == "pair"}
-        assert pairs == {"lab.metrics": "one-way", "lab.udp": "pass"}
-        assert code == 1
+        for action, states in (("reject", ("closed", "closed")),
+                               ("drop", ("filtered", "open|filtered"))):  # fmt: skip
+            lab.apply_faults(
+                [
+                    Fault("node2", "in", "tcp", ((2381, 2381),), action),
+                    Fault("node2", "in", "udp", ((5000, 5000),), action),
+                ]
+            )
+            code, recs, err = mesh(inv, cat, lab.exec_template(), tmp_path)
+            res = {(r["src_host"], r["proto"]): r for r in recs if r["type"] == "result"}
+            for proto, state in zip(("tcp", "udp"), states, strict=True):
+                r = res[("node1", proto)]
+                assert (r["dst"], r["state"], r["verdict"]) == (n2, state, "fail"), (action, r)
+                assert "verdict_reason" not in r
+            pairs = {p["req"]: p["verdict"] for p in recs if p["type"] == "pair"}
+            assert pairs == {"lab.metrics": "one-way", "lab.udp": "one-way"}, (action, err)
+            assert code == 1
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.lab
+def test_agents_short_of_descriptors_keep_serving_and_say_unknown(make_lab, tmp_path: Path) -> None:
+    """Review of issue 19, item 6: under a low descriptor limit (300) a responder asked for 401
+    ports binds what its budget allows and reports the rest (it used to run out and die
+    importing the witness: every host unreachable). A reset from a port nobody bound cannot
+    be told from a firewall's reject: unknown with the reason, never pass nor fail."""
+    lab = make_lab(hosts=2)
+    import yaml
+
+    from scanner.lab.lab import inventory_doc
+
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab), sort_keys=False))
+    cat = lab_catalog(tmp_path / "c.toml", [("lab.many", "tcp", "30000-30400", "cluster")])
+    template = lab.exec_template() + " prlimit --nofile=300:300"
+    code, recs, err = mesh(inv, cat, template, tmp_path)
+    res = [r for r in recs if r["type"] == "result"]
+    summary = recs[-1]
+    assert summary["hosts"]["unreachable"] == [], err
+    assert len(res) == 2 * 401
+    by = defaultdict(set)
+    for r in res:
+        by[(r["state"], r["verdict"], r.get("verdict_reason"))].add(r["port"])
+    assert set(by) == {("open", "pass", None), ("closed", "unknown", UNSURE_UNKNOWN)}, set(by)
+    assert 100 < len(by[("open", "pass", None)]) < 300  # what fits in the budget, per host
+    # unknown flows leave the exit status at 0, as documented, and their pairs are listed
+    assert summary["verdicts"]["fail"] == 0 and code == 0, err
+    assert "UNKNOWN lab.many" in err, err
+    docs = " ".join((ROOT / "docs" / "mesh.md").read_text().split())
+    assert "Exit status: 0 no flow fails and every host answered" in docs
+    assert "`unknown` flows (what a probe cannot decide, with the reason) leave the " in docs
 
 
 # ---- item 7: the lab recipe exactly as docs/mesh.md shows it ----------------------------------
@@ -355,6 +569,78 @@ def test_the_documented_lab_recipe_has_no_false_failure(lab_name: str, tmp_path:
         assert summary["verdicts"]["fail"] == 0, p.stderr.decode()[-3000:]
         assert summary["verdicts"]["unknown"] == 0, p.stderr.decode()[-3000:]
         assert p.returncode == 0
+    finally:
+        subprocess.run(["portmesh", "lab", "down", "--name", lab_name], env=env, timeout=120)
+
+
+RECIPE_FAULTS = [
+    Fault("node2", "in", "tcp", ((10250, 10250),), "reject"),  # a reset: closed (conn-refused)
+    Fault("node3", "in", "udp", ((4789, 4789),), "drop"),  # silence: open|filtered
+    Fault("node2", "in", "udp", ((4789, 4789),), "reject"),  # closed (port-unreach)
+]
+
+
+@pytest.mark.lab
+def test_the_documented_lab_recipe_fails_every_fault(lab_name: str, tmp_path: Path) -> None:
+    """The recipe on a faulted lab: the lab's responders hold every port on the wildcard, so a
+    reset or silence on them is the firewall's - every fault fails, every other flow passes,
+    nothing is unknown (review of issue 19, item 1: no held-port pass may hide a fault)."""
+    from scanner.lab.faults import hit
+    from scanner.lab.netns import run_dir
+
+    faults = tmp_path / "faults.yml"
+    faults.write_text(
+        "faults:\n"
+        "  - {host: node2, direction: in, proto: tcp, ports: 10250, action: reject}\n"
+        "  - {host: node3, direction: in, proto: udp, ports: 4789, action: drop}\n"
+        "  - {host: node2, direction: in, proto: udp, ports: 4789, action: reject}\n"
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    up = subprocess.run(
+        ["portmesh", "lab", "up", "--hosts", "3", "--name", lab_name, "--faults", str(faults)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert up.returncode == 0, up.stderr
+    try:
+        run = str(run_dir())
+        mine = [
+            w.replace("/run/portmesh/pm/", f"{run}/{lab_name}/").replace(
+                "pm-{name}", f"{lab_name}-{{name}}"
+            )
+            for w in shlex.split(docs_recipe())
+        ]
+        p = subprocess.run(mine, capture_output=True, env=env, timeout=600)
+        lines = [orjson.loads(x) for x in p.stdout.splitlines()]
+        results = [r for r in lines if r["type"] == "result"]
+        summary = lines[-1]
+        assert summary["type"] == "summary" and summary["planned"] == len(results) > 10000
+        wrong, faulted = [], []
+        for r in results:
+            f = Flow(r["dst"], r["port"], r["proto"], r["host"], r["src"], r["src_host"], r["req"])
+            want = "fail" if hit(f, RECIPE_FAULTS) is not None else "pass"
+            if want == "fail":
+                faulted.append(r)
+            if r["verdict"] != want:
+                wrong.append((r["src_host"], r["host"], r["proto"], r["port"], r["state"],
+                              r["verdict"], r.get("verdict_reason")))  # fmt: skip
+        assert not wrong, wrong[:20]
+        # node1, node3 -> node2 tcp/10250 and udp/4789; node1, node2 -> node3 udp/4789 (and
+        # whatever other requirement shares those ports)
+        assert {(r["src_host"], r["host"], r["proto"], r["port"]) for r in faulted} >= {
+            ("node1", "node2", "tcp", 10250),
+            ("node3", "node2", "tcp", 10250),
+            ("node1", "node2", "udp", 4789),
+            ("node3", "node2", "udp", 4789),
+            ("node1", "node3", "udp", 4789),
+            ("node2", "node3", "udp", 4789),
+        }
+        assert all("verdict_reason" not in r for r in faulted), faulted
+        assert summary["verdicts"] == {"pass": len(results) - len(faulted),
+                                       "fail": len(faulted), "unknown": 0}  # fmt: skip
+        assert p.returncode == 1
     finally:
         subprocess.run(["portmesh", "lab", "down", "--name", lab_name], env=env, timeout=120)
 

@@ -31,7 +31,7 @@ def parse_hostport(value: str) -> tuple[str, int]:
     "--as",
     "as_host",
     metavar="NAME",
-    help="This node's inventory name (default: found from local addresses).",
+    help="This node: its name, NAME@CLUSTER or its address (default: from local addresses).",
 )
 @click.option(
     "--secret", metavar="S", help="The secret every agent shares (as `respond --secret`)."
@@ -128,8 +128,11 @@ def command(
                 "this host is not in the inventory (no local address matches): name it with --as NAME"
             )
         as_host = h.name
-    elif as_host not in {h.name for h in site.hosts()}:
-        raise InputError(f"--as: no host named {as_host!r} in {site.source or 'the site'}")
+    else:
+        from scanner.plan.selection import resolve_host
+
+        # the resolver of check --from: a name, NAME@CLUSTER or the host's address
+        as_host = resolve_host(site, as_host, "--as")
     cfg = agent.WatchConfig(
         catalog=catalog,
         site=site,

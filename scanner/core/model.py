@@ -157,7 +157,12 @@ class Site:
             by_addr = [h for h in self.hosts() if _norm_addr(h.address) == norm]
             if by_addr:
                 return by_addr
-        return [h for h in self.hosts() if h.inventory_name == key]
+        named = [h for h in self.hosts() if h.inventory_name == key]
+        if named or QUALIFIER not in key:
+            return named
+        # NAME@CLUSTER where NAME is unique and so not qualified in h.name (one cluster uses it)
+        name, _, cluster = key.rpartition(QUALIFIER)
+        return [h for h in self.hosts() if h.inventory_name == name and h.cluster == cluster]
 
 
 def _norm_addr(text: str) -> str | None:

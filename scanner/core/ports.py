@@ -1,8 +1,8 @@
 """Port specs in nmap's -p syntax, both ways (pure):
-  22,80,6443        single ports
-  30000-32767       a range; "-100" is 1-100, "60000-" is 60000-65535
-  -                 1-65535 (what "-p-" passes)
-  T:22,80,U:4789    protocol prefixes; a prefix applies until the next one
+22,80,6443        single ports
+30000-32767       a range; "-100" is 1-100, "60000-" is 60000-65535
+-                 1-65535 (what "-p-" passes)
+T:22,80,U:4789    protocol prefixes; a prefix applies until the next one
 """
 
 from __future__ import annotations

@@ -134,7 +134,9 @@ def run_check(cfg: CheckConfig) -> int:
         said = ", ".join(sorted(inventory_srcs))
         err.write(
             f"portmesh check: warning: packets leave from {', '.join(sorted(moved))}, not from "
-            f"{cfg.host}'s inventory address {said}; results record the address they left from\n"
+            f"{cfg.host}'s inventory address {said}: this machine is not {cfg.host}, or it "
+            "routes to some destinations through another of its addresses; results record the "
+            "address they left from\n"
         )
 
     def annotate(r: Result) -> None:

@@ -1,7 +1,8 @@
 """The engine: a fixed pool of workers pulls flows from a generator and runs probes.
 
 Memory is O(concurrency), not O(flows): nothing is created per flow but the probe's own
-socket, future and timer. The engine owns everything a probe should not care about:
+socket, future and timer. A stateless probe (raw SYN) runs as a batch instead
+(scanner.engine.sweep): no coroutine, future or timer per flow at all. The engine owns everything a probe should not care about:
   - concurrency (a fixed number of workers) and a per-destination cap;
   - a global token-bucket rate (--rate);
   - adaptive timeouts: per destination, nmap-style srtt + 4*rttvar, clamped to
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import importlib
 import ipaddress
+import itertools
 import math
 import socket
 import threading
@@ -101,6 +103,13 @@ class EngineConfig:
     # keep on-link destinations in flight under the neighbour table's size and retry what its
     # overflow hit (scanner.engine.neigh); False only for tests that need the raw behaviour
     neighbour_guard: bool = True
+    # Stateless probes (raw SYN) run as a batch (scanner.engine.sweep) instead of a coroutine per
+    # flow; False keeps them on the worker pool (benchmarks compare the two).
+    sweep: bool = True
+    # With a scan secret and raw sockets (mesh agents): TCP flows go as raw SYNs, except the
+    # first ``token_sample`` flows of each (destination, requirement), which connect and read
+    # our responder's token. 0: a secret means connect for every TCP flow (as before).
+    token_sample: int = 0
 
 
 # Default pool size. A sweep of 2,768 ports on a LAN host is done in ~0.3 s with 1,024
@@ -204,6 +213,7 @@ class Engine:
         self._starting: dict[str, asyncio.Future] = {}
         self._next_slot = 0.0
         self.concurrency = 0
+        self._tokens: dict[tuple[str, str | None], int] = {}  # token samples taken
         # destination as planned -> the address probed ("" when the name does not resolve);
         # plans carry host names only for endpoints outside the inventory (a registry's name)
         self._addrs: dict[str, str] = {}
@@ -238,9 +248,24 @@ class Engine:
         it = iter(flows)
         for proto in self.cfg.protos:
             await self._prober(proto)
-        workers = [self._worker(it) for _ in range(self.concurrency)]
+        sweeper = None
+        if self.cfg.sweep:
+            # a caller that did not list its protocols: the first flow says whether TCP is in
+            first = next(it, None)
+            if first is not None:
+                it = itertools.chain((first,), it)
+                try:
+                    sweeper = await self._sweeper(first)
+                except asyncio.CancelledError:
+                    self._emit(Result(first, "error", "interrupted", None, 0))
+                    raise
         try:
-            await asyncio.gather(*workers)
+            if sweeper is not None:
+                from scanner.engine.sweep import Sweep
+
+                await Sweep(self, sweeper, self.concurrency).run(it)
+            else:
+                await asyncio.gather(*(self._worker(it) for _ in range(self.concurrency)))
         finally:
             for p in self.probers.values():
                 p.close()  # type: ignore[attr-defined]
@@ -252,6 +277,22 @@ class Engine:
         for flow in it:
             self._emit(Result(flow, "error", "interrupted", None, 0, now))
         return self.stats
+
+    async def _sweeper(self, first: Flow):
+        """The TCP prober when it can run as a batch (raw SYN), else None (the worker pool)."""
+        if "tcp" not in self.cfg.protos and first.proto != "tcp":
+            return None
+        from scanner.engine.sweep import usable
+
+        p = await self._prober("tcp")
+        return p if usable(p) else None
+
+    def _check_stop(self) -> bool:
+        """The runner's quiet stop (nobody reads the output any more)."""
+        if self._should_stop is not None and self._should_stop():
+            self.stop(interrupted=False)
+            return True
+        return False
 
     # -- per flow ----------------------------------------------------------------------------
     def _emit(self, r: Result) -> None:
@@ -319,7 +360,9 @@ class Engine:
         if method == "auto":
             from scanner.core.privileges import can_raw
 
-            syn_ok = can_raw() and self.cfg.probe_options.secret is None
+            syn_ok = can_raw() and (
+                self.cfg.probe_options.secret is None or self.cfg.token_sample > 0
+            )
             method = "syn" if syn_ok else "connect"
         self.stats.tcp_method = method
         return "syn" if method == "syn" else "tcp"
@@ -371,6 +414,20 @@ class Engine:
         need = math.ceil(math.log(1e-6) / math.log(loss)) - 1
         return max(cfg.retries, min(need, cfg.max_retries))
 
+    def _token_due(self, flow: Flow) -> bool:
+        """Is this flow one of the token sample (see EngineConfig.token_sample)?"""
+        n = self.cfg.token_sample
+        if not n or self.cfg.probe_options.secret is None:
+            return False
+        k = (flow.dst, flow.req)
+        c = self._tokens.get(k, 0)
+        if c >= n:
+            return False
+        if len(self._tokens) >= 200_000:
+            self._tokens.clear()  # bound memory; a host seen again gets a new sample
+        self._tokens[k] = c + 1
+        return True
+
     async def _address(self, dst: str) -> str:
         """The address to probe for a planned destination: itself when it is an IP literal,
         else the first address the resolver gives (once per name), or "" when it does not
@@ -415,7 +472,8 @@ class Engine:
         warn(f"{name} does not resolve here ({why}); its flows are unknown, not failed")
         return ""
 
-    async def _probe_flow(self, flow: Flow) -> Result:
+    async def _probe_flow(self, flow: Flow, prober: object = None) -> Result:
+        """One flow through ``prober`` (default: the one for its protocol), retries included."""
         addr = self._addrs.get(flow.dst)
         if addr is None:
             addr = await self._address(flow.dst)
@@ -426,7 +484,8 @@ class Engine:
                 self.stats.skipped["unresolved"] = self.stats.skipped.get("unresolved", 0) + 1
                 return Result(flow, "error", "unresolved", None, 0)
             flow = dataclasses.replace(flow, dst=addr)
-        prober = self.probers.get(flow.proto) or await self._prober(flow.proto)
+        if prober is None:
+            prober = self.probers.get(flow.proto) or await self._prober(flow.proto)
         if isinstance(prober, _Refuser):
             o = prober.outcome
             self.stats.skipped[o.reason] = self.stats.skipped.get(o.reason, 0) + 1

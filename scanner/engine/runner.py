@@ -32,5 +32,3 @@ def run(spec: RunSpec) -> RunOutcome:
     if workers > 1:
         return run_sharded(spec, workers)
     return run_single(spec)
-
-

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import signal
 import subprocess
@@ -50,6 +51,10 @@ import orjson
 from scanner.engine.output import NdjsonOutput
 
 PROTOCOL_VERSION = 1
+# TCP flows per (destination, requirement) that connect and read our responder's token; the
+# rest go as raw SYNs when the agent may open raw sockets (issue 16: a NodePort sweep at the
+# speed of the SYN sweep, the responder confirmed on a sample). See docs/mesh.md.
+TOKEN_SAMPLE = 16
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
 ENGINE_KEYS = {
@@ -425,15 +430,19 @@ class Agent:
         witness = bool(msg.get("witness", True))
         bind = msg.get("bind")  # one address (agents sharing a machine), else all
         if bind is not None:
-            import ipaddress
-
             try:
                 ipaddress.ip_address(bind)
             except (TypeError, ValueError):
                 raise ProtocolError("respond: field 'bind' must be an IP address") from None
+        addr = msg.get("addr")
+        if addr is not None:
+            try:
+                addr = str(ipaddress.ip_address(addr))
+            except (ValueError, TypeError):
+                addr = None  # a name the inventory did not resolve: the wildcard only
         self.responded = True
         cfg = {"tcp": tcp, "udp": udp, "ttl": ttl, "witness": witness, "name": self.name,
-               "bind": bind}  # fmt: skip
+               "bind": bind, "also": [addr] if addr else []}  # fmt: skip
         self.loop.create_task(self._run_responder(cfg))
 
     async def _run_responder(self, cfg: dict[str, Any]) -> None:
@@ -529,6 +538,7 @@ class Agent:
         if emit not in ("all", "failures"):
             raise ProtocolError("probe: emit must be all or failures")
         unbound = _unbound_in(msg.get("unbound") or {})
+        unsure = _unbound_in(msg.get("unsure") or {})
         try:
             catalog = load_catalog(files)
             selection = Selection(
@@ -550,6 +560,7 @@ class Agent:
             max_timeout=eng.get("max_timeout", 3.0),
             retries=eng.get("retries", 1),
             max_retries=eng.get("max_retries", 10),
+            token_sample=TOKEN_SAMPLE,
             probe_options=ProbeOptions(
                 secret=self.secret,
                 vxlan_vni=eng.get("vxlan_vni", 4096),
@@ -570,7 +581,7 @@ class Agent:
             try:
                 probe_slice(
                     catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
-                    emit,
+                    emit, unsure,
                 )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
                 out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
@@ -636,6 +647,11 @@ HELD_PASS = (
     "service on 127.0.0.1): the reset or port-unreachable came from the host itself, so the "
     "path is open"
 )
+UNSURE_UNKNOWN = (
+    "the destination's responder could not bind this port and nothing tells what holds it "
+    "(out of file descriptors, or no holder found): a reset cannot tell the host's own answer "
+    "from a firewall's reject"
+)
 HELD_UNKNOWN = (
     "the destination's responder could not bind this port (another socket holds it): "
     "silence cannot tell a drop from a service that ignores the probe"
@@ -657,6 +673,16 @@ def held_verdict(state: str, expect: str) -> tuple[str, str] | None:
     return None
 
 
+def unsure_verdict(state: str, expect: str) -> tuple[str, str] | None:
+    """The verdict of a TCP/UDP flow to a port the destination's responder could not bind where
+    nothing tells who holds it: a reset or silence there is unknown, never a pass (it could be
+    a firewall's reject) nor a fail (it could be the host's own kernel). As ``held_verdict``
+    otherwise."""
+    if (state == "closed" and expect == "reachable") or state == "open|filtered":
+        return "unknown", UNSURE_UNKNOWN
+    return None
+
+
 def probe_slice(
     catalog: Any,
     site: Any,
@@ -668,11 +694,13 @@ def probe_slice(
     loop_kind: str,
     unbound: dict[tuple[str, str], frozenset[int]] | None = None,
     emit: str = "all",
+    unsure: dict[tuple[str, str], frozenset[int]] | None = None,
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``.
 
     ``unbound``: (destination address, proto) -> the ports its responder could not bind; a
-    result there gets ``held_verdict`` and a ``verdict_reason``."""
+    result there gets ``held_verdict`` and a ``verdict_reason``; ``unsure`` likewise, the ports
+    where nothing tells who holds them (``unsure_verdict``)."""
     from scanner.core.results import Result
     from scanner.core.verdicts import verdict
     from scanner.engine.check import route_sources
@@ -681,6 +709,7 @@ def probe_slice(
 
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
     held = unbound or {}
+    doubt = unsure or {}
     # src: the address packets leave from (as check records it), not only the inventory's
     real = route_sources(
         {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
@@ -705,6 +734,12 @@ def probe_slice(
                 hv = held_verdict(r.state, expect)
                 if hv is not None:
                     r.verdict, extra["verdict_reason"] = hv
+        if doubt and f.port is not None:
+            ports = doubt.get((f.dst, f.proto))
+            if ports is not None and f.port in ports:
+                uv = unsure_verdict(r.state, expect)
+                if uv is not None:
+                    r.verdict, extra["verdict_reason"] = uv
         extra["i"] = i  # last: the coordinator cuts it off the forwarded line
         r.extra = extra
 
@@ -820,6 +855,7 @@ def _responder_main(arg: str) -> int:
             witness=bool(cfg["witness"]),
             name=cfg.get("name"),
             bind=cfg.get("bind") or "0.0.0.0",
+            also=[str(a) for a in cfg.get("also") or ()],
         )
     )
 

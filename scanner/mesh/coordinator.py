@@ -44,6 +44,7 @@ from scanner.engine.engine import EngineConfig
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
 from scanner.engine.process import neighbour_advice
+from scanner.errors import InputError
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
 from scanner.mesh.pairs import PairJoin, ranges
@@ -148,25 +149,58 @@ def responder_ports(
     return out
 
 
+WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def held_ports(link: Any) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+    """(held, unsure): proto -> ports this host's responder could not bind, split by what its
+    ready record says about the holder (``failed[].local``, from /proc/net on the host).
+
+    held: every holding socket is bound to another address than the one probed (a service on
+    127.0.0.1): nothing answers the probe but the host's kernel, so its reset is the host's.
+    unsure: nothing tells who would answer (out of descriptors, or no holder found).
+    Neither: a holder on the wildcard or on the probed address (the lab's responders, a
+    responder started by hand, etcd on the node address) answers the probe itself, so a reset
+    or silence there is the firewall's: the port is verdicted as if our responder held it."""
+    held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    unsure: dict[str, set[int]] = {"tcp": set(), "udp": set()}
+    rec = link.ready_rec
+    if link.failed is not None or not isinstance(rec, dict):
+        return held, unsure
+    mine = {link.host.address, *WILDCARDS}
+    for f in rec.get("failed") or ():
+        if not isinstance(f, dict):
+            continue
+        proto, port, local = f.get("proto"), f.get("port"), f.get("local")
+        if proto not in held or not isinstance(port, int) or not 0 < port < 65536:
+            continue
+        if not isinstance(local, list) or not local:
+            unsure[proto].add(port)
+        elif not mine.intersection(str(x) for x in local):
+            held[proto].add(port)
+    return held, unsure
+
+
 def unbound_ports(links: list[Any]) -> dict[str, dict[str, str]]:
-    """address -> {"tcp": ranges, "udp": ranges}: the ports each host's responder reported it
-    could not bind (``failed`` in its ready record: held by another socket, e.g. a service on
-    127.0.0.1, or out of file descriptors). The agents' verdicts need them: a reset from such a
-    port is an answer from the host itself, not a firewall's reject (scanner.mesh.agent)."""
+    """address -> {"tcp": ranges, "udp": ranges}: the ports each host's responder could not
+    bind because a socket bound to another address holds them (``held_ports``). The agents'
+    verdicts need them: a reset from such a port is an answer from the host itself, not a
+    firewall's reject (scanner.mesh.agent)."""
+    return _by_address(links, 0)
+
+
+def unsure_ports(links: list[Any]) -> dict[str, dict[str, str]]:
+    """address -> {"tcp": ranges, "udp": ranges}: ports a responder could not bind where
+    nothing tells who answers (``held_ports``): the agents make a reset there unknown."""
+    return _by_address(links, 1)
+
+
+def _by_address(links: list[Any], which: int) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for link in links:
-        rec = link.ready_rec
-        if link.failed is not None or not isinstance(rec, dict):
-            continue
-        held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
-        for f in rec.get("failed") or ():
-            if not isinstance(f, dict):
-                continue
-            proto, port = f.get("proto"), f.get("port")
-            if proto in held and isinstance(port, int) and 0 < port < 65536:
-                held[proto].add(port)
-        if held["tcp"] or held["udp"]:
-            out[link.host.address] = {p: ranges(ports) for p, ports in held.items()}
+        ports = held_ports(link)[which]
+        if ports["tcp"] or ports["udp"]:
+            out[link.host.address] = {p: ranges(v) for p, v in ports.items()}
     return out
 
 
@@ -463,6 +497,28 @@ class Mesh:
         self.unreachable: dict[str, str] = {}
         self.interrupted = False
         self.t0 = time.perf_counter()
+        # agent name -> addresses its packets left from that are not its inventory address
+        self.moved: dict[str, set[str]] = {}
+        self.check_exec()
+
+    def check_exec(self) -> None:
+        """Refuse a template that names hosts but gives two of them the same command: both
+        agents would run on one machine and probe from it under two names (Kubean's node1 of
+        two clusters with ``ip netns exec LAB-{name}``). A template without placeholders
+        (``env``: every agent here) is the operator's explicit choice."""
+        tpl = self.cfg.exec_template or ""
+        if not tpl or not any("{" + p + "}" in tpl for p in transport.PLACEHOLDERS):
+            return
+        seen: dict[tuple[str, ...], str] = {}
+        for h in self.hosts:
+            words = tuple(transport.render(tpl, h.inventory_name, h.address, h.user, h.cluster))
+            other = seen.setdefault(words, h.name)
+            if other != h.name:
+                raise InputError(
+                    f"--exec {tpl!r} gives {other} and {h.name} the same command "
+                    f"({shlex.join(words)}): both agents would run on one machine; "
+                    "tell them apart with {cluster} or {address}"
+                )
 
     # -- results -----------------------------------------------------------------------------
 
@@ -478,6 +534,11 @@ class Mesh:
             elif not w.add(i):  # type: ignore[arg-type]
                 return  # a duplicate line: every flow has exactly one result
         link.results += 1
+        src = rec.get("src")
+        if src is not None and src != link.host.address and src != rec.get("dst"):
+            # the agent's packets left from another address than its host's: it runs on
+            # another machine than the one named (or a multi-homed host routes so)
+            self.moved.setdefault(link.name, set()).add(src)
         # forward the agent's own bytes minus the index field (it is the last one written)
         cut = line.rfind(b',"i":')
         raw = line[:cut] + b"}\n" if cut > 0 else None
@@ -660,7 +721,9 @@ class Mesh:
         async def respond(link: AgentLink) -> None:
             tcp, udp = ports.get(link.name, ("", ""))
             msg = {"type": "respond", "tcp": tcp, "udp": udp, "ttl": cfg.ttl,
-                   "witness": cfg.witness}  # fmt: skip
+                   "witness": cfg.witness,
+                   # where the peers probe it: a port held on 127.0.0.1 is answered there
+                   "addr": link.host.address}  # fmt: skip
             if cfg.local_bind:
                 msg["bind"] = link.host.address
             link.send(msg)
@@ -685,6 +748,7 @@ class Mesh:
             "expect": cfg.expect,
             "emit": cfg.emit,
             "unbound": unbound_ports(self.links),
+            "unsure": unsure_ports(self.links),
         }
         if cfg.local_bind:
             probe_msg["from_own_address"] = True
@@ -789,7 +853,9 @@ def _engine_share(e: EngineConfig, n: int, loop: str) -> dict[str, Any]:
 
 
 def run_mesh(cfg: MeshConfig) -> int:
-    """Run the mesh; exit code 0 all pass, 1 any fail or unreachable host, 130 interrupted."""
+    """Run the mesh; exit code 0 no flow fails and every host answered (unknown flows do not
+    change it: they are counted and their pairs listed as UNKNOWN on stderr), 1 any fail or
+    unreachable host, 130 interrupted."""
     from scanner.core.privileges import raise_nofile
     from scanner.plan.planner import plan_meta
 
@@ -914,6 +980,14 @@ def _human(
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
     if mesh.neigh_full:
         w(neighbour_advice({"unknown": mesh.neigh_full}).replace("this host's", "the agents'"))
+    addr = {h.name: h.address for h in mesh.hosts}
+    for name, srcs in sorted(mesh.moved.items()):
+        w(
+            f"WARNING {name}: its probes left from {', '.join(sorted(srcs))}, not its inventory "
+            f"address {addr.get(name)}: its agent runs on another machine than the inventory "
+            "names (check --exec), or the host routes through another of its addresses; results "
+            "record the address they left from\n"
+        )
     for line in render_run(mesh.matrix.fold(mesh, summary), header=False):
         w(line + "\n")
     err.flush()

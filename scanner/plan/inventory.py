@@ -44,6 +44,7 @@ __all__ = [
     "parse_inventory_text",
 ]
 
+
 def _unique(name: str, taken: set[str]) -> str:
     out, i = name, 2
     while out in taken:
@@ -90,9 +91,7 @@ def load_site(
             name = _unique(s.name, taken)
             per_host = s.host_layers(cli)
             hs = inventory_hosts(s.inventory, name, per_host=per_host)
-            clusters.append(
-                cluster_of(name, "standalone", hs, per_host, where=s.inventory.where)
-            )
+            clusters.append(cluster_of(name, "standalone", hs, per_host, where=s.inventory.where))
     return _validated(Site(tuple(clusters), source=", ".join(inventories)))
 
 

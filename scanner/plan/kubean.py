@@ -385,7 +385,9 @@ class _Vars:
         return redact(f"{self.origin[name]}: {name}={shown}")
 
     def default(self, name: str, value: Any = None) -> str:
-        said = f"{DEFAULT}: {name}={_show(value)}" if value is not None else f"{DEFAULT}: {name} unset"
+        said = (
+            f"{DEFAULT}: {name}={_show(value)}" if value is not None else f"{DEFAULT}: {name} unset"
+        )
         if name in self.unresolved:
             return redact(f"{said}; {name} unresolved: {self.unresolved[name]}")
         return said
@@ -582,7 +584,9 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
 
     found, partial = endpoints(v.raw, lookup, source, parse_host_port)
     unresolved = {
-        k: r for k, r in v.unresolved.items() if k in KNOWN_VARS or (is_endpoint_var(k) and k in partial)
+        k: r
+        for k, r in v.unresolved.items()
+        if k in KNOWN_VARS or (is_endpoint_var(k) and k in partial)
     }
     return ClusterConfig(
         cni=cni,

@@ -125,32 +125,42 @@ class SelectionOptions:
         ).validate(catalog)
 
 
-def _canonical(selection: Selection, site: Site) -> Selection:
-    """``--from`` names -> the site's unique host names: a name, an address, or an inventory
-    name that only one cluster uses (``node1`` of two clusters must be said as
-    ``node1@CLUSTER`` or by address). A scanner name outside the site stays as it is."""
-    import dataclasses
-
+def resolve_host(site: Site, key: str, option: str = "--from") -> str:
+    """A host named on the command line (``check --from``, ``watch --as``) -> the site's unique
+    host name: its name, ``NAME@CLUSTER``, its address, or an inventory name only one cluster
+    uses. One clear InputError otherwise (``node1`` of two clusters, a name the site lacks)."""
     where = site.source or "the site"
+    hosts = site.match(key)
+    if len(hosts) == 1:
+        return hosts[0].name
+    if len(hosts) > 1:
+        names = ", ".join(h.name for h in hosts)
+        raise InputError(
+            f"{option}: {key!r} is {len(hosts)} hosts of {where} ({names}): name one of them"
+            " or give its address"
+        )
+    raise InputError(
+        f"{option}: no host named {key!r} in {where}, nor with that address (give a host's "
+        "name, NAME@CLUSTER or its inventory address)"
+    )
+
+
+def _canonical(selection: Selection, site: Site) -> Selection:
+    """``--from`` names -> the site's unique host names (``resolve_host``). A scanner name
+    outside the site stays as it is, unless it is also a source (check --from: planning from a
+    name the site lacks would check nothing, silently)."""
+    import dataclasses
 
     def one(key: str, outside_ok: bool) -> str:
         if key == "scanner":
             return key
-        hosts = site.match(key)
-        if len(hosts) == 1:
-            return hosts[0].name
-        if len(hosts) > 1:
-            names = ", ".join(h.name for h in hosts)
-            raise InputError(
-                f"--from: {key!r} is {len(hosts)} hosts of {where} ({names}): name one of them"
-                " or give its address"
-            )
-        if outside_ok:
+        if outside_ok and not site.match(key):
             return key
-        raise InputError(f"--from: no host named {key!r} in {where}")
+        return resolve_host(site, key)
 
     scanner = selection.scanner
-    canon_scanner = one(scanner, True) if scanner else None
+    sources0 = selection.sources or frozenset()
+    canon_scanner = one(scanner, scanner not in sources0) if scanner else None
     sources = selection.sources
     if sources is not None:
         sources = frozenset(

@@ -20,9 +20,21 @@ TICK = 0.005
 
 
 class Deadlines:
-    def __init__(self, on_expire: Callable[[int, asyncio.Future], None]) -> None:
-        """``on_expire(key, fut)`` runs for an attempt whose time is up (fut not yet done)."""
+    def __init__(
+        self,
+        on_expire: Callable[[int, asyncio.Future], None],
+        drain: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_expire(key, fut)`` runs for an attempt whose time is up (fut not yet done).
+
+        ``drain()`` runs before any attempt is expired: it must read every answer already
+        queued on the prober's sockets. uvloop (like asyncio) runs due timers before it polls
+        for I/O, so after a stall (CPU load) the sweep would otherwise expire attempts whose
+        answer is sitting in a socket queue (issue 19: 10 false `filtered` in a full sweep of
+        127.0.0.1 beside two busy loops).
+        """
         self.on_expire = on_expire
+        self.drain = drain
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timeout_for: Callable[[str], float] | None = None
         self._heap: list[tuple[float, int, object, asyncio.Future, float, float, str]] = []
@@ -42,6 +54,8 @@ class Deadlines:
         heap = self._heap
         now = time.perf_counter()
         timeout_for = self.timeout_for
+        if heap and heap[0][0] <= now and self.drain is not None:
+            self.drain()
         while heap and heap[0][0] <= now:
             _, seq, key, fut, t0, timeout, dst = heapq.heappop(heap)
             if fut.done():

@@ -48,9 +48,14 @@ class RawIcmp:
         self.users = 0
         loop.add_reader(self.sock.fileno(), self._readable)
 
-    def _readable(self) -> None:
+    def drain(self) -> None:
+        """Read until the socket is empty (a prober about to expire attempts: their answers
+        may be queued, see probes/deadlines.py)."""
+        self._readable(1 << 20)
+
+    def _readable(self, cap: int = 256) -> None:
         recvmsg = self.sock.recvmsg
-        for _ in range(256):  # drain, but give the loop back now and then
+        for _ in range(cap):  # drain, but give the loop back now and then
             try:
                 pkt, anc, _, _ = recvmsg(65535, 64)
             except (BlockingIOError, InterruptedError):

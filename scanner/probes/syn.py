@@ -56,20 +56,34 @@ _ERR_OUTCOMES = {
 _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOMEM: "no-buffers"}
 
 
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data`` (even length)."""
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
+# The SYN as one struct: TCP header (ack 0, data offset 6 words, SYN, window 64240, urgent 0)
+# and the MSS option. Only the ports, the sequence number and the checksum vary.
+_SYN = struct.Struct("!HHIIBBHHHBBH")
+_WINDOW = 64240
+
+
+def pseudo_sum(src: bytes, dst: bytes) -> int:
+    """The unfolded one's-complement sum of everything in a SYN from src to dst (packed IPv4)
+    except its ports and sequence number: the IPv4 pseudo-header and the constant fields.
+    The checksum is linear, so a probe adds three numbers instead of summing 36 bytes."""
+    a = struct.unpack("!4H", src + dst)
+    return (
+        sum(a) + socket.IPPROTO_TCP + 24  # pseudo-header: addresses, protocol, TCP length
+        + ((6 << 4) << 8 | TH_SYN) + _WINDOW + (2 << 8 | 4) + MSS  # offset+flags, window, MSS
+    )  # fmt: skip
+
+
+def syn_packet(base: int, sport: int, dport: int, seq: int) -> bytes:
+    """A SYN from the template: ``base`` from pseudo_sum, the varying fields patched in."""
+    s = base + sport + dport + (seq >> 16) + (seq & 0xFFFF)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, ~s & 0xFFFF, 0, 2, 4, MSS)
 
 
 def build_syn(src: bytes, dst: bytes, sport: int, dport: int, seq: int) -> bytes:
     """A TCP SYN header with an MSS option and a correct checksum (src/dst: packed IPv4)."""
-    hdr = _HDR.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, 64240, 0, 0) + _OPT_MSS
-    pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(hdr))
-    csum = checksum(pseudo + hdr)
-    return hdr[:16] + struct.pack("!H", csum) + hdr[18:]
+    return syn_packet(pseudo_sum(src, dst), sport, dport, seq)
 
 
 def cookie(dst: str, dport: int, sport: int) -> int:
@@ -97,6 +111,22 @@ def bpf_port_range(lo: int, hi: int) -> bytes:
     return b"".join(struct.pack("HBBI", *i) for i in ins)
 
 
+# The raw socket's receive buffer: a stalled loop (CPU load) must find every answer to the
+# in-flight SYNs still queued (~770 bytes of skb truesize per RST or SYN-ACK on loopback and
+# veth; 4 MiB holds ~5,000 of them against 1,024 in flight per shard). SO_RCVBUFFORCE (root)
+# passes net.core.rmem_max; SO_RCVBUF is capped by it.
+RCVBUF = 4 << 20
+
+
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            return
+        except OSError:
+            continue
+
+
 def _attach_filter(sock: socket.socket, prog: bytes) -> None:
     import ctypes
 
@@ -116,15 +146,16 @@ class SynProber:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sock: socket.socket | None = None
         self._rx: rawrecv.RawIcmp | None = None
-        # (dst, dport, sport) -> (future, t0)
-        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future, float]] = {}
-        self._deadlines = Deadlines(self._expire)
+        # (dst, dport, sport) -> (future, t0); the future is None for a batch attempt
+        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future | None, float]] = {}
+        self._on_answer: Callable[[tuple[str, int, int], Outcome], None] | None = None
+        self._deadlines = Deadlines(self._expire, self._drain)
         k, n = shard
         span = (SPORT_HI - SPORT_LO + 1) // n
         self._lo = SPORT_LO + k * span
         self._hi = self._lo + span - 1
         self._next = self._lo
-        self._src: dict[str, bytes] = {}
+        self._base: dict[str, int] = {}  # dst -> pseudo_sum(source, dst)
         self._fallback = None  # the connect prober, for IPv6
 
     @property
@@ -142,8 +173,7 @@ class SynProber:
         self._deadlines.loop = loop
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
         s.setblocking(False)
-        with contextlib.suppress(OSError):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        set_rcvbuf(s, RCVBUF)
         with contextlib.suppress(OSError):
             _attach_filter(s, bpf_port_range(self._lo, self._hi))
         self.sock = s
@@ -161,24 +191,40 @@ class SynProber:
             self._rx = None
         self._deadlines.close()
         for fut, _ in self._pending.values():
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_result(None)
         self._pending.clear()
         if self._fallback is not None:
             self._fallback.close()
 
     # -- receiving ------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Read every answer already queued (TCP and ICMP) before attempts are expired."""
+        if self.sock is not None:
+            self._on_tcp()
+        if self._rx is not None:
+            self._rx.drain()
+
     def _on_tcp(self) -> None:
+        """Read until the socket is empty. No cap per callback: a capped reader falls behind
+        a sweep for good under load (the rest waits a loop iteration, after the deadline
+        sweep), and the queue is bounded by what we sent (the BPF filter admits nothing else)."""
         assert self.sock is not None
         recv = self.sock.recv
         pending = self._pending
         now = time.perf_counter()
-        for _ in range(512):
+        errors = 0
+        while True:
             try:
                 pkt = recv(128)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # a pending socket error (an ICMP error for one of our SYNs), consumed by
+                # this call; never an endless loop
+                errors += 1
+                if errors > 64:
+                    return
                 continue
             if len(pkt) < 20:
                 continue
@@ -195,12 +241,17 @@ class SynProber:
             fut, t0 = entry
             flags = pkt[ihl + 13]
             del pending[key]
-            if not fut.done():
-                rtt = (now - t0) * 1000.0
-                if flags & TH_RST:
-                    fut.set_result(Outcome("closed", "reset", rtt))
-                elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
-                    fut.set_result(Outcome("open", "syn-ack", rtt))
+            rtt = (now - t0) * 1000.0
+            if flags & TH_RST:
+                out = Outcome("closed", "reset", rtt)
+            elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
+                out = Outcome("open", "syn-ack", rtt)
+            else:
+                continue  # the BPF filter admits nothing else
+            if fut is None:
+                self._on_answer(key, out)  # type: ignore[misc]
+            elif not fut.done():
+                fut.set_result(out)
 
     def _on_icmp(self, pkt: bytes, ihl: int, now_loop: float) -> None:
         """An ICMP unreachable quoting one of our SYNs."""
@@ -218,18 +269,22 @@ class SynProber:
             return
         fut, t0 = entry
         del self._pending[key]
-        if not fut.done():
-            rtt = (time.perf_counter() - t0) * 1000.0
-            fut.set_result(Outcome("filtered", classify.icmp_reason(icmp_type, code), rtt))
+        rtt = (time.perf_counter() - t0) * 1000.0
+        out = Outcome("filtered", classify.icmp_reason(icmp_type, code), rtt)
+        if fut is None:
+            self._on_answer(key, out)  # type: ignore[misc]
+        elif not fut.done():
+            fut.set_result(out)
 
     def _expire(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
         self._pending.pop(key, None)
         fut.set_result(None)
 
     # -- sending ----------------------------------------------------------------------------
-    def _source(self, dst: str) -> bytes:
-        src = self._src.get(dst)
-        if src is None:
+    def _source(self, dst: str) -> int:
+        """pseudo_sum(our source address for dst, dst), cached per destination."""
+        base = self._base.get(dst)
+        if base is None:
             if self.opts.source:
                 addr = self.opts.source
             else:
@@ -237,11 +292,11 @@ class SynProber:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
                     u.connect((dst, 9))
                     addr = u.getsockname()[0]
-            src = socket.inet_aton(addr)
-            if len(self._src) > 65536:
-                self._src.clear()
-            self._src[dst] = src
-        return src
+            base = pseudo_sum(socket.inet_aton(addr), socket.inet_aton(dst))
+            if len(self._base) > 65536:
+                self._base.clear()
+            self._base[dst] = base
+        return base
 
     def _sport(self, dst: str, dport: int) -> int:
         p = self._next
@@ -260,12 +315,12 @@ class SynProber:
         if ":" in dst:
             return await self._connect(flow, timeout)
         try:
-            src = self._source(dst)
+            base = self._source(dst)
         except OSError as e:
             return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"route-{e.errno}"))
         sport = self._sport(dst, dport)  # type: ignore[arg-type]
         key = (dst, dport, sport)
-        pkt = build_syn(src, socket.inet_aton(dst), sport, dport, cookie(*key))  # type: ignore[arg-type]
+        pkt = syn_packet(base, sport, dport, cookie(*key))  # type: ignore[arg-type]
         fut = loop.create_future()
         t0 = time.perf_counter()
         self._pending[key] = (fut, t0)  # type: ignore[index]
@@ -281,7 +336,67 @@ class SynProber:
         out = await fut
         return _SILENT if out is None else out
 
-    async def _connect(self, flow: Flow, timeout: float) -> Outcome:
+    # -- the batch interface (scanner.engine.sweep): no future, timer or task per attempt ----
+    def batch(self, on_answer: Callable[[tuple[str, int, int], Outcome], None]) -> None:
+        """Deliver answers to attempts made with send() to ``on_answer(key, outcome)``."""
+        self._on_answer = on_answer
+
+    @staticmethod
+    def batchable(flow: Flow) -> bool:
+        """send() takes flows to an IPv4 address; the rest go through the engine's per-flow
+        path: a host name is resolved there first, IPv6 is probed by connect."""
+        try:
+            socket.inet_pton(socket.AF_INET, flow.dst)
+        except OSError:
+            return False
+        return True
+
+    def send(self, flow: Flow, t0: float) -> tuple[str, int, int] | Outcome:
+        """One SYN for ``flow`` at ``t0`` (perf_counter, the RTT's start): the attempt's key
+        (its answer comes to on_answer) or, when the packet could not be sent, the outcome
+        (a resource error is for the caller to retry later, as the engine does for probe())."""
+        dst, dport = flow.dst, flow.port
+        base = self._base.get(dst)
+        if base is None:
+            try:
+                base = self._source(dst)
+            except OSError as e:
+                return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"route-{e.errno}"))
+        pending = self._pending
+        sport = self._next + 1 if self._next < self._hi else self._lo
+        key = (dst, dport, sport)
+        if key in pending:  # rare: that source port is still in flight to this port
+            sport = self._sport(dst, dport)  # type: ignore[arg-type]
+            key = (dst, dport, sport)
+        else:
+            self._next = sport
+        pending[key] = (None, t0)  # type: ignore[index]
+        # syn_packet() and cookie() inlined: this is the per-SYN hot path
+        seq = hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
+        c = base + sport + dport + (seq >> 16) + (seq & 0xFFFF)  # type: ignore[operator]
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        pkt = _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, ~c & 0xFFFF, 0, 2, 4, MSS)
+        try:
+            self.sock.sendto(pkt, (dst, 0))  # type: ignore[union-attr]
+        except OSError as e:
+            del pending[key]  # type: ignore[arg-type]
+            res = _RESOURCE.get(e.errno or 0)
+            if res is not None:
+                return Outcome("error", res)
+            return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"send-{e.errno}"))
+        return key  # type: ignore[return-value]
+
+    def forget(self, key: tuple[str, int, int]) -> None:
+        """A batch attempt timed out: a late answer to it is ignored."""
+        self._pending.pop(key, None)
+
+    def drain(self) -> None:
+        self._drain()
+
+    async def connect_prober(self):  # -> scanner.probes.tcp.TcpProber
+        """The connect prober beside this one (same options: it reads the responder's token
+        when there is a secret), started on first use: IPv6 flows and token samples."""
         if self._fallback is None:
             from scanner.probes.tcp import TcpProber
 
@@ -289,7 +404,10 @@ class SynProber:
             self._fallback.timeout_for = self.timeout_for
             assert self.loop is not None
             await self._fallback.start(self.loop)
-        return await self._fallback.probe(flow, timeout)
+        return self._fallback
+
+    async def _connect(self, flow: Flow, timeout: float) -> Outcome:
+        return await (await self.connect_prober()).probe(flow, timeout)
 
 
 def make_prober(opts: ProbeOptions | None = None) -> SynProber:

@@ -208,6 +208,7 @@ class Cell:
         "unknown_ports",
         "reasons",
         "samples",
+        "fail_srcs",
     )
 
     def __init__(self, npass: int = 0) -> None:
@@ -219,6 +220,9 @@ class Cell:
         self.unknown_ports = PortSet()
         self.reasons: dict[str, int] = {}
         self.samples: list[dict[str, Any]] = []
+        # the source addresses the failing flows were recorded with (``src``: where the packets
+        # really left from - a multi-homed host may use several: bounded by its addresses)
+        self.fail_srcs: set[str] = set()
 
     @property
     def state(self) -> str:
@@ -235,6 +239,9 @@ class Cell:
         port = rec.get("port")
         if verdict == "fail":
             self.nfail += 1
+            src = rec.get("src")
+            if src:
+                self.fail_srcs.add(str(src))
             if port is not None:
                 nothing_listens = listening and rec.get("state") == "closed"
                 (self.closed_ports if nothing_listens else self.fail_ports).add(port)

@@ -75,7 +75,8 @@ class Opening:
     req: str
     proto: str
     ports: PortSet  # empty for icmp / ipip
-    sources: dict[str, str | None] = field(default_factory=dict)  # source name -> address
+    # source name -> the addresses its failing flows left from (None: no address recorded)
+    sources: dict[str, set[str] | None] = field(default_factory=dict)
     reasons: set[str] = field(default_factory=set)
 
 
@@ -114,7 +115,14 @@ def collect(agg: Aggregate) -> list[HostFix]:
                 op = hf.openings.get((req.key, shape))
                 if op is None:
                     op = hf.openings[(req.key, shape)] = Opening(req.key, req.proto, c.fail_ports)
-                op.sources[sname] = run.addrs.get(s)
+                # the addresses the failing packets really left from, not the first address seen
+                # for the name (a multi-homed host may route to this destination from another)
+                seen = set(c.fail_srcs) or ({run.addrs[s]} if s in run.addrs else set())
+                if seen:
+                    had = op.sources.get(sname)
+                    op.sources[sname] = seen | (had or set())
+                else:
+                    op.sources.setdefault(sname, None)
                 op.reasons.add(c.top_reason())
     return sorted(hosts.values(), key=lambda h: natural_key(h.name))
 
@@ -221,14 +229,15 @@ def _c(s: str) -> str:
 def _split_sources(op: Opening) -> tuple[list[str], list[str], bool]:
     """(ipv4 sources, ipv6 sources, any): any is True when a failing source has no address."""
     v4, v6, anyone = [], [], False
-    for addr in op.sources.values():
-        fam = address_family(addr)
-        if fam == 4:
-            v4.append(addr)  # type: ignore[arg-type]
-        elif fam == 6:
-            v6.append(addr)  # type: ignore[arg-type]
-        else:
-            anyone = True
+    for addrs in op.sources.values():
+        for addr in addrs or (None,):
+            fam = address_family(addr)
+            if fam == 4:
+                v4.append(addr)  # type: ignore[arg-type]
+            elif fam == 6:
+                v6.append(addr)  # type: ignore[arg-type]
+            else:
+                anyone = True
     return sorted(set(v4), key=_addr_key), sorted(set(v6), key=_addr_key), anyone
 
 

@@ -13,11 +13,15 @@ probe was sent to (IP_PKTINFO), so a multi-homed host answers a connected prober
 Lifecycle: everything is bound first, then ONE line is printed on stdout::
 
     {"type":"ready","bound":{"tcp":"2379-2380,30000-32767","udp":"4789"},
-     "failed":[{"proto":"tcp","port":22,"error":"address in use","pid":812,"process":"sshd"}],
+     "failed":[{"proto":"tcp","port":22,"error":"address in use","pid":812,"process":"sshd",
+                "local":["0.0.0.0"]}],
      "addr":"0.0.0.0","pid":4711,"ttl":300}
 
 A port that is already in use is answered by its real service, which is fine for the firewall
-question: it is listed under ``failed`` with the owning process when /proc tells. The responder
+question: it is listed under ``failed`` with the owning process when /proc tells, and the
+addresses the holding sockets are bound to (``local``, from /proc/net). With ``also`` (the mesh
+gives the host's inventory address), a port held only on other addresses (a service on
+127.0.0.1) is bound on those addresses instead and listed under ``bound_on``, not ``failed``. The responder
 exits when its TTL runs out (default ``DEFAULT_TTL`` = 300 s), on SIGTERM or SIGINT, or - only
 with ``exit_on_stdin_close`` (``--parent-channel``) - when its stdin reaches end of file; it then
 closes every socket and prints ``{"type":"exit","reason":...,"stats":{...}}``. A standalone
@@ -25,7 +29,9 @@ responder ignores stdin, so ``</dev/null`` or a closed terminal do not stop it. 
 control port.
 
 The NodePort range alone is 2,768 TCP sockets: RLIMIT_NOFILE is raised to its hard limit first
-(scanner.core.privileges.raise_nofile); ports beyond the budget are reported as failed (EMFILE).
+(scanner.core.privileges.raise_nofile); ``FD_RESERVE`` descriptors stay free (accepts, the
+witness, stdio), and ports beyond the budget are not tried but reported as failed ("too many
+open files", no ``local``): the responder keeps serving the rest.
 """
 
 from __future__ import annotations
@@ -65,10 +71,16 @@ class ResponderConfig:
     bind: str = "0.0.0.0"
     ttl: float = DEFAULT_TTL
     exit_on_stdin_close: bool = False
-    witness: bool = False  # also capture tagged probes with an AF_PACKET socket (scanner.responder.witness)
+    witness: bool = (
+        False  # also capture tagged probes with an AF_PACKET socket (scanner.responder.witness)
+    )
     name: str | None = None  # the inventory host name, echoed in the ready record
     show_secret: bool = False  # put the secret in the ready record (it was generated here)
     use_uvloop: bool = True
+    # addresses of this host the probes are sent to (the mesh: the inventory address). A port
+    # whose wildcard bind fails because a socket bound elsewhere holds it (a service on
+    # 127.0.0.1) is bound on these instead, so our responder still answers where probes arrive
+    also: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +98,11 @@ class Failure:
     error: str
     pid: int | None = None
     process: str | None = None
+    # the local addresses the holding socket(s) are bound to ("0.0.0.0", "::", "127.0.0.1"...),
+    # from /proc/net; None when nothing was found (out of descriptors, or /proc did not tell).
+    # The mesh needs it: a holder bound to the wildcard or the probed address answers a probe
+    # itself (a reset can only be a firewall's), one bound elsewhere leaves the reset to the kernel
+    local: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"proto": self.proto, "port": self.port, "error": self.error}
@@ -93,6 +110,8 @@ class Failure:
             d["pid"] = self.pid
         if self.process is not None:
             d["process"] = self.process
+        if self.local is not None:
+            d["local"] = self.local
         return d
 
 
@@ -108,6 +127,9 @@ class Responder:
     bound_tcp: list[int] = field(default_factory=list)
     bound_udp: list[int] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    also: list[str] = field(default_factory=list)  # ResponderConfig.also
+    # address -> {"tcp": [...], "udp": [...]}: ports bound on that address only (``also``)
+    bound_on: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     # called with (proto, source address, port) for every accepted connection and every tagged
     # datagram: `portmesh watch` counts incoming probes per source with it
     on_hit: Callable[[str, str, int], None] | None = None
@@ -119,11 +141,24 @@ class Responder:
         from scanner.core.privileges import raise_nofile
 
         self._loop = loop or asyncio.get_running_loop()
-        raise_nofile()
+        room = _fd_room(raise_nofile())
         addr = ipaddress.ip_address(self.bind)
         family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
         pktinfo = family == socket.AF_INET and addr.is_unspecified
+
+        def budget(proto: str, port: int) -> bool:
+            # stop short of the limit: an accept, the witness's socket, a later import (which
+            # opens a file) all need a descriptor - running out there would end the responder
+            nonlocal room
+            if room <= 0:
+                self.failed.append(Failure(proto, port, "too many open files"))
+                return False
+            room -= 1
+            return True
+
         for port in dict.fromkeys(self.tcp_ports):
+            if not budget("tcp", port):
+                continue
             s = self._open(family, socket.SOCK_STREAM, "tcp", port)
             if s is None:
                 continue
@@ -131,6 +166,8 @@ class Responder:
             self._loop.add_reader(s.fileno(), self._on_accept, s, token, port)
             self.bound_tcp.append(port)
         for port in dict.fromkeys(self.udp_ports):
+            if not budget("udp", port):
+                continue
             s = self._open(family, socket.SOCK_DGRAM, "udp", port)
             if s is None:
                 continue
@@ -140,24 +177,73 @@ class Responder:
             self.bound_udp.append(port)
         if self.failed:
             _annotate_owners(self.failed)
+        if self.also and addr.is_unspecified:
+            self._bind_elsewhere(family, pktinfo)
 
-    def _open(self, family: int, kind: int, proto: str, port: int) -> socket.socket | None:
+    def _bind_elsewhere(self, family: int, pktinfo: bool) -> None:
+        """Bind held ports on the ``also`` addresses when every holder listens on another
+        address: the probes to those addresses then reach our responder, and a reset there is
+        a firewall's again (no held-port rule needed)."""
+        keep: list[Failure] = []
+        for f in self.failed:
+            local = f.local
+            if f.error != "address in use" or not local or f.proto not in ("tcp", "udp"):
+                keep.append(f)
+                continue
+            taken = set(local)
+            if taken & {"0.0.0.0", "::"}:
+                keep.append(f)
+                continue
+            done = False
+            for a in self.also:
+                if a in taken or ipaddress.ip_address(a).version != (
+                    6 if family == socket.AF_INET6 else 4
+                ):
+                    continue
+                kind = socket.SOCK_STREAM if f.proto == "tcp" else socket.SOCK_DGRAM
+                s = self._open(family, kind, f.proto, f.port, a, quiet=True)
+                if s is None:
+                    continue
+                assert self._loop is not None
+                if f.proto == "tcp":
+                    token = tags.tcp_token(self.secret, f.port)
+                    self._loop.add_reader(s.fileno(), self._on_accept, s, token, f.port)
+                else:
+                    self._loop.add_reader(s.fileno(), self._on_datagram, s, False, f.port)
+                on = self.bound_on.setdefault(a, {"tcp": [], "udp": []})
+                on[f.proto].append(f.port)
+                done = True
+            if not done:
+                keep.append(f)
+        self.failed = keep
+
+    def _open(
+        self,
+        family: int,
+        kind: int,
+        proto: str,
+        port: int,
+        addr: str | None = None,
+        quiet: bool = False,
+    ) -> socket.socket | None:
         try:
             s = socket.socket(family, kind)
         except OSError as e:
-            self.failed.append(Failure(proto, port, _errtext(e)))
+            if not quiet:
+                self.failed.append(Failure(proto, port, _errtext(e)))
             return None
         try:
             s.setblocking(False)
             if kind == socket.SOCK_STREAM:
                 # lets a restarted responder rebind while old connections sit in TIME_WAIT
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((self.bind, port))
+            s.bind((addr or self.bind, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(128)
         except OSError as e:
             s.close()
-            self.failed.append(Failure(proto, port, _errtext(e)))
+            if not quiet:
+                self.failed.append(Failure(proto, port, _errtext(e)))
             return None
         self._socks.append(s)
         return s
@@ -236,9 +322,31 @@ class Responder:
             "bound": {"tcp": ranges_text(self.bound_tcp), "udp": ranges_text(self.bound_udp)},
             "failed": [f.as_dict() for f in self.failed],
             "addr": self.bind,
+            **(
+                {
+                    "bound_on": {
+                        a: {p: ranges_text(v) for p, v in on.items()}
+                        for a, on in self.bound_on.items()
+                    }
+                }
+                if self.bound_on
+                else {}
+            ),
             "pid": os.getpid(),
             **extra,
         }
+
+
+FD_RESERVE = 64  # descriptors kept free for accepts, the witness, stdio and imports
+
+
+def _fd_room(soft: int) -> int:
+    """How many more sockets the responder may bind, keeping ``FD_RESERVE`` free."""
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    return soft - in_use - FD_RESERVE
 
 
 def _reply_pktinfo(anc: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
@@ -265,11 +373,22 @@ def _errtext(e: OSError) -> str:
 # ---- who owns a port (best effort, from /proc) ----------------------------------------------
 
 
-def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
-    """port -> socket inode of a listening TCP / bound UDP socket, from /proc/net."""
-    out: dict[int, int] = {}
-    files = [f"/proc/net/{proto}", f"/proc/net/{proto}6"]
-    for path in files:
+def _proc_addr(text: str) -> str:
+    """A /proc/net/{tcp,udp}[6] local address field (hex, host byte order per 32-bit word)."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    addr = ipaddress.ip_address(words)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _holders(proto: str, ports: set[int]) -> dict[int, tuple[int, list[str]]]:
+    """port -> (socket inode, local addresses) of the listening TCP / bound UDP sockets on it,
+    from /proc/net (this network namespace). The inode is 0 for a kernel socket (a VXLAN
+    device's UDP port): no process owns it, but its address still tells."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for path in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
             with open(path, encoding="ascii") as fh:
                 next(fh, None)
@@ -277,12 +396,15 @@ def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
                     f = line.split()
                     if len(f) < 10:
                         continue
-                    port = int(f[1].rsplit(":", 1)[1], 16)
+                    host, _, port_hex = f[1].rpartition(":")
+                    port = int(port_hex, 16)
                     if port not in ports or (proto == "tcp" and f[3] != "0A"):
                         continue
-                    inode = int(f[9])
-                    if inode:
-                        out.setdefault(port, inode)
+                    inode, addrs = out.get(port, (0, []))
+                    addr = _proc_addr(host)
+                    if addr not in addrs:
+                        addrs.append(addr)
+                    out[port] = (inode or int(f[9]), addrs)
         except (OSError, ValueError, IndexError):
             continue
     return out
@@ -290,11 +412,16 @@ def _socket_inodes(proto: str, ports: set[int]) -> dict[int, int]:
 
 def _annotate_owners(failed: list[Failure]) -> None:
     want: dict[tuple[str, int], int] = {}
+    local: dict[tuple[str, int], list[str]] = {}
     for proto in ("tcp", "udp"):
         ports = {f.port for f in failed if f.proto == proto and f.error == "address in use"}
         if ports:
-            for port, inode in _socket_inodes(proto, ports).items():
-                want[(proto, port)] = inode
+            for port, (inode, addrs) in _holders(proto, ports).items():
+                local[(proto, port)] = addrs
+                if inode:
+                    want[(proto, port)] = inode
+    for f in failed:
+        f.local = local.get((f.proto, f.port))
     if not want:
         return
     by_inode = {f"socket:[{ino}]": key for key, ino in want.items()}
@@ -354,15 +481,19 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
         if not done.done():
             done.set_result(reason)
 
-    r = Responder(list(cfg.tcp_ports), list(cfg.udp_ports), cfg.secret, cfg.bind)
+    r = Responder(
+        list(cfg.tcp_ports), list(cfg.udp_ports), cfg.secret, cfg.bind, also=list(cfg.also)
+    )
     witness = None
     handlers: list[int] = []
     stdin_fd: int | None = None
+    if cfg.witness:
+        # imported before binding: an import opens files, and binding may use the last
+        # descriptors the budget allows
+        from scanner.responder.witness import Witness
     try:
         r.start(loop)
         if cfg.witness:
-            from scanner.responder.witness import Witness
-
             kernel_owned = [
                 f.port for f in r.failed if f.proto == "udp" and f.error == "address in use"
             ]

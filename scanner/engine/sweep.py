@@ -1,0 +1,412 @@
+"""The batch sweep: stateless probes (raw SYN) without a coroutine, a future or a timer per flow.
+
+The worker pool (engine.py) runs one coroutine per flow in flight, a future per attempt and a
+deadline per attempt: about a third of a raw SYN sweep's profile samples went there, a tenth
+to waking the futures alone (benchmarks/RESULTS.md, py-spy). A stateless probe needs none of
+it: this lane pulls flows from the plan, sends one
+packet per attempt from the probe's template (``prober.send``), reads the answers in the
+probe's socket callback (``on_answer``), and expires silent attempts from a deadline wheel
+(slots of TICK seconds, swept by one timer that first drains the probe's sockets). Results are
+emitted in the order of answer. A flow the probe cannot batch (an IPv6 destination, another
+protocol in a mixed plan) runs as one task through the engine's per-flow path, inside the same
+window.
+
+Everything the worker pool guarantees holds: the same retries (engine._retries_allowed: the
+prior, then the observed loss), adaptive timeouts per destination (re-read when an attempt's
+slot comes due), the per-destination cap, the global rate, back-off on resource errors, the
+graceful and the hard stop, exactly one result per flow. Memory is O(window): the in-flight
+attempts, the wheel's entries for them, flows parked behind a per-host cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from scanner.core.flows import Flow
+from scanner.core.results import Result
+from scanner.engine.neigh import PAUSES as NEIGH_PAUSES
+from scanner.engine.neigh import REASON as NEIGH_FULL
+from scanner.engine.neigh import RETRIES as NEIGH_RETRIES
+from scanner.probes.base import Outcome
+
+# Deadline wheel granularity (s). The adaptive timeouts are >= 50 ms (EngineConfig.min_timeout),
+# so an attempt expires at most 10% late; the probe's sockets are drained before each sweep.
+TICK = 0.005
+# SYNs sent per loop callback before the loop gets to read answers: 256 SYNs are ~2 ms of
+# sendto() (~7 us each on loopback, cProfile), so answers are read (and RTTs taken) without a
+# long stall.
+SEND_BATCH = 256
+
+
+class _Attempt:
+    __slots__ = ("flow", "hs", "t0", "attempts", "counted", "mark", "nhits")
+
+    def __init__(self, flow: Flow, hs: Any) -> None:  # hs: engine.HostState
+        self.flow = flow
+        self.hs = hs
+        self.t0 = 0.0
+        self.attempts = 0  # attempts that went out (as engine._attempts counts them)
+        self.counted = False  # in hs.retrying
+        self.mark = 0  # the neighbour table's overflow counter when the attempt left
+        self.nhits = 0  # attempts a neighbour-table overflow may have eaten
+
+
+class Sweep:
+    def __init__(self, engine: Any, prober: Any, window: int) -> None:
+        """engine: the scanner.engine.engine.Engine running this lane (not imported: it imports
+        this module); prober: a probe with the batch interface (see usable())."""
+        self.engine = engine
+        self.prober = prober
+        self.window = max(1, window)
+        self.loop = asyncio.get_running_loop()
+        self.inflight: dict[object, _Attempt] = {}  # the probe's key -> attempt
+        self.tasks = 0  # flows running through the per-flow path
+        self.neigh_wait: set[_Attempt] = set()  # pausing after a neighbour-table overflow
+        self.parked: dict[str, deque[Flow]] = {}  # per-host cap reached: waiting flows
+        self.nparked = 0
+        self.resend: deque[_Attempt] = deque()  # silent attempts due for a retry
+        self.wheel: dict[int, list[tuple[object, float]]] = {}
+        self.cursor = int(time.perf_counter() / TICK)
+        self.timer: asyncio.TimerHandle | None = None
+        self.fill_handle: asyncio.Handle | None = None
+        self.backoff = 0  # consecutive resource errors from send()
+        self.paused_until = 0.0
+        self.flows: Iterator[Flow] | None = None
+        self.exhausted = False
+        self.done: asyncio.Future | None = None
+        self.batchable = prober.batchable
+        self.token_sample = engine.cfg.token_sample > 0
+        self.cap = engine.cfg.max_per_host
+
+    # -- the run ---------------------------------------------------------------------------
+    async def run(self, flows: Iterator[Flow]) -> None:
+        self.flows = flows
+        self.done = self.loop.create_future()
+        self.prober.batch(self._answer)
+        try:
+            self._fill()
+            await self.done
+        except asyncio.CancelledError:
+            # the hard stop: every flow in flight still gets its one line (tasks say their own)
+            self._interrupt_all()
+            raise
+        finally:
+            for h in (self.timer, self.fill_handle):
+                if h is not None:
+                    h.cancel()
+
+    def _busy(self) -> int:
+        return (
+            len(self.inflight) + self.tasks + self.nparked + len(self.resend) + len(self.neigh_wait)
+        )
+
+    def _finish_if_idle(self) -> None:
+        if self.exhausted and not self._busy() and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def _schedule_fill(self, delay: float = 0.0) -> None:
+        if self.fill_handle is not None:
+            return
+        if delay > 0:
+            self.fill_handle = self.loop.call_later(delay, self._fill)
+        else:
+            self.fill_handle = self.loop.call_soon(self._fill)
+
+    def _fill(self) -> None:
+        """Send retries, then new flows, while the window has room (SEND_BATCH per call)."""
+        self.fill_handle = None
+        now = time.perf_counter()
+        if now < self.paused_until:
+            self._schedule_fill(self.paused_until - now)
+        else:
+            self._send_some()
+        self._arm()
+        self._finish_if_idle()
+
+    def _send_some(self) -> None:
+        eng = self.engine
+        rate = eng.cfg.rate
+        resend = self.resend
+        budget = SEND_BATCH
+        while resend and budget:
+            a = resend.popleft()
+            if eng.stopping:
+                # a graceful stop: no more retries (a parked flow never went out)
+                self._final(a, _SILENT if a.attempts else _INTERRUPTED)
+                continue
+            if rate and self._rate_wait():
+                resend.appendleft(a)
+                return
+            if not self._send(a):
+                return
+            budget -= 1
+        if self.exhausted:
+            return
+        if eng.stopping or eng._check_stop():
+            self.exhausted = True
+            return
+        # each new flow takes at most one place in the window (in flight, parked or a task)
+        room = min(budget, self.window - self._busy())
+        flows, start = self.flows, self._start
+        for _ in range(room):
+            if rate and self._rate_wait():
+                return
+            flow = next(flows, None)  # type: ignore[call-overload]
+            if flow is None:
+                self.exhausted = True
+                return
+            if not start(flow):
+                return
+        if room == budget:
+            self._schedule_fill()  # more to send: after the loop has read what came back
+
+    def _rate_wait(self) -> bool:
+        """Take a send slot of --rate; False when it is now, else schedule the fill at it."""
+        eng = self.engine
+        now = self.loop.time()
+        t = eng._next_slot if eng._next_slot > now else now
+        if t > now:
+            self._schedule_fill(t - now)
+            return True
+        eng._next_slot = t + 1.0 / eng.cfg.rate  # type: ignore[operator]
+        return False
+
+    def _start(self, flow: Flow) -> bool:
+        """The first attempt of a new flow; False when sending must pause."""
+        if flow.proto != "tcp" or not self.batchable(flow):
+            self._task(flow, None)  # another protocol, or IPv6: the per-flow path
+            return True
+        eng = self.engine
+        if self.token_sample and eng._token_due(flow):
+            self._task(flow, self.prober.connect_prober())
+            return True
+        hs = eng.hosts.get(flow.dst) or eng._host(flow.dst)
+        cap = self.cap
+        if cap and hs.inflight >= cap:
+            q = self.parked.get(flow.dst)
+            if q is None:
+                q = self.parked[flow.dst] = deque()
+            q.append(flow)
+            self.nparked += 1
+            return True
+        hs.inflight += 1
+        return self._send(_Attempt(flow, hs))
+
+    def _task(self, flow: Flow, prober: Any) -> None:
+        """A flow the batch cannot carry: the engine's per-flow path, in the window."""
+        self.tasks += 1
+        self.loop.create_task(self._per_flow(flow, prober))
+
+    async def _per_flow(self, flow: Flow, prober: Any) -> None:
+        eng = self.engine
+        try:
+            if prober is not None:
+                prober = await prober  # the connect prober's start (a token sample)
+            r = await eng._probe_flow(flow, prober)
+        except asyncio.CancelledError:
+            eng._emit(Result(flow, "error", "interrupted", None, 0))
+            raise
+        finally:
+            self.tasks -= 1
+        eng._emit(r)
+        self._unpark(flow.dst)
+        self._schedule_fill()
+
+    def _send(self, a: _Attempt) -> bool:
+        """One attempt of ``a``; False when sending must pause (a resource error)."""
+        st = self.engine.stats
+        t0 = time.perf_counter()
+        r = self.prober.send(a.flow, t0)
+        st.attempts += 1
+        if isinstance(r, Outcome):
+            if r.state == "error" and r.reason in _RESOURCE:
+                # the socket's send queue is full: the engine's back-off, for the whole lane
+                st.backoffs[r.reason] = st.backoffs.get(r.reason, 0) + 1
+                self.backoff += 1
+                if self.backoff > 200:
+                    self._final(a, r)
+                    self.backoff = 0
+                    return True
+                self.resend.appendleft(a)
+                self.paused_until = time.perf_counter() + min(0.005 * self.backoff, 0.2)
+                self._schedule_fill(min(0.005 * self.backoff, 0.2))
+                return False
+            a.attempts += 1
+            self._final(a, r)
+            return True
+        self.backoff = 0
+        a.attempts += 1
+        a.t0 = t0
+        guard = self.engine.neigh
+        if guard is not None and a.hs.fam:
+            a.mark = guard.mark(a.hs.fam)
+        self.inflight[r] = a
+        limit = a.hs.timeout(self.engine.cfg)
+        slot = int((t0 + limit) / TICK) + 1
+        w = self.wheel.get(slot)
+        if w is None:
+            self.wheel[slot] = [(r, t0)]
+        else:
+            w.append((r, t0))
+        return True
+
+    # -- answers and deadlines -------------------------------------------------------------
+    def _answer(self, key: object, out: Outcome) -> None:
+        a = self.inflight.pop(key, None)
+        if a is None:
+            return
+        eng = self.engine
+        st = eng.stats
+        hs = a.hs
+        if out.rtt_ms is not None:
+            hs.update(out.rtt_ms / 1000.0)
+            hs.answered += 1
+            st.answered += 1
+            if a.attempts > 1:
+                hs.late += 1
+                st.late_answers += 1
+        eng._emit(
+            Result(
+                a.flow, out.state, out.reason, out.rtt_ms, a.attempts, time.time(), None, out.extra
+            )
+        )
+        self._release(a)
+        self._schedule_fill()
+
+    def _arm(self) -> None:
+        if self.timer is None and self.inflight:
+            self.timer = self.loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        now = time.perf_counter()
+        upto = int(now / TICK)
+        wheel = self.wheel
+        if self.cursor <= upto and any(s in wheel for s in range(self.cursor, upto + 1)):
+            # answers already queued are answers, not timeouts (uvloop runs timers before I/O)
+            self.prober.drain()
+            now = time.perf_counter()
+        eng = self.engine
+        cfg = eng.cfg
+        inflight = self.inflight
+        expired = False
+        for s in range(self.cursor, upto + 1):
+            entries = wheel.pop(s, None)
+            if not entries:
+                continue
+            for key, t0 in entries:
+                a = inflight.get(key)
+                if a is None or a.t0 != t0:
+                    continue  # answered, or re-sent since
+                limit = a.hs.timeout(cfg)
+                if now - t0 < limit:
+                    slot = int((t0 + limit) / TICK) + 1  # its host's timeout grew: later
+                    wheel.setdefault(max(slot, upto + 1), []).append((key, t0))
+                    continue
+                del inflight[key]
+                self.prober.forget(key)
+                self._silent(a)
+                expired = True
+        self.cursor = upto + 1
+        if expired:
+            self._fill()
+        self._arm()
+        self._finish_if_idle()
+
+    def _silent(self, a: _Attempt) -> None:
+        eng = self.engine
+        hs = a.hs
+        guard = eng.neigh
+        if guard is not None and hs.fam and guard.hit(hs.fam, a.mark, "filtered", "", True):
+            # the neighbour table overflowed while this SYN was out: it may never have left
+            # the host, so its silence proves nothing (as in engine._attempts). Try again after
+            # a pause; in the end unknown, never fail.
+            a.attempts -= 1
+            if a.nhits >= NEIGH_RETRIES or eng.stopping:
+                guard.unknown += 1
+                self._final(a, Outcome("error", NEIGH_FULL))
+                return
+            pause = NEIGH_PAUSES[a.nhits]
+            a.nhits += 1
+            self.neigh_wait.add(a)
+
+            def again() -> None:
+                if a in self.neigh_wait:  # else a hard stop reported it already
+                    self.neigh_wait.discard(a)
+                    self.resend.append(a)
+                    self._fill()
+
+            self.loop.call_later(pause, again)
+            return
+        if not eng.stopping and a.attempts <= eng._retries_allowed(hs, a.flow.proto):
+            eng.stats.retries += 1
+            if a.attempts == 1:
+                hs.retrying += 1
+                a.counted = True
+            self.resend.append(a)
+            return
+        self._final(a, _SILENT)
+
+    def _final(self, a: _Attempt, out: Outcome) -> None:
+        self.engine._emit(
+            Result(a.flow, out.state, out.reason, None, a.attempts, time.time(), None, out.extra)
+        )
+        self._release(a)
+
+    def _release(self, a: _Attempt) -> None:
+        hs = a.hs
+        if a.counted:
+            hs.retrying -= 1
+            a.counted = False
+        hs.inflight -= 1
+        if hs.waiters:  # a per-flow task waiting for the per-host cap
+            w = hs.waiters.pop(0)
+            if not w.done():
+                w.set_result(None)
+        if self.nparked:
+            self._unpark(a.flow.dst)
+
+    def _unpark(self, dst: str) -> None:
+        """A slot of dst's per-host cap is free: its next parked flow goes out."""
+        q = self.parked.get(dst)
+        if not q:
+            return
+        hs = self.engine._host(dst)
+        cap = self.engine.cfg.max_per_host
+        if cap and hs.inflight >= cap:
+            return
+        self.nparked -= 1
+        flow = q.popleft()
+        if not q:
+            del self.parked[dst]
+        hs.inflight += 1
+        self.resend.append(_Attempt(flow, hs))
+        self._schedule_fill()
+
+    def _interrupt_all(self) -> None:
+        eng = self.engine
+        # as the worker pool does: an interrupted flow reports attempts 0 (no outcome counted)
+        for a in list(self.inflight.values()) + list(self.resend) + list(self.neigh_wait):
+            eng._emit(Result(a.flow, "error", "interrupted", None, 0))
+        self.inflight.clear()
+        self.resend.clear()
+        self.neigh_wait.clear()
+        for q in self.parked.values():
+            for flow in q:
+                eng._emit(Result(flow, "error", "interrupted", None, 0))
+        self.parked.clear()
+        self.nparked = 0
+
+
+_SILENT = Outcome("filtered", "no-response", None, True)
+_INTERRUPTED = Outcome("error", "interrupted")
+_RESOURCE = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted"})
+
+
+def usable(prober) -> bool:
+    """The probe offers the batch interface (send / batch / drain / forget / batchable)."""
+    return all(hasattr(prober, m) for m in ("send", "batch", "drain", "forget", "batchable"))

@@ -1,0 +1,243 @@
+"""The batch SYN sweep (scanner/engine/sweep.py): the same results and the same guarantees as
+the worker pool, without a coroutine per flow.
+
+Real sockets: loopback listeners, and a network namespace of our own (only `lo`, one nft
+table dropping a port range) where silent flows stay in flight until their deadline. The
+engine runs in a child process inside that namespace and prints what it saw as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from scanner.core.flows import Flow
+from scanner.core.results import Result
+from scanner.core.tags import tcp_token
+from scanner.engine import sweep
+from scanner.engine.engine import Engine, EngineConfig
+from scanner.engine.process import new_loop
+from scanner.probes.base import ProbeOptions
+from tests.conftest import unique_lab_name
+from tests.test_engine import LOCAL, Listener, freed_port, listen  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the raw SYN probe needs root here")
+
+DROP_LO, DROP_HI = 40000, 40199  # silent in the namespace (nft drop)
+
+
+def run(cfg: EngineConfig, flows: list[Flow], kind: str = "uvloop") -> tuple[list[Result], Engine]:
+    results: list[Result] = []
+    engine = Engine(cfg, results.append)
+    loop = new_loop(kind)
+    try:
+        loop.run_until_complete(engine.run(iter(flows)))
+    finally:
+        loop.close()
+    return results, engine
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_sweep_and_worker_pool_give_the_same_results(kind: str, listen) -> None:  # noqa: F811
+    opened = [listen().port for _ in range(4)]
+    ports = sorted({*range(1, 1500), *opened, freed_port()})
+    flows = [Flow(LOCAL, p) for p in ports]
+    used: list[bool] = []
+    orig = sweep.Sweep.run
+
+    async def spy(self, it):  # type: ignore[no-untyped-def]
+        used.append(True)
+        return await orig(self, it)
+
+    sweep.Sweep.run = spy  # type: ignore[method-assign]
+    try:
+        a, ea = run(EngineConfig(timeout=0.5, tcp_method="syn"), flows, kind)
+    finally:
+        sweep.Sweep.run = orig  # type: ignore[method-assign]
+    b, eb = run(EngineConfig(timeout=0.5, tcp_method="syn", sweep=False), flows, kind)
+    assert used == [True]
+    key = sorted((r.flow.port, r.state, r.reason) for r in a)
+    assert key == sorted((r.flow.port, r.state, r.reason) for r in b)
+    assert len(a) == len(ports) and len({r.flow.port for r in a}) == len(ports)
+    assert {r.flow.port for r in a if r.state == "open"} >= set(opened)
+    assert all(r.rtt_ms is not None and r.attempts >= 1 for r in a)
+    assert ea.stats.results == eb.stats.results == len(ports)
+
+
+def test_token_sample_connects_for_the_first_flows_of_each_destination_and_requirement(
+    listen,  # noqa: F811
+) -> None:
+    secret = b"s3cret"
+    lst = [listen() for _ in range(6)]
+    for x in lst:
+        x.send = tcp_token(secret, x.port)
+    flows = [Flow(LOCAL, x.port, req="a") for x in lst] + [Flow(LOCAL, lst[0].port, req="b")]
+    cfg = EngineConfig(timeout=1.0, token_sample=2, probe_options=ProbeOptions(secret=secret))
+    results, engine = run(cfg, flows)
+    assert engine.stats.tcp_method == "syn"
+    by = {(r.flow.req, r.flow.port): (r.state, r.reason) for r in results}
+    ports = [x.port for x in lst]
+    assert [by[("a", p)] for p in ports[:2]] == [("open", "responder")] * 2
+    assert [by[("a", p)] for p in ports[2:]] == [("open", "syn-ack")] * 4
+    assert by[("b", ports[0])] == ("open", "responder")  # another requirement: its own sample
+    # only the sample made connections
+    assert sum(x.accepted for x in lst) == 3
+
+
+# ---- in a namespace of our own: silent ports, caps, stops -------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from scanner.core.flows import Flow
+    from scanner.engine.engine import Engine, EngineConfig
+    from scanner.engine.process import new_loop
+
+    args = json.loads(sys.argv[1])
+    flows = [Flow("127.0.0.1", p) for p in args["ports"]]
+    out = []
+    peak = {}
+    engine = None
+
+    def emit(r):
+        out.append([r.flow.port, r.state, r.reason, r.attempts])
+        if args.get("stop_after") and len(out) == args["stop_after"]:
+            engine.stop()
+
+    engine = Engine(EngineConfig(**args["cfg"]), emit)
+    it = iter(flows)
+
+    async def main():
+        task = asyncio.ensure_future(engine.run(it))
+        t0 = time.perf_counter()
+        while not task.done():
+            hs = engine.hosts.get("127.0.0.1")
+            if hs is not None:
+                peak["inflight"] = max(peak.get("inflight", 0), hs.inflight)
+            if args.get("cancel_after") and len(out) >= args["cancel_after"]:
+                task.cancel()  # the hard stop (a second Ctrl-C)
+                break
+            await asyncio.sleep(0.001)
+        try:
+            await task
+        except asyncio.CancelledError:
+            for f in it:  # as the runner does: the rest of the plan, once each
+                out.append([f.port, "error", "interrupted", 0])
+        return time.perf_counter() - t0
+
+    loop = new_loop("uvloop")
+    elapsed = loop.run_until_complete(main())
+    print(json.dumps({"results": out, "peak": peak.get("inflight", 0), "elapsed": elapsed,
+                      "stats": {"retries": engine.stats.retries,
+                                "attempts": engine.stats.attempts}}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def drop_ns():
+    if shutil.which("ip") is None or shutil.which("nft") is None:
+        pytest.skip("needs ip and nft")
+    ns = f"{unique_lab_name()}-sw"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        rules = (
+            "table ip sweeptest {\n\tchain input {\n"
+            "\t\ttype filter hook input priority 0; policy accept;\n"
+            f"\t\ttcp dport {DROP_LO}-{DROP_HI} drop\n\t}}\n}}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True
+        )
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def child(ns: str, **args: object) -> dict:
+    cp = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", CHILD, json.dumps(args)],
+        capture_output=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stderr.decode()[-2000:]
+    return json.loads(cp.stdout)
+
+
+def once_each(res: dict, ports: list[int]) -> dict[int, list]:
+    got = [r[0] for r in res["results"]]
+    assert sorted(got) == sorted(ports), "every flow exactly once"
+    return {r[0]: r for r in res["results"]}
+
+
+def test_silent_ports_are_retried_and_filtered_with_a_per_host_cap(drop_ns: str) -> None:
+    ports = [*range(DROP_LO, DROP_LO + 40), *range(1000, 1100)]
+    cfg = {"timeout": 0.1, "retries": 1, "max_per_host": 8, "tcp_method": "syn"}
+    res = child(drop_ns, ports=ports, cfg=cfg)
+    by = once_each(res, ports)
+    assert res["peak"] == 8  # the cap was reached and never passed
+    for p in range(DROP_LO, DROP_LO + 40):
+        assert by[p][1:3] == ["filtered", "no-response"]
+        assert by[p][3] >= 2  # retried (the prior: 2 retries before 20 answers)
+    for p in range(1000, 1100):
+        assert by[p][1:4] == ["closed", "reset", 1]
+
+
+def test_rate_is_kept(drop_ns: str) -> None:
+    ports = list(range(2000, 2300))
+    res = child(drop_ns, ports=ports, cfg={"timeout": 0.2, "rate": 1000.0, "tcp_method": "syn"})
+    once_each(res, ports)
+    assert res["elapsed"] >= 0.9 * (len(ports) - 1) / 1000.0
+
+
+def test_graceful_stop_finishes_in_flight_without_retries(drop_ns: str) -> None:
+    # 200 closed ports answer at once; the stop comes with the 200th result, when the silent
+    # ports behind them are in flight: they end after one attempt, the rest is interrupted
+    silent = list(range(DROP_LO, DROP_LO + 100))
+    ports = [*range(3000, 3200), *silent, *range(3200, 6000)]
+    cfg = {"timeout": 0.2, "concurrency": 64, "tcp_method": "syn"}
+    res = child(drop_ns, ports=ports, cfg=cfg, stop_after=200)
+    by = once_each(res, ports)
+    assert all(by[p][1:] == ["closed", "reset", 1] for p in range(3000, 3200))
+    ended = [p for p in silent if by[p][2] != "interrupted"]
+    assert ended, "silent ports were in flight at the stop"
+    assert all(by[p][1:] == ["filtered", "no-response", 1] for p in ended)  # no retry
+    rest = [r for p, r in by.items() if p not in ended and not 3000 <= p < 3200]
+    assert rest and all(r[1:] == ["error", "interrupted", 0] for r in rest)
+
+
+def test_hard_stop_reports_every_flow_once(drop_ns: str) -> None:
+    ports = [*range(DROP_LO, DROP_HI + 1), *range(3000, 5000)]
+    cfg = {"timeout": 0.5, "concurrency": 256, "tcp_method": "syn"}
+    res = child(drop_ns, ports=ports, cfg=cfg, cancel_after=100)
+    by = once_each(res, ports)
+    interrupted = [p for p, r in by.items() if r[2] == "interrupted"]
+    assert interrupted, "the cancel came while flows were in flight"
+    assert all(by[p][1:] == ["error", "interrupted", 0] for p in interrupted)
+    # silent ports still in flight at the cancel are among them, never a false filtered
+    assert all(by[p][1] != "filtered" or by[p][3] >= 1 for p in by)
+
+
+def test_a_host_name_is_resolved_then_probed(listen) -> None:  # noqa: F811
+    """A planned destination may be a name (an endpoint outside the inventory): the sweep
+    hands it to the engine's per-flow path, which resolves it, instead of sending a SYN to a
+    name whose answer could never match (it would read as filtered)."""
+    import socket
+
+    if socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0] != LOCAL:
+        pytest.skip("localhost does not resolve to 127.0.0.1 first here")
+    lst = listen()
+    closed = freed_port()
+    flows = [Flow("localhost", lst.port), Flow("localhost", closed), Flow(LOCAL, lst.port)]
+    results, engine = run(EngineConfig(timeout=0.5, tcp_method="syn"), flows)
+    got = sorted((r.flow.port, r.state, r.reason) for r in results)
+    assert got == sorted(
+        [(lst.port, "open", "syn-ack"), (closed, "closed", "reset"), (lst.port, "open", "syn-ack")]
+    )
+    assert engine.stats.tcp_method == "syn"
