@@ -21,3 +21,11 @@ class InventoryError(InputError):
 
 class PrivilegeError(ScannerError):
     """The operation needs a privilege this process does not hold (root, CAP_NET_RAW, CAP_NET_ADMIN)."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for input the plan cannot follow fully (the run goes on)."""
+    import sys
+
+    sys.stderr.write(f"portmesh: warning: {message}\n")
+    sys.stderr.flush()

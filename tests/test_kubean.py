@@ -187,7 +187,9 @@ def test_templates_resolve_recursively():
     "template",
     [
         "{{ undefined_var }}",
-        "{{ registry_host | default('x') }}",
+        "{{ registry_host | regex_replace('a', 'b') }}",
+        "{{ 'bird' if true else 'vxlan' }}",
+        "{{ x | default(y) }}",
         "{{ ansible_system | lower }}",
         "{% if x %}a{% endif %}",
         "{{ a }}-{{ undefined_var }}",
@@ -240,14 +242,14 @@ def test_resolved_template_feeds_the_config_and_the_source_shows_it():
 def test_unresolved_known_variable_is_reported_and_treated_as_unset():
     cfg = config(
         registry_host="{{ groups['bootstrap'][0] }}:5000",
-        calico_vxlan_mode="{{ my_mode | default('Never') }}",
+        calico_vxlan_mode="{{ my_mode | mandatory }}",
         files_repo="{{ nowhere }}",  # an endpoint variable (issue 13): reported too
     )
     assert cfg.registry is None
     assert feature(cfg, "vxlan") is True  # the kubespray default, not a guess
     assert cfg.unresolved == {
         "registry_host": "{{ groups['bootstrap'][0] }}:5000",
-        "calico_vxlan_mode": "{{ my_mode | default('Never') }}",
+        "calico_vxlan_mode": "{{ my_mode | mandatory }}",
         "files_repo": "{{ nowhere }}",
     }
     assert "unresolved" in cfg.features["vxlan"].source
@@ -370,7 +372,7 @@ def test_parse_port_range(text, expected):
         ("http://h", 9000, ("h", 80)),
         ("h/v2/library", 443, ("h", 443)),
         ("user@h:5000", 443, ("h", 5000)),
-        ("ftp://h", 9000, ("h", 9000)),
+        ("ftp://h", 9000, ("h", 21)),  # review 13 item 14: ftp is port 21
         ("h:0", 443, None),
         ("", 443, None),
         ("http://", 443, None),

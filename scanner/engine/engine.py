@@ -19,15 +19,18 @@ socket, future and timer. A stateless probe (raw SYN) runs as a batch instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import ipaddress
 import itertools
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from scanner.core.flows import Flow
 from scanner.core.results import Result
@@ -35,6 +38,7 @@ from scanner.engine.neigh import PAUSES as NEIGH_PAUSES
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.neigh import RETRIES as NEIGH_RETRIES
 from scanner.engine.neigh import NeighGuard
+from scanner.errors import warn
 from scanner.probes.base import Outcome, ProbeOptions
 
 # Retries of a silent flow while there is no basis to estimate loss (fewer than 20 answers):
@@ -45,6 +49,35 @@ PRIOR_RETRIES_PORTLESS = 6
 
 RESOURCE_REASONS = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted"})
 
+
+_INTERRUPTED = "interrupted"
+
+
+def _resolve(name: str) -> asyncio.Future:
+    """getaddrinfo(name) in a daemon thread (the loop's executor would be joined at exit)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if fut.cancelled():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def work() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except BaseException as e:  # noqa: BLE001 - handed to the loop as is
+            error = e
+        with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
+            loop.call_soon_threadsafe(done, result, error)
+
+    threading.Thread(target=work, name=f"resolve {name}", daemon=True).start()
+    return fut
 
 @dataclass
 class EngineConfig:
@@ -204,6 +237,7 @@ class Engine:
         # plans carry host names only for endpoints outside the inventory (a registry's name)
         self._addrs: dict[str, str] = {}
         self._resolving: dict[str, asyncio.Future] = {}
+        self._stop_event = asyncio.Event()  # set by stop(): name lookups give up at once
         self.unresolved: dict[str, str] = {}  # name -> the resolver's error, for messages
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -215,6 +249,7 @@ class Engine:
         if not self.stopping:
             self.stopping = True
             self.stats.interrupted = interrupted
+            self._stop_event.set()
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
         from scanner.core.privileges import fd_budget
@@ -435,17 +470,31 @@ class Engine:
         return addr
 
     async def _getaddrinfo(self, name: str) -> str:
+        """The resolver, bounded by the flow's time budget (--timeout per attempt), in a daemon
+        thread: a resolver that hangs (DNS down) neither holds the run nor delays Ctrl-C."""
+        budget = self.cfg.timeout * (1 + self.cfg.retries)
+        res = _resolve(name)
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        await asyncio.wait({res, stop}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not res.done():
+            res.cancel()
+            if self.stopping:  # Ctrl-C: the flow is interrupted, not unresolved
+                self.unresolved[name] = _INTERRUPTED
+                return ""
+            return self._no_address(name, f"no answer from the resolver within {budget:g}s")
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                name, None, type=socket.SOCK_STREAM
-            )
+            infos = res.result()
         except (OSError, UnicodeError) as e:
-            self.unresolved[name] = getattr(e, "strerror", None) or str(e)
-            return ""
+            return self._no_address(name, getattr(e, "strerror", None) or str(e))
         if not infos:
-            self.unresolved[name] = "no address"
-            return ""
+            return self._no_address(name, "no address")
         return str(infos[0][4][0])
+
+    def _no_address(self, name: str, why: str) -> str:
+        self.unresolved[name] = why
+        warn(f"{name} does not resolve here ({why}); its flows are unknown, not failed")
+        return ""
 
     async def _probe_flow(self, flow: Flow, prober: object = None) -> Result:
         """One flow through ``prober`` (default: the one for its protocol), retries included."""
@@ -453,6 +502,8 @@ class Engine:
         if addr is None:
             addr = await self._address(flow.dst)
         if addr != flow.dst:
+            if not addr and self.unresolved.get(flow.dst) is _INTERRUPTED:
+                return Result(flow, "error", "interrupted", None, 0)
             if not addr:
                 self.stats.skipped["unresolved"] = self.stats.skipped.get("unresolved", 0) + 1
                 return Result(flow, "error", "unresolved", None, 0)

@@ -36,6 +36,21 @@ from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
 
 VARS_EXTS = ("", ".yml", ".yaml", ".json")
+# ansible-core's INVENTORY_IGNORE_EXTS default (REJECT_EXTS + .orig, .cfg, .retry)
+IGNORED_EXTS = (
+    ".pyc",
+    ".pyo",
+    ".swp",
+    ".bak",
+    "~",
+    ".rpm",
+    ".md",
+    ".txt",
+    ".rst",
+    ".orig",
+    ".cfg",
+    ".retry",
+)
 # kubespray roles/dynamic_groups: group -> the groups whose hosts it gets (in kubespray's order)
 KUBESPRAY_GROUPS: dict[str, tuple[str, ...]] = {
     "kube_control_plane": ("kube-master",),
@@ -148,7 +163,7 @@ class VarsDir:
         return [
             (_entry_name(n), folder / n)
             for n in sorted(os.listdir(folder))
-            if not n.startswith(".")
+            if not n.startswith(".") and not n.endswith((*IGNORED_EXTS, ".ini"))
         ]
 
     def check_hosts(self, known: Iterable[str], where: str) -> None:
@@ -374,14 +389,29 @@ def cluster_layers(
             got = by_signature[key] = _decided(layers, names)
         if got == ref:
             continue
-        for n in names:
-            if got.get(n) != ref.get(n):
-                raise InventoryError(
-                    f"{where}: variable {n} is {_said(ref, n)} on {first.name} ({origin(ref_layers, n)})"
-                    f" but {_said(got, n)} on {h.name} ({origin(layers, n)}); portmesh plans one"
-                    " configuration per cluster: set it for all nodes (group_vars/k8s_cluster)"
-                    " or give these hosts as a cluster of their own"
-                )
+        differ = [n for n in names if got.get(n) != ref.get(n)]
+        # blame a variable set differently, not one whose template merely refers to it
+        # (kube_image_repo: "{{ registry_host }}" differs when registry_host does)
+        ref_raw, raw = chain(ref_layers), chain(layers)
+        written = [n for n in differ if ref_raw.get(n) != raw.get(n)]
+        if written:
+            n, a, b = written[0], ref, got
+        else:
+            base = sorted(
+                r for r in _referenced(layers, differ) if ref_raw.get(r) != raw.get(r)
+            )
+            if base:
+                n = base[0]
+                a = {n: _scalar(ref_raw[n])} if n in ref_raw else {}
+                b = {n: _scalar(raw[n])} if n in raw else {}
+            else:
+                n, a, b = differ[0], ref, got
+        raise InventoryError(
+            f"{where}: variable {n} is {_said(a, n)} on {first.name} ({origin(ref_layers, n)})"
+            f" but {_said(b, n)} on {h.name} ({origin(layers, n)}); portmesh plans one"
+            " configuration per cluster: set it for all nodes (group_vars/k8s_cluster)"
+            " or give these hosts as a cluster of their own"
+        )
     return ref_layers
 
 

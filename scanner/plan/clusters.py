@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 
 from scanner.core.model import Cluster, Host
-from scanner.errors import InventoryError
+from scanner.errors import InventoryError, warn
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import CliVars, chain, cluster_layers, host_layers, origin
 from scanner.plan.inventory_files import (
@@ -22,7 +22,7 @@ from scanner.plan.inventory_files import (
     NODE_GROUPS,
     Inventory,
 )
-from scanner.plan.kubean import VarsLayer
+from scanner.plan.kubean import VarsLayer, redact
 
 ADDRESS_VARS = ("access_ip", "ip", "ansible_host")
 ADDRESS6_VARS = ("access_ip6", "ip6")  # kubespray's per-host IPv6 addresses (dual stack)
@@ -194,6 +194,20 @@ def cluster_of(
     """A cluster from its hosts and every host's variable layers (one configuration, checked)."""
     layers = cluster_layers(hosts, per_host, where or src_name)
     config = kubean.cluster_config(layers)
+    for name, raw in config.unresolved.items():
+        if raw == str(kubean.VAULTED):
+            warn(
+                f"{origin(layers, name)}: variable {name} is vault-encrypted (!vault) and"
+                f" portmesh has no vault password; {kubean.instead(name)}: set {name} to a plain"
+                " value with --vars to check what the cluster uses"
+            )
+            continue
+        warn(
+            f"{origin(layers, name)}: variable {name}={redact(raw)!r} is a template portmesh"
+            f" cannot follow (it follows {{{{ name }}}} references and the filters int, string,"
+            f" default, lower, upper, trim, bool); {kubean.instead(name)}: set {name} to a plain"
+            " value (e.g. with --vars) to check what the cluster uses"
+        )
     found: dict[str, str] = {}
     vip = kubean.kube_api_vip(layers)
     if vip is not None:

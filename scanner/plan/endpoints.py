@@ -24,6 +24,7 @@ from typing import Any
 
 from scanner.core.model import Endpoint
 from scanner.errors import InventoryError
+from scanner.plan.templates import UNRESOLVED, VAULTED, Vaulted, eval_expr, redact
 
 PRIMARY = ("registry_host", "minio_address", "files_repo")
 BASE_URLS = (
@@ -36,17 +37,44 @@ BASE_URLS = (
     "ubuntu_repo",
 )
 _EXPR = re.compile(r"\{\{((?:(?!\}\}).)*?)\}\}", re.S)
-_NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\Z")
-_MISSING = object()
+
+
+def _unset(value: Any) -> Any:
+    return UNRESOLVED if value is None else value
+
+
+# URL and host:port lists: registry mirrors (Kubean's air-gap example sets the containerd ones)
+LISTS = ("containerd_registries_mirrors", "docker_registry_mirrors", "docker_insecure_registries")
+PROXIES = ("http_proxy", "https_proxy")
+SUFFIXES = ("_image_repo", "_download_url", "_repo_base_url", "_install_url")
+_STRUCT_KEYS = ("host", "url", "mirrors")  # where a list's items keep their URL
 
 
 def is_endpoint_var(name: str) -> bool:
     return (
         name in PRIMARY
         or name in BASE_URLS
-        or name.endswith("_image_repo")
-        or name.endswith("_download_url")
+        or name in LISTS
+        or name in PROXIES
+        or name.endswith(SUFFIXES)
     )
+
+
+def _items(label: str, value: Any) -> list[tuple[str, Any]]:
+    """(label, scalar) for every URL a value holds: the value itself, or a list's items, or the
+    ``host`` / ``url`` / ``mirrors`` of its mappings (containerd_registries_mirrors)."""
+    if isinstance(value, list):
+        out: list[tuple[str, Any]] = []
+        for i, item in enumerate(value):
+            out.extend(_items(f"{label}[{i}]", item))
+        return out
+    if isinstance(value, dict) and "__ansible_vault" not in value:
+        out = []
+        for key in _STRUCT_KEYS:
+            if key in value:
+                out.extend(_items(f"{label}.{key}", value[key]))
+        return out
+    return [(label, value)]
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -64,9 +92,8 @@ def _prefix(raw: str, lookup: Callable[[str], Any]) -> tuple[str, bool]:
     pos = 0
     for m in _EXPR.finditer(raw):
         out.append(raw[pos : m.start()])
-        name = _NAME.match(m.group(1))
-        value = lookup(name.group(1)) if name else _MISSING
-        if value is _MISSING or isinstance(value, (dict, list)) or value is None:
+        value = eval_expr(m.group(1), lambda n: _unset(lookup(n)))
+        if value is UNRESOLVED or isinstance(value, (dict, list)) or value is None:
             return "".join(out), False
         out.append(str(value))
         pos = m.end()
@@ -98,8 +125,48 @@ def authority(
         text, default = host, 9000 if name == "minio_address" else 443
     hp = parse(text, default)
     if hp is None:
-        raise InventoryError(f"variable {name}: {raw!r} does not point at a host[:port]")
+        raise InventoryError(
+            redact(f"variable {name}: {raw!r} does not point at a host[:port]")
+        )
     return hp
+
+
+LB = "loadbalancer_apiserver"
+
+
+def _loadbalancer(
+    raw: Mapping[str, Any],
+    lookup: Callable[[str], Any],
+    source: Callable[[str], str],
+    parse: Callable[[str, int], Any],
+) -> tuple[str, int] | None:
+    """kubespray's external API load balancer: ``loadbalancer_apiserver.address`` at
+    ``.port | default(kube_apiserver_port)``, the API endpoint every node uses."""
+    lb = raw.get(LB)
+    if not isinstance(lb, dict) or not isinstance(lb.get("address"), str):
+        return None
+    where = source(LB).split(": ", 1)[0]
+    port = lb.get("port")
+    if port is None:
+        port = lookup("kube_apiserver_port")
+    if port is None:
+        port = 6443
+    text = f"{lb['address'].strip()}:{str(port).strip()}"
+    if ":" in lb["address"].strip():  # IPv6
+        text = f"[{lb['address'].strip()}]:{str(port).strip()}"
+    hp = parse(text, 6443)
+    if hp is None:
+        raise InventoryError(
+            f"{where}: variable {LB}: address {lb['address']!r} port {port!r} is not host:port"
+        )
+    return hp
+
+
+def _source(source: Callable[[str], str], label: str, var_of: Mapping[str, str]) -> str:
+    name = var_of.get(label, label)
+    if name == label:
+        return source(name)
+    return f"{source(name).split(': ', 1)[0]}: {label}"
 
 
 def endpoints(
@@ -115,20 +182,33 @@ def endpoints(
     """
     found: dict[tuple[str, int], list[str]] = {}
     unresolved: dict[str, str] = {}
+    var_of: dict[str, str] = {}
     for name in sorted((n for n in raw if is_endpoint_var(n)), key=_order):
-        value = raw[name]
-        if value is None or value == "":
-            continue
-        try:
-            hp = authority(name, value, lookup, parse)
-        except InventoryError as e:
-            raise InventoryError(f"{source(name).split(': ', 1)[0]}: {e}") from None
-        if hp is None:
-            unresolved[name] = str(value)
-            continue
-        found.setdefault((hp[0], hp[1]), []).append(name)
+        for label, value in _items(name, raw[name]):
+            if value is None or value == "":
+                continue
+            if isinstance(value, (Vaulted, dict)):
+                unresolved[name] = str(VAULTED)
+                continue
+            if not isinstance(value, str):
+                raise InventoryError(
+                    f"{source(name).split(': ', 1)[0]}: variable {label}: {value!r} is not a URL"
+                    " or host[:port]"
+                )
+            try:
+                hp = authority(label, value, lookup, parse)
+            except InventoryError as e:
+                raise InventoryError(f"{source(name).split(': ', 1)[0]}: {e}") from None
+            if hp is None:
+                unresolved[name] = str(value)
+                continue
+            found.setdefault((hp[0], hp[1]), []).append(label)
+            var_of[label] = name
+    lb = _loadbalancer(raw, lookup, source, parse)
+    if lb is not None:
+        found.setdefault(lb, []).insert(0, LB)
     out = tuple(
-        Endpoint(names[0], host, port, tuple(names), source(names[0]))
+        Endpoint(names[0], host, port, tuple(names), _source(source, names[0], var_of))
         for (host, port), names in found.items()
     )
     return out, unresolved

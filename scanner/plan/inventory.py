@@ -110,6 +110,12 @@ def _validated(site: Site) -> Site:
             seen.setdefault(h.name, c.name)
             clusters_of.setdefault(h.name, set()).add(c.name)
             other = owner.setdefault(_norm(h.address), (h.name, c.name))
+            if other[1] == c.name and other[0] != h.name:
+                raise InventoryError(
+                    f"{site.source}: hosts {other[0]} and {h.name} of cluster {c.name} both have"
+                    f" address {h.address}; a flow between them would check nothing (give every"
+                    " host its own address: access_ip, ip or ansible_host)"
+                )
             if other[1] != c.name:
                 raise InventoryError(
                     f"{site.source}: address {h.address} is host {other[0]} of cluster {other[1]}"

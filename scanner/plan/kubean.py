@@ -26,6 +26,14 @@ import yaml
 
 from scanner.core.model import ClusterConfig, Setting
 from scanner.errors import InventoryError
+from scanner.plan.templates import (
+    _SCALARS,
+    UNRESOLVED,
+    VAULTED,
+    Vaulted,
+    eval_expr,
+    redact,
+)
 
 try:  # the C loader is ~10x faster on large inventories; same safe semantics
     _Loader: Any = yaml.CSafeLoader
@@ -57,6 +65,31 @@ KNOWN_VARS = (
     "minio_address",
 )
 
+# What the plan does when one of KNOWN_VARS does not resolve (for the warning line).
+INSTEAD = {
+    "kube_network_plugin": "kubespray's default calico",
+    "calico_network_backend": "kubespray's default vxlan (no BGP, TCP 179)",
+    "calico_vxlan_mode": "kubespray's default Always",
+    "calico_ipip_mode": "kubespray's default Never",
+    "calico_wireguard_enabled": "the default false (no WireGuard ports)",
+    "enable_dual_stack_networks": "the default false (IPv4 only)",
+    "ipv6_stack": "the default false (IPv4 only)",
+    "typha_enabled": "the default false (no Typha port)",
+    "metallb_enabled": "the default false (no MetalLB ports)",
+    "kube_vip_enabled": "the default false (no kube-vip)",
+    "kube_vip_address": "no kube-vip VIP",
+    "kube_apiserver_port": "kubespray's default 6443",
+    "kube_apiserver_node_port_range": "kubespray's default 30000-32767",
+}
+
+
+def instead(name: str) -> str:
+    """What the plan does in place of following variable ``name``."""
+    if name in INSTEAD:
+        return f"the plan uses {INSTEAD[name]}"
+    return "no flow to that host is planned"
+
+
 CALICO_MODES = ("Always", "CrossSubnet", "Never")
 CALICO_BACKENDS = ("bird", "vxlan", "none")
 _TRUE = ("true", "yes", "on", "1")
@@ -79,10 +112,37 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise InventoryError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+class _AnsibleLoader(_Loader):  # type: ignore[misc, valid-type]
+    """The safe loader plus Ansible's tags: ``!vault`` (kept as VAULTED), ``!unsafe`` (a plain
+    string: it only stops Jinja from rendering it)."""
+
+
+def _vault(loader: Any, node: Any) -> Vaulted:
+    return VAULTED
+
+
+def _unsafe(loader: Any, node: Any) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_mapping(node, deep=True)
+
+
+_AnsibleLoader.add_constructor("!vault", _vault)
+_AnsibleLoader.add_constructor("!unsafe", _unsafe)
+VAULT_HEADER = "$ANSIBLE_VAULT;"
+
+
 def load_yaml_documents(text: str, where: str) -> list[Any]:
     """All YAML documents of ``text`` (None for empty ones), errors with the line number."""
+    if text.lstrip().startswith(VAULT_HEADER):
+        raise InventoryError(
+            f"{where}: vault-encrypted: run `ansible-inventory -i INVENTORY --list"
+            " --vault-password-file FILE > inv.json` and give portmesh inv.json"
+        )
     try:
-        return list(yaml.load_all(text, Loader=_Loader))
+        return list(yaml.load_all(text, Loader=_AnsibleLoader))
     except yaml.YAMLError as e:
         raise yaml_error(where, e) from None
     except (ValueError, TypeError, RecursionError) as e:  # e.g. bad timestamps, deep nesting
@@ -225,10 +285,9 @@ def merge_vars(layers: Sequence[VarsLayer]) -> MergedVars:
 
 # --------------------------------------------------------------------------- Jinja references
 
-_UNRESOLVED = object()
+_UNRESOLVED = UNRESOLVED
 _EXPR = re.compile(r"\{\{((?:(?!\}\}).)*?)\}\}", re.S)  # one {{ ... }}, never across "}}"
 _NAME = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\Z")
-_SCALARS = (str, int, float, bool)
 MAX_RENDERED = 65536
 
 
@@ -245,16 +304,13 @@ def _render(template: str, lookup: Callable[[str], Any]) -> Any:
         return _UNRESOLVED  # an unbalanced brace pair
     whole = _EXPR.fullmatch(template.strip())
     if whole and template == template.strip():
-        m = _NAME.match(whole.group(1))
-        if not m:
-            return _UNRESOLVED
-        return lookup(m.group(1))  # "{{ x }}" keeps x's type, as Ansible's native rendering does
+        # "{{ x }}" keeps x's type, as Ansible's native rendering does
+        return eval_expr(whole.group(1), lookup)
     failed = False
 
     def sub(m: re.Match[str]) -> str:
         nonlocal failed
-        name = _NAME.match(m.group(1))
-        value = lookup(name.group(1)) if name else _UNRESOLVED
+        value = eval_expr(m.group(1), lookup)
         if value is _UNRESOLVED or not isinstance(value, _SCALARS):
             failed = True
             return ""
@@ -282,6 +338,8 @@ def resolve_templates(
         if name not in values:
             return _UNRESOLVED
         raw = values[name]
+        if isinstance(raw, Vaulted) or (isinstance(raw, dict) and "__ansible_vault" in raw):
+            return _UNRESOLVED
         if not is_template(raw):
             cache[name] = raw
             return raw
@@ -298,7 +356,9 @@ def resolve_templates(
     for name in values if names is None else (n for n in names if n in values):
         v = resolve(name, set())
         if v is _UNRESOLVED:
-            unresolved[name] = str(values[name])
+            raw = values[name]
+            vaulted = isinstance(raw, dict) and "__ansible_vault" in raw
+            unresolved[name] = str(VAULTED if vaulted else raw)
         else:
             resolved[name] = v
     return resolved, unresolved
@@ -324,19 +384,19 @@ class _Vars:
         shown = _show(self.values[name])
         if is_template(raw):
             shown = f"{raw} -> {shown}"
-        return f"{self.origin[name]}: {name}={shown}"
+        return redact(f"{self.origin[name]}: {name}={shown}")
 
     def default(self, name: str, value: Any = None) -> str:
         said = (
             f"{DEFAULT}: {name}={_show(value)}" if value is not None else f"{DEFAULT}: {name} unset"
         )
         if name in self.unresolved:
-            return f"{said}; {name} unresolved: {self.unresolved[name]}"
+            return redact(f"{said}; {name} unresolved: {self.unresolved[name]}")
         return said
 
     def error(self, name: str, why: str) -> InventoryError:
         return InventoryError(
-            f"{self.origin[name]}: variable {name}: {why} (got {self.raw[name]!r})"
+            redact(f"{self.origin[name]}: variable {name}: {why} (got {self.raw[name]!r})")
         )
 
     def boolean(self, name: str, default: bool) -> tuple[bool, str]:
@@ -419,6 +479,8 @@ def parse_host_port(value: Any, default_port: int) -> tuple[str, int] | None:
             default_port = 80
         elif scheme == "https":
             default_port = 443
+        elif scheme == "ftp":
+            default_port = 21
     else:
         text = "//" + text
     try:
@@ -508,12 +570,12 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
         nodeport_range = Setting((30000, 32767), v.default(name, "30000-32767"))
 
     registry = minio = None
-    if v.has("registry_host"):
+    if v.has("registry_host") and v.values["registry_host"] != "":
         hp = parse_host_port(v.values["registry_host"], 443)
         if hp is None:
             raise v.error("registry_host", "not host:port")
         registry = Setting(hp, v.source("registry_host"))
-    if v.has("minio_address"):
+    if v.has("minio_address") and v.values["minio_address"] != "":
         hp = parse_host_port(v.values["minio_address"], 9000)
         if hp is None:
             raise v.error("minio_address", "not a URL like http://host:9000")
@@ -527,7 +589,7 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
     def source(name: str) -> str:
         if name in v.values:
             return v.source(name)
-        return f"{v.origin[name]}: {name}={v.raw[name]}"
+        return redact(f"{v.origin[name]}: {name}={v.raw[name]}")
 
     found, partial = endpoints(v.raw, lookup, source, parse_host_port)
     unresolved = {

@@ -49,6 +49,7 @@ from scanner.catalog import Catalog, Requirement, expand_ports
 from scanner.core.flows import Flow
 from scanner.core.model import Cluster, ClusterConfig, Host, Setting, Site
 from scanner.core.ports import parse_ports
+from scanner.plan.kubean import redact
 from scanner.plan.selection import Selection
 
 NODE_ROLES = frozenset({"node", "control_plane", "worker"})
@@ -288,7 +289,9 @@ def _endpoint_req(name: str, port: int | None) -> Requirement:
         ports=None if port is None else str(port),
         description=f"{name}: a host outside the inventory every node pulls from",
         dst_role="node",
-        src_roles=("node",),
+        # kubespray's container-engine and download roles run on k8s_cluster:etcd; only nodes
+        # use the API load balancer
+        src_roles=("node",) if name == "loadbalancer_apiserver" else ("node", "etcd"),
         reference="kubespray variables (registry, files, mirrors)",
         section="endpoint",
     )
@@ -322,7 +325,7 @@ def _endpoint_legs(
                 _endpoint_req(name, None),
                 k,
                 False,
-                f"{name}={raw!r}: the template does not resolve to a host here; not planned",
+                redact(f"{name}={raw!r}: the template does not resolve to a host here; not planned"),
             )
 
 
@@ -443,6 +446,11 @@ def _leg(req: Requirement, k: Cluster, eff: Effective, site: Site, sel: Selectio
         return Leg(req, k, True, dst_why if always else f"{dst_why}; {why}")
     if dst_why:
         why = f"{why}; {dst_why}"
+    if req.dst_role == "vip:kube_api":
+        for e in k.config.endpoints:  # kubespray: loadbalancer_apiserver.port wins
+            if e.name == "loadbalancer_apiserver" and any(d[1] == e.host for d in dsts):
+                ports = (e.port,)
+                why = f"{why}; port {e.port} ({e.source})"
     srcs = _srcs(req, k, site, sel)
     if not srcs:
         roles = ", ".join(req.src_roles)
@@ -506,7 +514,7 @@ def _ports(
         var = _PLACEHOLDER_VARS[name]
         s = eff.port_setting(name)
         if var in eff.config.unresolved:
-            notes.append(f"{var} unresolved ({eff.config.unresolved[var]!r})")
+            notes.append(redact(f"{var} unresolved ({eff.config.unresolved[var]!r})"))
         if s is not None:
             notes.append(f"{name} {values[name]} {_src(s.source)}")
     spec = expand_ports(req.ports, values)

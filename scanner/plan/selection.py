@@ -214,15 +214,22 @@ def _selection_options(f: Callable[..., Any], exclude: tuple[str, ...]) -> Calla
             "-i",
             "inventory",
             multiple=True,
-            metavar="FILE",
-            help="Kubespray/Kubean inventory (YAML, INI, hosts ConfigMap) or site file; repeatable.",
+            metavar="FILE|DIR",
+            help=(
+                "Kubespray/Kubean inventory: INI, YAML, ansible-inventory --list JSON, Kubean"
+                " ConfigMaps/Cluster file, a site file, or an inventory folder (read with its"
+                " group_vars/ and host_vars/); repeatable."
+            ),
         ),
         click.option(
             "--vars",
             "vars_files",
             multiple=True,
-            metavar="FILE",
-            help="kubespray group_vars YAML or a vars ConfigMap; repeatable, later wins.",
+            metavar="FILE|DIR",
+            help=(
+                "Variables above the inventory's: a YAML/JSON vars file, a vars ConfigMap, or a"
+                " group_vars/ folder (applied by group); repeatable, later wins."
+            ),
         ),
         click.option(
             "--hosts",

@@ -17,7 +17,9 @@ An ``--inventory`` is a file or a folder:
 
 A ``--vars`` is a vars file (YAML/JSON, or ConfigMaps with ``data["group_vars.yml"]``), a
 ``group_vars`` folder (entries named after groups, applied to the hosts of those groups as
-Ansible applies them), or another folder, whose files apply to every host in lexical order.
+Ansible applies them), or another folder, whose files apply to every host in lexical order. A
+folder holding ``group_vars/`` or ``host_vars/`` (an inventory folder) is refused: its host_vars
+would otherwise apply to every host.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scanner.errors import InventoryError
+from scanner.errors import InventoryError, warn
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import (
+    IGNORED_EXTS,
     CliVars,
     VarsDir,
     add_kubespray_groups,
@@ -48,21 +51,6 @@ from scanner.plan.inventory_files import (
 )
 from scanner.plan.kubean import VarsLayer
 
-# ansible-core's INVENTORY_IGNORE_EXTS default (REJECT_EXTS + .orig, .cfg, .retry)
-IGNORED_EXTS = (
-    ".pyc",
-    ".pyo",
-    ".swp",
-    ".bak",
-    "~",
-    ".rpm",
-    ".md",
-    ".txt",
-    ".rst",
-    ".orig",
-    ".cfg",
-    ".retry",
-)
 IGNORED_NAMES = ("group_vars", "host_vars", "vars_plugins")
 
 
@@ -181,6 +169,11 @@ def _ansible_file(path: str, text: str, docs: list[Any] | None) -> Inventory:
         raise InventoryError(f"{path}: several YAML documents, but none is a Kubernetes object")
     if looks_like_ansible_json(first):
         return parse_ansible_json(first, path)
+    if isinstance(first, dict) and isinstance(first.get("plugin"), str):
+        raise InventoryError(
+            f"{path}: an inventory plugin configuration (plugin: {first['plugin']}); portmesh"
+            " runs no plugins: give it the output of `ansible-inventory -i INVENTORY --list`"
+        )
     return parse_yaml_inventory(first, path)
 
 
@@ -213,7 +206,25 @@ def read_inventory_file(path: str) -> list[ClusterSource] | SiteDoc:
     inv = _ansible_file(path, text, docs)
     if len(docs) == 1 and looks_like_ansible_json(first):
         beside = []  # ansible-inventory already merged group_vars/host_vars into _meta.hostvars
+        _check_json_groups(inv, path)
     return [ClusterSource(stem, inv, beside)]
+
+
+def _check_json_groups(inv: Inventory, path: str) -> None:
+    """ansible-inventory applies group_vars/k8s_cluster only when the inventory defines that
+    group; kubespray's own sample does not (kubespray adds it at run time), so such JSON lacks
+    those variables. portmesh cannot get them back: it says so."""
+    groups = {n for n, g in inv.groups.items() if g.defined and (g.hosts or g.children)}
+    if groups & {"kube_control_plane", "kube_node", "kube-master", "kube-node"} and not groups & {
+        "k8s_cluster",
+        "k8s-cluster",
+    }:
+        warn(
+            f"{path}: ansible-inventory JSON without a k8s_cluster group, so it holds no"
+            " group_vars/k8s_cluster/ variables (kubespray adds that group only at run time); give"
+            " portmesh the inventory folder, or add [k8s_cluster:children] kube_control_plane"
+            " kube_node calico_rr to the inventory before running ansible-inventory"
+        )
 
 
 def _inventory_files(folder: Path) -> list[Path]:
@@ -270,7 +281,16 @@ def load_cli_vars(paths: list[str]) -> CliVars:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            entries = {Path(n).stem for n in os.listdir(path) if not n.startswith(".")}
+            names = [n for n in os.listdir(path) if not n.startswith(".")]
+            entries = {Path(n).stem for n in names}
+            if path.name == "host_vars" or "host_vars" in names or (
+                path.name != "group_vars" and "group_vars" in names
+            ):
+                raise InventoryError(
+                    f"{p}: --vars takes a vars file or a group_vars folder, and this is an"
+                    " inventory folder (group_vars/, host_vars/): give it as --inventory, or"
+                    " give its group_vars/ as --vars"
+                )
             if path.name == "group_vars" or "all" in entries:
                 cli.items.append(VarsDir(path.parent, path.name))
             else:
