@@ -118,7 +118,7 @@ def big_report(tmp_path_factory) -> tuple[Path, dict[str, Counter]]:
         [sys.executable, "-m", "scanner", "report", str(results), "--format", "html", "-o", str(html)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert cp.returncode == 1, cp.stderr[-2000:]  # it holds failures
+    assert cp.returncode == 0, cp.stderr[-2000:]  # an export: written is success (docs/report.md)
     return html, expect
 
 
