@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from scanner.core.model import Cluster, Host
 from scanner.errors import InventoryError, warn
@@ -38,10 +39,11 @@ QUICK_ROLES: dict[str, frozenset[str]] = {
 # --------------------------------------------------------------------------- roles and hosts
 
 
-def _address(name: str, layers: Sequence[VarsLayer], where_inv: str) -> str:
-    """access_ip, else ip, else ansible_host of the host's merged variables (templates resolved)."""
-    view = chain(layers)
-    for var in ADDRESS_VARS:
+def _first_set(
+    name: str, view: Any, layers: Sequence[VarsLayer], names: Sequence[str]
+) -> tuple[str, Any, str] | None:
+    """The first of ``names`` the host sets: (variable, value with templates resolved, where)."""
+    for var in names:
         value = view.get(var)
         if value is None or (isinstance(value, str) and not value.strip()):
             continue
@@ -53,6 +55,15 @@ def _address(name: str, layers: Sequence[VarsLayer], where_inv: str) -> str:
                     f"{where}: host {name}: {var}={value!r} is a template that does not resolve"
                 )
             value = resolved[var]
+        return var, value, where
+    return None
+
+
+def _address(name: str, layers: Sequence[VarsLayer], where_inv: str) -> str:
+    """access_ip, else ip, else ansible_host of the host's merged variables (templates resolved)."""
+    got = _first_set(name, chain(layers), layers, ADDRESS_VARS)
+    if got is not None:
+        var, value, where = got
         if not isinstance(value, str) or not kubean.valid_address(value.strip()):
             raise InventoryError(f"{where}: host {name}: {var}={value!r} is not an address")
         return value.strip()
@@ -67,19 +78,9 @@ def _address(name: str, layers: Sequence[VarsLayer], where_inv: str) -> str:
 def _address6(name: str, layers: Sequence[VarsLayer], main: str) -> str | None:
     """A dual-stack host's IPv6 address: access_ip6, then ip6 (kubespray); an IPv6 main
     address (ansible_host/ip of an IPv6-only host) when neither is set."""
-    view = chain(layers)
-    for var in ADDRESS6_VARS:
-        value = view.get(var)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue
-        where = origin(layers, var)
-        if kubean.is_template(value):
-            resolved, _ = kubean.resolve_templates(view, [var])
-            if var not in resolved:
-                raise InventoryError(
-                    f"{where}: host {name}: {var}={value!r} is a template that does not resolve"
-                )
-            value = resolved[var]
+    got = _first_set(name, chain(layers), layers, ADDRESS6_VARS)
+    if got is not None:
+        var, value, where = got
         try:
             return str(ipaddress.IPv6Address(str(value).strip()))
         except ValueError:

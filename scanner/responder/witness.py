@@ -246,25 +246,14 @@ class Witness:
         self.sock6 = s6
         return None
 
-    def _on_packet6(self) -> None:
-        s = self.sock6
-        if s is None:
-            return
-        for _ in range(64):
-            try:
-                pkt, addr = s.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if len(addr) > 2 and addr[2] == PACKET_OUTGOING:
-                continue
-            rec = parse_probe6(pkt, self.secret)
-            if rec is not None:
-                self.on_probe(rec)
-
     def _on_packet(self) -> None:
-        s = self.sock
+        self._drain(self.sock, parse_probe)
+
+    def _on_packet6(self) -> None:
+        self._drain(self.sock6, parse_probe6)
+
+    def _drain(self, s: socket.socket | None, parse: Callable[[bytes, bytes], Any]) -> None:
+        """Read up to 64 captured packets and report the tagged probes among them."""
         if s is None:
             return
         for _ in range(64):
@@ -276,7 +265,7 @@ class Witness:
                 return
             if len(addr) > 2 and addr[2] == PACKET_OUTGOING:
                 continue  # our own host's probes leaving
-            rec = parse_probe(pkt, self.secret)
+            rec = parse(pkt, self.secret)
             if rec is not None:
                 self.on_probe(rec)
 
