@@ -444,9 +444,12 @@ _IN_FAULT = {
     ("ipip", "reject-admin"): ("filtered", "admin-prohibited"),
 }
 
-# the same fault in the source's output chain: TCP behaves as inbound; the others fail the send
+# the same fault in the source's output chain: TCP behaves as inbound, except that the ICMP
+# error of a reject-admin comes from this host itself (local-prohibited, not the far end's
+# admin-prohibited: the probes read the error's sender); the others fail the send
 _OUT_FAULT = {
     **{k: v for k, v in _IN_FAULT.items() if k[0] == "tcp"},
+    ("tcp", "reject-admin"): ("filtered", "local-prohibited"),
     **{(p, a): ("filtered", "send-eperm") for p in ("udp", "icmp", "ipip") for a in ACTIONS},
 }
 
