@@ -373,12 +373,7 @@ class Engine:
 
     def _module(self, proto: str) -> str:
         """The probe module for a prober key (see ``_V6_KEYS``; TCP: connect or raw SYN)."""
-        if proto == "tcp6":
-            # raw SYN is IPv4 only: IPv6 TCP is probed with connect() whatever --method says,
-            # and every such result and the summary say so
-            self._methods[proto] = ("ipv6", "connect")
-            return "tcp6"
-        if proto != "tcp":
+        if proto not in ("tcp", "tcp6"):
             return proto
         method = self.cfg.tcp_method
         if method == "auto":
@@ -388,6 +383,11 @@ class Engine:
                 self.cfg.probe_options.secret is None or self.cfg.token_sample > 0
             )
             method = "syn" if syn_ok else "connect"
+        if proto == "tcp6":
+            # the same method for both families: raw SYN over IPv6 is syn6.py, connect tcp6.py;
+            # every IPv6 TCP result says which (tcp_method), the summary per family
+            self._methods[proto] = ("ipv6", method)
+            return "syn6" if method == "syn" else "tcp6"
         self._methods[proto] = ("ipv4", method)
         return "syn" if method == "syn" else "tcp"
 
@@ -521,6 +521,9 @@ class Engine:
                 self._used[key] = prober
                 if key in self._methods:
                     self.stats.note_tcp_method(*self._methods[key])
+            if key == "tcp6" and hasattr(prober, "connect_prober") and self._token_due(flow):
+                # raw SYN over IPv6 runs here, not in the batch lane: its token sample too
+                prober = await prober.connect_prober()
         if isinstance(prober, _Refuser):
             o = prober.outcome
             self.stats.skipped[o.reason] = self.stats.skipped.get(o.reason, 0) + 1
@@ -644,7 +647,7 @@ class Engine:
 
 
 # IPv6 flows of these protocols go to a prober of their own (key -> module of that name):
-# ICMPv6 echo is another protocol on other sockets; TCP over IPv6 is always connect().
+# ICMPv6 echo is another protocol on other sockets; TCP over IPv6 is syn6 or tcp6 (_module).
 _V6_KEYS = {"tcp": "tcp6", "icmp": "icmp6"}
 
 
