@@ -126,7 +126,7 @@ def test_kernel_fills_the_checksum_over_the_ipv6_pseudo_header(v6_listener) -> N
 def _nmap6(target: str, ports: str, argv_prefix: list[str] | None = None, run=None) -> dict:
     """port -> (state, reason) from nmap -6 -sS (XML)."""
     argv = [*(argv_prefix or []), "nmap", "-6", "-sS", "-n", "-Pn", "--reason", "-T4",
-            "--max-retries", "1", "-p", ports, "-oX", "-", target]  # fmt: skip
+            "--max-retries", "1", "--max-rtt-timeout", "400ms", "-p", ports, "-oX", "-", target]  # fmt: skip
     cp = subprocess.run(argv, capture_output=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     out = {}

@@ -40,6 +40,7 @@ import orjson
 
 from scanner.core.model import natural_key
 from scanner.core.results import encode, new_scan_id, start_record, summary_record
+from scanner.core.tally import af_of
 from scanner.engine.engine import EngineConfig
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
@@ -564,7 +565,9 @@ class Mesh:
         """An agent's tally records (inside its ``done``): fold, count, write them."""
         for t in tallies:
             try:
-                host, dst, req, proto, flows, states, ports, src = t
+                # an agent of before issue 15 sends 8 fields (no af: it follows from dst)
+                host, dst, req, proto, flows, states, ports, src = t[:8]
+                af = t[8] if len(t) > 8 and t[8] in ("ipv4", "ipv6") else af_of(dst)
                 rec: dict[str, Any] = {
                     "type": "tally",
                     "scan_id": self.scan_id,
@@ -574,6 +577,7 @@ class Mesh:
                     "dst": dst,
                     "req": req,
                     "proto": proto,
+                    "af": af,
                     "flows": int(flows),
                     "states": {str(k): int(v) for k, v in states.items()},
                 }
