@@ -43,9 +43,12 @@ def test_syn6_template_fields() -> None:
     assert dict(t.options)["MSS"] == syn6.MSS6 == 1440
 
 
-def test_bpf6_program_is_whole_instructions() -> None:
-    prog = syn6.bpf6_port_range(61000, 65535)
-    assert len(prog) % 8 == 0 and len(prog) // 8 == 9
+def test_bpf_programs_for_both_families() -> None:
+    from scanner.probes.syn import bpf_port_range
+
+    v4, v6 = bpf_port_range(61000, 65535), bpf_port_range(61000, 65535, ipv6=True)
+    assert len(v4) == 10 * 8 and len(v6) == 9 * 8  # IPv6: no IP header length to load
+    assert v4[8:] != v6  # absolute loads, not indexed ones
 
 
 @pytest.mark.parametrize(
@@ -121,6 +124,33 @@ def test_kernel_fills_the_checksum_over_the_ipv6_pseudo_header(v6_listener) -> N
     del fresh.chksum  # scapy computes it over the IPv6 pseudo-header when building
     want = TCP(bytes(IPv6(src="::1", dst="::1") / fresh)[40:]).chksum
     assert t.chksum == want != 0
+
+
+@root
+def test_the_ipv6_filter_passes_only_answers_to_our_ports(v6_listener) -> None:
+    """The BPF program on a raw IPv6 socket: the RST to our source port passes, our own SYN
+    (to the far port, seen on loopback) does not."""
+    from scanner.probes.syn import _attach_filter, bpf_port_range
+
+    _, closed = v6_listener
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    rx.settimeout(1)
+    _attach_filter(rx, bpf_port_range(61000, 61999, ipv6=True))  # raises if the kernel refuses
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    tx.setsockopt(socket.IPPROTO_IPV6, syn6.IPV6_CHECKSUM, syn6.CSUM_OFFSET)
+    seen = []
+    try:
+        tx.sendto(syn6.syn6_packet(61234, closed, 777), ("::1", 0))
+        try:
+            while True:
+                data, _ = rx.recvfrom(256)
+                seen.append((int.from_bytes(data[0:2], "big"), int.from_bytes(data[2:4], "big"), data[13]))
+        except TimeoutError:
+            pass
+    finally:
+        rx.close()
+        tx.close()
+    assert seen == [(closed, 61234, 0x14)]  # RST+ACK only
 
 
 def _nmap6(target: str, ports: str, argv_prefix: list[str] | None = None, run=None) -> dict:

@@ -9,8 +9,7 @@ header + MSS option, MSS 1440 for IPv6) leaves its checksum 0 and needs no sourc
 Matching is syn.py's, stateless and keyed: the sequence number is ``syn.cookie`` of
 (destination, destination port, source port), a SYN-ACK or RST is ours only if it acknowledges
 cookie + 1. A raw IPv6 socket gets packets without their IPv6 header (the TCP header first, the
-sender in the address), so syn.py's IPv4 BPF program does not fit; one here checks the TCP
-header at offset 0. ICMPv6 errors quoting our SYNs come through the same socket's error queue
+sender in the address), so syn.py's BPF program reads the TCP header at offset 0 here. ICMPv6 errors quoting our SYNs come through the same socket's error queue
 (``IPV6_RECVERR``): the quoted TCP header (ports, sequence: the cookie), the original
 destination, the ICMPv6 type/code and its sender. ``classify`` turns them into outcomes exactly
 as for IPv4 and for connect(): any unreachable is ``filtered`` with the code's reason
@@ -32,21 +31,19 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Callable
 
 from scanner.core.flows import Flow
 from scanner.probes import classify
 from scanner.probes.base import Outcome, ProbeOptions, local_address
-from scanner.probes.deadlines import Deadlines
 from scanner.probes.rawrecv import send_to
 from scanner.probes.syn import (
     RCVBUF,
-    SPORT_HI,
-    SPORT_LO,
     TH_ACK,
     TH_RST,
     TH_SYN,
+    SynProber,
     _attach_filter,
+    bpf_port_range,
     cookie,
     set_rcvbuf,
 )
@@ -74,23 +71,6 @@ def syn6_packet(sport: int, dport: int, seq: int) -> bytes:
     return _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, 0, 0, 2, 4, MSS6)
 
 
-def bpf6_port_range(lo: int, hi: int) -> bytes:
-    """A classic BPF program for a raw IPv6 TCP socket (the TCP header at offset 0): accept only
-    packets whose destination port is in [lo, hi] and that carry SYN+ACK or RST."""
-    ins = [
-        (0x28, 0, 0, 2),  # ldh [2]: TCP destination port
-        (0x35, 0, 6, lo),  # jge lo ? next : drop
-        (0x25, 5, 0, hi),  # jgt hi ? drop : next
-        (0x30, 0, 0, 13),  # ldb [13]: TCP flags
-        (0x45, 2, 0, TH_RST),  # jset RST ? accept : next
-        (0x54, 0, 0, TH_SYN | TH_ACK),  # and SYN|ACK
-        (0x15, 0, 1, TH_SYN | TH_ACK),  # jeq SYN|ACK ? accept : drop
-        (0x06, 0, 0, 0xFFFF),  # accept
-        (0x06, 0, 0, 0),  # drop
-    ]
-    return b"".join(struct.pack("HBBI", *i) for i in ins)
-
-
 def canonical6(addr: str) -> str:
     """The one spelling of an IPv6 address the kernel reports (what replies are keyed by)."""
     return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, addr))
@@ -100,33 +80,11 @@ def _out(state: str, reason: str, rtt: float | None = None, extra: dict | None =
     return Outcome(state, reason, rtt, False, {**extra, **METHOD} if extra else METHOD)
 
 
-class Syn6Prober:
-    proto = "tcp"
-    needs_raw = True
-
-    def __init__(self, opts: ProbeOptions | None = None) -> None:
-        self.opts = opts or ProbeOptions()
-        k, n = self.opts.shard
-        span = (SPORT_HI - SPORT_LO + 1) // n
-        self._lo = SPORT_LO + k * span
-        self._hi = self._lo + span - 1
-        self._next = self._lo
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.sock: socket.socket | None = None
-        # (canonical destination, dport, sport) -> (future, t0)
-        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future, float]] = {}
-        self._deadlines = Deadlines(self._expire, self._drain)
-        self._fallback = None  # the connect prober (tcp6.py), for token samples
-
-    @property
-    def timeout_for(self) -> Callable[[str], float] | None:
-        return self._deadlines.timeout_for
-
-    @timeout_for.setter
-    def timeout_for(self, fn: Callable[[str], float] | None) -> None:
-        self._deadlines.timeout_for = fn
-        if self._fallback is not None:
-            self._fallback.timeout_for = fn
+class Syn6Prober(SynProber):
+    """syn.py's prober for IPv6 destinations: its source ports, pending table, deadlines,
+    close() and timeout plumbing are the IPv4 prober's (inherited); the socket, the template,
+    the receiver and probe() are IPv6's. No batch interface: ``batchable`` says no to every
+    flow, so a lane given this prober would run each flow through probe()."""
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -143,23 +101,13 @@ class Syn6Prober:
             raise
         set_rcvbuf(s, RCVBUF)
         with contextlib.suppress(OSError):
-            _attach_filter(s, bpf6_port_range(self._lo, self._hi))
+            _attach_filter(s, bpf_port_range(self._lo, self._hi, ipv6=True))
         self.sock = s
         loop.add_reader(s.fileno(), self._on_readable)
 
-    def close(self) -> None:
-        if self.sock is not None and self.loop is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self._deadlines.close()
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_result(None)
-        self._pending.clear()
-        if self._fallback is not None:
-            self._fallback.close()
+    @staticmethod
+    def batchable(flow: Flow) -> bool:
+        return False
 
     # -- receiving ----------------------------------------------------------------------------
     def _drain(self) -> None:
@@ -236,20 +184,7 @@ class Syn6Prober:
                     fut.set_result(_out(out.state, out.reason, rtt, out.extra))
                 break
 
-    def _expire(self, key: tuple[str, int, int], fut: asyncio.Future) -> None:
-        self._pending.pop(key, None)
-        fut.set_result(None)
-
     # -- sending ------------------------------------------------------------------------------
-    def _sport(self, dst: str, dport: int) -> int:
-        p = self._next
-        for _ in range(self._hi - self._lo + 1):
-            p = p + 1 if p < self._hi else self._lo
-            if (dst, dport, p) not in self._pending:
-                break
-        self._next = p
-        return p
-
     async def probe(self, flow: Flow, timeout: float) -> Outcome:
         loop, sock = self.loop, self.sock
         assert loop is not None and sock is not None, "start() first"
@@ -278,17 +213,13 @@ class Syn6Prober:
         out = await fut
         return _SILENT if out is None else out
 
-    async def connect_prober(self):  # -> scanner.probes.tcp6.Tcp6Prober
-        """The IPv6 connect prober beside this one (token samples read the responder's token,
-        which needs a connection), started on first use; its outcomes say ``connect``."""
-        if self._fallback is None:
-            from scanner.probes.tcp6 import Tcp6Prober
+    @staticmethod
+    def _connect_class():  # -> type[Tcp6Prober]
+        """connect_prober()'s class (token samples need a connection): tcp6.py's, whose
+        outcomes say ``tcp_method: connect``."""
+        from scanner.probes.tcp6 import Tcp6Prober
 
-            self._fallback = Tcp6Prober(self.opts)
-            self._fallback.timeout_for = self.timeout_for
-            assert self.loop is not None
-            await self._fallback.start(self.loop)
-        return self._fallback
+        return Tcp6Prober
 
 
 def make_prober(opts: ProbeOptions | None = None) -> Syn6Prober:
