@@ -45,6 +45,7 @@ from typing import Any
 
 from scanner.errors import InputError, PrivilegeError, ScannerError
 from scanner.lab import sysctls
+from scanner.lab.faults import check_hosts, nft_ruleset
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 HOST_LINK_OCTET = 254
@@ -523,8 +524,6 @@ class Lab:
         Each host's table ``inet portmesh`` is replaced as a whole, so applying a new set removes
         the old one; hosts without faults get an empty table.
         """
-        from scanner.lab.faults import check_hosts, nft_ruleset
-
         check_hosts(faults, self.host_names())
         for h in self.hosts:
             self.nft(h.name, nft_ruleset([f for f in faults if f.host == h.name], self))
