@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InputError, PrivilegeError, ScannerError
-from scanner.lab import sysctls
+from scanner.lab import conntrack, sysctls
+from scanner.lab.faults import check_hosts, nft_ruleset
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 HOST_LINK_OCTET = 254
@@ -525,9 +526,6 @@ class Lab:
         is flushed: the rules match a connection's first packet only, and an entry left by an
         earlier flow on the same 5-tuple (a reused source port) would let a packet pass them.
         """
-        from scanner.lab import conntrack
-        from scanner.lab.faults import check_hosts, nft_ruleset
-
         check_hosts(faults, self.host_names())
         for h in self.hosts:
             self.nft(h.name, nft_ruleset([f for f in faults if f.host == h.name], self))
