@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import socket
 import struct
@@ -36,6 +37,7 @@ from scanner.core.flows import Flow
 from scanner.probes import classify, rawrecv
 from scanner.probes.base import Outcome, ProbeOptions
 from scanner.probes.deadlines import Deadlines
+from scanner.probes.tcp import TcpProber
 
 SPORT_LO = 61000
 SPORT_HI = 65535
@@ -130,8 +132,6 @@ def set_rcvbuf(sock: socket.socket, size: int) -> None:
 
 
 def _attach_filter(sock: socket.socket, prog: bytes) -> None:
-    import ctypes
-
     SO_ATTACH_FILTER = 26
     buf = ctypes.create_string_buffer(prog)
     fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
@@ -407,9 +407,7 @@ class SynProber:
         return self._fallback
 
     @staticmethod
-    def _connect_class():  # -> type[TcpProber]; syn6.py's is tcp6.Tcp6Prober
-        from scanner.probes.tcp import TcpProber
-
+    def _connect_class() -> type[TcpProber]:  # syn6.py's is tcp6.Tcp6Prober
         return TcpProber
 
     async def _connect(self, flow: Flow, timeout: float) -> Outcome:

@@ -47,6 +47,7 @@ from scanner.probes.syn import (
     cookie,
     set_rcvbuf,
 )
+from scanner.probes.tcp6 import Tcp6Prober
 
 MSS6 = 1440  # 1500 - 40 (IPv6) - 20 (TCP)
 IPV6_CHECKSUM = 7  # <linux/in6.h>, level IPPROTO_IPV6
@@ -214,11 +215,9 @@ class Syn6Prober(SynProber):
         return _SILENT if out is None else out
 
     @staticmethod
-    def _connect_class():  # -> type[Tcp6Prober]
+    def _connect_class() -> type[Tcp6Prober]:
         """connect_prober()'s class (token samples need a connection): tcp6.py's, whose
         outcomes say ``tcp_method: connect``."""
-        from scanner.probes.tcp6 import Tcp6Prober
-
         return Tcp6Prober
 
 
