@@ -33,7 +33,7 @@ from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
 from scanner.lab.faults import Fault, expected
-from scanner.mesh.agent import (
+from scanner.mesh.probing import (
     HELD_PASS,
     UNSURE_UNKNOWN,
     held_verdict,
@@ -218,7 +218,7 @@ def test_a_failed_bind_records_where_the_holder_listens() -> None:
 
 
 def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
-    from scanner.mesh.agent import HELD_UNKNOWN
+    from scanner.mesh.probing import HELD_UNKNOWN
     from scanner.mesh.pairs import PairJoin
 
     join = PairJoin(["node1@a", "node1@b"])
