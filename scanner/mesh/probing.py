@@ -43,9 +43,10 @@ ENGINE_KEYS = {
 
 
 def probe_job(
-    msg: dict[str, Any], name: str | None, secret: bytes | None, tmp: str, out: Channel
+    msg: dict[str, Any], agent: str | None, secret: bytes | None, tmp: str, out: Channel
 ) -> Callable[[], None]:
-    """Validate a probe message into a function that runs it (in a thread)."""
+    """Validate a probe message into a function that runs it (in a thread); ``agent``: this
+    agent's host name (its plan slice: the flows from it)."""
     scan_id = _want(msg, "scan_id", (str,), "probe")
     site = site_from_wire(_want(msg, "site", (dict,), "probe"))
     files = []
@@ -97,7 +98,7 @@ def probe_job(
             with_features=words["with"],
             without_features=words["without"],
             nodeport_sample=sample,
-            sources=frozenset({name or ""}),
+            sources=frozenset({agent or ""}),
             scanner=None,
         ).validate(catalog)
     except ScannerError as e:
@@ -119,9 +120,9 @@ def probe_job(
         ),
     )
     if msg.get("from_own_address"):  # agents sharing a machine: probe from our address
-        own = next((h for h in site.hosts() if h.name == name), None)
+        own = next((h for h in site.hosts() if h.name == agent), None)
         if own is None:
-            raise ProtocolError(f"probe: from_own_address: {name!r} is not in the site")
+            raise ProtocolError(f"probe: from_own_address: {agent!r} is not in the site")
         engine = dataclasses.replace(
             engine, probe_options=dataclasses.replace(engine.probe_options, source=own.address)
         )
