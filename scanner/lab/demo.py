@@ -39,9 +39,10 @@ import yaml
 from scanner.core.flows import Flow
 from scanner.core.privileges import CAP_NET_BIND_SERVICE, can_admin_net, has_cap
 from scanner.engine.output import NdjsonOutput
-from scanner.lab.faults import Fault, expected
+from scanner.lab.faults import Fault
 from scanner.lab.lab import write_inventory
 from scanner.lab.netns import Lab
+from scanner.lab.truth import expected
 from scanner.mesh import MeshConfig, run_mesh
 from scanner.plan.selection import SelectionOptions
 

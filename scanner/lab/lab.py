@@ -26,18 +26,19 @@ from scanner.core.model import natural_key
 from scanner.core.tags import load_secret, new_secret
 from scanner.errors import InputError
 from scanner.lab import spawn
-from scanner.lab.faults import check_hosts, expected, hit, load_fault_file
+from scanner.lab.addressing import check_name
+from scanner.lab.faults import check_hosts, load_fault_file
 from scanner.lab.netns import (
     MAX_HOSTS,
     Lab,
     LabError,
-    check_name,
     list_netns,
     netns_pids,
     require_root,
     run_dir,
 )
 from scanner.lab.spawn import start_time
+from scanner.lab.truth import expected, hit
 from scanner.plan.planner import legs, plan
 from scanner.plan.selection import SelectionOptions, selection_argv
 from scanner.responder.server import ranges_text
