@@ -474,6 +474,8 @@ class Aggregate:
         proto = rec["proto"]
         text = rec.get("ports")
         key = rec.get("req") or (f"{proto}/{text}" if text else proto)
+        if rec.get("af") == "ipv6" or ":" in (rec.get("dst") or ""):
+            key += IPV6_SUFFIX  # as for results: the family's directions apart
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)
