@@ -582,6 +582,26 @@ def test_dual_stack_mesh_and_report_name_an_ipv6_only_fault(make_lab, tmp_path) 
     fails = [line for line in rep.stdout.splitlines() if line.startswith("FAIL ")]
     assert len(fails) == 2 and all(" over IPv6" in line for line in fails), rep.stdout
     assert any(line.startswith("FAIL lab.udp over IPv6") for line in fails)
+    # the mesh's own summary (stderr) says the same, with the IPv6 directions counted apart
+    live = cp.stderr.decode()
+    assert "FAIL lab.udp over IPv6  udp/7100  1 of 6 directions fail" in live, live
+    assert "FAIL lab.tcp over IPv6  tcp/7101  2 of 6 directions fail" in live, live
+    assert "FAIL lab.udp  " not in live and "WARNING" not in live, live
+    # the exports name the family: ip6 rules in the fix, network.type in ECS, the HTML's key
+    fix = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--fix",
+                          "nftables"], capture_output=True, text=True)  # fmt: skip
+    rules = [x for x in fix.stdout.splitlines() if "accept comment" in x]
+    assert len(rules) == 2 and all("ip6 saddr" in x for x in rules), fix.stdout
+    assert any(f"ip6 saddr {{ {n1.addr6} }} udp dport {{ 7100 }}" in x for x in rules)
+    ecs = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--format", "ecs"],
+                         capture_output=True, text=True)  # fmt: skip
+    by_type = {}
+    for e in map(orjson.loads, ecs.stdout.splitlines()):
+        by_type.setdefault(e["network"]["type"], set()).add(e["event"]["outcome"])
+    assert by_type == {"ipv4": {"success"}, "ipv6": {"success", "failure"}}
+    html = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--format",
+                           "html"], capture_output=True, text=True)  # fmt: skip
+    assert '"key":"lab.tcp over IPv6"' in html.stdout and '"key":"lab.tcp"' in html.stdout
 
 
 def test_pair_join_keeps_the_families_apart() -> None:
