@@ -690,3 +690,37 @@ def test_witness_sees_icmpv6_echo_in_the_lab(make_lab) -> None:
         ("icmp", n1.addr6, n2.addr6),
         ("icmp", n1.addr, n2.addr),
     }
+
+
+def test_lab_truth_summary_names_the_family(tmp_path) -> None:
+    """`lab up` prints what must fail: an IPv6-only fault and an IPv4-only one with the same
+    state are two lines, the IPv6 one saying so; a fault on a family the plan does not use
+    says why it matches nothing. Pure: a Lab object, no namespaces."""
+    import io
+
+    import yaml
+
+    from scanner.lab.faults import Fault
+    from scanner.lab.lab import DUAL_STACK_VARS, inventory_doc, truth_summary
+    from scanner.lab.netns import Lab, LabHost
+
+    hosts = [LabHost(f"node{i}", f"x-node{i}", f"198.18.9.{i}", f"2001:2:0:9::{i}")
+             for i in (1, 2, 3)]  # fmt: skip
+    lab = Lab("x", hosts, "198.18.9.0/24")
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab, dual_stack_vars=DUAL_STACK_VARS)))
+    faults = [
+        Fault("node2", "in", "udp", ((4789, 4789),), "reject-admin", "node1", family="ipv6"),
+        Fault("node2", "in", "udp", ((4789, 4789),), "reject-admin", "node1", family="ipv4"),
+        Fault("node3", "in", "tcp", ((10250, 10250),), "drop", family="ipv6"),
+    ]
+    out = io.StringIO()
+    unmatched = truth_summary(lab, inv, faults, out, False, "responder")
+    text = out.getvalue()
+    assert "  fail node1 -> node2 udp/4789: filtered (admin-prohibited)\n" in text
+    assert "  fail node1 -> node2 udp/4789 over IPv6: filtered (admin-prohibited)\n" in text
+    # the kubelet goes over the cluster's main family (IPv4): the IPv6 fault touches nothing
+    assert [(f.proto, hint) for f, hint in unmatched] == [
+        ("tcp", " (the plan has no tcp flows over IPv6: `portmesh plan --explain` says which "
+         "requirements go over which family)")
+    ]  # fmt: skip
