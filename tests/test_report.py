@@ -615,6 +615,16 @@ def test_fix_leaves_a_send_the_source_itself_refused_to_the_source(tmp_path: Pat
     )
     assert "ip6tables -S OUTPUT" in node1 and "nothing to open" in node1
     assert "# node2" not in script  # nothing reached node2's input side to open
+    # the text names where it was refused: node1 itself, not the destination
+    one_way = [{**recs[0], "host": "node2", "dst": a["node2"]},
+               {**recs[0], "src_host": "node2", "src": a["node2"], "host": "node1",
+                "dst": a["node1"], "state": "open", "reason": "responder", "verdict": "pass"}]
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in one_way))
+    _, text, _ = report(p)
+    assert (
+        "one-way: node1 -> node2 udp/51821 refused by node1's own output rules, node2 -> node1 "
+        "fine (filtered: local-prohibited)" in text
+    ), text
 
 
 def test_fix_with_nothing_failed_says_so() -> None:
