@@ -395,6 +395,34 @@ def test_ipv6_only_cluster_goes_over_ipv6_everywhere(tmp_path) -> None:
     assert by["etcd.client"] == {("ipv6", "2001:2::2", "2001:2::1", "tcp")}
 
 
+def test_ipv6_only_cluster_checks_no_ipv4_underlay_and_vxlan_by_the_ipv6_pool(tmp_path) -> None:
+    """Review of issue 15: in an IPv6-only cluster Calico's IPv4 WireGuard (51820) and IP-in-IP
+    have no IPv4 underlay, and VXLAN follows the IPv6 pool's mode (calico_vxlan_mode_ipv6,
+    default Never), not calico_vxlan_mode: checking them over IPv6 would fail a correct
+    firewall. explain says why each is left out."""
+    from scanner.catalog.loader import load_catalog
+    from scanner.plan.planner import explain
+    from scanner.plan.selection import Selection
+
+    only6 = "ipv6_stack: true\nipv4_stack: false\ncalico_wireguard_enabled: true\n"
+    by = _by_req(_site(tmp_path, only6 + "calico_ipip_mode: Always"))
+    assert "calico.wireguard" not in by and "calico.ipip" not in by and "calico.vxlan" not in by
+    assert {af for af, *_ in by["calico.wireguard6"]} == {"ipv6"}
+    site = _site(tmp_path, only6)
+    recs = {(e["req"], e["af"]): e for e in explain(load_catalog(), site, Selection())}
+    wg = recs[("calico.wireguard", "ipv4")]
+    assert not wg["included"] and "carries IPv4 over an IPv4 underlay" in wg["why"]
+    vx = recs[("calico.vxlan", "ipv6")]
+    assert not vx["included"] and "calico_vxlan_mode_ipv6=Never" in vx["why"]
+    by = _by_req(_site(tmp_path, only6 + "calico_vxlan_mode_ipv6: Always"))
+    assert {af for af, *_ in by["calico.vxlan"]} == {"ipv6"}
+    # dual stack without VXLAN for IPv6: the IPv4 leg says why not over IPv6 too
+    site = _site(tmp_path, "enable_dual_stack_networks: true")
+    recs = {(e["req"], e["af"]): e for e in explain(load_catalog(), site, Selection())}
+    assert "not over IPv6: VXLAN for IPv6 is off" in recs[("calico.vxlan", "ipv4")]["why"]
+    assert ("calico.vxlan", "ipv6") not in recs
+
+
 def test_explain_says_why_a_leg_is_ipv4_or_ipv6(tmp_path) -> None:
     from scanner.catalog.loader import load_catalog
     from scanner.plan.planner import count_plan, explain, plan
