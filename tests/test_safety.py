@@ -103,7 +103,7 @@ def test_a_local_source_is_accepted() -> None:
     assert '"state":"closed"' in cp.stdout
     cp = run("::1", "-p", "1", "--source", "::1")  # the same for IPv6
     assert cp.returncode == 0, cp.stderr
-    assert '"state":"closed"' in cp.stdout and '"src":"::1"' in cp.stdout
+    assert '"state":"closed"' in cp.stdout and '"af":"ipv6"' in cp.stdout
 
 
 @pytest.mark.parametrize(
