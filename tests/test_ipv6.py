@@ -752,3 +752,24 @@ def test_lab_truth_summary_names_the_family(tmp_path) -> None:
         ("tcp", " (the plan has no tcp flows over IPv6: `portmesh plan --explain` says which "
          "requirements go over which family)")
     ]  # fmt: skip
+
+
+def test_plan_tables_of_a_dual_stack_inventory_are_aligned(tmp_path) -> None:
+    """The flow table's address column fits the IPv6 addresses; the explain table has an AF
+    column, so the two calico.vxlan rows (IPv4, IPv6) tell themselves apart."""
+    from tests.test_cli_plan import _columns_aligned
+
+    p = tmp_path / "hosts.yml"
+    p.write_text(DUAL.replace('"2001:2::1"', '"2001:2:0:1b2:ffff:ffff:ffff:1"')
+                 + "    enable_dual_stack_networks: true\n    calico_vxlan_mode_ipv6: Always\n")  # fmt: skip
+    t = subprocess.run([sys.executable, "-m", "scanner", "plan", "-i", str(p), "--format", "table",
+                        "--nodeport-sample", "1"], capture_output=True, text=True)  # fmt: skip
+    assert t.returncode == 0, t.stderr
+    body = t.stdout.split("\n", 1)[1]  # after the "# plan: ..." line
+    assert "2001:2:0:1b2:ffff:ffff:ffff:1" in body
+    _columns_aligned(body, 7)
+    e = subprocess.run([sys.executable, "-m", "scanner", "plan", "-i", str(p), "--explain",
+                        "--format", "table"], capture_output=True, text=True)  # fmt: skip
+    _columns_aligned(e.stdout, 6)
+    vx = [ln.split()[:3] for ln in e.stdout.splitlines() if ln.startswith("calico.vxlan ")]
+    assert sorted(vx) == [["calico.vxlan", "hosts", "ipv4"], ["calico.vxlan", "hosts", "ipv6"]]
