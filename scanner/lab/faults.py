@@ -64,7 +64,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import yaml
+
 from scanner.core.flows import Flow
+from scanner.core.verdicts import verdict
 from scanner.errors import InputError
 
 DIRECTIONS = ("in", "out")
@@ -247,8 +250,6 @@ def parse_fault_doc(doc: object, source: str = "<faults>") -> FaultFile:
 
 
 def load_fault_file(path: str) -> FaultFile:
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
@@ -540,8 +541,6 @@ def expected(
     if f.direction == "out" and flow.proto == "tcp" and tcp_method == "syn":
         state, reason = _LOCAL
     if mode == "bare":
-        from scanner.core.verdicts import verdict
-
         v = verdict(flow.proto, state, "reachable", responder=False)
         if (state, reason) == _PASS["bare"][flow.proto]:
             # a reject looks exactly like "nothing listens" to a prober without responders

@@ -28,6 +28,7 @@ would change nothing: it is a comment in the *source's* section, naming the dest
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from collections.abc import Iterator
@@ -281,8 +282,6 @@ def _split_sources(op: Opening) -> tuple[list[str], list[str], bool]:
 
 
 def _addr_key(a: str) -> tuple[int, ...]:
-    import ipaddress
-
     return (int(ipaddress.ip_address(a)),)
 
 
