@@ -5,7 +5,7 @@ the checksum over the IPv6 pseudo-header (scapy checks it), and ``scan --method 
 agrees with ``nmap -6 -sS`` port by port. Lab (root): over IPv6, TCP by raw SYN and by connect
 and UDP, against nftables faults whose ground truth is known: open, closed, dropped, rejected
 with admin-prohibited at the destination (the far end's ICMPv6 error: ``admin-prohibited``) and
-at the source's output chain (this host's own: ``local-prohibited`` / ``send-eperm``), with nmap
+at the source's output chain (this host's own: ``local-prohibited``), with nmap
 -6 -sS from the same host as the oracle for the remote answers.
 """
 
@@ -206,7 +206,7 @@ WANT_TCP = {
 WANT_UDP = {
     7102: ("closed", "port-unreach"),
     7104: ("filtered", "admin-prohibited"),
-    7105: ("filtered", "send-eperm"),  # refused before it left: the send fails
+    7105: ("filtered", "local-prohibited"),  # refused before it left: the send fails (EPERM)
 }
 
 

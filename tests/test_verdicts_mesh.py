@@ -32,15 +32,16 @@ from scanner.catalog import load_catalog
 from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
-from scanner.lab.faults import Fault, expected
-from scanner.mesh.agent import (
+from scanner.lab.faults import Fault
+from scanner.lab.truth import expected
+from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
+from scanner.mesh.pairs import pair_verdict
+from scanner.mesh.probing import (
     HELD_PASS,
     UNSURE_UNKNOWN,
     held_verdict,
     unsure_verdict,
 )
-from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
-from scanner.mesh.pairs import pair_verdict
 from scanner.plan.planner import count_plan, plan
 from scanner.plan.selection import SelectionOptions
 
@@ -218,8 +219,8 @@ def test_a_failed_bind_records_where_the_holder_listens() -> None:
 
 
 def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
-    from scanner.mesh.agent import HELD_UNKNOWN
     from scanner.mesh.pairs import PairJoin
+    from scanner.mesh.probing import HELD_UNKNOWN
 
     join = PairJoin(["node1@a", "node1@b"])
     base = {"type": "result", "req": "calico.vxlan", "proto": "udp", "port": 4789}
@@ -585,8 +586,8 @@ def test_the_documented_lab_recipe_fails_every_fault(lab_name: str, tmp_path: Pa
     """The recipe on a faulted lab: the lab's responders hold every port on the wildcard, so a
     reset or silence on them is the firewall's - every fault fails, every other flow passes,
     nothing is unknown (review of issue 19, item 1: no held-port pass may hide a fault)."""
-    from scanner.lab.faults import hit
     from scanner.lab.netns import run_dir
+    from scanner.lab.truth import hit
 
     faults = tmp_path / "faults.yml"
     faults.write_text(
