@@ -243,7 +243,14 @@ class SockProc:
             self.stdin.close()
 
 
-def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str | None) -> dict:
+def run(
+    nodes: int,
+    sample: int | None,
+    emit: str,
+    fail_rate: float,
+    output: str | None,
+    summary_to: str | None = None,
+) -> dict:
     from scanner.core.privileges import raise_nofile
     from scanner.engine.output import NdjsonOutput
     from scanner.mesh.coordinator import MeshConfig, run_mesh
@@ -288,7 +295,7 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
 
     transport.start = fake_start  # type: ignore[assignment]
     out = NdjsonOutput(output or os.devnull, stdout=False)
-    err = open(os.devnull, "w")  # noqa: SIM115
+    err = open(summary_to or os.devnull, "w")  # noqa: SIM115
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     code = run_mesh(
@@ -306,6 +313,7 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
     )
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    err.close()
     _, status = os.waitpid(pid, 0)
     sim = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
@@ -332,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--emit", choices=("all", "failures"), default="all")
     ap.add_argument("--fail-rate", type=float, default=0.01)
     ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--summary-to", default=None, help="the human summary (default: discarded)")
     a = ap.parse_args(argv)
-    res = run(a.simulate, None if a.full else a.sample, a.emit, a.fail_rate, a.output)
+    res = run(
+        a.simulate, None if a.full else a.sample, a.emit, a.fail_rate, a.output, a.summary_to
+    )
     print(orjson.dumps(res).decode())
     return 0
 

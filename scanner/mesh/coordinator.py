@@ -232,21 +232,24 @@ class Matrix:
 
     The summary is the text of ``portmesh report`` (scanner.report): the same grouping into
     faults ("node11 drops tcp/10250 from every peer", one-way lines) and the same matrix. A
-    failing or undecided result is folded into the report's Aggregate as it comes (rare); a
-    passing one only increments a counter per direction (the hot path: the coordinator forwards
-    ~420,000 lines/s), merged into the Aggregate at the end (``fold``).
+    failing or undecided result is folded into the report's Aggregate as it comes (rare). A
+    passing one only counts a verdict: its direction's passes are in the pair join already
+    (``folded``), read back from there once at the end (``fold``); only a passing flow the join
+    did not take (a destination outside the mesh) is counted here per direction.
     """
 
     def __init__(self) -> None:
         from scanner.report.aggregate import Aggregate
 
         self.verdicts: dict[str, int] = {}
-        # (req, src_host, host) -> passes; the rest of a direction's identity, once per key
+        # passing flows the pair join did not fold: (req, src_host, host) -> passes; the rest
+        # of a direction's identity, once per key
         self.passes: dict[tuple[Any, Any, Any], int] = {}
         self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
         self.agg = Aggregate()
 
-    def add(self, rec: dict[str, Any]) -> None:
+    def add(self, rec: dict[str, Any], folded: bool = False) -> None:
+        """One result; ``folded``: the pair join took it (its passes are counted there)."""
         get = rec.get
         v = get("verdict") or "unknown"
         vs = self.verdicts
@@ -254,20 +257,18 @@ class Matrix:
         if v != "pass":
             self.agg.add(rec)
             return
-        key = (get("req"), get("src_host"), get("host"))
-        p = self.passes
-        n = p.get(key)
-        if n is None:
-            p[key] = 1
-            self.ends[key] = (get("proto"), get("src"), get("dst"))
-        else:
-            p[key] = n + 1
+        if not folded:
+            self._unfolded(rec, 1)
 
-    def add_passes(self, rec: dict[str, Any], n: int = 1) -> None:
-        """``n`` passing flows of one direction that did not come through ``add``: the
-        coordinator's fast path for folded passing lines, and tally records."""
-        get = rec.get
+    def add_passes(self, rec: dict[str, Any], n: int = 1, folded: bool = False) -> None:
+        """``n`` passing flows of one direction that did not come through ``add``: tally
+        records (``folded``: the pair join took it)."""
         self.verdicts["pass"] = self.verdicts.get("pass", 0) + n
+        if not folded:
+            self._unfolded(rec, n)
+
+    def _unfolded(self, rec: dict[str, Any], n: int) -> None:
+        get = rec.get
         key = (get("req"), get("src_host"), get("host"))
         p = self.passes
         if key in p:
@@ -279,10 +280,16 @@ class Matrix:
     def fold(self, mesh: Mesh, summary: dict[str, Any]) -> Any:
         """The report's Run of this mesh: passes merged, port labels from the plan."""
         from scanner.plan.planner import legs
+        from scanner.report.aggregate import IPV6_SUFFIX
 
         agg = self.agg
         run = agg.run(mesh.scan_id)
         run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
+        addr = {h.name: h.address for h in mesh.hosts}
+        hosts = [(name, addr.get(name)) for name in mesh.join.names]
+        for req, v6, proto, cells in mesh.join.passes():
+            # an IPv6 direction is its own requirement in the report, as its failures are
+            agg.add_pass_cells(run, req + IPV6_SUFFIX if v6 else req, proto, hosts, cells)
         for key, n in self.passes.items():
             req, sh, host = key
             proto, src, dst = self.ends[key]
@@ -550,12 +557,14 @@ class Mesh:
             and rec.get("src_host") == link.name
             and self.join.add_passing(link.jidx, rec)
         ):
-            # a passing flow folded: count it and forward its bytes (what emit() does)
+            # a passing flow folded: count it and forward its bytes (what emit() does; its
+            # direction's passes are the pair join's, read back by Matrix.fold)
             self.results += 1
             state = rec.get("state", "?")
             states = self.states
             states[state] = states.get(state, 0) + 1
-            self.matrix.add_passes(rec)
+            vs = self.matrix.verdicts
+            vs["pass"] = vs.get("pass", 0) + 1
             self.out.write(raw)
             return
         self.emit(rec, raw)
@@ -585,8 +594,7 @@ class Mesh:
             self.tallied += rec["flows"]
             for k, v in rec["states"].items():
                 self.states[k] += v
-            self.matrix.add_passes(rec, rec["flows"])
-            self.join.add_tally(rec)
+            self.matrix.add_passes(rec, rec["flows"], self.join.add_tally(rec))
             self.out.record(rec)
 
     def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
@@ -596,8 +604,7 @@ class Mesh:
         states[state] = states.get(state, 0) + 1
         if state == "error" and rec.get("reason") == NEIGH_FULL:
             self.neigh_full += 1
-        self.join.add(rec)
-        self.matrix.add(rec)
+        self.matrix.add(rec, self.join.add(rec))
         only = self.cfg.only
         if only is None or state in only or rec.get("verdict") in only:
             self.out.write(raw if raw is not None else encode(rec))
