@@ -977,9 +977,9 @@ def run_mesh(cfg: MeshConfig) -> int:
         sys.stderr.write("\n")
     elapsed = time.perf_counter() - mesh.t0
     pairs: Counter[str] = Counter()
-    for rec in mesh.join.pairs(mesh.scan_id):
-        pairs[rec["verdict"]] += 1
-        out.record(rec)
+    for verdict, line in mesh.join.pair_lines(mesh.scan_id):
+        pairs[verdict] += 1
+        out.write(line)
     agents = {
         link.name: {
             "planned": link.planned,

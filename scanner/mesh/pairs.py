@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any
 
+import orjson
+
 from scanner.core.ports import ports_text as ranges  # one implementation, re-exported
 from scanner.core.tally import parse_runs
 
@@ -468,6 +470,53 @@ class PairJoin:
                             "b_to_a": {"pass": passed[kba], "fail": 0, "unknown": 0},
                         },
                     }
+
+    def pair_lines(self, scan_id: str) -> Iterator[tuple[str, bytes]]:
+        """``pairs(scan_id)`` as (verdict, NDJSON line): the same records, byte for byte, with
+        the lines of two all-passing directions formatted from a template per requirement and
+        pair of port sets (a 1,000-host mesh writes ~6.5 million of them)."""
+        n = self.n
+        names = self.names
+        q = [orjson.dumps(x) for x in names]  # each name as a JSON string, once
+        head = {"type": "pair", "scan_id": scan_id}
+        start = b'{"type":"pair","scan_id":' + orjson.dumps(scan_id) + b',"a":'
+        for key in sorted(self.reqs):
+            t = self.reqs[key]
+            req, v6, _ = key.partition(V6_KEY)
+            af = "ipv6" if v6 else "ipv4"
+            sig, passed = t.sig, t.passed
+            mid = (
+                b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(t.proto)
+                + b',"af":' + orjson.dumps(af) + b","
+            )  # fmt: skip
+            templates: dict[tuple[int, int], bytes] = {}
+            for a in range(n):
+                row = a * n
+                qa = q[a]
+                for b in range(a + 1, n):
+                    sab = sig[row + b]
+                    if sab == ABSENT:
+                        continue
+                    kba = b * n + a
+                    sba = sig[kba]
+                    if sba == ABSENT:
+                        continue
+                    if sab == SPARSE or sba == SPARSE:
+                        ab, ba = self._dir(t, row + b), self._dir(t, kba)
+                        rec = self.pair(req, names[a], names[b], ab, ba, af)  # type: ignore[arg-type]
+                        rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
+                        yield rec["verdict"], orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
+                        continue
+                    tpl = templates.get((sab, sba))
+                    if tpl is None:
+                        pf = self._port_field(self.states.portset(sab), self.states.portset(sba))
+                        tpl = templates[(sab, sba)] = (
+                            b'%b,"b":%b' + (mid + orjson.dumps(pf)[1:-1]).replace(b"%", b"%%")
+                            + b',"a_to_b":"pass","b_to_a":"pass","verdict":"pass","detail":'
+                            b'{"a_to_b":{"pass":%d,"fail":0,"unknown":0},'
+                            b'"b_to_a":{"pass":%d,"fail":0,"unknown":0}}}\n'
+                        )  # fmt: skip
+                    yield "pass", start + tpl % (qa, q[b], passed[row + b], passed[kba])
 
     @staticmethod
     def _port_field(pa: PortSet, pb: PortSet) -> dict[str, Any]:
