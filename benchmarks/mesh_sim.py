@@ -3,7 +3,7 @@
     python benchmarks/mesh.py --simulate 1000 --sample 16
     python benchmarks/mesh.py --simulate 1000 --full --emit failures --fail-rate 0.01
 
-The coordinator (``scanner.mesh.coordinator.run_mesh``, unchanged) runs in this process; the
+The coordinator (``scanner.mesh.coordinator.run_mesh``, the real one) runs in this process; the
 N agents run in ONE other process (forked before the coordinator starts), one asyncio task
 each, each speaking the agent protocol over its own socketpair: ``transport.start`` is the
 only thing replaced, so the coordinator's reading, parsing, window, pair join, matrix,
@@ -293,24 +293,28 @@ def run(
         )
         return SockProc(r, w)
 
+    real_start = transport.start
     transport.start = fake_start  # type: ignore[assignment]
     out = NdjsonOutput(output or os.devnull, stdout=False)
     err = open(summary_to or os.devnull, "w")  # noqa: SIM115
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    code = run_mesh(
-        MeshConfig(
-            catalog=catalog,
-            site=site,
-            selection=selection,
-            exec_template="sim {name}",
-            agent_cmd="agent",
-            output=out,
-            summary_to=err,
-            emit=emit,
-            forks=len(names),
+    try:
+        code = run_mesh(
+            MeshConfig(
+                catalog=catalog,
+                site=site,
+                selection=selection,
+                exec_template="sim {name}",
+                agent_cmd="agent",
+                output=out,
+                summary_to=err,
+                emit=emit,
+                forks=len(names),
+            )
         )
-    )
+    finally:
+        transport.start = real_start  # type: ignore[assignment]
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     err.close()
