@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,21 +16,19 @@ from hypothesis import strategies as st
 
 from scanner.core.flows import Flow
 from scanner.errors import InputError
+from scanner.lab import conntrack
 from scanner.lab.faults import (
-    Expected,
     Fault,
     check_hosts,
-    expected,
     fault_doc,
-    ground_truth,
-    hit,
     load_fault_file,
     load_faults,
-    nft_ruleset,
     parse_fault_doc,
     parse_fault_ports,
     random_faults,
 )
+from scanner.lab.nft import nft_ruleset
+from scanner.lab.truth import Expected, expected, ground_truth, hit
 
 ADDRS = {"node1": "198.18.7.1", "node2": "198.18.7.2", "node3": "198.18.7.3"}
 
@@ -283,12 +283,12 @@ def fault(**kw: object) -> Fault:
         (
             U12,
             [fault(host="node1", direction="out", proto="udp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         (
             I12,
             [fault(host="node1", direction="out", proto="icmp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         # faults that do not apply to this flow
         (F12, [fault(ports=((2379, 2379),))], ("open", "pass", "responder")),
@@ -408,7 +408,7 @@ def echo(ident):
 def err(e):
     return {errno.ECONNREFUSED: ("closed", "conn-refused" if proto == "tcp" else "port-unreach"),
             errno.EHOSTUNREACH: ("filtered", "admin-prohibited"),
-            errno.EPERM: ("filtered", "send-eperm")}.get(e.errno, ("error", str(e)))
+            errno.EPERM: ("filtered", "local-prohibited")}.get(e.errno, ("error", str(e)))
 def icmp_wait(r, want_echo):
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
@@ -525,6 +525,72 @@ def test_peer_faults_are_one_way(fault_lab) -> None:
         assert expected(fl, faults, lab).verdict == ("fail" if src == "node3" else "pass")
 
 
+# ---- conntrack: a fault applies to a flow whose 5-tuple an earlier flow used ------------------
+
+SAME_PORT_SENDER = r"""
+import errno, socket, sys
+dst, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(2):  # before the fault, then after it: a new socket on the same 5-tuple
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2.0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", sport)); s.connect((dst, port))
+    try:
+        s.send(b"PMv1-probe-bytes"); s.recv(64); print("reply", flush=True)
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e)), flush=True)
+    s.close()
+    sys.stdin.readline()
+"""
+
+
+def test_conntrack_flush_message() -> None:
+    msg = conntrack.flush_request(7)
+    # nlmsghdr: 20 bytes in all, ctnetlink (1) << 8 | IPCTNL_MSG_CT_DELETE (2), REQUEST | ACK;
+    # nfgenmsg: AF_UNSPEC (both families), version 0, no attributes (= every entry)
+    assert msg == struct.pack("=IHHII", 20, 0x102, 0x5, 7, 0) + bytes(4)
+    ack = struct.pack("=IHHII", 36, 2, 0, 7, 0) + struct.pack("=i", 0) + msg[:16]
+    assert conntrack.parse_ack(ack, 7) == 0
+    refused = ack[:16] + struct.pack("=i", -95) + ack[20:]
+    assert conntrack.parse_ack(refused, 7) == 95
+    with pytest.raises(ValueError):
+        conntrack.parse_ack(b"", 7)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("where", ["out", "in"])
+def test_apply_faults_forgets_earlier_flows_conntrack(fault_lab, where: str) -> None:
+    # the rules match "ct state new": without a conntrack flush, a flow that passed before the
+    # fault (or an earlier flow reusing its ephemeral port) keeps passing after it
+    lab = fault_lab
+    host = "node1" if where == "out" else "node2"
+    # a rule on another port: conntrack runs in a namespace only while a rule there uses it
+    _apply(lab, [Fault(host, where, "udp", ((9, 9),), "drop")])
+    p = lab.popen(
+        "node1",
+        [sys.executable, "-c", SAME_PORT_SENDER, lab.host("node2").addr, "4789", "47890"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "reply"  # the flow passes, conntrack has it
+        ours = os.readlink("/proc/thread-self/ns/net")
+        _apply(lab, [Fault(host, where, "udp", ((4789, 4789),), "reject-admin")])
+        assert os.readlink("/proc/thread-self/ns/net") == ours  # the flush came back home
+        p.stdin.write("\n")
+        p.stdin.flush()
+        want = "EPERM" if where == "out" else "EHOSTUNREACH"
+        assert p.stdout.readline().strip() == want
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+        p.wait()
+        _apply(lab, [])
+
+
 # ---- random fault sets: responders + nftables + kernel == ground truth, for every flow ---------
 
 BATCH_PROBER = r"""
@@ -539,7 +605,7 @@ def csum(b):
 def echo(ident):
     h = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + tags.make_tag(secret, os.urandom(8))
     return h[:2] + struct.pack("!H", csum(h)) + h[4:]
-ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "send-eperm"}
+ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "local-prohibited"}
 def one(i, dst, proto, port):
     try:
         if proto == "tcp":

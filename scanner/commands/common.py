@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from scanner.core.tags import load_secret
 from scanner.errors import InputError
 
 
@@ -170,6 +172,7 @@ def output_options(f: Callable) -> Callable:
 
 # A /16: a run that would probe more addresses stops before sending anything (--max-hosts).
 MAX_HOSTS_DEFAULT = 65_536
+MAX_HOSTS_CEILING = 1 << 32  # --max-hosts at most: every IPv4 address
 
 
 def emit_option(f: Callable) -> Callable:
@@ -190,7 +193,8 @@ ONLY_WORDS = ("open", "closed", "filtered", "open|filtered", "error", "pass", "f
 
 
 def build_engine_config(opts: dict[str, Any]):
-    from scanner.core.tags import load_secret
+    # lazy: engine and probes load asyncio (~30 ms); scan/check/mesh import this module at
+    # their top, and their `--help` and option errors do without the engine
     from scanner.engine.engine import EngineConfig
     from scanner.probes.base import ProbeOptions
 
@@ -263,8 +267,6 @@ def check_source(source: str, local: set[str] | None = None) -> None:
     """--source must be an address of this host: a raw SYN from any other address is a spoofed
     packet, and its answers would go to someone else. ``local`` replaces the interface
     addresses (tests)."""
-    import ipaddress
-
     try:
         addr = ipaddress.ip_address(source.split("%")[0])
     except ValueError:
@@ -274,6 +276,8 @@ def check_source(source: str, local: set[str] | None = None) -> None:
     if addr.is_loopback:  # all of 127.0.0.0/8 is local (one route), and ::1
         return
     if local is None:
+        # lazy: plan.inventory loads PyYAML and the catalog (~60 ms, measured), which a
+        # `portmesh scan --source` run needs nowhere else
         from scanner.plan.inventory import local_addresses
 
         local = local_addresses()
@@ -291,13 +295,25 @@ def check_source(source: str, local: set[str] | None = None) -> None:
 
 
 def check_max_hosts(count: int, limit: int | None) -> None:
-    """Stop before sending anything when a run would probe more than ``limit`` addresses."""
+    """Stop before sending anything when a run would probe more than ``limit`` addresses.
+
+    ``limit`` is itself bounded (MAX_HOSTS_CEILING): an IPv6 range of 2^64 addresses could
+    never finish, and its every flow would still owe a result line."""
     if limit is None:
         limit = MAX_HOSTS_DEFAULT
+    if limit > MAX_HOSTS_CEILING:
+        raise InputError(
+            f"--max-hosts must be at most {MAX_HOSTS_CEILING:,} (every IPv4 address), got {limit}"
+        )
     if count > limit:
+        allow = (
+            f"pass --max-hosts {count} to allow it"
+            if count <= MAX_HOSTS_CEILING
+            else f"a run probes at most {MAX_HOSTS_CEILING:,}"
+        )
         raise InputError(
             f"refusing to probe {count:,} addresses (more than --max-hosts {limit:,}): "
-            f"narrow the targets, or pass --max-hosts {count} to allow it"
+            f"narrow the targets, or {allow}"
         )
 
 
@@ -314,6 +330,7 @@ def check_site_hosts(site: Any, limit: int | None) -> None:
 
 
 def build_output(opts: dict[str, Any]):
+    # lazy: engine.output loads orjson (~20 ms); see build_engine_config
     from scanner.engine.output import NdjsonOutput
 
     return NdjsonOutput(opts["output"])

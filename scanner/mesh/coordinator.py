@@ -154,7 +154,7 @@ class Mesh:
         memo, step = join.states.memo, join.states.step
         states = self.states
         write = self.out.write
-        name, addr = link.name, link.host.address
+        name, addr, addr6 = link.name, link.host.address, link.host.address6
         window, got = link.window, link.got
         folded = 0
         for rec, line in zip(recs, lines, strict=True):
@@ -176,7 +176,7 @@ class Mesh:
                     continue  # a duplicate line: every flow has exactly one result
             link.results += 1
             src = get("src")
-            if src != addr and src is not None and src != get("dst"):
+            if src != addr and src is not None and src != addr6 and src != get("dst"):
                 # the agent's packets left from another address than its host's: it runs on
                 # another machine than the one named (or a multi-homed host routes so)
                 self.moved.setdefault(name, set()).add(src)

@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any, TextIO
 
 from scanner.engine.process import neighbour_advice
+from scanner.mesh.pairs import _is_v6
 from scanner.plan.planner import legs
 from scanner.report.aggregate import IPV6_SUFFIX, Aggregate
 from scanner.report.text import render_run
@@ -32,10 +33,12 @@ class Matrix:
 
     def __init__(self) -> None:
         self.verdicts: dict[str, int] = {}
-        # passing flows the pair join did not fold: (req, src_host, host) -> passes; the rest
-        # of a direction's identity, once per key
-        self.passes: dict[tuple[Any, Any, Any], int] = {}
-        self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
+        # passing flows the pair join did not fold: (req, src_host, host, over IPv6) -> passes;
+        # the rest of a direction's identity, once per key. The family is part of the key: a
+        # dual-stack direction is two directions, reported apart ("calico.vxlan" and
+        # "calico.vxlan over IPv6"), as portmesh report does.
+        self.passes: dict[tuple[Any, Any, Any, bool], int] = {}
+        self.ends: dict[tuple[Any, Any, Any, bool], tuple[Any, Any, Any]] = {}
         self.agg = Aggregate()
 
     def add(self, rec: dict[str, Any], folded: bool = False) -> None:
@@ -59,7 +62,7 @@ class Matrix:
 
     def _unfolded(self, rec: dict[str, Any], n: int) -> None:
         get = rec.get
-        key = (get("req"), get("src_host"), get("host"))
+        key = (get("req"), get("src_host"), get("host"), _is_v6(rec))
         p = self.passes
         if key in p:
             p[key] += n
@@ -72,23 +75,22 @@ class Matrix:
         agg = self.agg
         run = agg.run(mesh.scan_id)
         run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
-        addr = {h.name: h.address for h in mesh.hosts}
+        addr = {h.name: h.address + (f" / {h.address6}" if h.address6 else "") for h in mesh.hosts}
         hosts = [(name, addr.get(name)) for name in mesh.join.names]
         for req, v6, proto, cells in mesh.join.passes():
             # an IPv6 direction is its own requirement in the report, as its failures are
             agg.add_pass_cells(run, req + IPV6_SUFFIX if v6 else req, proto, hosts, cells)
         for key, n in self.passes.items():
-            req, sh, host = key
+            req, sh, host, v6 = key
             proto, src, dst = self.ends[key]
             src_name = sh or src or "(local)"
-            agg.add_passes(
-                run, req or f"{proto}", str(proto), (src_name, src), (host or dst, dst), n
-            )
+            name = (req or f"{proto}") + (IPV6_SUFFIX if v6 else "")
+            agg.add_passes(run, name, str(proto), (src_name, src), (host or dst, dst), n)
         for name, reason in mesh.unreachable.items():
             run.unreachable[name] = reason
             run.host(name)
         for leg in legs(mesh.cfg.catalog, mesh.cfg.site, mesh.selection):
-            r = run.reqs.get(leg.req.id)
+            r = run.reqs.get(leg.req.id + (IPV6_SUFFIX if leg.af == "ipv6" else ""))
             if r is not None and leg.srcs and leg.dsts:
                 for p in leg.ports:
                     if p is not None:
@@ -121,7 +123,7 @@ def human(
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
     if mesh.neigh_full:
         w(neighbour_advice({"unknown": mesh.neigh_full}).replace("this host's", "the agents'"))
-    addr = {h.name: h.address for h in mesh.hosts}
+    addr = {h.name: h.address + (f" / {h.address6}" if h.address6 else "") for h in mesh.hosts}
     for name, srcs in sorted(mesh.moved.items()):
         w(
             f"WARNING {name}: its probes left from {', '.join(sorted(srcs))}, not its inventory "
