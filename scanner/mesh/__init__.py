@@ -1,6 +1,8 @@
 """The mesh: an agent on every host, every host probes every peer, both ends joined.
 
   agent.py        ``portmesh agent``: the NDJSON control protocol over stdin/stdout
+  wire.py         what crosses the agent's channel: the site as JSON, field checks, the output
+  probing.py      the agent's probe job: its slice of the plan, held/unsure port verdicts
   coordinator.py  ``portmesh mesh``: phases, forwarding and folding results, unreachable hosts
   launch.py       what the agents are told: config, per-source counts, responder ports (pure)
   link.py         one agent's process and stream of records, its window of owed flows
