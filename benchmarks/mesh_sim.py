@@ -24,6 +24,7 @@ its wall time, its peak RSS (ru_maxrss), lines and pair records written.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -33,13 +34,19 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from scanner.core.ports import ports_text
+from scanner.core.privileges import raise_nofile
+from scanner.engine.output import NdjsonOutput
 from scanner.mesh import transport
+from scanner.mesh.coordinator import MeshConfig, run_mesh
+from scanner.plan.planner import legs
+from scanner.plan.selection import SelectionOptions
 
 SECRET_SCAN = "0" * 16
 
@@ -73,8 +80,6 @@ class SimAgent:
         return ((port or 0) + 7 * s + 13 * d) % self.every == 0
 
     def slice_legs(self) -> list[tuple[Any, list[tuple[str, str]], tuple[Any, ...], str]]:
-        from scanner.plan.planner import legs
-
         sel = dataclasses.replace(self.selection, sources=frozenset({self.name}))
         out = []
         for leg in legs(self.catalog, self.site, sel):
@@ -251,10 +256,6 @@ def run(
     output: str | None,
     summary_to: str | None = None,
 ) -> dict:
-    from scanner.core.privileges import raise_nofile
-    from scanner.engine.output import NdjsonOutput
-    from scanner.mesh.coordinator import MeshConfig, run_mesh
-    from scanner.plan.selection import SelectionOptions
 
     raise_nofile()
     with tempfile.TemporaryDirectory() as d:
@@ -278,8 +279,6 @@ def run(
                 a.close()
             simulator({n: b for n, (_, b) in pairs.items()}, (catalog, site, full_sel), every)
         except BaseException:  # noqa: BLE001
-            import traceback
-
             traceback.print_exc()
             code = 1
         finally:
@@ -335,8 +334,6 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="benchmarks/mesh.py --simulate")
     ap.add_argument("--simulate", type=int, required=True, metavar="N")
     ap.add_argument("--sample", type=int, default=16)
