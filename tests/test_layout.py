@@ -182,11 +182,6 @@ def test_layer_table_is_acyclic(pkg: str) -> None:
                 todo.append(d)
 
 
-# Files whose function-level imports are not yet checked (being split by other work).
-# TODO(issue 17): remove once mesh/coordinator.py says why for each.
-LAZY_UNCHECKED = {"scanner/mesh/coordinator.py"}
-
-
 def unexplained_lazy_imports(source: str) -> list[int]:
     """Line numbers of imports inside a function (or class) with no ``#`` comment saying why:
     on the import's own line, or on the line before it. Consecutive imports are one block, so
@@ -221,8 +216,6 @@ def test_lazy_imports_say_why() -> None:
     bad = []
     for path in sorted(PKG.rglob("*.py")):
         rel = str(path.relative_to(ROOT))
-        if rel in LAZY_UNCHECKED:
-            continue
         for n in unexplained_lazy_imports(path.read_text(encoding="utf-8")):
             bad.append(f"{rel}:{n}")
     assert not bad, (
