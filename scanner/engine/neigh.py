@@ -19,6 +19,14 @@ What the engine does about it (``NeighGuard``):
 - a flow still hit after ``RETRIES`` such retries is ``error`` / ``neighbour-table-full``
   (verdict unknown), and the run says once on stderr which sysctl to raise.
 
+A second kernel effect, on a fresh table: the first packets to a new neighbour wait while it is
+resolved (INCOMPLETE; packets beyond ``unres_qlen_bytes`` are discarded), and a lost ARP/NDP
+request is sent again only after ``retrans_time`` (1 s by default). A short ``--timeout`` then
+expires before the probe left the host, and the silence would be a false ``filtered``. So a
+silent attempt that started before its destination's entry was seen resolved does not count
+(``settle``): the guard waits until the kernel has resolved the entry (or given up: FAILED,
+then the silence is the truth) and the flow is tried again, once.
+
 The thresholds and counters are the kernel's neighbour-table settings: ``/proc/sys`` and
 ``/proc/net/stat`` in the initial network namespace; inside any other namespace (a lab host,
 a container) those files do not exist, and the same numbers come from rtnetlink
@@ -191,6 +199,71 @@ def fulls_reader(family: int) -> Callable[[], int] | None:
     return from_netlink
 
 
+# NUD states (linux/neighbour.h) and rtnetlink neighbour messages
+NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
+_RTM_NEWNEIGH, _RTM_GETNEIGH = 28, 30
+_NDA_DST, _NDA_CACHEINFO = 1, 3
+SETTLE_WAIT = 3.5  # the kernel's own give-up: mcast_solicit (3) x retrans_time (1 s), and some
+SETTLE_POLL = 0.02
+try:
+    _CLK_TCK = float(__import__("os").sysconf("SC_CLK_TCK"))
+except (ValueError, OSError, AttributeError):
+    _CLK_TCK = 100.0
+
+
+def parse_neigh(data: bytes) -> tuple[dict[str, tuple[int, float]], bool]:
+    """RTM_NEWNEIGH messages -> {address: (NUD state, seconds since its state last changed)},
+    and whether NLMSG_DONE was seen (pure)."""
+    out: dict[str, tuple[int, float]] = {}
+    off = 0
+    while off + 16 <= len(data):
+        mlen, mtype = struct.unpack_from("=IH", data, off)
+        if mlen < 16:
+            break
+        if mtype in (_NLMSG_DONE, _NLMSG_ERROR):
+            return out, True
+        if mtype == _RTM_NEWNEIGH and mlen >= 28:
+            fam = data[off + 16]
+            state = struct.unpack_from("=H", data, off + 24)[0]
+            a = off + 28
+            end = off + mlen
+            dst = None
+            age = 0.0
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                val = data[a + 4 : a + alen]
+                if atype == _NDA_DST and fam in (socket.AF_INET, socket.AF_INET6):
+                    with contextlib.suppress(ValueError, OSError):
+                        dst = socket.inet_ntop(fam, val)
+                elif atype == _NDA_CACHEINFO and len(val) >= 12:
+                    age = struct.unpack_from("=I", val, 8)[0] / _CLK_TCK  # ndm_updated
+                a += (alen + 3) & ~3
+            if dst is not None:
+                out[dst] = (state, age)
+        off += (mlen + 3) & ~3
+    return out, False
+
+
+def neigh_dump(family: int) -> dict[str, tuple[int, float]]:
+    """This namespace's neighbour entries of one family (4 or 6), through rtnetlink."""
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # NETLINK_ROUTE
+        s.settimeout(1.0)
+        s.bind((0, 0))
+        req = struct.pack("=IHHII", 28, _RTM_GETNEIGH, 0x301, 1, 0) + struct.pack(
+            "=BBHiHBB", fam, 0, 0, 0, 0, 0, 0
+        )
+        s.send(req)
+        out: dict[str, tuple[int, float]] = {}
+        while True:
+            got, done = parse_neigh(s.recv(1 << 16))
+            out.update(got)
+            if done:
+                return out
+
+
 # ---- which destinations need an entry -------------------------------------------------------
 
 
@@ -300,6 +373,9 @@ class NeighGuard:
         self.unknown = 0  # flows given up on (neighbour-table-full)
         self.waited = 0  # flows that waited for a destination slot
         self.fulls0 = {f: c for f, (c, _) in self._cache.items()}
+        self.settled = 0  # silent attempts that did not count: sent before the entry resolved
+        self._dumps: dict[int, tuple[float, dict[str, tuple[int, float]] | None]] = {}
+        self._settling: dict[str, asyncio.Future[float]] = {}
 
     @classmethod
     def create(cls, share: int = 1) -> NeighGuard | None:
@@ -416,10 +492,60 @@ class NeighGuard:
         self.budget[fam] = max(MIN_BUDGET, min(self.budget[fam], (self.active[fam] * 3) // 4))
         return True
 
+    # -- resolution --------------------------------------------------------------------------
+
+    def suspect(self, hs: Any, t0: float) -> bool:
+        """Might an attempt that started at ``t0`` (perf_counter) and came back silent never
+        have left this host in time (its destination's entry not yet resolved)?"""
+        return hs.l2_at is None or t0 < hs.l2_at
+
+    async def settle(self, hs: Any, dst: str) -> bool:
+        """Wait until ``dst``'s entry is resolved or the kernel gave up on it; True when it
+        resolved (attempts that started before ``hs.l2_at`` then do not count), False when
+        the silence stands (FAILED, no entry, or the kernel does not tell)."""
+        if hs.l2_at is None:
+            fut = self._settling.get(dst)
+            if fut is None:
+                fut = self._settling[dst] = asyncio.ensure_future(self._resolved_at(hs.fam, dst))
+            hs.l2_at = await asyncio.shield(fut)
+            self._settling.pop(dst, None)
+        return hs.l2_at != float("-inf")
+
+    async def _resolved_at(self, fam: int, dst: str) -> float:
+        """When (perf_counter) ``dst``'s entry was last seen to change into a resolved state,
+        or -inf when the silences to it stand."""
+        with contextlib.suppress(ValueError):
+            dst = str(ipaddress.ip_address(dst.split("%", 1)[0]))
+        deadline = time.perf_counter() + SETTLE_WAIT
+        while True:
+            states = self._dump(fam)
+            if states is None:
+                return float("-inf")  # the kernel does not tell: as before
+            st = states.get(dst)
+            if st is not None and st[0] & ~(NUD_INCOMPLETE | NUD_FAILED):
+                if st[0] & (NUD_NOARP | NUD_PERMANENT):
+                    return float("-inf")  # never queued
+                return time.perf_counter() - st[1]
+            if st is None or st[0] != NUD_INCOMPLETE or time.perf_counter() > deadline:
+                return float("-inf")  # FAILED or gone: the host did not answer ARP/NDP
+            await asyncio.sleep(SETTLE_POLL)
+
+    def _dump(self, fam: int) -> dict[str, tuple[int, float]] | None:
+        now = time.perf_counter()
+        c = self._dumps.get(fam)
+        if c is not None and now - c[0] < SETTLE_POLL / 2:
+            return c[1]
+        try:
+            d: dict[str, tuple[int, float]] | None = neigh_dump(fam)
+        except (OSError, struct.error):
+            d = None
+        self._dumps[fam] = (now, d)
+        return d
+
     def report(self) -> dict[str, Any]:
         """For the summary: what the guard did (only interesting when something happened)."""
         fulls = {f: self.fulls(f) - self.fulls0.get(f, 0) for f in self.tables}
-        return {
+        out = {
             "limit": {str(f): self.start_budget[f] for f in self.tables},
             "limit_end": {str(f): self.budget[f] for f in self.tables},
             "gc_thresh3": {str(f): t.thresh3 for f, t in self.tables.items()},
@@ -428,6 +554,9 @@ class NeighGuard:
             "waited": self.waited,
             "unknown": self.unknown,
         }
+        if self.settled:
+            out["unresolved_retried"] = self.settled
+        return out
 
 
 def budget_for(thresh3: int) -> int:
