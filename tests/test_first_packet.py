@@ -66,3 +66,25 @@ def test_lost_first_arp_request_is_not_filtered(two_hosts, method: str) -> None:
     assert "counter packets 1 " in rules, rules
     summary = recs[-1]
     assert summary["neighbour"]["unresolved_retried"] >= 1
+
+
+def test_parse_neigh_reads_state_and_age() -> None:
+    import socket
+    import struct
+
+    from scanner.engine import neigh
+
+    dst = struct.pack("=HH", 8, 1) + socket.inet_aton("198.18.0.2")
+    ci = struct.pack("=HH", 20, 3) + struct.pack("=IIII", 5, 6, int(2.5 * neigh._CLK_TCK), 1)
+    body = struct.pack("=BBHiHBB", socket.AF_INET, 0, 0, 3, 0x02, 0, 1) + dst + ci
+    msg = struct.pack("=IHHII", 16 + len(body), 28, 2, 1, 0) + body
+    done = struct.pack("=IHHII", 20, 3, 2, 1, 0) + b"\0\0\0\0"
+    got, finished = neigh.parse_neigh(msg + done)
+    assert finished and got == {"198.18.0.2": (0x02, 2.5)}
+    assert neigh.parse_neigh(msg) == (got, False)  # more to read
+
+
+def test_neigh_dump_sees_this_namespace() -> None:
+    from scanner.engine import neigh
+
+    assert isinstance(neigh.neigh_dump(4), dict)  # rtnetlink answers unprivileged too

@@ -79,41 +79,57 @@ _NDTA_THRESH1, _NDTA_THRESH2, _NDTA_THRESH3, _NDTA_CONFIG, _NDTA_STATS = 2, 3, 4
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 
 
+def _messages(data: bytes, mtype: int) -> tuple[list[tuple[int, int]], bool]:
+    """The (offset, end) of every netlink message of type ``mtype`` in ``data``, and whether
+    NLMSG_DONE (or an error) ended the dump (pure)."""
+    out: list[tuple[int, int]] = []
+    off = 0
+    while off + 16 <= len(data):
+        mlen, t = struct.unpack_from("=IH", data, off)
+        if mlen < 16:
+            break
+        if t in (_NLMSG_DONE, _NLMSG_ERROR):
+            return out, True
+        if t == mtype:
+            out.append((off, off + mlen))
+        off += (mlen + 3) & ~3
+    return out, False
+
+
+def _attrs(data: bytes, a: int, end: int) -> dict[int, bytes]:
+    """The rtnetlink attributes between ``a`` and ``end``: type -> payload (pure)."""
+    attrs: dict[int, bytes] = {}
+    while a + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, a)
+        if alen < 4:
+            break
+        attrs[atype & 0x3FFF] = data[a + 4 : a + alen]
+        a += (alen + 3) & ~3
+    return attrs
+
+
 def parse_neightbl(data: bytes) -> tuple[dict[int, Table], bool]:
     """RTM_NEWNEIGHTBL messages -> {family: Table}, and whether NLMSG_DONE was seen (pure)."""
     out: dict[int, Table] = {}
-    off = 0
-    while off + 16 <= len(data):
-        mlen, mtype = struct.unpack_from("=IH", data, off)
-        if mlen < 16:
-            break
-        if mtype in (_NLMSG_DONE, _NLMSG_ERROR):
-            return out, True
-        if mtype == _RTM_NEWNEIGHTBL and mlen >= 20:
-            fam = _FAMILY.get(data[off + 16])
-            attrs: dict[int, bytes] = {}
-            a = off + 20
-            end = off + mlen
-            while a + 4 <= end:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                attrs[atype & 0x3FFF] = data[a + 4 : a + alen]
-                a += (alen + 3) & ~3
-            t3 = attrs.get(_NDTA_THRESH3)
-            if fam is not None and t3 is not None and len(t3) >= 4:
-                cfg = attrs.get(_NDTA_CONFIG, b"")
-                stats = attrs.get(_NDTA_STATS, b"")
-                out[fam] = Table(
-                    fam,
-                    struct.unpack("=I", attrs.get(_NDTA_THRESH1, b"\0\0\0\0")[:4])[0],
-                    struct.unpack("=I", attrs.get(_NDTA_THRESH2, b"\0\0\0\0")[:4])[0],
-                    struct.unpack("=I", t3[:4])[0],
-                    struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
-                    struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0,
-                )
-        off += (mlen + 3) & ~3
-    return out, False
+    msgs, done = _messages(data, _RTM_NEWNEIGHTBL)
+    for off, end in msgs:
+        if end - off < 20:
+            continue
+        fam = _FAMILY.get(data[off + 16])
+        attrs = _attrs(data, off + 20, end)
+        t3 = attrs.get(_NDTA_THRESH3)
+        if fam is not None and t3 is not None and len(t3) >= 4:
+            cfg = attrs.get(_NDTA_CONFIG, b"")
+            stats = attrs.get(_NDTA_STATS, b"")
+            out[fam] = Table(
+                fam,
+                struct.unpack("=I", attrs.get(_NDTA_THRESH1, b"\0\0\0\0")[:4])[0],
+                struct.unpack("=I", attrs.get(_NDTA_THRESH2, b"\0\0\0\0")[:4])[0],
+                struct.unpack("=I", t3[:4])[0],
+                struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
+                struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0,
+            )
+    return out, done
 
 
 def _netlink_tables(family: int = 0) -> dict[int, Table]:
@@ -215,35 +231,24 @@ def parse_neigh(data: bytes) -> tuple[dict[str, tuple[int, float]], bool]:
     """RTM_NEWNEIGH messages -> {address: (NUD state, seconds since its state last changed)},
     and whether NLMSG_DONE was seen (pure)."""
     out: dict[str, tuple[int, float]] = {}
-    off = 0
-    while off + 16 <= len(data):
-        mlen, mtype = struct.unpack_from("=IH", data, off)
-        if mlen < 16:
-            break
-        if mtype in (_NLMSG_DONE, _NLMSG_ERROR):
-            return out, True
-        if mtype == _RTM_NEWNEIGH and mlen >= 28:
-            fam = data[off + 16]
-            state = struct.unpack_from("=H", data, off + 24)[0]
-            a = off + 28
-            end = off + mlen
-            dst = None
-            age = 0.0
-            while a + 4 <= end:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                val = data[a + 4 : a + alen]
-                if atype == _NDA_DST and fam in (socket.AF_INET, socket.AF_INET6):
-                    with contextlib.suppress(ValueError, OSError):
-                        dst = socket.inet_ntop(fam, val)
-                elif atype == _NDA_CACHEINFO and len(val) >= 12:
-                    age = struct.unpack_from("=I", val, 8)[0] / _CLK_TCK  # ndm_updated
-                a += (alen + 3) & ~3
-            if dst is not None:
-                out[dst] = (state, age)
-        off += (mlen + 3) & ~3
-    return out, False
+    msgs, done = _messages(data, _RTM_NEWNEIGH)
+    for off, end in msgs:
+        if end - off < 28:
+            continue
+        fam = data[off + 16]
+        state = struct.unpack_from("=H", data, off + 24)[0]
+        attrs = _attrs(data, off + 28, end)
+        dst = attrs.get(_NDA_DST)
+        if dst is None or fam not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            addr = socket.inet_ntop(fam, dst)
+        except (ValueError, OSError):
+            continue
+        ci = attrs.get(_NDA_CACHEINFO, b"")
+        age = struct.unpack_from("=I", ci, 8)[0] / _CLK_TCK if len(ci) >= 12 else 0.0
+        out[addr] = (state, age)  # age: ndm_updated, in clock ticks
+    return out, done
 
 
 def neigh_dump(family: int) -> dict[str, tuple[int, float]]:
