@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from scanner.core.flows import Flow
 from scanner.errors import InputError
+from scanner.lab import conntrack
 from scanner.lab.faults import (
     Expected,
     Fault,
@@ -523,6 +526,72 @@ def test_peer_faults_are_one_way(fault_lab) -> None:
     for src in ("node1", "node3"):
         fl = Flow(lab.host("node2").addr, 2380, "tcp", src=lab.host(src).addr)
         assert expected(fl, faults, lab).verdict == ("fail" if src == "node3" else "pass")
+
+
+# ---- conntrack: a fault applies to a flow whose 5-tuple an earlier flow used ------------------
+
+SAME_PORT_SENDER = r"""
+import errno, socket, sys
+dst, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(2):  # before the fault, then after it: a new socket on the same 5-tuple
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2.0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", sport)); s.connect((dst, port))
+    try:
+        s.send(b"PMv1-probe-bytes"); s.recv(64); print("reply", flush=True)
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e)), flush=True)
+    s.close()
+    sys.stdin.readline()
+"""
+
+
+def test_conntrack_flush_message() -> None:
+    msg = conntrack.flush_request(7)
+    # nlmsghdr: 20 bytes in all, ctnetlink (1) << 8 | IPCTNL_MSG_CT_DELETE (2), REQUEST | ACK;
+    # nfgenmsg: AF_UNSPEC (both families), version 0, no attributes (= every entry)
+    assert msg == struct.pack("=IHHII", 20, 0x102, 0x5, 7, 0) + bytes(4)
+    ack = struct.pack("=IHHII", 36, 2, 0, 7, 0) + struct.pack("=i", 0) + msg[:16]
+    assert conntrack.parse_ack(ack, 7) == 0
+    refused = ack[:16] + struct.pack("=i", -95) + ack[20:]
+    assert conntrack.parse_ack(refused, 7) == 95
+    with pytest.raises(ValueError):
+        conntrack.parse_ack(b"", 7)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("where", ["out", "in"])
+def test_apply_faults_forgets_earlier_flows_conntrack(fault_lab, where: str) -> None:
+    # the rules match "ct state new": without a conntrack flush, a flow that passed before the
+    # fault (or an earlier flow reusing its ephemeral port) keeps passing after it
+    lab = fault_lab
+    host = "node1" if where == "out" else "node2"
+    # a rule on another port: conntrack runs in a namespace only while a rule there uses it
+    _apply(lab, [Fault(host, where, "udp", ((9, 9),), "drop")])
+    p = lab.popen(
+        "node1",
+        [sys.executable, "-c", SAME_PORT_SENDER, lab.host("node2").addr, "4789", "47890"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        assert p.stdout.readline().strip() == "reply"  # the flow passes, conntrack has it
+        ours = os.readlink("/proc/thread-self/ns/net")
+        _apply(lab, [Fault(host, where, "udp", ((4789, 4789),), "reject-admin")])
+        assert os.readlink("/proc/thread-self/ns/net") == ours  # the flush came back home
+        p.stdin.write("\n")
+        p.stdin.flush()
+        want = "EPERM" if where == "out" else "EHOSTUNREACH"
+        assert p.stdout.readline().strip() == want
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+        p.wait()
+        _apply(lab, [])
 
 
 # ---- random fault sets: responders + nftables + kernel == ground truth, for every flow ---------

@@ -157,7 +157,7 @@ def test_watch_and_respond_share_their_responder_options(monkeypatch, tmp_path) 
         assert w[name] == r[name], name
     got = {}
     monkeypatch.setattr(agent, "run_watch", lambda cfg: got.setdefault("cfg", cfg) and 0)
-    monkeypatch.setattr("scanner.engine.output.NdjsonOutput", lambda *a, **k: None)
+    monkeypatch.setattr(watch, "NdjsonOutput", lambda *a, **k: None)
     inv = tmp_path / "inv.yml"
     inv.write_text("all:\n  hosts:\n    node1: {ip: 198.18.9.1}\n    node2: {ip: 198.18.9.2}\n"
                    "  children:\n    kube_node:\n      hosts: {node1: null, node2: null}\n")  # fmt: skip

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -222,7 +223,7 @@ _NDA_DST, _NDA_CACHEINFO = 1, 3
 SETTLE_WAIT = 3.5  # the kernel's own give-up: mcast_solicit (3) x retrans_time (1 s), and some
 SETTLE_POLL = 0.02
 try:
-    _CLK_TCK = float(__import__("os").sysconf("SC_CLK_TCK"))
+    _CLK_TCK = float(os.sysconf("SC_CLK_TCK"))  # the unit of nda_cacheinfo's ages
 except (ValueError, OSError, AttributeError):
     _CLK_TCK = 100.0
 

@@ -63,7 +63,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import yaml
+
 from scanner.core.flows import Flow
+from scanner.core.verdicts import verdict
 from scanner.errors import InputError
 
 DIRECTIONS = ("in", "out")
@@ -246,8 +249,6 @@ def parse_fault_doc(doc: object, source: str = "<faults>") -> FaultFile:
 
 
 def load_fault_file(path: str) -> FaultFile:
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
@@ -529,8 +530,6 @@ def expected(
     table = _IN_FAULT if f.direction == "in" else _OUT_FAULT
     state, reason = table[(flow.proto, f.action)]
     if mode == "bare":
-        from scanner.core.verdicts import verdict
-
         v = verdict(flow.proto, state, "reachable", responder=False)
         if (state, reason) == _PASS["bare"][flow.proto]:
             # a reject looks exactly like "nothing listens" to a prober without responders

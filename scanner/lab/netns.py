@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InputError, PrivilegeError, ScannerError
-from scanner.lab import sysctls
+from scanner.lab import conntrack, sysctls
+from scanner.lab.faults import check_hosts, nft_ruleset
 
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 HOST_LINK_OCTET = 254
@@ -521,13 +522,21 @@ class Lab:
         """Load the nftables rules of these faults (scanner.lab.faults.Fault) into every lab host.
 
         Each host's table ``inet portmesh`` is replaced as a whole, so applying a new set removes
-        the old one; hosts without faults get an empty table.
+        the old one; hosts without faults get an empty table. Then each host's conntrack table
+        is flushed: the rules match a connection's first packet only, and an entry left by an
+        earlier flow on the same 5-tuple (a reused source port) would let a packet pass them.
         """
-        from scanner.lab.faults import check_hosts, nft_ruleset
-
         check_hosts(faults, self.host_names())
         for h in self.hosts:
             self.nft(h.name, nft_ruleset([f for f in faults if f.host == h.name], self))
+        for h in self.hosts:  # after the rules: no flow can slip in between
+            try:
+                conntrack.flush(h.ns)
+            except OSError as e:
+                raise LabError(
+                    f"cannot flush the conntrack table of lab host {h.name!r} ({e.strerror or e}):"
+                    " earlier flows could pass the new faults"
+                ) from None
 
     def exec_template(self) -> str:
         """The mesh's --exec template: how a command reaches a lab host ({name} placeholder)."""

@@ -33,6 +33,7 @@ from typing import Any
 
 from scanner.errors import InventoryError
 from scanner.plan import kubean
+from scanner.plan.endpoints import is_endpoint_var
 from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
 
@@ -351,8 +352,6 @@ def origin(layers: Sequence[VarsLayer], name: str) -> str:
 
 def deciding_names(layers: Iterable[VarsLayer]) -> list[str]:
     """The variables that decide a cluster's plan, among those these layers set."""
-    from scanner.plan.endpoints import is_endpoint_var
-
     names = set(kubean.KNOWN_VARS) | {"loadbalancer_apiserver"}
     for layer in layers:
         names.update(n for n in layer.values if is_endpoint_var(n))

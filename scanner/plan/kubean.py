@@ -26,6 +26,7 @@ import yaml
 
 from scanner.core.model import ClusterConfig, Setting
 from scanner.errors import InventoryError
+from scanner.plan.endpoints import endpoints, is_endpoint_var
 from scanner.plan.templates import (
     _SCALARS,
     UNRESOLVED,
@@ -580,8 +581,6 @@ def cluster_config(layers: Sequence[VarsLayer]) -> ClusterConfig:
         if hp is None:
             raise v.error("minio_address", "not a URL like http://host:9000")
         minio = Setting(hp, v.source("minio_address"))
-
-    from scanner.plan.endpoints import endpoints, is_endpoint_var
 
     def lookup(name: str) -> Any:
         return v.values.get(name)

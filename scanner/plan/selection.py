@@ -15,12 +15,17 @@ ClusterConfig in the planner, with the source "flag --cni" / "flag --with" / "fl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import click
+
+from scanner.catalog import load_catalog
 from scanner.errors import InputError
+from scanner.plan.inventory import load_site
 
 if TYPE_CHECKING:
     from scanner.catalog import Catalog
@@ -96,9 +101,6 @@ class SelectionOptions:
         self, sources: Iterable[str] | None = None, scanner: str | None = None
     ) -> tuple[Catalog, Site, Selection]:
         """Load the catalog and the site and build the validated Selection."""
-        from scanner.catalog import load_catalog
-        from scanner.plan.inventory import load_site
-
         catalog = load_catalog(self.catalog_files)
         selection = self.selection(catalog, sources=sources, scanner=scanner)
         hosts = split_hosts(self.hosts)
@@ -149,8 +151,6 @@ def _canonical(selection: Selection, site: Site) -> Selection:
     """``--from`` names -> the site's unique host names (``resolve_host``). A scanner name
     outside the site stays as it is, unless it is also a source (check --from: planning from a
     name the site lacks would check nothing, silently)."""
-    import dataclasses
-
     def one(key: str, outside_ok: bool) -> str:
         if key == "scanner":
             return key
@@ -188,8 +188,6 @@ def selection_options(
 
 
 def _selection_options(f: Callable[..., Any], exclude: tuple[str, ...]) -> Callable[..., Any]:
-    import click
-
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         def take(name: str) -> Any:  # an excluded name may be the command's own parameter

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from scanner.errors import InventoryError, warn
 from scanner.plan import kubean
 from scanner.plan.ansible_vars import (
@@ -145,8 +147,6 @@ def _from_configmaps(docs: list[Any], path: str) -> list[ClusterSource]:
 def _documents(text: str, path: str) -> list[Any]:
     """The YAML documents of a file; JSON (ansible-inventory output can be large) via orjson."""
     if text.lstrip().startswith("{"):
-        import orjson
-
         try:
             return [orjson.loads(text)]
         except orjson.JSONDecodeError:

@@ -54,6 +54,8 @@ import orjson
 
 from scanner.core import tags
 from scanner.core.ports import ports_text as ranges_text  # one implementation, re-exported
+from scanner.core.privileges import raise_nofile
+from scanner.responder.witness import Witness
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
 MAX_TTL = 7 * 24 * 3600.0
@@ -139,8 +141,6 @@ class Responder:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind every port and register the readers (synchronous: binding does not block)."""
-        from scanner.core.privileges import raise_nofile
-
         self._loop = loop or asyncio.get_running_loop()
         room = _fd_room(raise_nofile())
         addr = ipaddress.ip_address(self.bind)
@@ -525,10 +525,6 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
     witness = None
     handlers: list[int] = []
     stdin_fd: int | None = None
-    if cfg.witness:
-        # imported before binding: an import opens files, and binding may use the last
-        # descriptors the budget allows
-        from scanner.responder.witness import Witness
     try:
         r.start(loop)
         if cfg.witness:
@@ -616,6 +612,8 @@ def run_responder(cfg: ResponderConfig, stream: Any = None) -> int:
     emit = _emit_to(stream if stream is not None else sys.stdout)
     if cfg.use_uvloop:
         try:
+            # lazy: uvloop is optional and wanted only here; the mesh agent and the watch import
+            # this module for Responder alone and run their own loop
             import uvloop
 
             runner = uvloop.run  # type: ignore[attr-defined]
