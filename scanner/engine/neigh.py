@@ -217,7 +217,7 @@ def fulls_reader(family: int) -> Callable[[], int] | None:
 
 
 # NUD states (linux/neighbour.h) and rtnetlink neighbour messages
-NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_FAILED = 0x01, 0x02, 0x20
 _RTM_NEWNEIGH, _RTM_GETNEIGH = 28, 30
 _NDA_DST, _NDA_CACHEINFO = 1, 3
 SETTLE_WAIT = 3.5  # the kernel's own give-up: mcast_solicit (3) x retrans_time (1 s), and some
@@ -528,10 +528,14 @@ class NeighGuard:
             if states is None:
                 return float("-inf")  # the kernel does not tell: as before
             st = states.get(dst)
-            if st is not None and st[0] & ~(NUD_INCOMPLETE | NUD_FAILED):
-                if st[0] & (NUD_NOARP | NUD_PERMANENT):
-                    return float("-inf")  # never queued
+            if st is not None and st[0] & NUD_REACHABLE:
+                # since when: resolved then (from INCOMPLETE), or confirmed again (from DELAY,
+                # when nothing was queued: only stricter)
                 return time.perf_counter() - st[1]
+            if st is not None and st[0] & ~(NUD_INCOMPLETE | NUD_FAILED):
+                # STALE, DELAY, PROBE: it had an address all along (REACHABLE lasts >= 15 s,
+                # so it was not resolved since the attempt); NOARP, PERMANENT: never queued
+                return float("-inf")
             if st is None or st[0] != NUD_INCOMPLETE or time.perf_counter() > deadline:
                 return float("-inf")  # FAILED or gone: the host did not answer ARP/NDP
             await asyncio.sleep(SETTLE_POLL)
