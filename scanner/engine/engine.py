@@ -622,9 +622,9 @@ class Engine:
                     guard is not None
                     and out.silent
                     and not settled
-                    and guard.suspect(hs, t0)
+                    and guard.suspect(hs, t0, timeout)
                     and await guard.settle(hs, flow.dst)
-                    and t0 < hs.l2_at  # type: ignore[operator]
+                    and guard.cut(hs, t0, timeout)
                 ):
                     # sent before its neighbour entry resolved (a lost ARP request is asked
                     # again only after 1 s): the packet may have left after the deadline, or

@@ -500,10 +500,19 @@ class NeighGuard:
 
     # -- resolution --------------------------------------------------------------------------
 
-    def suspect(self, hs: Any, t0: float) -> bool:
-        """Might an attempt that started at ``t0`` (perf_counter) and came back silent never
-        have left this host in time (its destination's entry not yet resolved)?"""
-        return hs.l2_at is None or t0 < hs.l2_at
+    def suspect(self, hs: Any, t0: float, timeout: float) -> bool:
+        """Might an attempt that started at ``t0`` (perf_counter) and came back silent after
+        ``timeout`` have left this host too late (its destination's entry not yet resolved)?"""
+        return hs.l2_at is None or self.cut(hs, t0, timeout)
+
+    @staticmethod
+    def cut(hs: Any, t0: float, timeout: float) -> bool:
+        """Was the entry resolved only after half the attempt's wait had gone (its packet then
+        had less than half its time, or never left)? A resolution a few milliseconds after the
+        first packets of a burst leaves their silence standing: it is real loss, and the loss
+        estimate needs it."""
+        at = hs.l2_at
+        return at is not None and at != float("-inf") and t0 + timeout / 2 < at
 
     async def settle(self, hs: Any, dst: str) -> bool:
         """Wait until ``dst``'s entry is resolved or the kernel gave up on it; True when it

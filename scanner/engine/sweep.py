@@ -43,12 +43,13 @@ SEND_BATCH = 256
 
 
 class _Attempt:
-    __slots__ = ("flow", "hs", "t0", "attempts", "counted", "mark", "nhits", "settled")
+    __slots__ = ("flow", "hs", "t0", "limit", "attempts", "counted", "mark", "nhits", "settled")
 
     def __init__(self, flow: Flow, hs: Any) -> None:  # hs: engine.HostState
         self.flow = flow
         self.hs = hs
         self.t0 = 0.0
+        self.limit = 0.0  # the timeout it was sent with
         self.attempts = 0  # attempts that went out (as engine._attempts counts them)
         self.counted = False  # in hs.retrying
         self.mark = 0  # the neighbour table's overflow counter when the attempt left
@@ -254,7 +255,7 @@ class Sweep:
         if guard is not None and a.hs.fam:
             a.mark = guard.mark(a.hs.fam)
         self.inflight[r] = a
-        limit = a.hs.timeout(self.engine.cfg)
+        limit = a.limit = a.hs.timeout(self.engine.cfg)
         slot = int((t0 + limit) / TICK) + 1
         w = self.wheel.get(slot)
         if w is None:
@@ -353,7 +354,7 @@ class Sweep:
 
             self.loop.call_later(pause, again)
             return
-        if guard is not None and hs.fam and not a.settled and guard.suspect(hs, a.t0):
+        if guard is not None and hs.fam and not a.settled and guard.suspect(hs, a.t0, a.limit):
             self._settle(a)
             return
         self._counted(a)
@@ -388,7 +389,7 @@ class Sweep:
 
     def _settled_one(self, a: _Attempt) -> None:
         hs = a.hs
-        if hs.l2_at is not None and hs.l2_at != float("-inf") and a.t0 < hs.l2_at:
+        if self.engine.neigh.cut(hs, a.t0, a.limit):
             # it may have left after its deadline, or never: once more, not counted
             a.settled = True
             a.attempts -= 1
