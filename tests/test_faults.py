@@ -18,20 +18,17 @@ from scanner.core.flows import Flow
 from scanner.errors import InputError
 from scanner.lab import conntrack
 from scanner.lab.faults import (
-    Expected,
     Fault,
     check_hosts,
-    expected,
     fault_doc,
-    ground_truth,
-    hit,
     load_fault_file,
     load_faults,
-    nft_ruleset,
     parse_fault_doc,
     parse_fault_ports,
     random_faults,
 )
+from scanner.lab.nft import nft_ruleset
+from scanner.lab.truth import Expected, expected, ground_truth, hit
 
 ADDRS = {"node1": "198.18.7.1", "node2": "198.18.7.2", "node3": "198.18.7.3"}
 
@@ -286,12 +283,12 @@ def fault(**kw: object) -> Fault:
         (
             U12,
             [fault(host="node1", direction="out", proto="udp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         (
             I12,
             [fault(host="node1", direction="out", proto="icmp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         # faults that do not apply to this flow
         (F12, [fault(ports=((2379, 2379),))], ("open", "pass", "responder")),
@@ -411,7 +408,7 @@ def echo(ident):
 def err(e):
     return {errno.ECONNREFUSED: ("closed", "conn-refused" if proto == "tcp" else "port-unreach"),
             errno.EHOSTUNREACH: ("filtered", "admin-prohibited"),
-            errno.EPERM: ("filtered", "send-eperm")}.get(e.errno, ("error", str(e)))
+            errno.EPERM: ("filtered", "local-prohibited")}.get(e.errno, ("error", str(e)))
 def icmp_wait(r, want_echo):
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
@@ -608,7 +605,7 @@ def csum(b):
 def echo(ident):
     h = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + tags.make_tag(secret, os.urandom(8))
     return h[:2] + struct.pack("!H", csum(h)) + h[4:]
-ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "send-eperm"}
+ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "local-prohibited"}
 def one(i, dst, proto, port):
     try:
         if proto == "tcp":

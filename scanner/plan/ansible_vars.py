@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InventoryError
-from scanner.plan import kubean
+from scanner.plan import kubean, yamldocs
 from scanner.plan.endpoints import is_endpoint_var
 from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
@@ -115,7 +115,7 @@ def find_vars_files(folder: Path, name: str, listing: set[str] | None = None) ->
 
 def load_vars_path(path: Path) -> VarsLayer:
     """One variables file (YAML or JSON): one layer labelled with its path."""
-    text = kubean.read_text(path, "vars file")
+    text = yamldocs.read_text(path, "vars file")
     return VarsLayer(str(path), kubean.parse_vars_text(text, str(path)))
 
 
