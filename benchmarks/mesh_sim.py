@@ -3,7 +3,7 @@
     python benchmarks/mesh.py --simulate 1000 --sample 16
     python benchmarks/mesh.py --simulate 1000 --full --emit failures --fail-rate 0.01
 
-The coordinator (``scanner.mesh.coordinator.run_mesh``, unchanged) runs in this process; the
+The coordinator (``scanner.mesh.coordinator.run_mesh``, the real one) runs in this process; the
 N agents run in ONE other process (forked before the coordinator starts), one asyncio task
 each, each speaking the agent protocol over its own socketpair: ``transport.start`` is the
 only thing replaced, so the coordinator's reading, parsing, window, pair join, matrix,
@@ -24,6 +24,7 @@ its wall time, its peak RSS (ru_maxrss), lines and pair records written.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -33,13 +34,19 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from scanner.core.ports import ports_text
+from scanner.core.privileges import raise_nofile
+from scanner.engine.output import NdjsonOutput
 from scanner.mesh import transport
+from scanner.mesh.coordinator import MeshConfig, run_mesh
+from scanner.plan.planner import legs
+from scanner.plan.selection import SelectionOptions
 
 SECRET_SCAN = "0" * 16
 
@@ -73,8 +80,6 @@ class SimAgent:
         return ((port or 0) + 7 * s + 13 * d) % self.every == 0
 
     def slice_legs(self) -> list[tuple[Any, list[tuple[str, str]], tuple[Any, ...], str]]:
-        from scanner.plan.planner import legs
-
         sel = dataclasses.replace(self.selection, sources=frozenset({self.name}))
         out = []
         for leg in legs(self.catalog, self.site, sel):
@@ -243,11 +248,14 @@ class SockProc:
             self.stdin.close()
 
 
-def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str | None) -> dict:
-    from scanner.core.privileges import raise_nofile
-    from scanner.engine.output import NdjsonOutput
-    from scanner.mesh.coordinator import MeshConfig, run_mesh
-    from scanner.plan.selection import SelectionOptions
+def run(
+    nodes: int,
+    sample: int | None,
+    emit: str,
+    fail_rate: float,
+    output: str | None,
+    summary_to: str | None = None,
+) -> dict:
 
     raise_nofile()
     with tempfile.TemporaryDirectory() as d:
@@ -271,8 +279,6 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
                 a.close()
             simulator({n: b for n, (_, b) in pairs.items()}, (catalog, site, full_sel), every)
         except BaseException:  # noqa: BLE001
-            import traceback
-
             traceback.print_exc()
             code = 1
         finally:
@@ -286,26 +292,31 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
         )
         return SockProc(r, w)
 
+    real_start = transport.start
     transport.start = fake_start  # type: ignore[assignment]
     out = NdjsonOutput(output or os.devnull, stdout=False)
-    err = open(os.devnull, "w")  # noqa: SIM115
+    err = open(summary_to or os.devnull, "w")  # noqa: SIM115
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    code = run_mesh(
-        MeshConfig(
-            catalog=catalog,
-            site=site,
-            selection=selection,
-            exec_template="sim {name}",
-            agent_cmd="agent",
-            output=out,
-            summary_to=err,
-            emit=emit,
-            forks=len(names),
+    try:
+        code = run_mesh(
+            MeshConfig(
+                catalog=catalog,
+                site=site,
+                selection=selection,
+                exec_template="sim {name}",
+                agent_cmd="agent",
+                output=out,
+                summary_to=err,
+                emit=emit,
+                forks=len(names),
+            )
         )
-    )
+    finally:
+        transport.start = real_start  # type: ignore[assignment]
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    err.close()
     _, status = os.waitpid(pid, 0)
     sim = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
@@ -323,8 +334,6 @@ def run(nodes: int, sample: int | None, emit: str, fail_rate: float, output: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="benchmarks/mesh.py --simulate")
     ap.add_argument("--simulate", type=int, required=True, metavar="N")
     ap.add_argument("--sample", type=int, default=16)
@@ -332,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--emit", choices=("all", "failures"), default="all")
     ap.add_argument("--fail-rate", type=float, default=0.01)
     ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--summary-to", default=None, help="the human summary (default: discarded)")
     a = ap.parse_args(argv)
-    res = run(a.simulate, None if a.full else a.sample, a.emit, a.fail_rate, a.output)
+    res = run(
+        a.simulate, None if a.full else a.sample, a.emit, a.fail_rate, a.output, a.summary_to
+    )
     print(orjson.dumps(res).decode())
     return 0
 

@@ -309,7 +309,7 @@ def fault(**kw: object) -> Fault:
         (
             F12,
             [fault(), fault(host="node1", direction="out", action="reject-admin")],
-            ("filtered", "fail", "admin-prohibited"),
+            ("filtered", "fail", "local-prohibited"),
         ),
     ],
 )
@@ -409,6 +409,15 @@ def err(e):
     return {errno.ECONNREFUSED: ("closed", "conn-refused" if proto == "tcp" else "port-unreach"),
             errno.EHOSTUNREACH: ("filtered", "admin-prohibited"),
             errno.EPERM: ("filtered", "local-prohibited")}.get(e.errno, ("error", str(e)))
+def local_reject(s, dst):
+    # the ICMP error queued on the socket: sent by another address than dst (in the lab, where
+    # no router sits between hosts: this host's own output chain) -> local-prohibited
+    try: anc = s.recvmsg(0, 512, socket.MSG_ERRQUEUE)[1]
+    except OSError: return None
+    for _lvl, _typ, d in anc:
+        if len(d) >= 24 and d[5] == 3 and socket.inet_ntoa(d[20:24]) != dst:
+            return ("filtered", "local-prohibited")
+    return None
 def icmp_wait(r, want_echo):
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
@@ -422,11 +431,11 @@ def icmp_wait(r, want_echo):
     return ("filtered" if want_echo else "open|filtered", "no-response")
 try:
     if proto == "tcp":
-        s = socket.socket(); s.settimeout(timeout)
+        s = socket.socket(); s.settimeout(timeout); s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR
         try:
             s.connect((dst, port)); out = ("open", "responder" if s.recv(16) == b"token" else "syn-ack")
         except socket.timeout: out = ("filtered", "no-response")
-        except OSError as e: out = err(e)
+        except OSError as e: out = local_reject(s, dst) or err(e)
     elif proto == "udp":
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout); s.connect((dst, port))
         try:
@@ -609,12 +618,16 @@ ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "local-prohibited"}
 def one(i, dst, proto, port):
     try:
         if proto == "tcp":
-            s = socket.socket(); s.settimeout(timeout)
+            s = socket.socket(); s.settimeout(timeout); s.setsockopt(socket.SOL_IP, 11, 1)
             try:
                 s.connect((dst, port))
                 return ("open", "responder" if s.recv(64) == tags.tcp_token(secret, port) else "syn-ack")
             except socket.timeout: return ("filtered", "no-response")
             except OSError as e:
+                try: anc = s.recvmsg(0, 512, socket.MSG_ERRQUEUE)[1]  # the ICMP error, if any
+                except OSError: anc = []
+                if any(len(d) >= 24 and d[5] == 3 and socket.inet_ntoa(d[20:24]) != dst for _, _, d in anc):
+                    return ("filtered", "local-prohibited")  # sent by this host's output chain
                 st = "closed" if e.errno == 111 else "filtered"
                 return (st, ERR.get(e.errno, str(e)))
         if proto == "udp":

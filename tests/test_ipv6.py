@@ -98,28 +98,34 @@ def test_tcp_and_udp_over_ipv6_loopback(v6_ports: tuple[int, int, int, int], met
         V6, "127.0.0.1", "-p", f"T:{to},{tc},U:{uo},{uc}", "--method", method, "--retries", "0"
     )
     got = {(r["dst"], r["proto"], r["port"]): r for r in results}
+    # auto: raw SYN for both families with CAP_NET_RAW (syn6.py over IPv6), else connect
+    m = "syn" if method == "auto" and os.geteuid() == 0 else "connect"
     assert {(k, r["state"], r["reason"]) for k, r in got.items() if k[0] == V6} == {
         ((V6, "tcp", to), "open", "syn-ack"),
-        ((V6, "tcp", tc), "closed", "conn-refused"),  # connect(): the kernel's RST
+        # the kernel's RST: nmap's word per method (-sS reset, -sT conn-refused)
+        ((V6, "tcp", tc), "closed", "reset" if m == "syn" else "conn-refused"),
         ((V6, "udp", uo), "open", "udp-response"),
         ((V6, "udp", uc), "closed", "port-unreach"),  # ICMPv6 type 1 code 4 via IPV6_RECVERR
     }
     for (dst, proto, _), r in got.items():
         assert r["af"] == ("ipv6" if dst == V6 else "ipv4")
         # every IPv6 TCP result says how it was probed; IPv4 ones follow the run's method
-        assert r.get("tcp_method") == ("connect" if (dst, proto) == (V6, "tcp") else None)
-    assert summary["tcp_methods"]["ipv6"] == "connect"
+        assert r.get("tcp_method") == (m if (dst, proto) == (V6, "tcp") else None)
+    assert summary["tcp_methods"] == {"ipv4": m, "ipv6": m}
+    assert summary["tcp_method"] == m  # one method for both families: never "mixed" now
     _validate([*results, summary])
-    v4 = summary["tcp_methods"]["ipv4"]
-    assert summary["tcp_method"] == (v4 if v4 == "connect" else "mixed")
 
 
-def test_an_ipv6_only_run_never_claims_syn(v6_ports: tuple[int, int, int, int]) -> None:
+@pytest.mark.parametrize("method", ["auto", "connect"])
+def test_an_ipv6_only_run_says_the_method_it_used(
+    v6_ports: tuple[int, int, int, int], method: str
+) -> None:
     to, tc, _, _ = v6_ports
-    results, summary = scan(V6, "-p", f"{to},{tc}")  # auto: syn as root for IPv4, but no IPv4
-    assert summary["tcp_method"] == "connect"
-    assert summary["tcp_methods"] == {"ipv6": "connect"}
-    assert [r["tcp_method"] for r in results] == ["connect", "connect"]
+    results, summary = scan(V6, "-p", f"{to},{tc}", "--method", method)
+    m = "syn" if method == "auto" and os.geteuid() == 0 else "connect"
+    assert summary["tcp_method"] == m
+    assert summary["tcp_methods"] == {"ipv6": m}
+    assert [r["tcp_method"] for r in results] == [m, m]
 
 
 def test_ipv6_ranges_and_cidr_are_scanned(v6_ports: tuple[int, int, int, int]) -> None:

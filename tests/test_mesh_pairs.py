@@ -185,3 +185,33 @@ def test_portset_text(ports: list[int], text: str) -> None:
     assert ps.text() == text
     assert len(ps) == len(ports)
     assert ranges([5, 3, 4, 9]) == "3-5,9"
+
+
+def test_pair_lines_are_the_pair_records_encoded_byte_for_byte() -> None:
+    """The coordinator writes ``pair_lines`` (all-passing pairs from a template): the same
+    bytes as encoding ``pairs``, for awkward names, '%' in names, ports, portless, IPv6."""
+    import random
+
+    from scanner.core.results import encode
+
+    kinds: set[str] = set()
+    for trial in range(60):
+        rnd = random.Random(trial)
+        names = [f"h{i}" for i in range(rnd.randint(2, 7))] + ['we"ird%s\\', "nø"]
+        join = PairJoin(names)
+        for _ in range(rnd.randint(1, 300)):
+            a, b = rnd.sample(names, 2)
+            req = rnd.choice(["r1", "r%2", "r3"])
+            proto = {"r1": "tcp", "r%2": "icmp", "r3": "udp"}[req]
+            port = None if proto == "icmp" else rnd.choice([80, 81, 30000 + rnd.randint(0, 60)])
+            verdict = rnd.choice(["pass"] * 8 + ["fail", "unknown"])
+            join.add({
+                "type": "result", "src_host": a, "host": b, "req": req, "proto": proto,
+                "port": port, "state": "open" if verdict == "pass" else "filtered",
+                "reason": "x", "verdict": verdict, "src": "10.0.0.1",
+                "dst": rnd.choice(["10.0.0.2", "fd00::2"]),
+            })  # fmt: skip
+        want = [(r["verdict"], encode(r)) for r in join.pairs("id%d")]
+        assert list(join.pair_lines("id%d")) == want
+        kinds.update(v for v, _ in want)
+    assert kinds == {"pass", "fail", "one-way", "unknown"}

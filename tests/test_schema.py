@@ -290,6 +290,7 @@ GOOD: dict[str, dict[str, Any]] = {
         "dst": "198.18.7.2",
         "req": "kubernetes.nodeport",
         "proto": "tcp",
+        "af": "ipv4",
         "flows": 2766,
         "states": {"open": 2766},
         "ports": "30000-30004,30008-32767",

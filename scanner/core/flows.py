@@ -22,6 +22,10 @@ class Flow:
         user typed an address.
     src / src_host: the source address and inventory name, when the flow comes from a plan.
     req: the catalog requirement id that asks for this flow (plan/check/mesh only).
+    fam: for a host-name destination, the address family the plan reaches it over ("ipv4" /
+        "ipv6"): the engine resolves the name in that family, and a name that does not
+        resolve still says the family it would have used. None: an address, or the resolver's
+        choice (a name typed to ``scan``).
     """
 
     dst: str
@@ -31,8 +35,12 @@ class Flow:
     src: str | None = None
     src_host: str | None = None
     req: str | None = None
+    fam: str | None = None
 
     @property
     def af(self) -> str:
-        """The address family the flow goes over: "ipv4" or "ipv6" (from the destination)."""
-        return "ipv6" if ":" in self.dst else "ipv4"
+        """The address family the flow goes over: "ipv4" or "ipv6" (from the destination, or
+        the plan's family for a host name)."""
+        if ":" in self.dst:
+            return "ipv6"
+        return self.fam or "ipv4"

@@ -4,7 +4,10 @@ With ``--emit failures`` a run writes a result line only for a flow that did not
 passing flow is counted in one ``tally`` record per (source, destination, requirement)::
 
     {"type":"tally","src_host":"node1","src":"198.18.7.1","host":"node2","dst":"198.18.7.2",
-     "req":"kubelet","proto":"tcp","flows":18,"states":{"open":18},"ports":"10250"}
+     "req":"kubelet","proto":"tcp","af":"ipv4","flows":18,"states":{"open":18},"ports":"10250"}
+
+One record per address family too: a dual-stack requirement's IPv4 and IPv6 flows between the
+same two hosts are two records, each with its ``af`` (as every result record has).
 
 ``flows`` is how many passing flows the record stands for, ``states`` splits them by state,
 ``ports`` lists their ports (absent for ICMP / IP-in-IP). The summary says ``results``
@@ -57,20 +60,20 @@ class Runs:
 
 
 class Group:
-    __slots__ = ("src", "dst", "proto", "flows", "states", "ports")
+    __slots__ = ("src", "dst", "proto", "af", "flows", "states", "ports")
 
-    def __init__(self, src: str | None, dst: str | None, proto: str) -> None:
-        self.src, self.dst, self.proto = src, dst, proto
+    def __init__(self, src: str | None, dst: str | None, proto: str, af: str) -> None:
+        self.src, self.dst, self.proto, self.af = src, dst, proto, af
         self.flows = 0
         self.states: dict[str, int] = {}
         self.ports: Runs | None = None
 
 
 class Tallies:
-    """Passing flows folded per (source, destination, requirement)."""
+    """Passing flows folded per (source, destination, requirement, address family)."""
 
     def __init__(self) -> None:
-        self.groups: dict[tuple[str, str, str], Group] = {}
+        self.groups: dict[tuple[str, str, str, str], Group] = {}
         self.flows = 0
 
     def add(
@@ -83,11 +86,13 @@ class Tallies:
         proto: str,
         port: int | None,
         state: str,
+        af: str | None = None,
     ) -> None:
-        key = (src_host or src or "-", host or dst, req or "-")
+        af = af or af_of(dst)
+        key = (src_host or src or "-", host or dst, req or "-", af)
         g = self.groups.get(key)
         if g is None:
-            g = self.groups[key] = Group(src, dst, proto)
+            g = self.groups[key] = Group(src, dst, proto, af)
         g.flows += 1
         g.states[state] = g.states.get(state, 0) + 1
         if port is not None:
@@ -98,10 +103,11 @@ class Tallies:
 
     def merge(self, rec: dict[str, Any]) -> None:
         """Fold a tally record (another shard's) into these."""
-        key = (rec["src_host"], rec["host"], rec["req"])
+        af = rec.get("af") or af_of(rec.get("dst"))
+        key = (rec["src_host"], rec["host"], rec["req"], af)
         g = self.groups.get(key)
         if g is None:
-            g = self.groups[key] = Group(rec.get("src"), rec.get("dst"), rec["proto"])
+            g = self.groups[key] = Group(rec.get("src"), rec.get("dst"), rec["proto"], af)
         g.flows += rec["flows"]
         for s, n in rec["states"].items():
             g.states[s] = g.states.get(s, 0) + n
@@ -114,7 +120,7 @@ class Tallies:
         self.flows += rec["flows"]
 
     def records(self, scan_id: str) -> Iterator[dict[str, Any]]:
-        for (src_host, host, req), g in sorted(self.groups.items()):
+        for (src_host, host, req, _af), g in sorted(self.groups.items()):
             rec: dict[str, Any] = {
                 "type": "tally",
                 "scan_id": scan_id,
@@ -124,12 +130,18 @@ class Tallies:
                 "dst": g.dst,
                 "req": req,
                 "proto": g.proto,
+                "af": g.af,
                 "flows": g.flows,
                 "states": g.states,
             }
             if g.ports is not None:
                 rec["ports"] = g.ports.text()
             yield rec
+
+
+def af_of(dst: str | None) -> str:
+    """The family of a tally written without ``af`` (older agents and files): from dst."""
+    return "ipv6" if ":" in (dst or "") else "ipv4"
 
 
 def parse_runs(text: str) -> list[tuple[int, int]]:

@@ -56,8 +56,9 @@ RESOURCE_REASONS = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted
 _INTERRUPTED = "interrupted"
 
 
-def _resolve(name: str) -> asyncio.Future:
-    """getaddrinfo(name) in a daemon thread (the loop's executor would be joined at exit)."""
+def _resolve(name: str, family: int = 0) -> asyncio.Future:
+    """getaddrinfo(name) in a daemon thread (the loop's executor would be joined at exit);
+    ``family``: AF_INET / AF_INET6 for a name the plan reaches over that family, 0 for any."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
@@ -73,7 +74,7 @@ def _resolve(name: str) -> asyncio.Future:
         result: Any = None
         error: BaseException | None = None
         try:
-            result = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            result = socket.getaddrinfo(name, None, family, type=socket.SOCK_STREAM)
         except BaseException as e:  # noqa: BLE001 - handed to the loop as is
             error = e
         with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
@@ -372,12 +373,7 @@ class Engine:
 
     def _module(self, proto: str) -> str:
         """The probe module for a prober key (see ``_V6_KEYS``; TCP: connect or raw SYN)."""
-        if proto == "tcp6":
-            # raw SYN is IPv4 only: IPv6 TCP is probed with connect() whatever --method says,
-            # and every such result and the summary say so
-            self._methods[proto] = ("ipv6", "connect")
-            return "tcp6"
-        if proto != "tcp":
+        if proto not in ("tcp", "tcp6"):
             return proto
         method = self.cfg.tcp_method
         if method == "auto":
@@ -385,6 +381,11 @@ class Engine:
                 self.cfg.probe_options.secret is None or self.cfg.token_sample > 0
             )
             method = "syn" if syn_ok else "connect"
+        if proto == "tcp6":
+            # the same method for both families: raw SYN over IPv6 is syn6.py, connect tcp6.py;
+            # every IPv6 TCP result says which (tcp_method), the summary per family
+            self._methods[proto] = ("ipv6", method)
+            return "syn6" if method == "syn" else "tcp6"
         self._methods[proto] = ("ipv4", method)
         return "syn" if method == "syn" else "tcp"
 
@@ -449,7 +450,7 @@ class Engine:
         self._tokens[k] = c + 1
         return True
 
-    async def _address(self, dst: str) -> str:
+    async def _address(self, dst: str, fam: str | None = None) -> str:
         """The address to probe for a planned destination: itself when it is an IP literal,
         else the first address the resolver gives (once per name), or "" when it does not
         resolve (the flow is then ``error`` / ``unresolved``: unknown, never a failure)."""
@@ -461,16 +462,16 @@ class Engine:
             pass
         fut = self._resolving.get(dst)
         if fut is None:
-            fut = self._resolving[dst] = asyncio.ensure_future(self._getaddrinfo(dst))
+            fut = self._resolving[dst] = asyncio.ensure_future(self._getaddrinfo(dst, fam))
         addr = await asyncio.shield(fut)
         self._addrs[dst] = addr
         return addr
 
-    async def _getaddrinfo(self, name: str) -> str:
+    async def _getaddrinfo(self, name: str, fam: str | None = None) -> str:
         """The resolver, bounded by the flow's time budget (--timeout per attempt), in a daemon
         thread: a resolver that hangs (DNS down) neither holds the run nor delays Ctrl-C."""
         budget = self.cfg.timeout * (1 + self.cfg.retries)
-        res = _resolve(name)
+        res = _resolve(name, _FAMILY.get(fam or "", 0))
         stop = asyncio.ensure_future(self._stop_event.wait())
         await asyncio.wait({res, stop}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -497,7 +498,7 @@ class Engine:
         """One flow through ``prober`` (default: the one for its protocol), retries included."""
         addr = self._addrs.get(flow.dst)
         if addr is None:
-            addr = await self._address(flow.dst)
+            addr = await self._address(flow.dst, flow.fam)
         if addr != flow.dst:
             if not addr and self.unresolved.get(flow.dst) is _INTERRUPTED:
                 return Result(flow, "error", "interrupted", None, 0)
@@ -518,6 +519,9 @@ class Engine:
                 self._used[key] = prober
                 if key in self._methods:
                     self.stats.note_tcp_method(*self._methods[key])
+            if key == "tcp6" and hasattr(prober, "connect_prober") and self._token_due(flow):
+                # raw SYN over IPv6 runs here, not in the batch lane: its token sample too
+                prober = await prober.connect_prober()
         if isinstance(prober, _Refuser):
             o = prober.outcome
             self.stats.skipped[o.reason] = self.stats.skipped.get(o.reason, 0) + 1
@@ -662,8 +666,10 @@ class Engine:
                 hs.retrying -= 1
 
 
+_FAMILY = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+
 # IPv6 flows of these protocols go to a prober of their own (key -> module of that name):
-# ICMPv6 echo is another protocol on other sockets; TCP over IPv6 is always connect().
+# ICMPv6 echo is another protocol on other sockets; TCP over IPv6 is syn6 or tcp6 (_module).
 _V6_KEYS = {"tcp": "tcp6", "icmp": "icmp6"}
 
 

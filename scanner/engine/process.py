@@ -147,7 +147,7 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
             annotate(r)
         if tallies is not None and r.verdict == "pass":
             f = r.flow
-            tallies.add(f.src_host, f.src, f.host, f.dst, f.req, f.proto, f.port, r.state)
+            tallies.add(f.src_host, f.src, f.host, f.dst, f.req, f.proto, f.port, r.state, f.af)
             return
         if on_record is not None:
             on_record(result_dict(r, scan_id))

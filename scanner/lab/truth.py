@@ -83,10 +83,13 @@ _IN_FAULT = {
 }
 
 # the same fault in the source's output chain: TCP by connect() behaves as inbound (the kernel
-# retries a dropped SYN, answers a rejected one locally); every other send fails with EPERM
+# retries a dropped SYN, answers a rejected one locally), except that the ICMP error of a
+# reject-admin comes from this host itself, which the probes read (local-prohibited, with
+# icmp_from our address); every other send fails with EPERM
 _LOCAL = ("filtered", "local-prohibited")
 _OUT_FAULT = {
     **{k: v for k, v in _IN_FAULT.items() if k[0] == "tcp"},
+    ("tcp", "reject-admin"): _LOCAL,
     **{(p, a): _LOCAL for p in ("udp", "icmp", "ipip") for a in ACTIONS},
 }
 

@@ -3,15 +3,20 @@
   agent.py        ``portmesh agent``: the NDJSON control protocol over stdin/stdout
   wire.py         what crosses the agent's channel: the site as JSON, field checks, the output
   probing.py      the agent's probe job: its slice of the plan, held/unsure port verdicts
-  coordinator.py  ``portmesh mesh``: phases, forwarding, unreachable hosts, the summaries
+  coordinator.py  ``portmesh mesh``: phases, forwarding and folding results, unreachable hosts
+  launch.py       what the agents are told: config, per-source counts, responder ports (pure)
+  link.py         one agent's process and stream of records, its window of owed flows
+  summary.py      verdict counts and the human summary (the report's text of the run)
   transport.py    exec templates (ssh, ip netns exec, ...) and the air-gapped wheel bundle
   pairs.py        the pair join (pure): per (req, a, b) verdicts, bounded by hosts^2
+  join.py         per-host check files joined into one mesh run (``report --join``)
 
 ``from scanner.mesh import MeshConfig, run_mesh`` is the library entry point (``portmesh
 demo`` uses it); the names load lazily so that the agent's responder child, which imports
 ``scanner.mesh.agent``, does not pay for the coordinator.
 
-May import: core, catalog, plan, probes (settings only), engine, responder.
+May import: core, catalog, plan, probes (settings only), engine, responder, report (the
+summary is the report's text of the run).
 """
 
 from __future__ import annotations

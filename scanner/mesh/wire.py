@@ -252,7 +252,7 @@ class Channel(NdjsonOutput):
             # says done owes every flow it did not send)
             self.tallies.append(
                 [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
-                 rec.get("ports"), rec.get("src")]
+                 rec.get("ports"), rec.get("src"), rec.get("af")]
             )  # fmt: skip
             return
         elif t == "summary":

@@ -40,6 +40,7 @@ ports spread evenly over the range plus both ends, the same for every pair (dete
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -172,12 +173,23 @@ class Leg:
     def flows(self) -> Iterator[Flow]:
         proto, rid = self.req.proto, self.req.id
         dsts = self.dsts
+        # a host-name destination (a registry, a mirror) carries the leg's family: resolved in
+        # it, and said even when it does not resolve
+        dl = [(n, a, None if a is None or _is_address(a) else self.af) for n, a in dsts]
         for port in self.ports:
             for sname, saddr in self.srcs:
-                for dname, daddr in dsts:
+                for dname, daddr, fam in dl:
                     if dname == sname or daddr == saddr:
                         continue
-                    yield Flow(daddr, port, proto, dname, saddr, sname, rid)  # type: ignore[arg-type]
+                    yield Flow(daddr, port, proto, dname, saddr, sname, rid, fam)  # type: ignore[arg-type]
+
+
+def _is_address(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _pairs(srcs: tuple[End, ...], dsts: tuple[End, ...]) -> int:
@@ -352,7 +364,13 @@ def _endpoint_legs(
             gone = " (after --from)" if sel.sources is not None else ""
             yield Leg(req, k, True, f"{why}; no source hosts with role node{gone}")
             continue
-        af = "ipv6" if ":" in e.host else "ipv4"
+        if ":" in e.host:
+            af = "ipv6"
+        elif _is_address(e.host):
+            af = "ipv4"
+        else:  # a name: reached over the cluster's main family, as its nodes' own traffic is
+            fams = k.config.families.value
+            af = fams[0] if fams else "ipv4"
         yield Leg(req, k, True, why, srcs, ((e.name, e.host),), (e.port,), af)
     for name, raw in k.config.unresolved.items():
         if is_endpoint_var(name):

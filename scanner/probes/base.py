@@ -104,3 +104,26 @@ class ProbeOptions:
     udp_payloads: dict[int, str] | None = None
     source: str | None = None  # local address to bind, when set
     shard: tuple[int, int] = (0, 1)  # (index, count) of this shard process: splits source ports
+
+
+_LOCAL: dict[str, bool] = {}
+
+
+def local_address(addr: str) -> bool:
+    """Is ``addr`` an address of this host (in this network namespace)? Binding a datagram
+    socket to it succeeds only then. Asked only when an ICMP error names a sender other than
+    the destination (rare); cached per process."""
+    known = _LOCAL.get(addr)
+    if known is not None:
+        return known
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.bind((addr, 0))
+        ok = True
+    except OSError:
+        ok = False
+    if len(_LOCAL) > 1024:
+        _LOCAL.clear()
+    _LOCAL[addr] = ok
+    return ok

@@ -133,3 +133,31 @@ def parse_extended_err(data: bytes) -> tuple[int, int, int, int, str | None]:
         elif fam == socket.AF_INET6 and len(rest) >= 24:
             offender = socket.inet_ntop(socket.AF_INET6, rest[8:24])
     return errno_, origin, typ, code, offender
+
+
+def same_address(a: str, b: str) -> bool:
+    """Two address strings name the same address (IPv6 has many spellings of one address)."""
+    if a == b:
+        return True
+    if ":" not in a or ":" not in b:
+        return False
+    try:
+        return socket.inet_pton(socket.AF_INET6, a) == socket.inet_pton(socket.AF_INET6, b)
+    except OSError:
+        return False
+
+
+def attribute(out: Outcome, offender: str | None, dst: str, offender_is_local: bool) -> Outcome:
+    """Say who sent the ICMP error behind ``out``: the destination itself (``out`` as it is),
+    a router on the way (``icmp_from``), or this host (``icmp_from`` one of our own addresses:
+    our own firewall's output chain rejected the packet before it left, e.g. nftables ``reject
+    with icmpx admin-prohibited`` on output, over IPv4 and IPv6 alike). The last is
+    ``filtered/local-prohibited``, the reason the SYN probe gives a local refusal, never the
+    remote's ``admin-prohibited`` or ``closed``. ``offender_is_local``: the caller's answer to
+    "is ``offender`` an address of this host" (see base.local_address); pure."""
+    if not offender or same_address(offender, dst):
+        return out
+    extra = {"icmp_from": offender}
+    if offender_is_local:
+        return Outcome("filtered", "local-prohibited", out.rtt_ms, extra=extra)
+    return Outcome(out.state, out.reason, out.rtt_ms, extra=extra)

@@ -47,7 +47,10 @@ NEEDS_RAW = Outcome("error", "needs-cap-net-raw")
 OPEN = Outcome("open", "echo-reply")
 
 
-class IcmpProber:
+class EchoProber:
+    """What the ICMP (here) and ICMPv6 (icmp6.py) echo probers share: the socket mode, this
+    prober's identifier and sequence, the requests in flight, and how close() ends them."""
+
     proto = "icmp"
     needs_raw = False  # the datagram socket serves when raw sockets are not allowed
 
@@ -58,11 +61,30 @@ class IcmpProber:
         self.mode = "none"
         self.ident = int.from_bytes(os.urandom(2), "big")
         self.seq = int.from_bytes(os.urandom(2), "big")
-        # (destination, sequence) -> (future, tag sent, send time)
-        self.pending: dict[tuple[str, int], tuple[asyncio.Future, bytes, int]] = {}
+        # (destination: str for IPv4, packed for IPv6, sequence) -> (future, tag, send time)
+        self.pending: dict[tuple[str | bytes, int], tuple[asyncio.Future, bytes, int]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.rx: rawrecv.RawIcmp | None = None
         self.sock: socket.socket | None = None
+
+    def _end_pending(self) -> None:
+        for fut, _, _ in self.pending.values():
+            if not fut.done():
+                fut.set_result(Outcome("error", "closed"))
+        self.pending.clear()
+
+    def _close_sock(self) -> None:
+        if self.sock is not None and self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        self.sock = None
+        self.mode = "none"
+
+
+class IcmpProber(EchoProber):
+    def __init__(self, opts: ProbeOptions, mode: str | None = None) -> None:
+        super().__init__(opts, mode)
+        self.rx: rawrecv.RawIcmp | None = None
         self.template: payloads.Template | None = None
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -190,19 +212,12 @@ class IcmpProber:
                 self._resolve((addr[0], seq), now, OPEN, data[TAG_OFF:])
 
     def close(self) -> None:
-        for fut, _, _ in self.pending.values():
-            if not fut.done():
-                fut.set_result(Outcome("error", "closed"))
-        self.pending.clear()
-        if self.rx is not None:
+        self._end_pending()
+        if self.rx is not None:  # the loop's shared receiver owns the socket
             rawrecv.release(self.rx, self._on_raw)
             self.rx = None
-        elif self.sock is not None and self.loop is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        self.sock = None
-        self.mode = "none"
+            self.sock = None
+        self._close_sock()
 
 
 def _error_outcome(typ: int, code: int, offender: str | None, dst: str) -> Outcome:

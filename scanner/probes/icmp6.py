@@ -32,7 +32,15 @@ import struct
 from scanner.core import privileges, tags
 from scanner.core.flows import Flow
 from scanner.probes import classify, rawrecv
-from scanner.probes.base import NO_RESPONSE_FILTERED, Outcome, ProbeOptions
+from scanner.probes.base import (
+    NO_RESPONSE_FILTERED,
+    Outcome,
+    ProbeOptions,
+    enable_rx_stamps,
+    local_address,
+    receipt_ns,
+)
+from scanner.probes.icmp import EchoProber
 
 ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
@@ -64,21 +72,9 @@ def _packed(addr: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, addr.split("%")[0])
 
 
-class Icmp6Prober:
-    proto = "icmp"
-    needs_raw = False  # the datagram socket serves when raw sockets are not allowed
-
-    def __init__(self, opts: ProbeOptions, mode: str | None = None) -> None:
-        self.opts = opts
-        self.secret = opts.secret or b""
-        self.forced_mode = mode  # "raw" | "dgram" | "none" (tests); None: decide in start()
-        self.mode = "none"
-        self.ident = int.from_bytes(os.urandom(2), "big")
-        self.seq = int.from_bytes(os.urandom(2), "big")
-        # (packed destination, sequence) -> (future, tag sent, send time)
-        self.pending: dict[tuple[bytes, int], tuple[asyncio.Future, bytes, float]] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.sock: socket.socket | None = None
+class Icmp6Prober(EchoProber):
+    """The set-up (identifier, sequence, pending requests keyed by the packed destination,
+    close) is icmp.py's; the sockets and the parsing are ICMPv6's."""
 
     async def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,6 +97,7 @@ class Icmp6Prober:
         s = socket.socket(socket.AF_INET6, kind, socket.IPPROTO_ICMPV6)
         try:
             s.setblocking(False)
+            enable_rx_stamps(s)  # RTTs from the kernel's receipt, as icmp.py's
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             if mode == "raw":
@@ -150,18 +147,18 @@ class Icmp6Prober:
         sock, loop = self.sock, self.loop
         if sock is None or loop is None:
             return
-        now = loop.time()
         for _ in range(256):
             try:
-                msg, addr = sock.recvfrom(2048)
+                msg, anc, _, addr = sock.recvmsg(2048, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue
-            self.on_message(msg, addr[0], now)
+            self.on_message(msg, addr[0], receipt_ns(anc))
 
-    def on_message(self, msg: bytes, src: str, now: float) -> None:
-        """One ICMPv6 message (no IPv6 header) from ``src`` (public for the tests)."""
+    def on_message(self, msg: bytes, src: str, now: int) -> None:
+        """One ICMPv6 message (no IPv6 header) from ``src``, received at ``now`` (receipt_ns;
+        public for the tests)."""
         if len(msg) < 8:
             return
         typ, code = msg[0], msg[1]
@@ -190,7 +187,6 @@ class Icmp6Prober:
         sock, loop = self.sock, self.loop
         if sock is None or loop is None:
             return
-        now = loop.time()
         for _ in range(256):
             try:
                 data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
@@ -198,6 +194,7 @@ class Icmp6Prober:
                 break
             except OSError:
                 break
+            now = receipt_ns(anc)
             for level, ctype, cdata in anc:
                 if level != classify.SOL_IPV6 or ctype != classify.IPV6_RECVERR:
                     continue
@@ -218,40 +215,25 @@ class Icmp6Prober:
                 )
         for _ in range(256):
             try:
-                data, addr = sock.recvfrom(2048)
+                data, anc, _, addr = sock.recvmsg(2048, 64)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # an error the queue above reports; keep draining
+            now = receipt_ns(anc)
             if len(data) >= 8 and data[0] == ICMP6_ECHO_REPLY:
                 seq = struct.unpack_from("!H", data, 6)[0]
                 rawrecv.resolve(self.pending, (_packed(addr[0]), seq), now, OPEN, data[TAG_OFF:])
 
     def close(self) -> None:
-        for fut, _, _ in self.pending.values():
-            if not fut.done():
-                fut.set_result(Outcome("error", "closed"))
-        self.pending.clear()
-        if self.sock is not None and self.loop is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        self.sock = None
-        self.mode = "none"
+        self._end_pending()
+        self._close_sock()
 
 
 def _error_outcome(typ: int, code: int, offender: str | None, dst: str) -> Outcome:
-    extra = None
-    if offender and _norm(offender) != _norm(dst):
-        extra = {"icmp_from": offender}
-    return Outcome("filtered", classify.icmp_reason(typ, code, v6=True), extra=extra)
-
-
-def _norm(addr: str) -> bytes:
-    try:
-        return _packed(addr)
-    except OSError:
-        return addr.encode()
+    out = Outcome("filtered", classify.icmp_reason(typ, code, v6=True))
+    local = bool(offender) and local_address(offender)  # type: ignore[arg-type]
+    return classify.attribute(out, offender, dst, local)
 
 
 def make_prober(opts: ProbeOptions) -> Icmp6Prober:

@@ -94,16 +94,18 @@ def cookie(dst: str, dport: int, sport: int) -> int:
     return hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
 
 
-def bpf_port_range(lo: int, hi: int) -> bytes:
-    """A classic BPF program for a raw IPv4 TCP socket: accept only packets whose TCP
-    destination port is in [lo, hi] and that carry SYN+ACK or RST."""
+def bpf_port_range(lo: int, hi: int, ipv6: bool = False) -> bytes:
+    """A classic BPF program for a raw TCP socket: accept only packets whose TCP destination
+    port is in [lo, hi] and that carry SYN+ACK or RST. IPv4 packets come with their IP header
+    (the TCP header after it); a raw IPv6 socket's come without (``ipv6``: TCP at offset 0)."""
     # struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }
-    ins = [
-        (0xB1, 0, 0, 0),  # ldxb 4*([0]&0xf): IP header length
-        (0x48, 0, 0, 2),  # ldh [x+2]: TCP destination port
+    ldh, ldb = (0x28, 0x30) if ipv6 else (0x48, 0x50)  # ld [k] or ld [x+k]
+    ins = [] if ipv6 else [(0xB1, 0, 0, 0)]  # ldxb 4*([0]&0xf): IP header length
+    ins += [
+        (ldh, 0, 0, 2),  # ldh: TCP destination port
         (0x35, 0, 6, lo),  # jge lo ? next : drop
         (0x25, 5, 0, hi),  # jgt hi ? drop : next
-        (0x50, 0, 0, 13),  # ldb [x+13]: TCP flags
+        (ldb, 0, 0, 13),  # ldb: TCP flags
         (0x45, 2, 0, TH_RST),  # jset RST ? accept : next
         (0x54, 0, 0, TH_SYN | TH_ACK),  # and SYN|ACK
         (0x15, 0, 1, TH_SYN | TH_ACK),  # jeq SYN|ACK ? accept : drop
@@ -398,11 +400,15 @@ class SynProber:
         """The connect prober beside this one (same options: it reads the responder's token
         when there is a secret), started on first use: IPv6 flows and token samples."""
         if self._fallback is None:
-            self._fallback = TcpProber(self.opts)
+            self._fallback = self._connect_class()(self.opts)
             self._fallback.timeout_for = self.timeout_for
             assert self.loop is not None
             await self._fallback.start(self.loop)
         return self._fallback
+
+    @staticmethod
+    def _connect_class() -> type[TcpProber]:  # syn6.py's is tcp6.Tcp6Prober
+        return TcpProber
 
     async def _connect(self, flow: Flow, timeout: float) -> Outcome:
         return await (await self.connect_prober()).probe(flow, timeout)

@@ -37,13 +37,14 @@ from collections.abc import Callable
 
 from scanner.core.flows import Flow
 from scanner.core.tags import TOKEN_LEN, tcp_token
-from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.base import Outcome, ProbeOptions, local_address
 from scanner.probes.classify import (
     IP_RECVERR,
     IPV6_RECVERR,
     SO_EE_ORIGIN_ICMP,
     SO_EE_ORIGIN_ICMP6,
     SOL_IPV6,
+    attribute,
     parse_extended_err,
     tcp_icmp_outcome,
 )
@@ -99,6 +100,7 @@ _ICMP_ERRNOS = frozenset(
         errno.ENONET,
         errno.EOPNOTSUPP,
         errno.EMSGSIZE,
+        errno.EACCES,  # IPv6: ICMPv6 administratively prohibited (icmpv6_err_convert)
     }
 )
 # Resource errors: not a property of the target; the engine backs off and tries again.
@@ -308,9 +310,7 @@ def _queued_icmp(sock: _socket.socket, dst: str, rtt: float) -> Outcome | None:
             if origin != SO_EE_ORIGIN_ICMP and origin != SO_EE_ORIGIN_ICMP6:
                 return None
             out = tcp_icmp_outcome(typ, code, origin == SO_EE_ORIGIN_ICMP6, rtt)
-            if offender and offender != dst:
-                out = Outcome(out.state, out.reason, rtt, extra={"icmp_from": offender})
-            return out
+            return attribute(out, offender, dst, bool(offender) and local_address(offender))
     return None
 
 

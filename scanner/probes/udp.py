@@ -51,6 +51,7 @@ from scanner.probes.base import (
     ProbeOptions,
     clock_ns,
     enable_rx_stamps,
+    local_address,
     receipt_ns,
     rtt_ms,
 )
@@ -58,6 +59,7 @@ from scanner.probes.classify import (
     IP_RECVERR,
     IPV6_RECVERR,
     SOL_IPV6,
+    attribute,
     classify_icmp,
     errno_outcome,
     parse_extended_err,
@@ -201,9 +203,8 @@ class UdpProber:
                 if (level, ctype) in ((socket.SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)):
                     ee_errno, origin, typ, code, offender = parse_extended_err(cdata)
                     out = classify_icmp(origin, typ, code, ee_errno, rtt)
-                    if offender and offender != att.dst:
-                        out = Outcome(out.state, out.reason, rtt, extra={"icmp_from": offender})
-                    att.fut.set_result(out)
+                    local = bool(offender) and local_address(offender)  # type: ignore[arg-type]
+                    att.fut.set_result(attribute(out, offender, att.dst, local))
                     return
         try:
             reply, anc, _, _ = sock.recvmsg(65535, 64)

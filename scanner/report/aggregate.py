@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -482,6 +483,47 @@ class Aggregate:
             req.cells[ck] = cur + n
         else:
             cur.npass += n
+
+    def add_pass_cells(
+        self,
+        run: Run,
+        key: str,
+        proto: str,
+        hosts: list[tuple[str, str | None]],
+        cells: Iterable[tuple[int, int, int]],
+    ) -> None:
+        """``add_passes`` for many directions of one requirement at once: ``cells`` yields
+        (src, dst, n) with src and dst indexes into ``hosts`` ((name, address) pairs). A host
+        joins the run the first time a cell names it, as with ``add_passes``."""
+        it = iter(cells)
+        first = next(it, None)
+        if first is None:
+            return
+        req = run.reqs.get(key)
+        if req is None:
+            req = run.reqs[key] = Requirement(key, proto)
+        idx: list[int | None] = [None] * len(hosts)
+        have = req.cells
+        total = 0
+        for s, d, n in itertools.chain((first,), it):
+            rs = idx[s]
+            if rs is None:
+                rs = idx[s] = run.host(*hosts[s])
+            rd = idx[d]
+            if rd is None:
+                rd = idx[d] = run.host(*hosts[d])
+            ck = rs * STRIDE + rd
+            cur = have.get(ck)
+            if cur is None:
+                have[ck] = n
+            elif cur.__class__ is int:
+                have[ck] = cur + n  # type: ignore[operator]
+            else:
+                cur.npass += n  # type: ignore[union-attr]
+            total += n
+        run.results += total
+        self.passes += total
+        req.npass += total
 
     def _tally(self, run: Run, rec: dict[str, Any]) -> None:
         """A tally record (``--emit failures``): ``flows`` passing flows of one direction."""

@@ -1,0 +1,223 @@
+"""The coordinator's side of one agent: its process, its stream of records, its window.
+
+``AgentLink`` starts the agent through the exec template, reads its stdout a pipe read at a
+time (one JSON parse per read), hands result records to the mesh (``Mesh.on_results``) and
+answers the phase futures (``expect``) from its control records. ``Window`` is what an agent
+still owes: the plan indexes that got a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from array import array
+from collections import deque
+from typing import Any
+
+import orjson
+
+from scanner.mesh import transport
+
+
+class Window:
+    """Which plan indexes got a result: everything below ``low``, plus the set above it."""
+
+    __slots__ = ("low", "above")
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.above: set[int] = set()
+
+    def add(self, i: int) -> bool:
+        """Mark i; False if it was already marked (a duplicate)."""
+        if i < self.low or i in self.above:
+            return False
+        self.above.add(i)
+        while self.low in self.above:
+            self.above.discard(self.low)
+            self.low += 1
+        return True
+
+    def __contains__(self, i: int) -> bool:
+        return i < self.low or i in self.above
+
+
+# ---- one agent ------------------------------------------------------------------------------
+
+
+class AgentLink:
+    """The coordinator's side of one agent: its process, its phase futures, its window."""
+
+    def __init__(self, mesh: Any, host: Any, parts: tuple[list[str], list[str]]) -> None:
+        self.mesh = mesh
+        self.host = host
+        self.name: str = host.name
+        self.prefix, self.agent = parts  # the exec template's words, the agent command's
+        self.argv = transport.command_argv(*parts)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.window = Window()
+        # --emit failures: the plan indexes of the lines received (the passing flows never
+        # come one by one, so no window can close over them); 8 bytes per failing flow
+        self.got: array[int] | None = array("Q") if mesh.cfg.emit == "failures" else None
+        self.tallied = 0
+        self.jidx: int | None = mesh.join.index.get(self.name)  # this host in the pair join
+        self.results = 0
+        self.planned = mesh.planned_by.get(self.name, 0)
+        self.failed: str | None = None
+        self.stderr: deque[str] = deque(maxlen=8)
+        self.waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.err_reader: asyncio.Task[None] | None = None
+        self.eof = asyncio.get_running_loop().create_future()
+        self.done_rec: dict[str, Any] | None = None
+        self.exit_rec: dict[str, Any] | None = None
+        self.hello_rec: dict[str, Any] | None = None
+        self.ready_rec: dict[str, Any] | None = None
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        p = self.proc
+        if p is None or p.stdin is None or p.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            p.stdin.write(orjson.dumps(msg) + b"\n")
+
+    async def expect(self, kind: str, timeout: float | None) -> dict[str, Any]:
+        """Wait for the next record of this kind (or the agent's end / an error record)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[kind] = fut
+        waits = [fut, self.eof]
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        self.waiting.pop(kind, None)
+        if fut in done:
+            return fut.result()
+        if self.eof.done():
+            raise AgentFailed(self.eof.result())
+        fut.cancel()
+        raise AgentFailed(f"no {kind} record within {timeout:g} s")
+
+    async def start(self, payload: bytes | None) -> None:
+        try:
+            self.proc = await transport.start(self.argv)
+        except OSError as e:
+            raise AgentFailed(f"exec failed: {self.argv[0]}: {e.strerror or e}") from None
+        self.reader = asyncio.create_task(self._read())
+        self.err_reader = asyncio.create_task(self._read_err())
+        if payload is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(payload)
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until what was written is in the pipe: bounds the coordinator's buffers."""
+        p = self.proc
+        if p is not None and p.stdin is not None and not p.stdin.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await p.stdin.drain()
+
+    async def send_raw(self, data: bytes) -> None:
+        p = self.proc
+        if p is None or p.stdin is None or p.stdin.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            p.stdin.write(data)
+        await self.drain()
+
+    async def _read_err(self) -> None:
+        p = self.proc
+        assert p is not None and p.stderr is not None
+        while True:
+            try:
+                line = await p.stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").strip()
+            if text:
+                self.stderr.append(text[:300])
+
+    async def _read(self) -> None:
+        p = self.proc
+        assert p is not None and p.stdout is not None
+        feed = self.feed
+        async for lines in transport.ndjson_lines(p.stdout):
+            feed(lines)
+            del lines
+        code = await p.wait()
+        await asyncio.sleep(0)  # let the stderr reader catch up with the last lines
+        if self.err_reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.err_reader), 1.0)
+        tail = f": {self.stderr[-1]}" if self.stderr else ""
+        if self.hello_rec is None:
+            tail += transport.start_hint(self.prefix, self.agent, code, "\n".join(self.stderr))
+        if not self.eof.done():
+            self.eof.set_result(f"the agent exited with status {code}{tail}")
+
+    def feed(self, lines: list[bytes]) -> None:
+        """Complete lines of this agent's stdout (one read's worth, ~200 result lines)."""
+        try:
+            # one parse for the whole read: a third less CPU than a parse per line. Lines that
+            # are not one JSON value each fail it or change the count: then line by line
+            recs = loads(b"[" + b",".join(lines) + b"]")
+            if len(recs) != len(lines):
+                raise ValueError
+        except ValueError:  # orjson.JSONDecodeError is one
+            recs = [loads_or_none(x) for x in lines]
+        self.mesh.on_results(self, recs, lines)
+
+    def _control(self, rec: dict[str, Any]) -> None:
+        """Every record of an agent but its results."""
+        mesh = self.mesh
+        t = rec.get("type")
+        if t == "witness":
+            mesh.join.witness(rec)
+            return
+        if t == "done":
+            tallies = rec.pop("tallies", None)
+            if tallies and self.failed is None:
+                mesh.on_tallies(self, tallies)
+            self.done_rec = rec
+        elif t == "exit":
+            self.exit_rec = rec
+        elif t == "probing" and rec.get("planned") != self.planned:
+            self._resolve_error(
+                f"the agent planned {rec.get('planned')} flows, the coordinator "
+                f"{self.planned} (different portmesh versions on the two ends?)"
+            )
+            return
+        elif t == "error":
+            self._resolve_error(f"agent error: {rec.get('reason')}")
+            return
+        fut = self.waiting.get(t) if isinstance(t, str) else None
+        if fut is not None and not fut.done():
+            fut.set_result(rec)
+
+    def _resolve_error(self, reason: str) -> None:
+        # fail at once: not one more line of this agent may be counted
+        self.mesh.fail(self, reason)
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(AgentFailed(reason))
+
+    def kill(self) -> None:
+        p = self.proc
+        if p is not None and p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+
+
+class AgentFailed(Exception):
+    pass
+
+
+loads = orjson.loads
+
+
+def loads_or_none(line: bytes) -> Any:
+    try:
+        return loads(line)
+    except orjson.JSONDecodeError:
+        return None
