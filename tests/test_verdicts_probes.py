@@ -98,9 +98,19 @@ def test_lab_connect_and_syn_agree_on_rejected_ports(make_lab) -> None:
     lab.nft("node2", REJECTS)
     far = lab.host("node2").addr
     ports = f"{PORT_REJECT},{PORT_ADMIN},{PORT_RESET},{PORT_NOTHING}"
+    # Every port answers at once, so the timeout only matters on a loaded host. There the
+    # first RST sets the adaptive timeout to its 50 ms floor, a late ICMP error expires its
+    # attempt, and the retries' SYNs spend node2's ICMP allowance (a burst of 6, then 1/s per
+    # peer): the next scan's rejects went unanswered (filtered/no-response: the reasons
+    # differed). A 2 s floor keeps each port to one SYN per method; no rate limit on node2
+    # keeps the two runs independent.
+    lab.run("node2", ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"], check=True)
     got = {}
     for method in ("connect", "syn"):
-        res = lab_scan(lab, "node1", far, "-p", ports, "--method", method)
+        res = lab_scan(
+            lab, "node1", far, "-p", ports, "--method", method, "--timeout", "2",
+            "--min-timeout", "2",
+        )  # fmt: skip
         got[method] = {r["port"]: (r["state"], r["reason"]) for r in res}
         assert len(res) == 4, res
         for r in res:
