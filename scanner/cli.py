@@ -8,11 +8,13 @@ options into a config object and calls one library function; no scanning logic l
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
 
 from scanner import __version__
+from scanner.errors import ScannerError
 
 # name -> (module, help line). Listed here so `portmesh --help` needs no import of the modules.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,8 +67,6 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click errors and ScannerError become one line on stderr and exit code 2."""
-    from scanner.errors import ScannerError
-
     try:
         rv = cli.main(args=argv, prog_name="portmesh", standalone_mode=False)
     except click.exceptions.Abort:
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         # that a 0.2 s scan would notice). The CLI decides how the process exits.
         sys.stdout.flush()
         sys.stderr.flush()
-        import os
 
         os._exit(code)
     sys.exit(code)
@@ -101,8 +100,6 @@ def main(argv: list[str] | None = None) -> None:
 def _quiet_broken_pipe() -> None:
     # stdout's reader went away (| head): point stdout at /dev/null so the interpreter's final
     # flush does not print a second traceback.
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

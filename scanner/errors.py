@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class ScannerError(Exception):
     """Base of every error a user can act on."""
@@ -25,7 +27,5 @@ class PrivilegeError(ScannerError):
 
 def warn(message: str) -> None:
     """One line on stderr for input the plan cannot follow fully (the run goes on)."""
-    import sys
-
     sys.stderr.write(f"portmesh: warning: {message}\n")
     sys.stderr.flush()

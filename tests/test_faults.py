@@ -18,20 +18,17 @@ from scanner.core.flows import Flow
 from scanner.errors import InputError
 from scanner.lab import conntrack
 from scanner.lab.faults import (
-    Expected,
     Fault,
     check_hosts,
-    expected,
     fault_doc,
-    ground_truth,
-    hit,
     load_fault_file,
     load_faults,
-    nft_ruleset,
     parse_fault_doc,
     parse_fault_ports,
     random_faults,
 )
+from scanner.lab.nft import nft_ruleset
+from scanner.lab.truth import Expected, expected, ground_truth, hit
 
 ADDRS = {"node1": "198.18.7.1", "node2": "198.18.7.2", "node3": "198.18.7.3"}
 

@@ -1,5 +1,5 @@
 """Issue 5's ground truth: seeded random faults on a 4-host lab with responders; `check` from
-every host; every flow's state and verdict must equal what the faults imply (scanner.lab.faults.
+every host; every flow's state and verdict must equal what the faults imply (scanner.lab.truth.
 expected). Zero misclassified flows, several seeds, TCP/UDP/ICMP/IP-in-IP."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from scanner.core.flows import Flow
-from scanner.lab.faults import expected, random_faults
+from scanner.lab.faults import random_faults
 from scanner.lab.lab import write_inventory
+from scanner.lab.truth import expected
 
 # (selection flags, fault pool): calico with VXLAN + IP-in-IP, and cilium (ICMP, UDP 8472)
 CASES = {

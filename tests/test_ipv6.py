@@ -442,7 +442,8 @@ def _respond(lab, host: str, secret: str):
 def test_lab_ground_truth_over_ipv6(make_lab) -> None:
     """Faults on IPv6 only: over IPv6 each protocol shows open, closed, dropped and
     admin-prohibited exactly as the ground truth says; over IPv4 the same ports all pass."""
-    from scanner.lab.faults import Fault, expected
+    from scanner.lab.faults import Fault
+    from scanner.lab.truth import expected
 
     lab = make_lab(hosts=3)
     n1, n2, n3 = lab.hosts

@@ -11,7 +11,8 @@ import pytest
 
 from scanner.errors import InputError, PrivilegeError
 from scanner.lab import lab as labmod
-from scanner.lab.netns import Lab, LabHost, root_ifname, subnet_for, subnet_index
+from scanner.lab.addressing import root_ifname, subnet_for, subnet_index
+from scanner.lab.netns import Lab, LabHost
 
 # ---- pure parts ------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """`portmesh mesh` / `portmesh agent` on real lab hosts, and the agent's control protocol.
 
 Lab tests: a 6-host lab with one-way and two-way faults in TCP, UDP, ICMP and IP-in-IP
-(nftables via scanner.lab.faults); every flow's state and verdict and every pair verdict must equal
-the ground truth of ``faults.expected`` exactly, run after run. A host whose exec fails is
+(nftables via scanner.lab.nft); every flow's state and verdict and every pair verdict must equal
+the ground truth of ``truth.expected`` exactly, run after run. A host whose exec fails is
 reported and owes nothing; a killed coordinator leaves nothing running or listening.
 """
 
@@ -27,7 +27,8 @@ import yaml
 from scanner.catalog import load_catalog
 from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
-from scanner.lab.faults import Fault, expected
+from scanner.lab.faults import Fault
+from scanner.lab.truth import expected
 from scanner.mesh.agent import PROTOCOL_VERSION, site_from_wire, site_to_wire
 from scanner.mesh.coordinator import (
     MeshConfig,
@@ -282,7 +283,7 @@ def faulted_lab(module_lab):
 
 
 def _truth(recs: list[dict], lab) -> tuple[dict, dict]:
-    """Per flow and per pair: the expected verdicts from scanner.lab.faults."""
+    """Per flow and per pair: the expected verdicts from scanner.lab.truth."""
     flows = {}
     dirs: dict[tuple, set] = defaultdict(set)
     for r in recs:

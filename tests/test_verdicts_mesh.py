@@ -32,7 +32,8 @@ from scanner.catalog import load_catalog
 from scanner.core.flows import Flow
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
-from scanner.lab.faults import Fault, expected
+from scanner.lab.faults import Fault
+from scanner.lab.truth import expected
 from scanner.mesh.agent import (
     HELD_PASS,
     UNSURE_UNKNOWN,
@@ -585,8 +586,8 @@ def test_the_documented_lab_recipe_fails_every_fault(lab_name: str, tmp_path: Pa
     """The recipe on a faulted lab: the lab's responders hold every port on the wildcard, so a
     reset or silence on them is the firewall's - every fault fails, every other flow passes,
     nothing is unknown (review of issue 19, item 1: no held-port pass may hide a fault)."""
-    from scanner.lab.faults import hit
     from scanner.lab.netns import run_dir
+    from scanner.lab.truth import hit
 
     faults = tmp_path / "faults.yml"
     faults.write_text(

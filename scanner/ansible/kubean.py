@@ -9,7 +9,10 @@ playbook that fails stops the job before ``cluster.yml`` starts. A hook with
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import yaml
 
 from scanner.ansible import PLAYBOOK, playbook_text
 from scanner.errors import InputError
@@ -20,8 +23,6 @@ DEFAULT_IMAGE = "ghcr.io/kubean-io/spray-job:latest"
 
 
 def _dns_name(value: str, what: str) -> str:
-    import re
-
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", value):
         raise InputError(
             f"{what} {value!r}: not a Kubernetes name (lower-case letters, digits, '-', '.')"
@@ -79,8 +80,6 @@ def kubean_documents(
 
 def kubean_yaml(*args: Any, **kw: Any) -> str:
     """The two documents as YAML; the playbook as a literal block, readable in the ConfigMap."""
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from scanner.mesh.agent import run_agent
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 def command() -> int:
@@ -12,6 +14,4 @@ def command() -> int:
     Speaks the mesh protocol (docs/mesh.md): hello, respond, probe, stop. Opens no control
     port; exits when stdin closes, ending its responder with it.
     """
-    from scanner.mesh.agent import run_agent
-
     return run_agent()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from scanner.core.tags import load_secret
 from scanner.errors import InputError
 
 
@@ -190,7 +192,8 @@ ONLY_WORDS = ("open", "closed", "filtered", "open|filtered", "error", "pass", "f
 
 
 def build_engine_config(opts: dict[str, Any]):
-    from scanner.core.tags import load_secret
+    # lazy: engine and probes load asyncio (~30 ms); scan/check/mesh import this module at
+    # their top, and their `--help` and option errors do without the engine
     from scanner.engine.engine import EngineConfig
     from scanner.probes.base import ProbeOptions
 
@@ -263,8 +266,6 @@ def check_source(source: str, local: set[str] | None = None) -> None:
     """--source must be an address of this host: a raw SYN from any other address is a spoofed
     packet, and its answers would go to someone else. ``local`` replaces the interface
     addresses (tests)."""
-    import ipaddress
-
     try:
         addr = ipaddress.ip_address(source.split("%")[0])
     except ValueError:
@@ -274,6 +275,8 @@ def check_source(source: str, local: set[str] | None = None) -> None:
     if addr.is_loopback:  # all of 127.0.0.0/8 is local (one route), and ::1
         return
     if local is None:
+        # lazy: plan.inventory loads PyYAML and the catalog (~60 ms, measured), which a
+        # `portmesh scan --source` run needs nowhere else
         from scanner.plan.inventory import local_addresses
 
         local = local_addresses()
@@ -314,6 +317,7 @@ def check_site_hosts(site: Any, limit: int | None) -> None:
 
 
 def build_output(opts: dict[str, Any]):
+    # lazy: engine.output loads orjson (~20 ms); see build_engine_config
     from scanner.engine.output import NdjsonOutput
 
     return NdjsonOutput(opts["output"])

@@ -59,6 +59,8 @@ def up(
     ground truth follow; give the same to plan, check and mesh. A fault that matches no planned
     flow is warned about.
     """
+    # lazy: the library loads after option parsing, so `portmesh lab --help` and bad options
+    # cost ~0.06 s CPU instead of ~0.21 s with these imports at the top (measured, median of 10)
     from scanner.commands.respond import check_ttl
     from scanner.lab.lab import LabUpConfig, lab_up
 
@@ -80,6 +82,7 @@ def up(
 @click.option("--name", default="pm", show_default=True, metavar="NAME", help="Lab name.")
 def down(name: str) -> int:
     """Remove every namespace, link, rule and responder of the lab (also of a crashed run)."""
+    # lazy: as in up() above (`portmesh lab --help` stays light)
     from scanner.lab.lab import lab_down
 
     return lab_down(name)
@@ -89,6 +92,7 @@ def down(name: str) -> int:
 @click.option("--name", default=None, metavar="NAME", help="Only this lab.")
 def status(name: str | None) -> int:
     """List the labs on this machine and what exists of them."""
+    # lazy: as in up() above (`portmesh lab --help` stays light)
     from scanner.lab.lab import lab_status
 
     return lab_status(name)

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from scanner.errors import InputError
 from scanner.plan.selection import SelectionOptions, selection_options
 
 BATCH = 4096  # flows per write: one syscall per ~400 KB of NDJSON
@@ -47,9 +48,10 @@ def command(
     {"type":"flow"} record per flow; with --count the plan record carries "flows"; with
     --explain one {"type":"explain"} record per requirement and cluster.
     """
+    # lazy: the library loads after option parsing, so `portmesh plan --help` and bad options
+    # cost ~0.06 s CPU instead of ~0.13 s with these imports at the top (measured, median of 10)
     from scanner.engine.output import NdjsonOutput
-    from scanner.errors import InputError
-    from scanner.plan.planner import count_plan, explain, plan, plan_meta
+    from scanner.plan.planner import count_plan, explain, flow_record, plan, plan_meta
     from scanner.plan.selection import split_hosts
 
     if count and explain_:
@@ -70,8 +72,6 @@ def command(
         else:
             out.write(_explain_table(list(recs)))  # requirements x clusters: a few hundred rows
     else:
-        from scanner.plan.planner import flow_record
-
         flows = (flow_record(f) for f in plan(catalog, site, selection))
         if fmt == "ndjson":
             out.write(_ndjson([meta]))
@@ -98,6 +98,7 @@ def _batched(out, records, encode) -> None:
 
 
 def _ndjson(records) -> bytes:
+    # lazy: orjson (~20 ms) only for the NDJSON format, not for `portmesh plan --help`
     import orjson
 
     dumps, opt = orjson.dumps, orjson.OPT_APPEND_NEWLINE

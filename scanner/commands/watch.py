@@ -12,9 +12,11 @@ import sys
 import click
 
 from scanner.commands.respond import check_bind, resolve_secret
+from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
-from scanner.plan.selection import SelectionOptions, selection_options
-from scanner.watch import agent
+from scanner.plan.inventory import local_host
+from scanner.plan.selection import SelectionOptions, resolve_host, selection_options
+from scanner.watch import agent, manifests
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -113,8 +115,6 @@ def command(
     and --neighbours: the schedule is computed, not negotiated."""
     if ctx.invoked_subcommand is not None:
         return 0
-    from scanner.engine.output import NdjsonOutput
-    from scanner.plan.inventory import local_host
 
     if secret is None and secret_file is None:
         raise InputError("watch agents must share a secret: give --secret-file FILE (or --secret)")
@@ -129,8 +129,6 @@ def command(
             )
         as_host = h.name
     else:
-        from scanner.plan.selection import resolve_host
-
         # the resolver of check --from: a name, NAME@CLUSTER or the host's address
         as_host = resolve_host(site, as_host, "--as")
     cfg = agent.WatchConfig(
@@ -155,8 +153,6 @@ def command(
 @command.command("rules", context_settings={"help_option_names": ["-h", "--help"]})
 def rules() -> None:
     """Print the Prometheus alert rules (a rule file for rule_files:)."""
-    from scanner.watch import manifests
-
     sys.stdout.write(manifests.rules_text())
 
 
@@ -177,6 +173,4 @@ def rules() -> None:
 )
 def manifests_cmd(image: str, namespace: str, port: int) -> None:
     """Print the DaemonSet (hostNetwork), its minimal RBAC and a PrometheusRule."""
-    from scanner.watch import manifests
-
     sys.stdout.write(manifests.manifests_text(image=image, namespace=namespace, port=port))

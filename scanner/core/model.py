@@ -17,6 +17,7 @@ Role vocabulary (used by the catalog's dst_role / src_roles):
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -174,8 +175,6 @@ class Site:
 
 
 def _norm_addr(text: str) -> str | None:
-    import ipaddress
-
     try:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:

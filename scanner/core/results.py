@@ -12,6 +12,7 @@ The JSON Schema of these records ships as ``scanner/schema.json``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -143,6 +144,4 @@ def summary_record(
 
 
 def new_scan_id() -> str:
-    import os
-
     return os.urandom(8).hex()

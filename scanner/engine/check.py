@@ -7,6 +7,9 @@ destination on stderr.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import socket
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,6 +23,7 @@ from scanner.core.verdicts import verdict
 from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
 from scanner.engine.runner import RunSpec, run
+from scanner.plan.planner import count_plan, legs, plan, plan_meta
 
 
 @dataclass
@@ -89,9 +93,6 @@ def route_sources(dsts: Iterable[str], bind: str | None = None) -> dict[str, str
     """destination -> the local address the kernel sends to it from (a UDP socket's connect()
     asks the routing table and sends nothing); ``bind`` (--source) when given; None when there
     is no route (the probes will say so)."""
-    import ipaddress
-    import socket
-
     out: dict[str, str | None] = {}
     for dst in dsts:
         try:
@@ -112,10 +113,6 @@ def route_sources(dsts: Iterable[str], bind: str | None = None) -> dict[str, str
 
 def run_check(cfg: CheckConfig) -> int:
     """Run the check; exit code 0 all pass, 1 any fail, 130 interrupted."""
-    import dataclasses
-
-    from scanner.plan.planner import count_plan, legs, plan, plan_meta
-
     responder = cfg.engine.probe_options.secret is not None
     expect = cfg.expect
     err = cfg.summary_to or sys.stderr

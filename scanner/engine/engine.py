@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scanner.core.flows import Flow
+from scanner.core.privileges import can_raw, fd_budget
 from scanner.core.results import Result
 from scanner.engine.neigh import PAUSES as NEIGH_PAUSES
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.neigh import RETRIES as NEIGH_RETRIES
 from scanner.engine.neigh import NeighGuard
+from scanner.engine.sweep import Sweep, usable
 from scanner.errors import warn
 from scanner.probes.base import Outcome, ProbeOptions
 
@@ -252,8 +254,6 @@ class Engine:
             self._stop_event.set()
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
-        from scanner.core.privileges import fd_budget
-
         budget = fd_budget()
         n = self.cfg.concurrency or DEFAULT_CONCURRENCY
         # every in-flight attempt holds one descriptor; size the pool from what is left
@@ -280,8 +280,6 @@ class Engine:
                     raise
         try:
             if sweeper is not None:
-                from scanner.engine.sweep import Sweep
-
                 await Sweep(self, sweeper, self.concurrency).run(it)
             else:
                 await asyncio.gather(*(self._worker(it) for _ in range(self.concurrency)))
@@ -301,7 +299,6 @@ class Engine:
         """The TCP prober when it can run as a batch (raw SYN), else None (the worker pool)."""
         if "tcp" not in self.cfg.protos and first.proto != "tcp":
             return None
-        from scanner.engine.sweep import usable
 
         p = await self._prober("tcp")
         return p if usable(p) else None
@@ -353,14 +350,11 @@ class Engine:
             res: object = Outcome("error", f"{proto}-probe-unavailable")
         else:
             prober = mod.make_prober(self.cfg.probe_options)
-            if prober.needs_raw:
-                from scanner.core.privileges import can_raw
-
-                if not can_raw():
-                    res = Outcome("error", "needs-cap-net-raw")
-                    fut.set_result(res)
-                    self.probers[proto] = _Refuser(res)  # type: ignore[assignment]
-                    return self.probers[proto]
+            if prober.needs_raw and not can_raw():
+                res = Outcome("error", "needs-cap-net-raw")
+                fut.set_result(res)
+                self.probers[proto] = _Refuser(res)  # type: ignore[assignment]
+                return self.probers[proto]
             await prober.start(loop)
             if hasattr(prober, "timeout_for"):
                 prober.timeout_for = self._timeout_for
@@ -382,8 +376,6 @@ class Engine:
             return proto
         method = self.cfg.tcp_method
         if method == "auto":
-            from scanner.core.privileges import can_raw
-
             syn_ok = can_raw() and (
                 self.cfg.probe_options.secret is None or self.cfg.token_sample > 0
             )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import sys
 from typing import Any, BinaryIO
 
 from scanner.core.results import encode
+from scanner.errors import InputError
 
 FLUSH_BYTES = 1 << 16
 
@@ -26,8 +28,6 @@ class NdjsonOutput:
             try:
                 self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
             except OSError as e:
-                from scanner.errors import InputError
-
                 raise InputError(f"cannot write output file {path!r}: {e.strerror}") from None
         self._buf: list[bytes] = []
         self._size = 0
@@ -68,8 +68,6 @@ class NdjsonOutput:
             except InterruptedError:
                 continue
             except BlockingIOError:
-                import select
-
                 select.select([], [self._fd], [], 1.0)
                 continue
             except OSError as e:

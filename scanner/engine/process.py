@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from zlib import crc32
 
 from scanner.core.flows import Flow
 from scanner.core.results import (
@@ -67,6 +68,8 @@ class RunOutcome:
 def new_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         try:
+            # lazy: uvloop is optional, and `--loop asyncio` must not load it (~8 ms after
+            # asyncio, measured; tests/test_scan_cli.py checks a small scan imports none)
             import uvloop
 
             return uvloop.new_event_loop()
@@ -95,8 +98,6 @@ def shard_flows(flows: Iterator[Flow], index: int, count: int) -> Iterator[Flow]
     """The flows of shard ``index`` (of ``count``): a paced protocol's flows
     (PACED_PER_DESTINATION) go to the shard of their destination (crc32 of the address), the
     others are dealt round-robin. Each flow is in exactly one shard, in the plan's order."""
-    from zlib import crc32
-
     paced = PACED_PER_DESTINATION
     home: dict[str, int] = {}  # destination -> its shard (bounded: cleared when large)
     dealt = 0  # flows dealt round-robin so far

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from scanner.engine.engine import EngineConfig
@@ -27,7 +28,6 @@ class ScanConfig:
 def run_scan(cfg: ScanConfig) -> int:
     """Run the scan; return the exit code (0 completed, 130 interrupted)."""
     planned = count_flows(cfg.targets, cfg.ports, len(cfg.extra))
-    import dataclasses
 
     protos = tuple(dict.fromkeys([*(p for p, _ in cfg.ports), *cfg.extra]))
     cfg.engine = dataclasses.replace(cfg.engine, protos=protos)

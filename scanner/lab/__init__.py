@@ -1,5 +1,6 @@
-"""The lab: a cluster in network namespaces (netns), the `portmesh lab` commands with
-inventory, responders and ground truth (lab), nftables faults (faults), and `portmesh demo`.
+"""The lab: a cluster in network namespaces (netns; its names and subnets: addressing), the
+`portmesh lab` commands with inventory and responders (lab), injected faults (faults: the
+fault file; nft: its nftables rules; truth: the ground truth they imply), and `portmesh demo`.
 
 May import: core, catalog, plan, probes, engine, responder, mesh, report.
 """

@@ -24,6 +24,7 @@ FILE, as ``-o`` means for scan and mesh.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import yaml
+
+from scanner.core.flows import Flow
+from scanner.core.privileges import CAP_NET_BIND_SERVICE, can_admin_net, has_cap
+from scanner.engine.output import NdjsonOutput
+from scanner.lab.faults import Fault
+from scanner.lab.lab import write_inventory
+from scanner.lab.netns import Lab
+from scanner.lab.truth import expected
+from scanner.mesh import MeshConfig, run_mesh
+from scanner.plan.selection import SelectionOptions
 
 LAB_NAME = "pmdemo"
 LOOPBACK_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
@@ -49,8 +61,6 @@ class DemoConfig:
 
 
 def demo_faults() -> list:
-    from scanner.lab.faults import Fault
-
     return [
         Fault("node1", "in", "tcp", ((2380, 2380),), "drop", None, "etcd peer port dropped"),
         Fault("node3", "in", "udp", ((4789, 4789),), "drop", "node2", "VXLAN blocked one way"),
@@ -60,8 +70,6 @@ def demo_faults() -> list:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from scanner.core.privileges import can_admin_net
-
     err = cfg.err or sys.stderr
     if not cfg.force_loopback and can_admin_net() and _have("ip") and _have("nft"):
         return _lab_demo(cfg, err)
@@ -76,8 +84,6 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def _have(tool: str) -> bool:
-    import shutil
-
     return shutil.which(tool) is not None
 
 
@@ -85,11 +91,6 @@ def _have(tool: str) -> bool:
 
 
 def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    from scanner.lab.lab import write_inventory
-    from scanner.lab.netns import Lab
-    from scanner.mesh import MeshConfig, run_mesh
-    from scanner.plan.selection import SelectionOptions
-
     t0 = time.perf_counter()
     faults = demo_faults()
     lab = Lab.up(4, cfg.name)  # refuses a lab of that name that exists (kept, or in use)
@@ -133,8 +134,6 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
 
 
 def _mesh_output(path: Path) -> Any:
-    from scanner.engine.output import NdjsonOutput
-
     return NdjsonOutput(str(path), stdout=False)
 
 
@@ -156,8 +155,6 @@ def _finish(
         Path(cfg.output).write_bytes(data)
     to_stdout = cfg.stdout if cfg.stdout is not None else not sys.stdout.isatty()
     if to_stdout:
-        from scanner.engine.output import NdjsonOutput
-
         o = NdjsonOutput()
         o.write_raw(data)
         o.close()
@@ -195,9 +192,6 @@ def _finish(
 
 
 def _lab_truth(faults: list, lab: Any) -> Callable[[dict[str, Any]], tuple[bool, str]]:
-    from scanner.core.flows import Flow
-    from scanner.lab.faults import expected
-
     def truth(rec: dict[str, Any]) -> tuple[bool, str]:
         fl = Flow(
             rec["dst"], rec["port"], rec["proto"], rec["host"], rec["src"], rec.get("src_host")
@@ -216,11 +210,6 @@ LOOPBACK_FAULTS = {"node1": {2380}, "node4": set(range(30100, 30200))}
 
 
 def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
-    import yaml
-
-    from scanner.mesh import MeshConfig, run_mesh
-    from scanner.plan.selection import SelectionOptions
-
     t0 = time.perf_counter()
     names = [f"node{i}" for i in range(1, 5)]
     addr = dict(zip(names, LOOPBACK_HOSTS, strict=True))
@@ -238,7 +227,6 @@ def _loopback_demo(cfg: DemoConfig, err: IO[str]) -> int:
         }}))  # fmt: skip
         sel = ["--inventory", str(inv)]
         catalogs: tuple[str, ...] = ()
-        from scanner.core.privileges import CAP_NET_BIND_SERVICE, has_cap
 
         if not has_cap(CAP_NET_BIND_SERVICE):
             # a responder cannot open ports below 1024 without the capability: leave ssh out

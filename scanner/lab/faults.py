@@ -1,4 +1,5 @@
-"""Injected faults for the lab, and the ground truth they imply (pure: no I/O but reading a file).
+"""Injected faults for the lab: the fault file, its parsing, random fault sets (pure: no I/O but
+reading a file).
 
 A fault file is YAML::
 
@@ -35,35 +36,19 @@ On the sending side (``direction: out``) the kernel reports the fault to the sen
 a UDP, ICMP or raw send fails with EPERM; a TCP SYN that is dropped is retried until the
 connect times out, a rejected one gets the RST / ICMP error locally.
 
-Ground truth (``expected``), for a lab where every host runs responders (``mode="responder"``):
-an unfaulted TCP or UDP flow is ``open`` (the responder answers), an ICMP echo is ``open``, an
-IP-in-IP packet is ``closed`` (``proto-unreach``: it arrived, no tunnel answers) and passes.
-A fault makes the flow fail, with the state the prober reads:
-
-  tcp   drop -> filtered         reject -> closed (conn-refused)  reject-admin -> filtered
-  udp   drop -> open|filtered    reject -> closed (port-unreach)  reject-admin -> filtered
-  icmp  drop -> filtered         reject -> filtered (port-unreach) reject-admin -> filtered
-  ipip  drop -> open|filtered                                      reject-admin -> filtered
-  (direction out, udp/icmp/ipip: the send fails with EPERM -> filtered, reason send-eperm)
-
-Note the rejected TCP flow: ``closed`` alone would pass a pre-install check (the firewall let the
-SYN through and nothing listens), but with a responder expected on that port, ``closed`` means
-something other than our responder answered with a RST: the firewall. So in responder mode a
-``closed`` TCP or UDP flow is a *fail* (as scanner.core.verdicts says with ``responder=True``).
-In ``mode="bare"`` (nothing listens), unfaulted TCP and UDP flows are ``closed`` and pass, the
-verdict of a faulted flow is what scanner.core.verdicts gives a correct prober (a dropped UDP flow is
-``open|filtered`` -> ``unknown``; a ``reject`` cannot be told from a pass and is reported so).
-``Expected.fault`` is the fault that hit the flow: the truth, whatever a prober can tell.
+The nftables rules a fault becomes: scanner.lab.nft; the ground truth it implies:
+scanner.lab.truth.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from scanner.core.flows import Flow
+import yaml
+
 from scanner.errors import InputError
 
 DIRECTIONS = ("in", "out")
@@ -111,10 +96,6 @@ class FaultFile:
     faults: tuple[Fault, ...]
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
-
-
-class _AddrBook(Protocol):
-    def host(self, name: str) -> Any: ...
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -246,8 +227,6 @@ def parse_fault_doc(doc: object, source: str = "<faults>") -> FaultFile:
 
 
 def load_fault_file(path: str) -> FaultFile:
-    import yaml
-
     try:
         with open(path, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
@@ -282,270 +261,6 @@ def check_hosts(faults: Iterable[Fault], hosts: Iterable[str], source: str = "fa
 
 def faults_for(faults: Iterable[Fault], host: str) -> list[Fault]:
     return [f for f in faults if f.host == host]
-
-
-# ---- nftables -------------------------------------------------------------------------------
-
-_VERDICT = {
-    ("tcp", "reject"): "reject with tcp reset",
-    ("udp", "reject"): "reject with icmpx type port-unreachable",
-    ("icmp", "reject"): "reject with icmpx type port-unreachable",
-}
-
-
-def _nft_verdict(f: Fault) -> str:
-    if f.action == "drop":
-        return "drop"
-    if f.action == "reject-admin":
-        return "reject with icmpx type admin-prohibited"
-    return _VERDICT[(f.proto, f.action)]
-
-
-def _addr(lab: _AddrBook | Mapping[str, str], name: str) -> str:
-    if isinstance(lab, Mapping):
-        return lab[name]
-    return lab.host(name).addr
-
-
-def _addr6(lab: _AddrBook | Mapping[str, str], name: str) -> str | None:
-    if isinstance(lab, Mapping):
-        a = lab.get(f"{name}/ipv6")  # a mapping may carry IPv6 addresses under "name/ipv6"
-        return a if isinstance(a, str) else None
-    return getattr(lab.host(name), "addr6", None)
-
-
-def nft_rules(f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0) -> list[str]:
-    """The rules of one fault: one, or one per family where the match says the family (a peer
-    address, ICMP vs ICMPv6 echo). A peer without an IPv6 address gets no IPv6 rule."""
-    if f.proto == "ipip":
-        return [nft_rule(f, lab, index)]
-    if f.family is not None:
-        fams = [f.family]
-    elif f.peer is not None or f.proto == "icmp":
-        fams = ["ipv4", "ipv6"]
-    else:
-        return [nft_rule(f, lab, index)]  # tcp/udp by port: one rule, both families
-    out = []
-    for fam in fams:
-        if fam == "ipv6" and f.peer is not None and _addr6(lab, f.peer) is None:
-            continue
-        out.append(nft_rule(f, lab, index, fam))
-    return out
-
-
-def nft_rule(
-    f: Fault, lab: _AddrBook | Mapping[str, str], index: int = 0, family: str | None = None
-) -> str:
-    # TCP, UDP and ICMP echo: only a connection's first packet, so replies and ICMP errors of
-    # other flows pass. Not for IP-in-IP: conntrack tracks protocol 4 by addresses alone, so a
-    # probe B->A would count as the reply of an earlier probe A->B and slip past the rule.
-    parts = [] if f.proto == "ipip" else ["ct state new"]
-    v6 = family == "ipv6"
-    if family is not None and f.peer is None and f.proto in ("tcp", "udp"):
-        parts.append(f"meta nfproto {family}")
-    if f.peer is not None:
-        way = "saddr" if f.direction == "in" else "daddr"
-        if v6:
-            parts.append(f"ip6 {way} {_addr6(lab, f.peer)}")
-        else:
-            parts.append(f"ip {way} {_addr(lab, f.peer)}")
-    if f.proto in ("tcp", "udp"):
-        if f.ports is None:
-            parts.append(f"meta l4proto {f.proto}")
-        else:
-            parts.append(f"{f.proto} dport {{ {', '.join(_nft_ports(f.ports))} }}")
-    elif f.proto == "icmp":
-        parts.append("icmpv6 type echo-request" if v6 else "icmp type echo-request")
-    else:
-        parts.append("ip protocol 4")
-    parts.append(_nft_verdict(f))
-    parts.append(f'comment "portmesh fault {index}"')
-    return " ".join(parts)
-
-
-def _nft_ports(ports: tuple[tuple[int, int], ...]) -> list[str]:
-    return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports]
-
-
-def nft_ruleset(faults_for_host: Iterable[Fault], lab: _AddrBook | Mapping[str, str]) -> str:
-    """The ``nft -f`` text for one host: table inet portmesh, replaced as a whole when loaded.
-
-    ``lab`` gives peer addresses: a Lab (``lab.host(name).addr``) or a name -> address mapping.
-    Rules keep the order of the fault file; within a chain the first matching rule decides.
-    """
-    rules: dict[str, list[str]] = {"input": [], "output": []}
-    for i, f in enumerate(faults_for_host, 1):
-        rules["input" if f.direction == "in" else "output"].extend(nft_rules(f, lab, i))
-    out = [
-        # declare-then-delete: loading replaces an older table of ours and fails on nothing
-        "table inet portmesh {}",
-        "delete table inet portmesh",
-        "table inet portmesh {",
-    ]
-    for chain in ("input", "output"):
-        out.append(f"\tchain {chain} {{")
-        out.append(f"\t\ttype filter hook {chain} priority filter; policy accept;")
-        out.extend(f"\t\t{r}" for r in rules[chain])
-        out.append("\t}")
-    out.append("}")
-    return "\n".join(out) + "\n"
-
-
-# ---- ground truth ---------------------------------------------------------------------------
-
-
-class Expected:
-    """The expected outcome of one flow. Unpacks as ``state, verdict = expected(...)``."""
-
-    __slots__ = ("state", "verdict", "reason", "fault")
-
-    def __init__(self, state: str, verdict: str, reason: str, fault: Fault | None = None) -> None:
-        self.state = state
-        self.verdict = verdict
-        self.reason = reason
-        self.fault = fault
-
-    def __iter__(self) -> Iterator[str]:
-        yield self.state
-        yield self.verdict
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Expected):
-            return (self.state, self.verdict, self.reason, self.fault) == (
-                other.state,
-                other.verdict,
-                other.reason,
-                other.fault,
-            )
-        if isinstance(other, tuple):
-            return (self.state, self.verdict, self.reason)[: len(other)] == other
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.state, self.verdict, self.reason))
-
-    def __repr__(self) -> str:
-        why = f", fault={self.fault.describe()!r}" if self.fault else ""
-        return f"Expected({self.state!r}, {self.verdict!r}, {self.reason!r}{why})"
-
-
-# (proto, action) -> (state, reason) when the fault hits the packet at the destination (in)
-_IN_FAULT = {
-    ("tcp", "drop"): ("filtered", "no-response"),
-    ("tcp", "reject"): ("closed", "conn-refused"),
-    ("tcp", "reject-admin"): ("filtered", "admin-prohibited"),
-    ("udp", "drop"): ("open|filtered", "no-response"),
-    ("udp", "reject"): ("closed", "port-unreach"),
-    ("udp", "reject-admin"): ("filtered", "admin-prohibited"),
-    ("icmp", "drop"): ("filtered", "no-response"),
-    ("icmp", "reject"): ("filtered", "port-unreach"),
-    ("icmp", "reject-admin"): ("filtered", "admin-prohibited"),
-    ("ipip", "drop"): ("open|filtered", "no-response"),
-    ("ipip", "reject-admin"): ("filtered", "admin-prohibited"),
-}
-
-# the same fault in the source's output chain: TCP behaves as inbound; the others fail the send
-_OUT_FAULT = {
-    **{k: v for k, v in _IN_FAULT.items() if k[0] == "tcp"},
-    **{(p, a): ("filtered", "send-eperm") for p in ("udp", "icmp", "ipip") for a in ACTIONS},
-}
-
-_PASS = {
-    "responder": {
-        "tcp": ("open", "responder"),
-        "udp": ("open", "responder"),
-        "icmp": ("open", "echo-reply"),
-        "ipip": ("closed", "proto-unreach"),
-    },
-    "bare": {
-        "tcp": ("closed", "conn-refused"),
-        "udp": ("closed", "port-unreach"),
-        "icmp": ("open", "echo-reply"),
-        "ipip": ("closed", "proto-unreach"),
-    },
-}
-
-
-def _name_of(lab: Any, addr: str | None, name: str | None) -> str | None:
-    """The lab host name of an address (a Lab or a name -> address mapping), else ``name``."""
-    if lab is not None and addr is not None:
-        if isinstance(lab, Mapping):
-            found = next((n for n, a in lab.items() if a == addr), None)
-        else:
-            h = lab.by_addr(addr)
-            found = h.name if h is not None else None
-        if found is not None:
-            return found
-    return name
-
-
-def hit(flow: Flow, faults: Iterable[Fault], lab: Any = None) -> Fault | None:
-    """The fault that decides this flow's first packet, or None.
-
-    The packet meets the source's output chain first, then the destination's input chain; in
-    each, the first matching rule (file order) decides, as nftables does.
-    """
-    src = _name_of(lab, flow.src, flow.src_host)
-    dst = _name_of(lab, flow.dst, flow.host)
-    faults = list(faults)
-
-    def match(f: Fault, direction: str, here: str | None, there: str | None) -> bool:
-        return (
-            f.direction == direction
-            and here is not None
-            and f.host == here
-            and f.proto == flow.proto
-            and (f.peer is None or f.peer == there)
-            and f.matches_port(flow.port)
-            and f.matches_family(flow.af)
-        )
-
-    for f in faults:
-        if match(f, "out", src, dst):
-            return f
-    for f in faults:
-        if match(f, "in", dst, src):
-            return f
-    return None
-
-
-def expected(
-    flow: Flow, faults: Iterable[Fault], lab: Any = None, mode: str = "responder"
-) -> Expected:
-    """The ground truth for one flow in a lab with these faults.
-
-    ``lab`` maps addresses to lab host names (a Lab, or a name -> address mapping); without it
-    the flow's ``src_host`` / ``host`` names are used. mode "responder": every lab host runs
-    responders on the flow's port; "bare": nothing listens.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
-    if flow.proto not in FAULT_PROTOS:
-        raise ValueError(f"unknown protocol {flow.proto!r}")
-    f = hit(flow, faults, lab)
-    if f is None:
-        state, reason = _PASS[mode][flow.proto]
-        return Expected(state, "pass", reason)
-    table = _IN_FAULT if f.direction == "in" else _OUT_FAULT
-    state, reason = table[(flow.proto, f.action)]
-    if mode == "bare":
-        from scanner.core.verdicts import verdict
-
-        v = verdict(flow.proto, state, "reachable", responder=False)
-        if (state, reason) == _PASS["bare"][flow.proto]:
-            # a reject looks exactly like "nothing listens" to a prober without responders
-            reason += " (indistinguishable without a responder)"
-        return Expected(state, v, reason, f)
-    return Expected(state, "fail", reason, f)
-
-
-def ground_truth(
-    flows: Iterable[Flow], faults: Iterable[Fault], lab: Any = None, mode: str = "responder"
-) -> Iterator[tuple[Flow, Expected]]:
-    """(flow, expected) for every flow, lazily."""
-    faults = list(faults)
-    for fl in flows:
-        yield fl, expected(fl, faults, lab, mode)
 
 
 # ---- random fault sets ----------------------------------------------------------------------

@@ -17,18 +17,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+import yaml
+
+from scanner.catalog import load_catalog
+from scanner.core.flows import Flow
 from scanner.core.model import natural_key
+from scanner.core.tags import load_secret, new_secret
 from scanner.errors import InputError
+from scanner.lab import spawn
+from scanner.lab.addressing import check_name
+from scanner.lab.faults import check_hosts, load_fault_file
 from scanner.lab.netns import (
     MAX_HOSTS,
     Lab,
     LabError,
-    check_name,
     list_netns,
     netns_pids,
     require_root,
     run_dir,
 )
+from scanner.lab.spawn import start_time
+from scanner.lab.truth import expected, hit
+from scanner.plan.planner import legs, plan
+from scanner.plan.selection import SelectionOptions, selection_argv
+from scanner.responder.server import ranges_text
 
 # fault-file role words -> kubespray inventory groups
 _ROLE_GROUPS = {
@@ -100,8 +113,6 @@ def write_inventory(
     roles: dict[str, tuple[str, ...]] | None = None,
     dual_stack_vars: dict[str, Any] | None = None,
 ) -> Path:
-    import yaml
-
     p = lab.state_dir() / "inventory.yml"
     p.write_text(
         f"# portmesh lab {lab.name}: {lab.subnet}\n"
@@ -120,10 +131,6 @@ def start_responders(
     pid and start time go to ``<state>/<host>.responder.pid``. Returns host -> ready record
     (LabError if one fails).
     """
-    from scanner.core.tags import load_secret
-    from scanner.lab import spawn
-    from scanner.plan.selection import SelectionOptions
-
     d = lab.state_dir()
     secret = load_secret(path=str(d / "secret")) or b""
     # the selection options (--with, --cni, --vars, ...) shape the ports, as for the truth
@@ -177,9 +184,6 @@ class LabUpConfig:
 def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
     """``portmesh lab up``: build, fault, inventory, responders, ground truth summary."""
 
-    from scanner.core.tags import new_secret
-    from scanner.lab.faults import check_hosts, load_fault_file
-
     out = out or sys.stdout
     check_name("lab", cfg.name)
     require_root()
@@ -193,8 +197,6 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
         unknown = sorted(set(ff.roles) - set(names))
         if unknown:
             raise InputError(f"{cfg.faults_file}: roles: {unknown[0]!r} is not a lab host")
-    from scanner.catalog import load_catalog
-    from scanner.plan.selection import SelectionOptions, selection_argv
 
     sel_opts = cfg.selection or SelectionOptions()
     sel_opts.selection(load_catalog(sel_opts.catalog_files))  # bad --with etc.: before building
@@ -247,8 +249,6 @@ def lab_up(cfg: LabUpConfig, out: Any = None) -> int:
 def mesh_command(lab: Lab) -> str:
     """The mesh over this lab, as docs/mesh.md shows it: the lab's secret file shares the lab's
     responders with the mesh (its agents' probes carry the secret they answer to)."""
-    import shlex
-
     d = lab.state_dir()
     return (
         f"portmesh mesh -i {shlex.quote(str(d / 'inventory.yml'))} "
@@ -276,11 +276,6 @@ def truth_summary(
     Returns the faults that match no planned flow (each with a hint): a fault that changes
     nothing is almost always a mistake (a protocol the plan lacks, a port it does not probe).
     """
-    from scanner.lab.faults import hit
-    from scanner.plan.planner import legs
-    from scanner.plan.selection import SelectionOptions
-    from scanner.responder.server import ranges_text
-
     opts = dataclasses.replace(
         selection_opts or SelectionOptions(), inventories=(str(inventory),), hosts=None
     )
@@ -337,10 +332,6 @@ def truth_summary(
 
 
 def _count_truth(catalog, site, selection, faults, lab, mode, note, counts) -> None:
-    from scanner.core.flows import Flow
-    from scanner.lab.faults import expected
-    from scanner.plan.planner import legs
-
     names = {h.addr: h.name for h in lab.hosts}
     touched = {(f.host, f.direction, f.proto) for f in faults}
     for leg in legs(catalog, site, selection):
@@ -361,11 +352,6 @@ def _count_truth(catalog, site, selection, faults, lab, mode, note, counts) -> N
 
 
 def _write_truth(path, catalog, site, selection, faults, lab, mode, note) -> None:
-    import orjson
-
-    from scanner.lab.faults import expected
-    from scanner.plan.planner import plan
-
     with open(path, "wb") as fh:
         for fl in plan(catalog, site, selection):
             e = expected(fl, faults, lab, mode=mode)
@@ -410,7 +396,6 @@ def _kill_recorded_responders(name: str) -> None:
             pid_s, _, started = pidfile.read_text().strip().partition(" ")
             pid = int(pid_s)
             if started:  # forked by scanner.lab.spawn: the same process if it started then
-                from scanner.lab.spawn import start_time
 
                 if start_time(pid) == started:
                     os.kill(pid, signal.SIGTERM)

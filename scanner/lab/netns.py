@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -44,14 +43,22 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InputError, PrivilegeError, ScannerError
-from scanner.lab import sysctls
+from scanner.lab import conntrack, sysctls
+from scanner.lab.addressing import (
+    HOST_LINK_OCTET,
+    LAB_NET,
+    canon6,
+    check_name,
+    root_ifname,
+    subnet6_for,
+    subnet_for,
+    subnet_index,
+)
+from scanner.lab.faults import check_hosts
+from scanner.lab.nft import nft_ruleset
 
-LAB_NET = ipaddress.ip_network("198.18.0.0/15")
-HOST_LINK_OCTET = 254
 SWITCH = "sw"
 ALIAS_PREFIX = "portmesh-lab:"
-IFNAMSIZ = 15  # Linux interface names: at most 15 characters
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 MAX_HOSTS = 250
 
 
@@ -82,48 +89,10 @@ def require_root() -> None:
         raise LabError("the lab needs iproute2's 'ip' command, which is not on PATH")
 
 
-def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InputError(
-            f"bad {kind} name {name!r}: use 1-32 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
-def subnet_index(name: str) -> int:
-    """The preferred /24 index (0..511) inside 198.18.0.0/15 for a lab name (deterministic)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % 512
 
 
-def subnet_for(index: int) -> ipaddress.IPv4Network:
-    base = int(LAB_NET.network_address) + (index << 8)
-    return ipaddress.IPv4Network((base, 24))
-
-
-LAB_NET6 = ipaddress.ip_network("2001:2::/48")  # RFC 5180: IPv6 benchmarking
-
-
-def subnet6_for(subnet: ipaddress.IPv4Network) -> ipaddress.IPv6Network:
-    """The lab's IPv6 /64, paired with its IPv4 /24: 2001:2:0:<index>::/64, hosts at ::1, ::2
-    ... like .1, .2 ..., the host link at ::fe like .254."""
-    index = (int(subnet.network_address) - int(LAB_NET.network_address)) >> 8
-    return ipaddress.IPv6Network((int(LAB_NET6.network_address) | (index << 64), 64))
-
-
-def _canon6(addr: str) -> str:
-    try:
-        return str(ipaddress.IPv6Address(addr))
-    except ValueError:
-        return addr
-
-
-def root_ifname(name: str) -> str:
-    """The root-namespace end of the host link: readable when it fits, else a hash of the name."""
-    plain = f"{name}-root"
-    if len(plain) <= IFNAMSIZ:
-        return plain
-    return "pmr" + hashlib.sha256(name.encode()).hexdigest()[:12]
 
 
 def _ip(
@@ -490,7 +459,7 @@ class Lab:
 
     def by_addr(self, addr: str) -> LabHost | None:
         for h in self.hosts:
-            if h.addr == addr or (h.addr6 is not None and h.addr6 == _canon6(addr)):
+            if h.addr == addr or (h.addr6 is not None and h.addr6 == canon6(addr)):
                 return h
         return None
 
@@ -525,9 +494,6 @@ class Lab:
         is flushed: the rules match a connection's first packet only, and an entry left by an
         earlier flow on the same 5-tuple (a reused source port) would let a packet pass them.
         """
-        from scanner.lab import conntrack
-        from scanner.lab.faults import check_hosts, nft_ruleset
-
         check_hosts(faults, self.host_names())
         for h in self.hosts:
             self.nft(h.name, nft_ruleset([f for f in faults if f.host == h.name], self))

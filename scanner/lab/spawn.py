@@ -19,6 +19,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from scanner.plan.planner import legs
+from scanner.responder.server import ResponderConfig, run_responder
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -37,8 +40,6 @@ def enter_netns(ns: str) -> None:
 def host_ports(catalog: Any, site: Any, selection: Any) -> dict[str, tuple[list[int], list[int]]]:
     """host name -> (tcp, udp) ports the plan probes it on, from the legs in one pass (the same
     rule as ``respond --as``: a destination with a source other than itself)."""
-    from scanner.plan.planner import legs
-
     out: dict[str, tuple[set[int], set[int]]] = {}
     for leg in legs(catalog, site, selection):
         if not (leg.applies and leg.srcs and leg.dsts and leg.ports):
@@ -62,8 +63,6 @@ def spawn(
     logs: dict[str, Path],
 ) -> dict[str, int]:
     """Fork one detached responder per (host name, namespace); host name -> pid."""
-    from scanner.responder.server import ResponderConfig, run_responder
-
     for name, _ in hosts:
         logs[name].write_bytes(b"")  # before the fork: the parent reads them at once
     sys.stdout.flush()

@@ -31,9 +31,12 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+import orjson
 
 from scanner.errors import InputError
 
@@ -101,8 +104,6 @@ def is_local(argv: Sequence[str]) -> bool:
 def agent_words(prefix: Sequence[str], agent_cmd: str | None) -> list[str]:
     """The agent command for one host. ``None`` (no --agent-cmd): through a local template this
     interpreter and package (``sys.executable -m scanner agent``), else ``portmesh agent``."""
-    import sys
-
     if agent_cmd is None:
         if is_local(prefix):
             return [sys.executable, "-m", "scanner", "agent"]
@@ -225,8 +226,6 @@ async def ndjson_records(
     Over-long lines (past the reader's limit), lines that are not JSON and JSON that is not an
     object are skipped: a peer's garbage never ends the reader.
     """
-    import orjson
-
     while True:
         try:
             line = await stream.readline()

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import InventoryError
-from scanner.plan import kubean
+from scanner.plan import kubean, yamldocs
+from scanner.plan.endpoints import is_endpoint_var
 from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
 
@@ -113,7 +114,7 @@ def find_vars_files(folder: Path, name: str, listing: set[str] | None = None) ->
 
 def load_vars_path(path: Path) -> VarsLayer:
     """One variables file (YAML or JSON): one layer labelled with its path."""
-    text = kubean.read_text(path, "vars file")
+    text = yamldocs.read_text(path, "vars file")
     return VarsLayer(str(path), kubean.parse_vars_text(text, str(path)))
 
 
@@ -340,8 +341,6 @@ def origin(layers: Sequence[VarsLayer], name: str) -> str:
 
 def deciding_names(layers: Iterable[VarsLayer]) -> list[str]:
     """The variables that decide a cluster's plan, among those these layers set."""
-    from scanner.plan.endpoints import is_endpoint_var
-
     names = set(kubean.KNOWN_VARS) | {"loadbalancer_apiserver"}
     for layer in layers:
         names.update(n for n in layer.values if is_endpoint_var(n))

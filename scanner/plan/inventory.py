@@ -34,6 +34,7 @@ from scanner.errors import InventoryError
 from scanner.plan.ansible_vars import role_groups
 from scanner.plan.clusters import cluster_of, inventory_hosts, quick_hosts
 from scanner.plan.inventory_files import parse_inventory_text
+from scanner.plan.sitefile import site_from_doc
 from scanner.plan.sources import SiteDoc, load_cli_vars, read_inventory_file
 
 __all__ = [
@@ -80,7 +81,6 @@ def load_site(
     if sites:
         if len(read) > 1:
             raise InventoryError(f"{sites[0].path}: a site file must be the only --inventory")
-        from scanner.plan.sitefile import site_from_doc
 
         return _validated(site_from_doc(sites[0], cli))
     clusters: list[Cluster] = []

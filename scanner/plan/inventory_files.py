@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scanner.errors import InventoryError
-from scanner.plan import kubean
+from scanner.plan import kubean, yamldocs
 from scanner.plan.kubean import VarsLayer
 
 CONTROL_PLANE_GROUPS = ("kube_control_plane", "kube-master")
@@ -316,7 +316,7 @@ def parse_inventory_text(text: str, where: str) -> Inventory:
     """An inventory's text, YAML or INI (detected by content)."""
     if looks_like_ini(text):
         return parse_ini_inventory(text, where)
-    docs = [d for d in kubean.load_yaml_documents(text, where) if d is not None]
+    docs = [d for d in yamldocs.load_yaml_documents(text, where) if d is not None]
     if not docs:
         raise InventoryError(f"{where}: empty inventory")
     if len(docs) == 1 and isinstance(docs[0], str) and "=" in docs[0]:

@@ -49,6 +49,7 @@ from scanner.catalog import Catalog, Requirement, expand_ports
 from scanner.core.flows import Flow
 from scanner.core.model import Cluster, ClusterConfig, Host, Setting, Site
 from scanner.core.ports import parse_ports
+from scanner.plan.endpoints import is_endpoint_var
 from scanner.plan.kubean import redact
 from scanner.plan.selection import Selection
 
@@ -303,8 +304,6 @@ def _endpoint_legs(
     """Flows from every node to each endpoint the variables name (scanner/plan/endpoints.py);
     no reverse direction. A site's bootstrap node wins: an endpoint on it at a port the
     bootstrap.* requirements already check is not planned twice."""
-    from scanner.plan.endpoints import is_endpoint_var
-
     b = site.bootstrap
     for e in k.config.endpoints:
         req = _endpoint_req(e.name, e.port)

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from scanner.errors import InventoryError, warn
-from scanner.plan import kubean
+from scanner.plan import kubean, yamldocs
 from scanner.plan.ansible_vars import (
     IGNORED_EXTS,
     CliVars,
@@ -84,14 +86,14 @@ def _strip_suffix(name: str) -> str:
 
 
 def _from_configmaps(docs: list[Any], path: str) -> list[ClusterSource]:
-    objects = list(kubean.kubernetes_objects(docs, path))
-    cms = [kubean.configmap(o, path) for o in objects if o.get("kind") == "ConfigMap"]
+    objects = list(yamldocs.kubernetes_objects(docs, path))
+    cms = [yamldocs.configmap(o, path) for o in objects if o.get("kind") == "ConfigMap"]
     by_name = {c.name: c for c in cms}
     hosts_cms = [c for c in cms if kubean.HOSTS_KEY in c.data]
     vars_cms = [c for c in cms if kubean.VARS_KEY in c.data]
     clusters = [o for o in objects if o.get("kind") == "Cluster"]
 
-    def source(name: str, hcm: kubean.ConfigMap, vcms: list[kubean.ConfigMap]) -> ClusterSource:
+    def source(name: str, hcm: yamldocs.ConfigMap, vcms: list[yamldocs.ConfigMap]) -> ClusterSource:
         inv = parse_inventory_text(hcm.data[kubean.HOSTS_KEY], f"{hcm.where} {kubean.HOSTS_KEY}")
         layers = [
             VarsLayer(
@@ -105,7 +107,7 @@ def _from_configmaps(docs: list[Any], path: str) -> list[ClusterSource]:
     if clusters:  # Kubean Cluster resources pair the hosts and vars ConfigMaps by name
         out = []
         for c in clusters:
-            cname = kubean.object_name(c)
+            cname = yamldocs.object_name(c)
             spec = c.get("spec") if isinstance(c.get("spec"), dict) else {}
             refs = {}
             for key in ("hostsConfRef", "varsConfRef"):
@@ -145,13 +147,11 @@ def _from_configmaps(docs: list[Any], path: str) -> list[ClusterSource]:
 def _documents(text: str, path: str) -> list[Any]:
     """The YAML documents of a file; JSON (ansible-inventory output can be large) via orjson."""
     if text.lstrip().startswith("{"):
-        import orjson
-
         try:
             return [orjson.loads(text)]
         except orjson.JSONDecodeError:
             pass  # YAML flow style, or broken: the YAML loader says where
-    return [d for d in kubean.load_yaml_documents(text, path) if d is not None]
+    return [d for d in yamldocs.load_yaml_documents(text, path) if d is not None]
 
 
 def _ansible_file(path: str, text: str, docs: list[Any] | None) -> Inventory:
@@ -181,7 +181,7 @@ def read_inventory_file(path: str) -> list[ClusterSource] | SiteDoc:
     """Read one --inventory: the clusters it defines, or the site file it is."""
     if os.path.isdir(path):
         return [read_inventory_dir(path)]
-    text = kubean.read_text(path, "inventory")
+    text = yamldocs.read_text(path, "inventory")
     stem = Path(path).stem or "cluster"
     beside = [VarsDir(Path(path).parent)]
     if looks_like_ini(text):
@@ -189,7 +189,7 @@ def read_inventory_file(path: str) -> list[ClusterSource] | SiteDoc:
     docs = _documents(text, path)
     if not docs:
         raise InventoryError(f"{path}: empty inventory")
-    if any(kubean.is_kubernetes_object(d) for d in docs):
+    if any(yamldocs.is_kubernetes_object(d) for d in docs):
         return _from_configmaps(docs, path)
     first = docs[0]
     if isinstance(first, dict) and ("portmesh_site" in first or "site" in first):
@@ -259,11 +259,11 @@ def read_inventory_dir(path: str) -> ClusterSource:
                 f"{p}: an executable file (a dynamic inventory script?); portmesh runs no scripts:"
                 f" give the output of `ansible-inventory -i {path} --list` instead"
             )
-        text = kubean.read_text(p, "inventory")
+        text = yamldocs.read_text(p, "inventory")
         docs = None
         if not looks_like_ini(text):
             docs = _documents(text, p)
-            if any(kubean.is_kubernetes_object(d) for d in docs) or any(
+            if any(yamldocs.is_kubernetes_object(d) for d in docs) or any(
                 isinstance(d, dict) and ("portmesh_site" in d or "site" in d) for d in docs
             ):
                 raise InventoryError(

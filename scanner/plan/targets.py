@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -204,8 +205,6 @@ def _valid_hostname(t: str) -> bool:
 
 def read_target_file(path: str) -> list[str]:
     """One or more targets per line (whitespace separated); '#' starts a comment. '-' is stdin."""
-    import sys
-
     try:
         if path == "-":
             text = sys.stdin.read()

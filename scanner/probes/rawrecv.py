@@ -14,7 +14,7 @@ import contextlib
 import socket
 from collections.abc import Callable
 
-from scanner.probes.base import clock_ns, enable_rx_stamps, receipt_ns, rtt_ms
+from scanner.probes.base import Outcome, clock_ns, enable_rx_stamps, receipt_ns, rtt_ms
 from scanner.probes.classify import errno_outcome
 
 ICMP_ECHO_REPLY = 0
@@ -179,8 +179,6 @@ def resolve(pending: dict, key: tuple, now: int, outcome: object, echoed: bytes 
     ``echoed``: the payload that came back, when the reply quotes or echoes one; it must start
     with the request's tag, else the reply is stale or someone else's and is ignored.
     """
-    from scanner.probes.base import Outcome
-
     entry = pending.get(key)
     if entry is None:
         return

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import socket
 import struct
@@ -36,6 +37,7 @@ from scanner.core.flows import Flow
 from scanner.probes import classify, rawrecv
 from scanner.probes.base import Outcome, ProbeOptions
 from scanner.probes.deadlines import Deadlines
+from scanner.probes.tcp import TcpProber
 
 SPORT_LO = 61000
 SPORT_HI = 65535
@@ -128,8 +130,6 @@ def set_rcvbuf(sock: socket.socket, size: int) -> None:
 
 
 def _attach_filter(sock: socket.socket, prog: bytes) -> None:
-    import ctypes
-
     SO_ATTACH_FILTER = 26
     buf = ctypes.create_string_buffer(prog)
     fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
@@ -398,8 +398,6 @@ class SynProber:
         """The connect prober beside this one (same options: it reads the responder's token
         when there is a secret), started on first use: IPv6 flows and token samples."""
         if self._fallback is None:
-            from scanner.probes.tcp import TcpProber
-
             self._fallback = TcpProber(self.opts)
             self._fallback.timeout_for = self.timeout_for
             assert self.loop is not None

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 
 from scanner.core.flows import Flow
+from scanner.core.tags import TOKEN_LEN, tcp_token
 from scanner.probes.base import Outcome, ProbeOptions
 from scanner.probes.classify import (
     IP_RECVERR,
@@ -267,8 +268,6 @@ class TcpProber:
 
     async def _read_token(self, sock: _socket.socket, port: int, timeout: float) -> str:
         """Read our responder's token; 'responder' when it is ours, 'syn-ack' for anything else."""
-        from scanner.core.tags import TOKEN_LEN, tcp_token
-
         loop = self.loop
         assert loop is not None and self.secret is not None
         want = tcp_token(self.secret, port)

@@ -22,7 +22,11 @@ from typing import IO, Any
 from scanner.core.results import encode
 from scanner.errors import InputError
 from scanner.report.aggregate import Aggregate, derive_verdict
+from scanner.report.ecs import write_ecs
+from scanner.report.fix import check_nft_name, parse_nft_table, render_fix
+from scanner.report.html import render_html
 from scanner.report.reader import ReadStats, read_records
+from scanner.report.text import render_text
 
 FORMATS = ("text", "html", "ecs", "ndjson")
 FIX_KINDS = ("nftables", "iptables", "firewalld")
@@ -44,7 +48,6 @@ class ReportConfig:
             raise InputError(f"--fix {self.fix!r}: choose one of {', '.join(FIX_KINDS)}")
         if not self.inputs:
             raise InputError("no input: give NDJSON files or '-' for stdin")
-        from scanner.report.fix import check_nft_name, parse_nft_table
 
         parse_nft_table(self.nft_table)
         check_nft_name("--nft-chain", self.nft_chain)
@@ -98,8 +101,6 @@ def run_report(
         _notes(stats, err)
         return 1 if failures else 0
     if config.fix is None and config.fmt == "ecs":
-        from scanner.report.ecs import write_ecs
-
         write_ecs(recs, out)
         _require_records(config.inputs, stats)
         _notes(stats, err)
@@ -107,16 +108,10 @@ def run_report(
 
     agg, stats = aggregate(config.inputs, stats, recs)
     if config.fix is not None:
-        from scanner.report.fix import render_fix
-
         out.write(render_fix(agg, config.fix, config.nft_table, config.nft_chain).encode())
     elif config.fmt == "html":
-        from scanner.report.html import render_html
-
         out.write(render_html(agg, stats, title=config.title).encode())
     else:
-        from scanner.report.text import render_text
-
         for line in render_text(agg, stats):
             out.write(line.encode() + b"\n")
     if config.fix is not None or config.fmt != "text":

@@ -25,6 +25,7 @@ What it cannot fix: a flow dropped on the *source's* output side or on the path 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 from collections.abc import Iterator
@@ -242,8 +243,6 @@ def _split_sources(op: Opening) -> tuple[list[str], list[str], bool]:
 
 
 def _addr_key(a: str) -> tuple[int, ...]:
-    import ipaddress
-
     return (int(ipaddress.ip_address(a)),)
 
 

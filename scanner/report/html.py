@@ -8,6 +8,7 @@ script builds the cells from the embedded data; hover or click a cell for the fl
 from __future__ import annotations
 
 import html
+import ipaddress
 import shlex
 import time
 from importlib import resources
@@ -83,8 +84,6 @@ def rle(states: str) -> str:
 
 
 def _subnet(addr: str | None) -> str:
-    import ipaddress
-
     if not addr:
         return ""
     try:

@@ -54,6 +54,9 @@ import orjson
 
 from scanner.core import tags
 from scanner.core.ports import ports_text as ranges_text  # one implementation, re-exported
+from scanner.core.privileges import raise_nofile
+from scanner.responder.holders import Failure, annotate_owners
+from scanner.responder.witness import Witness
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
 MAX_TTL = 7 * 24 * 3600.0
@@ -93,30 +96,6 @@ class Stats:
 
 
 @dataclass
-class Failure:
-    proto: str
-    port: int
-    error: str
-    pid: int | None = None
-    process: str | None = None
-    # the local addresses the holding socket(s) are bound to ("0.0.0.0", "::", "127.0.0.1"...),
-    # from /proc/net; None when nothing was found (out of descriptors, or /proc did not tell).
-    # The mesh needs it: a holder bound to the wildcard or the probed address answers a probe
-    # itself (a reset can only be a firewall's), one bound elsewhere leaves the reset to the kernel
-    local: list[str] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"proto": self.proto, "port": self.port, "error": self.error}
-        if self.pid is not None:
-            d["pid"] = self.pid
-        if self.process is not None:
-            d["process"] = self.process
-        if self.local is not None:
-            d["local"] = self.local
-        return d
-
-
-@dataclass
 class Responder:
     """Bound responder sockets on one event loop. ``start`` binds, ``close`` releases all."""
 
@@ -139,8 +118,6 @@ class Responder:
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind every port and register the readers (synchronous: binding does not block)."""
-        from scanner.core.privileges import raise_nofile
-
         self._loop = loop or asyncio.get_running_loop()
         room = _fd_room(raise_nofile())
         addr = ipaddress.ip_address(self.bind)
@@ -200,7 +177,7 @@ class Responder:
             if ok:
                 self.bound_udp.append(port)
         if self.failed:
-            _annotate_owners(self.failed)
+            annotate_owners(self.failed)
         if self.also and addr.is_unspecified:
             self._bind_elsewhere(family, pktinfo)
 
@@ -408,92 +385,6 @@ def _errtext(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-# ---- who owns a port (best effort, from /proc) ----------------------------------------------
-
-
-def _proc_addr(text: str) -> str:
-    """A /proc/net/{tcp,udp}[6] local address field (hex, host byte order per 32-bit word)."""
-    raw = bytes.fromhex(text)
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    addr = ipaddress.ip_address(words)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
-def _holders(proto: str, ports: set[int]) -> dict[int, tuple[int, list[str]]]:
-    """port -> (socket inode, local addresses) of the listening TCP / bound UDP sockets on it,
-    from /proc/net (this network namespace). The inode is 0 for a kernel socket (a VXLAN
-    device's UDP port): no process owns it, but its address still tells."""
-    out: dict[int, tuple[int, list[str]]] = {}
-    for path in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
-        try:
-            with open(path, encoding="ascii") as fh:
-                next(fh, None)
-                for line in fh:
-                    f = line.split()
-                    if len(f) < 10:
-                        continue
-                    host, _, port_hex = f[1].rpartition(":")
-                    port = int(port_hex, 16)
-                    if port not in ports or (proto == "tcp" and f[3] != "0A"):
-                        continue
-                    inode, addrs = out.get(port, (0, []))
-                    addr = _proc_addr(host)
-                    if addr not in addrs:
-                        addrs.append(addr)
-                    out[port] = (inode or int(f[9]), addrs)
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def _annotate_owners(failed: list[Failure]) -> None:
-    want: dict[tuple[str, int], int] = {}
-    local: dict[tuple[str, int], list[str]] = {}
-    for proto in ("tcp", "udp"):
-        ports = {f.port for f in failed if f.proto == proto and f.error == "address in use"}
-        if ports:
-            for port, (inode, addrs) in _holders(proto, ports).items():
-                local[(proto, port)] = addrs
-                if inode:
-                    want[(proto, port)] = inode
-    for f in failed:
-        f.local = local.get((f.proto, f.port))
-    if not want:
-        return
-    by_inode = {f"socket:[{ino}]": key for key, ino in want.items()}
-    owners: dict[tuple[str, int], tuple[int, str | None]] = {}
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return
-    for pid in pids:
-        if len(owners) == len(want):
-            break
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            key = by_inode.get(target)
-            if key is not None and key not in owners:
-                try:
-                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as fh:
-                        comm: str | None = fh.read().strip()
-                except OSError:
-                    comm = None
-                owners[key] = (int(pid), comm)
-    for f in failed:
-        o = owners.get((f.proto, f.port))
-        if o is not None:
-            f.pid, f.process = o
-
-
 # ---- the process: run until TTL, signal or parent channel -----------------------------------
 
 
@@ -525,10 +416,6 @@ async def serve(cfg: ResponderConfig, emit: Callable[[dict[str, Any]], None]) ->
     witness = None
     handlers: list[int] = []
     stdin_fd: int | None = None
-    if cfg.witness:
-        # imported before binding: an import opens files, and binding may use the last
-        # descriptors the budget allows
-        from scanner.responder.witness import Witness
     try:
         r.start(loop)
         if cfg.witness:
@@ -616,6 +503,8 @@ def run_responder(cfg: ResponderConfig, stream: Any = None) -> int:
     emit = _emit_to(stream if stream is not None else sys.stdout)
     if cfg.use_uvloop:
         try:
+            # lazy: uvloop is optional and wanted only here; the mesh agent and the watch import
+            # this module for Responder alone and run their own loop
             import uvloop
 
             runner = uvloop.run  # type: ignore[attr-defined]

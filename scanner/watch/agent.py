@@ -29,11 +29,17 @@ from scanner.core.results import Result, iso_ts
 from scanner.core.verdicts import verdict
 from scanner.engine.engine import Engine, EngineConfig
 from scanner.engine.output import NdjsonOutput
+from scanner.errors import InputError
 from scanner.plan.inventory import local_addresses
 from scanner.plan.planner import legs
 from scanner.responder.server import Responder
 from scanner.watch import schedule
 from scanner.watch.metrics import WatchMetrics
+
+try:  # optional: without it the watch runs on asyncio's own loop
+    import uvloop
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
 
 DEFAULT_ROUND = 15.0  # seconds: the shortest round; longer when the budget needs it
 # An incoming flow fails only after this many scheduled visits in a row brought nothing: one
@@ -121,12 +127,7 @@ class PairStates:
 
 
 def run_watch(cfg: WatchConfig) -> int:
-    try:
-        import uvloop
-
-        runner = uvloop.run  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        runner = asyncio.run
+    runner = getattr(uvloop, "run", None) or asyncio.run  # uvloop.run: uvloop >= 0.18
     return runner(_main(cfg))
 
 
@@ -135,8 +136,6 @@ async def _main(cfg: WatchConfig) -> int:
     topo = schedule.Topology.from_legs(legs(cfg.catalog, cfg.site, cfg.selection))
     me = cfg.me
     if me not in topo.names:
-        from scanner.errors import InputError
-
         raise InputError(f"--as: {me!r} has no requirement in the plan of this inventory")
     i = topo.index(me)
     my_addr = topo.addrs[i]
