@@ -228,7 +228,7 @@ def test_plan_and_explain_tables_are_aligned():
     _columns_aligned(p.stdout.decode(), 7)
     e = run("plan", "-i", str(SITE), "--explain", "--format", "table")
     assert e.returncode == 0, e.stderr
-    _columns_aligned(e.stdout.decode(), 5)
+    _columns_aligned(e.stdout.decode(), 6)
 
 
 def test_explain_wording():

@@ -18,7 +18,8 @@ from tests.conftest import lab_skip_reason
 NODEPORT_SLICE = range(30100, 30200)
 
 
-def _failures(path: Path) -> set[tuple]:
+def _failures(path: Path, af: str = "ipv4") -> set[tuple]:
+    """The failing (req, src_host, host, proto, port) of one address family."""
     out = set()
     results = 0
     for line in path.read_text().splitlines():
@@ -26,7 +27,7 @@ def _failures(path: Path) -> set[tuple]:
         if rec["type"] != "result":
             continue
         results += 1
-        if rec["verdict"] == "fail":
+        if rec["verdict"] == "fail" and rec["af"] == af:
             out.add((rec["req"], rec["src_host"], rec["host"], rec["proto"], rec["port"]))
     assert results > 1000
     return out
@@ -56,9 +57,33 @@ def test_lab_demo_reports_exactly_the_injected_faults(tmp_path: Path) -> None:
         want.add(("calico.ipip", src, "node2", "ipip", None))
     got = _failures(out)
     assert got == want, (sorted(got - want)[:10], sorted(want - got)[:10])
+    # over IPv6 (the lab is dual-stack, VXLAN checked over both families): the one-way VXLAN
+    # fault (no family: both) and node4's IPv6-only VXLAN drop; nothing else
+    want6 = {("calico.vxlan", "node2", "node3", "udp", 4789)}
+    want6 |= {("calico.vxlan", src, "node4", "udp", 4789) for src in ("node1", "node2", "node3")}
+    assert _failures(out, "ipv6") == want6
     for s in _summaries(out):
         assert s["planned"] == s["results"]
     assert "exactly the injected faults" in p.stderr
+    # the report names the family: IPv4 VXLAN to node4 passes, IPv6 VXLAN to node4 fails
+    assert "FAIL calico.vxlan over IPv6  udp/4789  4 of 12 directions fail" in p.stderr
+    assert "FAIL calico.vxlan  udp/4789  1 of 12 directions fail" in p.stderr
+    assert "WARNING" not in p.stderr  # IPv6 sources are the hosts' own (ip6), not "moved"
+    # ... and so do the exports: fix commands per family, ECS network.type
+    fix = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--fix", "iptables"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert fix.returncode == 0, fix.stderr
+    v6_rules = [x for x in fix.stdout.splitlines() if "run ip6tables" in x]
+    assert len(v6_rules) == 2 and all("--dport 4789" in x for x in v6_rules), fix.stdout
+    assert all(" -s 2001:2:" in x for x in v6_rules)
+    ecs = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--format", "ecs"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    failing6 = {
+        (e["source"]["address"], e["destination"]["address"])
+        for e in map(json.loads, ecs.stdout.splitlines())
+        if e["event"]["outcome"] == "failure" and e["network"]["type"] == "ipv6"
+    }
+    assert failing6 == {(s, h) for _, s, h, _, _ in want6}
     # the lab is gone afterwards
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pmdemo-" not in ns
@@ -148,7 +173,8 @@ def test_demo_on_a_terminal_fits_one_screen(tmp_path: Path) -> None:
     assert len(lines) <= 40, screen
     assert '{"type"' not in screen
     for fault in ("node1 drops tcp/2380 from every peer", "one-way: node2 -> node3 udp/4789",
-                  "node4 rejects tcp/30100-30199 from every peer", "node2 drops ipip"):
+                  "node4 rejects tcp/30100-30199 from every peer", "node2 drops ipip",
+                  "FAIL calico.vxlan over IPv6", "node4 in udp 4789 (IPv6 only): drop"):
         assert fault in screen, (fault, screen)
     assert "exactly the injected faults" in screen and f"in {out}" in screen
     assert len(_summaries(out)) == 1

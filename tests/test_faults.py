@@ -283,12 +283,12 @@ def fault(**kw: object) -> Fault:
         (
             U12,
             [fault(host="node1", direction="out", proto="udp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         (
             I12,
             [fault(host="node1", direction="out", proto="icmp")],
-            ("filtered", "fail", "send-eperm"),
+            ("filtered", "fail", "local-prohibited"),
         ),
         # faults that do not apply to this flow
         (F12, [fault(ports=((2379, 2379),))], ("open", "pass", "responder")),
@@ -408,7 +408,7 @@ def echo(ident):
 def err(e):
     return {errno.ECONNREFUSED: ("closed", "conn-refused" if proto == "tcp" else "port-unreach"),
             errno.EHOSTUNREACH: ("filtered", "admin-prohibited"),
-            errno.EPERM: ("filtered", "send-eperm")}.get(e.errno, ("error", str(e)))
+            errno.EPERM: ("filtered", "local-prohibited")}.get(e.errno, ("error", str(e)))
 def icmp_wait(r, want_echo):
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
@@ -605,7 +605,7 @@ def csum(b):
 def echo(ident):
     h = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + tags.make_tag(secret, os.urandom(8))
     return h[:2] + struct.pack("!H", csum(h)) + h[4:]
-ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "send-eperm"}
+ERR = {111: "conn-refused", 113: "admin-prohibited", 1: "local-prohibited"}
 def one(i, dst, proto, port):
     try:
         if proto == "tcp":

@@ -395,6 +395,34 @@ def test_ipv6_only_cluster_goes_over_ipv6_everywhere(tmp_path) -> None:
     assert by["etcd.client"] == {("ipv6", "2001:2::2", "2001:2::1", "tcp")}
 
 
+def test_ipv6_only_cluster_checks_no_ipv4_underlay_and_vxlan_by_the_ipv6_pool(tmp_path) -> None:
+    """Review of issue 15: in an IPv6-only cluster Calico's IPv4 WireGuard (51820) and IP-in-IP
+    have no IPv4 underlay, and VXLAN follows the IPv6 pool's mode (calico_vxlan_mode_ipv6,
+    default Never), not calico_vxlan_mode: checking them over IPv6 would fail a correct
+    firewall. explain says why each is left out."""
+    from scanner.catalog.loader import load_catalog
+    from scanner.plan.planner import explain
+    from scanner.plan.selection import Selection
+
+    only6 = "ipv6_stack: true\nipv4_stack: false\ncalico_wireguard_enabled: true\n"
+    by = _by_req(_site(tmp_path, only6 + "calico_ipip_mode: Always"))
+    assert "calico.wireguard" not in by and "calico.ipip" not in by and "calico.vxlan" not in by
+    assert {af for af, *_ in by["calico.wireguard6"]} == {"ipv6"}
+    site = _site(tmp_path, only6)
+    recs = {(e["req"], e["af"]): e for e in explain(load_catalog(), site, Selection())}
+    wg = recs[("calico.wireguard", "ipv4")]
+    assert not wg["included"] and "carries IPv4 over an IPv4 underlay" in wg["why"]
+    vx = recs[("calico.vxlan", "ipv6")]
+    assert not vx["included"] and "calico_vxlan_mode_ipv6=Never" in vx["why"]
+    by = _by_req(_site(tmp_path, only6 + "calico_vxlan_mode_ipv6: Always"))
+    assert {af for af, *_ in by["calico.vxlan"]} == {"ipv6"}
+    # dual stack without VXLAN for IPv6: the IPv4 leg says why not over IPv6 too
+    site = _site(tmp_path, "enable_dual_stack_networks: true")
+    recs = {(e["req"], e["af"]): e for e in explain(load_catalog(), site, Selection())}
+    assert "not over IPv6: VXLAN for IPv6 is off" in recs[("calico.vxlan", "ipv4")]["why"]
+    assert ("calico.vxlan", "ipv6") not in recs
+
+
 def test_explain_says_why_a_leg_is_ipv4_or_ipv6(tmp_path) -> None:
     from scanner.catalog.loader import load_catalog
     from scanner.plan.planner import count_plan, explain, plan
@@ -583,6 +611,26 @@ def test_dual_stack_mesh_and_report_name_an_ipv6_only_fault(make_lab, tmp_path) 
     fails = [line for line in rep.stdout.splitlines() if line.startswith("FAIL ")]
     assert len(fails) == 2 and all(" over IPv6" in line for line in fails), rep.stdout
     assert any(line.startswith("FAIL lab.udp over IPv6") for line in fails)
+    # the mesh's own summary (stderr) says the same, with the IPv6 directions counted apart
+    live = cp.stderr.decode()
+    assert "FAIL lab.udp over IPv6  udp/7100  1 of 6 directions fail" in live, live
+    assert "FAIL lab.tcp over IPv6  tcp/7101  2 of 6 directions fail" in live, live
+    assert "FAIL lab.udp  " not in live and "WARNING" not in live, live
+    # the exports name the family: ip6 rules in the fix, network.type in ECS, the HTML's key
+    fix = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--fix",
+                          "nftables"], capture_output=True, text=True)  # fmt: skip
+    rules = [x for x in fix.stdout.splitlines() if "accept comment" in x]
+    assert len(rules) == 2 and all("ip6 saddr" in x for x in rules), fix.stdout
+    assert any(f"ip6 saddr {{ {n1.addr6} }} udp dport {{ 7100 }}" in x for x in rules)
+    ecs = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--format", "ecs"],
+                         capture_output=True, text=True)  # fmt: skip
+    by_type = {}
+    for e in map(orjson.loads, ecs.stdout.splitlines()):
+        by_type.setdefault(e["network"]["type"], set()).add(e["event"]["outcome"])
+    assert by_type == {"ipv4": {"success"}, "ipv6": {"success", "failure"}}
+    html = subprocess.run([sys.executable, "-m", "scanner", "report", str(out), "--format",
+                           "html"], capture_output=True, text=True)  # fmt: skip
+    assert '"key":"lab.tcp over IPv6"' in html.stdout and '"key":"lab.tcp"' in html.stdout
 
 
 def test_pair_join_keeps_the_families_apart() -> None:
@@ -671,3 +719,58 @@ def test_witness_sees_icmpv6_echo_in_the_lab(make_lab) -> None:
         ("icmp", n1.addr6, n2.addr6),
         ("icmp", n1.addr, n2.addr),
     }
+
+
+def test_lab_truth_summary_names_the_family(tmp_path) -> None:
+    """`lab up` prints what must fail: an IPv6-only fault and an IPv4-only one with the same
+    state are two lines, the IPv6 one saying so; a fault on a family the plan does not use
+    says why it matches nothing. Pure: a Lab object, no namespaces."""
+    import io
+
+    import yaml
+
+    from scanner.lab.faults import Fault
+    from scanner.lab.lab import DUAL_STACK_VARS, inventory_doc, truth_summary
+    from scanner.lab.netns import Lab, LabHost
+
+    hosts = [LabHost(f"node{i}", f"x-node{i}", f"198.18.9.{i}", f"2001:2:0:9::{i}")
+             for i in (1, 2, 3)]  # fmt: skip
+    lab = Lab("x", hosts, "198.18.9.0/24")
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(yaml.safe_dump(inventory_doc(lab, dual_stack_vars=DUAL_STACK_VARS)))
+    faults = [
+        Fault("node2", "in", "udp", ((4789, 4789),), "reject-admin", "node1", family="ipv6"),
+        Fault("node2", "in", "udp", ((4789, 4789),), "reject-admin", "node1", family="ipv4"),
+        Fault("node3", "in", "tcp", ((10250, 10250),), "drop", family="ipv6"),
+    ]
+    out = io.StringIO()
+    unmatched = truth_summary(lab, inv, faults, out, False, "responder")
+    text = out.getvalue()
+    assert "  fail node1 -> node2 udp/4789: filtered (admin-prohibited)\n" in text
+    assert "  fail node1 -> node2 udp/4789 over IPv6: filtered (admin-prohibited)\n" in text
+    # the kubelet goes over the cluster's main family (IPv4): the IPv6 fault touches nothing
+    assert [(f.proto, hint) for f, hint in unmatched] == [
+        ("tcp", " (the plan has no tcp flows over IPv6: `portmesh plan --explain` says which "
+         "requirements go over which family)")
+    ]  # fmt: skip
+
+
+def test_plan_tables_of_a_dual_stack_inventory_are_aligned(tmp_path) -> None:
+    """The flow table's address column fits the IPv6 addresses; the explain table has an AF
+    column, so the two calico.vxlan rows (IPv4, IPv6) tell themselves apart."""
+    from tests.test_cli_plan import _columns_aligned
+
+    p = tmp_path / "hosts.yml"
+    p.write_text(DUAL.replace('"2001:2::1"', '"2001:2:0:1b2:ffff:ffff:ffff:1"')
+                 + "    enable_dual_stack_networks: true\n    calico_vxlan_mode_ipv6: Always\n")  # fmt: skip
+    t = subprocess.run([sys.executable, "-m", "scanner", "plan", "-i", str(p), "--format", "table",
+                        "--nodeport-sample", "1"], capture_output=True, text=True)  # fmt: skip
+    assert t.returncode == 0, t.stderr
+    body = t.stdout.split("\n", 1)[1]  # after the "# plan: ..." line
+    assert "2001:2:0:1b2:ffff:ffff:ffff:1" in body
+    _columns_aligned(body, 7)
+    e = subprocess.run([sys.executable, "-m", "scanner", "plan", "-i", str(p), "--explain",
+                        "--format", "table"], capture_output=True, text=True)  # fmt: skip
+    _columns_aligned(e.stdout, 6)
+    vx = [ln.split()[:3] for ln in e.stdout.splitlines() if ln.startswith("calico.vxlan ")]
+    assert sorted(vx) == [["calico.vxlan", "hosts", "ipv4"], ["calico.vxlan", "hosts", "ipv6"]]

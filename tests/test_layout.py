@@ -183,8 +183,8 @@ def test_layer_table_is_acyclic(pkg: str) -> None:
 
 
 # Files whose function-level imports are not yet checked (being split by other work).
-# TODO(issue 17): remove once mesh/coordinator.py and mesh/agent.py say why for each.
-LAZY_UNCHECKED = {"scanner/mesh/coordinator.py", "scanner/mesh/agent.py"}
+# TODO(issue 17): remove once mesh/coordinator.py says why for each.
+LAZY_UNCHECKED = {"scanner/mesh/coordinator.py"}
 
 
 def unexplained_lazy_imports(source: str) -> list[int]:

@@ -17,8 +17,8 @@ import pytest
 
 from scanner.engine.output import NdjsonOutput
 from scanner.lab.lab import write_inventory
-from scanner.mesh.agent import TOKEN_SAMPLE
 from scanner.mesh.coordinator import MeshConfig, run_mesh
+from scanner.mesh.probing import TOKEN_SAMPLE
 from scanner.plan.selection import SelectionOptions
 
 DROP, RESET = 31000, 32000

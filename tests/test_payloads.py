@@ -226,3 +226,65 @@ def test_ipip_outer() -> None:
     assert (inner[ICMP].type, inner[ICMP].id, inner[ICMP].seq) == (8, 6, 7)
     assert payloads.checksum(data[20:40]) == 0
     assert tags.find_tag(data, SECRET) == nonce
+
+
+def _scapy_templates(vni: int) -> dict[str, bytes]:
+    """The templates as scapy builds them (the builders payloads.py had before issue 16)."""
+    from scapy.contrib.wireguard import Wireguard, WireguardInitiation
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+    from scapy.packet import Raw
+
+    echo = payloads._echo_payload()
+
+    def inner():
+        ip = IP(src="0.0.0.0", dst="0.0.0.0", ttl=64, id=0, flags=0)
+        return ip / ICMP(type=8, code=0, id=0, seq=0) / Raw(echo)
+
+    outer = bytearray(bytes(IP(src="0.0.0.0", dst="0.0.0.0", proto=4, ttl=64, id=0, flags=0)
+                            / inner()))  # fmt: skip
+    outer[10:12] = b"\0\0"
+    wg = Wireguard(message_type=1, reserved_zero=0) / WireguardInitiation(
+        sender_index=0,
+        unencrypted_ephemeral=bytes(32),
+        encrypted_static=b"\x5a" * 48,
+        encrypted_timestamp=b"\xa5" * 28,
+        mac1=bytes(16),
+        mac2=bytes(16),
+    )
+    vx = VXLAN(flags=0x08, vni=vni) / Ether(
+        src=payloads.INNER_SRC_MAC, dst=payloads.INNER_DST_MAC
+    ) / inner()  # fmt: skip
+    return {
+        "vxlan": bytes(vx),
+        "wireguard": bytes(wg),
+        "icmp-echo": bytes(ICMP(type=8, code=0, id=0, seq=0) / Raw(echo)),
+        "ipip": bytes(inner()),
+        "ipip-outer": bytes(outer),
+    }
+
+
+@pytest.mark.parametrize("vni", [0, 4096, 0xFFFFFF])
+def test_struct_templates_equal_scapys_build_byte_for_byte(vni: int) -> None:
+    # the templates are packed with struct (no scapy import in the probe path): scapy is the
+    # oracle for every byte, checksums included
+    want = _scapy_templates(vni)
+    got = {
+        "vxlan": payloads.udp_template("vxlan", vni).data,
+        "wireguard": payloads.udp_template("wireguard").data,
+        "icmp-echo": payloads.icmp_echo_template().data,
+        "ipip": payloads.ipip_template().data,
+        "ipip-outer": payloads.ipip_outer_template().data,
+    }
+    assert got == want
+
+
+def test_building_every_template_does_not_load_scapy() -> None:
+    code = (
+        "import sys; from scanner.probes import payloads as p; "
+        "[p.udp_template(k) for k in p.KINDS]; p.icmp_echo_template(); p.ipip_template(); "
+        "p.ipip_outer_template(); print('scapy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

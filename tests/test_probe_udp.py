@@ -77,7 +77,8 @@ def test_classify_icmp(origin: int, typ: int, code: int, state: str, reason: str
         (errno.ECONNREFUSED, "closed", "port-unreach", False),
         (errno.EHOSTUNREACH, "filtered", "host-unreach", False),
         (errno.ENETUNREACH, "filtered", "net-unreach", False),
-        (errno.EPERM, "filtered", "admin-prohibited", False),
+        (errno.EPERM, "filtered", "local-prohibited", False),  # our own output chain
+        (errno.EACCES, "filtered", "admin-prohibited", False),
         (errno.ENOBUFS, "error", "enobufs", True),
         (errno.EMFILE, "error", "emfile", True),
         (errno.EADDRNOTAVAIL, "error", "eaddrnotavail", False),

@@ -583,6 +583,50 @@ def test_fix_uses_the_addresses_the_failing_flows_left_from(tmp_path: Path) -> N
         assert want.replace("0.101", "0.1") in node4
 
 
+def test_fix_leaves_a_send_the_source_itself_refused_to_the_source(tmp_path: Path) -> None:
+    """Review of issue 15: node1's own output chain refuses udp/51821 over IPv6 (EPERM:
+    local-prohibited) to node2 and node3; node3 also drops it from node2 over IPv6. An input
+    rule on node2 would change nothing for node1's flow: node1's section says where to look
+    (per family), node3's opens only node2's address."""
+    base = {"type": "result", "scan_id": "m", "proto": "udp", "port": 51821,
+            "req": "calico.wireguard6", "af": "ipv6", "verdict": "fail"}  # fmt: skip
+    a = {f"node{i}": f"2001:2::{i}" for i in (1, 2, 3)}
+    local = {"state": "filtered", "reason": "local-prohibited"}
+    recs = [
+        {**base, **local, "src_host": "node1", "src": a["node1"], "host": h, "dst": a[h]}
+        for h in ("node2", "node3")
+    ] + [
+        {**base, "src_host": "node2", "src": a["node2"], "host": "node3", "dst": a["node3"],
+         "state": "open|filtered", "reason": "no-response"},
+    ]  # fmt: skip
+    p = tmp_path / "m.ndjson"
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    code, script, _ = report(p, fix="iptables")
+    assert code == 0
+    rules = [ln.strip() for ln in script.splitlines() if ln.strip().startswith("run ")]
+    assert rules == [
+        "run ip6tables -I INPUT -p udp -s 2001:2::2 --dport 51821 -m comment --comment "
+        "'portmesh calico.wireguard6_over_IPv6' -j ACCEPT"
+    ]
+    node1 = script[script.index("# node1") : script.index("# node3")]
+    assert (
+        "# not opened: calico.wireguard6 over IPv6: udp/51821 to node[2-3]: refused by the "
+        "output rules of this host itself (local-prohibited" in node1
+    )
+    assert "ip6tables -S OUTPUT" in node1 and "nothing to open" in node1
+    assert "# node2" not in script  # nothing reached node2's input side to open
+    # the text names where it was refused: node1 itself, not the destination
+    one_way = [{**recs[0], "host": "node2", "dst": a["node2"]},
+               {**recs[0], "src_host": "node2", "src": a["node2"], "host": "node1",
+                "dst": a["node1"], "state": "open", "reason": "responder", "verdict": "pass"}]
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in one_way))
+    _, text, _ = report(p)
+    assert (
+        "one-way: node1 -> node2 udp/51821 refused by node1's own output rules, node2 -> node1 "
+        "fine (filtered: local-prohibited)" in text
+    ), text
+
+
 def test_fix_with_nothing_failed_says_so() -> None:
     agg = Aggregate().feed(iter_lines("t", _mesh(2, {}), ReadStats()))
     assert "# nothing failed: nothing to open" in render_fix(agg, "nftables")

@@ -425,7 +425,7 @@ def test_lab_up_status_down(lab_name: str, tmp_path: Path) -> None:
     assert f"inventory: {state / 'inventory.yml'}" in out
     assert f"exec template: ip netns exec {lab_name}-{{name}}" in out
     assert "fail node1 -> node3 tcp/30000-30009: closed (conn-refused)" in out
-    assert "fail node2 -> node1 udp/4789: filtered (send-eperm)" in out
+    assert "fail node2 -> node1 udp/4789: filtered (local-prohibited)" in out
     fails = [ln for ln in out.splitlines() if ln.strip().startswith("fail ")]
     assert len(fails) == 3  # node1->node3, node2->node3 (tcp), node2->node1 (udp)
     truth = [json.loads(x) for x in (state / "truth.ndjson").read_text().splitlines()]

@@ -34,14 +34,14 @@ from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
 from scanner.lab.faults import Fault
 from scanner.lab.truth import expected
-from scanner.mesh.agent import (
+from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
+from scanner.mesh.pairs import pair_verdict
+from scanner.mesh.probing import (
     HELD_PASS,
     UNSURE_UNKNOWN,
     held_verdict,
     unsure_verdict,
 )
-from scanner.mesh.coordinator import MeshConfig, run_mesh, unbound_ports, unsure_ports
-from scanner.mesh.pairs import pair_verdict
 from scanner.plan.planner import count_plan, plan
 from scanner.plan.selection import SelectionOptions
 
@@ -219,8 +219,8 @@ def test_a_failed_bind_records_where_the_holder_listens() -> None:
 
 
 def test_pair_of_a_held_udp_port_is_unknown_and_says_why() -> None:
-    from scanner.mesh.agent import HELD_UNKNOWN
     from scanner.mesh.pairs import PairJoin
+    from scanner.mesh.probing import HELD_UNKNOWN
 
     join = PairJoin(["node1@a", "node1@b"])
     base = {"type": "result", "req": "calico.vxlan", "proto": "udp", "port": 4789}

@@ -172,6 +172,7 @@ def output_options(f: Callable) -> Callable:
 
 # A /16: a run that would probe more addresses stops before sending anything (--max-hosts).
 MAX_HOSTS_DEFAULT = 65_536
+MAX_HOSTS_CEILING = 1 << 32  # --max-hosts at most: every IPv4 address
 
 
 def emit_option(f: Callable) -> Callable:
@@ -294,13 +295,25 @@ def check_source(source: str, local: set[str] | None = None) -> None:
 
 
 def check_max_hosts(count: int, limit: int | None) -> None:
-    """Stop before sending anything when a run would probe more than ``limit`` addresses."""
+    """Stop before sending anything when a run would probe more than ``limit`` addresses.
+
+    ``limit`` is itself bounded (MAX_HOSTS_CEILING): an IPv6 range of 2^64 addresses could
+    never finish, and its every flow would still owe a result line."""
     if limit is None:
         limit = MAX_HOSTS_DEFAULT
+    if limit > MAX_HOSTS_CEILING:
+        raise InputError(
+            f"--max-hosts must be at most {MAX_HOSTS_CEILING:,} (every IPv4 address), got {limit}"
+        )
     if count > limit:
+        allow = (
+            f"pass --max-hosts {count} to allow it"
+            if count <= MAX_HOSTS_CEILING
+            else f"a run probes at most {MAX_HOSTS_CEILING:,}"
+        )
         raise InputError(
             f"refusing to probe {count:,} addresses (more than --max-hosts {limit:,}): "
-            f"narrow the targets, or pass --max-hosts {count} to allow it"
+            f"narrow the targets, or {allow}"
         )
 
 

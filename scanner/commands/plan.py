@@ -118,6 +118,7 @@ def _flow_widths(catalog, site, selection) -> list[int]:
     the longest host name, address and requirement id the site and catalog can produce."""
     names = {h.name for h in site.hosts()} | {"scanner", selection.scanner or ""}
     addrs = {h.address for h in site.hosts()} | {"-"}
+    addrs |= {h.address6 for h in site.hosts() if h.address6}  # dual stack: IPv6 flows too
     for c in site.clusters:
         names |= {f"vip:{v}@{c.name}" for v in c.vips}
         addrs |= set(c.vips.values())
@@ -144,9 +145,16 @@ def _flow_rows(rows, widths: list[int]) -> bytes:
 
 
 def _explain_table(records) -> bytes:
-    head = ("REQ", "CLUSTER", "IN", "FLOWS", "WHY")
+    head = ("REQ", "CLUSTER", "AF", "IN", "FLOWS", "WHY")
     rows = [
-        (r["req"], r["cluster"], "yes" if r["included"] else "no", str(r["flows"]), r["why"])
+        (
+            r["req"],
+            r["cluster"],
+            r.get("af", "ipv4"),
+            "yes" if r["included"] else "no",
+            str(r["flows"]),
+            r["why"],
+        )
         for r in records
     ]
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head) - 1)]

@@ -95,8 +95,8 @@ class EngineConfig:
     retries: int = 1  # re-probes of a silent flow, before loss is observed
     max_retries: int = 10  # the ceiling when observed loss raises the retries
     probe_options: ProbeOptions = field(default_factory=ProbeOptions)
-    # protocols to start before the first flow (the UDP prober builds its scapy templates in
-    # start(), ~0.2-0.5 s that would otherwise stall the loop in the middle of a sweep)
+    # protocols to start before the first flow (a prober's start() opens sockets and builds its
+    # templates: cheap since the templates are packed with struct, but not in a sweep's middle)
     protos: tuple[str, ...] = ()
     # TCP: "connect" (a kernel socket per probe; no privilege), "syn" (raw half-open SYNs,
     # CAP_NET_RAW), or "auto": syn when raw sockets are allowed and no scan secret asks for

@@ -80,6 +80,7 @@ class Sweep:
         self.exhausted = False
         self.done: asyncio.Future | None = None
         self.batchable = prober.batchable
+        self.dst_ok: dict[str, bool] = {}  # destination -> batchable (by address alone)
         self.token_sample = engine.cfg.token_sample > 0
         self.cap = engine.cfg.max_per_host
 
@@ -178,7 +179,12 @@ class Sweep:
 
     def _start(self, flow: Flow) -> bool:
         """The first attempt of a new flow; False when sending must pause."""
-        if flow.proto != "tcp" or not self.batchable(flow):
+        ok = self.dst_ok.get(flow.dst)
+        if ok is None:  # batchable() parses the address: once per destination, not per flow
+            if len(self.dst_ok) >= 65536:
+                self.dst_ok.clear()
+            ok = self.dst_ok[flow.dst] = self.batchable(flow)
+        if flow.proto != "tcp" or not ok:
             self._task(flow, None)  # another protocol, or IPv6: the per-flow path
             return True
         eng = self.engine

@@ -1,11 +1,16 @@
 """`portmesh demo`: a simulated cluster, injected firewall faults, a mesh from every host, and
 a report that names exactly the faults.
 
-With root: a 4-host lab in network namespaces (scanner.lab.lab) with four faults in nftables:
+With root: a 4-host dual-stack lab in network namespaces (scanner.lab.lab: IPv4 198.18.0.0/15
+and IPv6 2001:2::/48 on every host; the inventory sets ``ip6``, ``enable_dual_stack_networks``
+and ``calico_vxlan_mode_ipv6``, so Calico VXLAN is checked over both families) with five faults
+in nftables:
   1. the etcd peer port (tcp/2380) dropped on the control-plane node,
-  2. Calico VXLAN (udp/4789) dropped one way: node3 drops it from node2 only,
+  2. Calico VXLAN (udp/4789) dropped one way: node3 drops it from node2 only (both families),
   3. a slice of the NodePort range (tcp/30100-30199) rejected on node4,
-  4. IP-in-IP (IP protocol 4) dropped on node2.
+  4. IP-in-IP (IP protocol 4) dropped on node2,
+  5. Calico VXLAN over IPv6 only dropped on node4 (the ip6tables rule someone forgot; IPv4
+     VXLAN to node4 passes), which the report names "calico.vxlan over IPv6".
 `portmesh mesh` runs an agent with responders on every host over `ip netns exec`; every host
 probes its planned flows (calico with VXLAN and IP-in-IP, the full NodePort range), the
 verdicts are compared with the ground truth the faults imply, and the lab is removed.
@@ -24,6 +29,7 @@ FILE, as ``-o`` means for scan and mesh.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import sys
 import tempfile
@@ -39,8 +45,9 @@ import yaml
 from scanner.core.flows import Flow
 from scanner.core.privileges import CAP_NET_BIND_SERVICE, can_admin_net, has_cap
 from scanner.engine.output import NdjsonOutput
+from scanner.lab.addressing import subnet6_for
 from scanner.lab.faults import Fault
-from scanner.lab.lab import write_inventory
+from scanner.lab.lab import DUAL_STACK_VARS, write_inventory
 from scanner.lab.netns import Lab
 from scanner.lab.truth import expected
 from scanner.mesh import MeshConfig, run_mesh
@@ -66,6 +73,10 @@ def demo_faults() -> list:
         Fault("node3", "in", "udp", ((4789, 4789),), "drop", "node2", "VXLAN blocked one way"),
         Fault("node4", "in", "tcp", ((30100, 30199),), "reject", None, "NodePort slice rejected"),
         Fault("node2", "in", "ipip", None, "drop", None, "IP-in-IP dropped"),
+        Fault(
+            "node4", "in", "udp", ((4789, 4789),), "drop", None, "VXLAN over IPv6 dropped",
+            family="ipv6",
+        ),
     ]
 
 
@@ -96,8 +107,11 @@ def _lab_demo(cfg: DemoConfig, err: IO[str]) -> int:
     lab = Lab.up(4, cfg.name)  # refuses a lab of that name that exists (kept, or in use)
     try:
         lab.apply_faults(faults)
-        inv = write_inventory(lab)
-        err.write(f"portmesh demo: lab {lab.name}: 4 hosts on {lab.subnet}, injected faults:\n")
+        inv = write_inventory(lab, dual_stack_vars=DUAL_STACK_VARS)
+        err.write(
+            f"portmesh demo: lab {lab.name}: 4 dual-stack hosts on {lab.subnet} and "
+            f"{subnet6_for(ipaddress.ip_network(lab.subnet))}, injected faults:\n"
+        )
         for f in faults:
             err.write(f"  - {f.comment}: {f.describe()}\n")
         sel = ["--inventory", str(inv), "--with", "ipip"]

@@ -294,6 +294,7 @@ def truth_summary(
                 fl.src_host,
                 fl.host,
                 fl.proto,
+                fl.af,
                 e.state,
                 e.reason,
                 fl.req if show_flows else None,
@@ -312,22 +313,32 @@ def truth_summary(
         f"ground truth ({mode}): {total} planned flows, {counts['pass']} pass, "
         f"{counts['fail']} fail, {counts['unknown']} unknown{where}\n"
     )
-    for (src, dst, proto, state, reason, req), ports in sorted(
+    for (src, dst, proto, af, state, reason, req), ports in sorted(
         groups.items(), key=lambda kv: tuple(natural_key(str(x)) for x in kv[0])
     ):
         pr = ranges_text(p for p in ports if p)
         what = f"{proto}/{pr}" if pr else proto
+        what += " over IPv6" if af == "ipv6" else ""
         extra = f" [{req}]" if req else ""
         out.write(f"  fail {src} -> {dst} {what}: {state} ({reason}){extra}\n")
-    protos = {leg.req.proto for leg in legs(catalog, site, selection) if leg.count()}
+    planned = [(leg.req.proto, leg.af) for leg in legs(catalog, site, selection) if leg.count()]
+    protos = {p for p, _ in planned}
     hints = []
     for f in unmatched:
+        over = " over IPv6" if f.family == "ipv6" else " over IPv4" if f.family else ""
         if f.proto not in protos:
             feature = {"ipip": "ipip"}.get(f.proto)
             turn = f": turn it on with --with {feature}" if feature else ""
             hints.append((f, f" (the plan has no {f.proto} flows{turn})"))
+        elif f.family and (f.proto, f.family) not in planned:
+            hints.append(
+                (f, f" (the plan has no {f.proto} flows{over}: `portmesh plan --explain` says "
+                 "which requirements go over which family)")
+            )  # fmt: skip
         else:
-            hints.append((f, f" (no planned {f.proto} flow to or from {f.host} on those ports)"))
+            hints.append(
+                (f, f" (no planned {f.proto} flow{over} to or from {f.host} on those ports)")
+            )
     return hints
 
 

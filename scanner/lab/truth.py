@@ -9,7 +9,8 @@ A fault makes the flow fail, with the state the prober reads:
   udp   drop -> open|filtered    reject -> closed (port-unreach)  reject-admin -> filtered
   icmp  drop -> filtered         reject -> filtered (port-unreach) reject-admin -> filtered
   ipip  drop -> open|filtered                                      reject-admin -> filtered
-  (direction out, udp/icmp/ipip: the send fails with EPERM -> filtered, reason send-eperm)
+  (direction out, udp/icmp/ipip: the send fails with EPERM -> filtered, reason local-prohibited;
+   tcp by raw SYN (``tcp_method="syn"``) too: the raw send fails the same way)
 
 Note the rejected TCP flow: ``closed`` alone would pass a pre-install check (the firewall let the
 SYN through and nothing listens), but with a responder expected on that port, ``closed`` means
@@ -81,10 +82,12 @@ _IN_FAULT = {
     ("ipip", "reject-admin"): ("filtered", "admin-prohibited"),
 }
 
-# the same fault in the source's output chain: TCP behaves as inbound; the others fail the send
+# the same fault in the source's output chain: TCP by connect() behaves as inbound (the kernel
+# retries a dropped SYN, answers a rejected one locally); every other send fails with EPERM
+_LOCAL = ("filtered", "local-prohibited")
 _OUT_FAULT = {
     **{k: v for k, v in _IN_FAULT.items() if k[0] == "tcp"},
-    **{(p, a): ("filtered", "send-eperm") for p in ("udp", "icmp", "ipip") for a in ACTIONS},
+    **{(p, a): _LOCAL for p in ("udp", "icmp", "ipip") for a in ACTIONS},
 }
 
 _PASS = {
@@ -147,13 +150,19 @@ def hit(flow: Flow, faults: Iterable[Fault], lab: Any = None) -> Fault | None:
 
 
 def expected(
-    flow: Flow, faults: Iterable[Fault], lab: Any = None, mode: str = "responder"
+    flow: Flow,
+    faults: Iterable[Fault],
+    lab: Any = None,
+    mode: str = "responder",
+    tcp_method: str = "connect",
 ) -> Expected:
     """The ground truth for one flow in a lab with these faults.
 
     ``lab`` maps addresses to lab host names (a Lab, or a name -> address mapping); without it
     the flow's ``src_host`` / ``host`` names are used. mode "responder": every lab host runs
-    responders on the flow's port; "bare": nothing listens.
+    responders on the flow's port; "bare": nothing listens. ``tcp_method`` "syn": TCP goes by
+    raw SYN, whose send an output-chain fault fails at once (as UDP's), where connect() sees
+    the fault as the destination's.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -165,6 +174,8 @@ def expected(
         return Expected(state, "pass", reason)
     table = _IN_FAULT if f.direction == "in" else _OUT_FAULT
     state, reason = table[(flow.proto, f.action)]
+    if f.direction == "out" and flow.proto == "tcp" and tcp_method == "syn":
+        state, reason = _LOCAL
     if mode == "bare":
         v = verdict(flow.proto, state, "reachable", responder=False)
         if (state, reason) == _PASS["bare"][flow.proto]:

@@ -1,6 +1,8 @@
 """The mesh: an agent on every host, every host probes every peer, both ends joined.
 
   agent.py        ``portmesh agent``: the NDJSON control protocol over stdin/stdout
+  wire.py         what crosses the agent's channel: the site as JSON, field checks, the output
+  probing.py      the agent's probe job: its slice of the plan, held/unsure port verdicts
   coordinator.py  ``portmesh mesh``: phases, forwarding, unreachable hosts, the summaries
   transport.py    exec templates (ssh, ip netns exec, ...) and the air-gapped wheel bundle
   pairs.py        the pair join (pure): per (req, a, b) verdicts, bounded by hosts^2

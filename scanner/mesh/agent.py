@@ -29,302 +29,44 @@ by anything the prober forks. It ends with the agent: its stdin is the agent's p
 (``exit_on_stdin_close``), it gets SIGTERM from the kernel when the agent dies
 (PR_SET_PDEATHSIG), and the agent terminates it on ``stop``, on SIGTERM and when its own stdin
 closes - which is what a dead coordinator or a dropped ssh session looks like.
+
+This module is the protocol state machine and the process; ``wire.py`` holds what crosses the
+channel (the site as JSON, the field checks, the output channel) and ``probing.py`` the probe
+message's job (the plan slice, the held/unsure verdicts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import ctypes
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 
-from scanner.engine.output import NdjsonOutput
+import scanner
+from scanner import __version__
+from scanner.mesh.transport import ndjson_records
+from scanner.mesh.wire import (  # noqa: F401 - site_from_wire/site_to_wire: the coordinator's and tests' names
+    Channel,
+    ProtocolError,
+    _ports_in,
+    _want,
+    site_from_wire,
+    site_to_wire,
+)
 
 PROTOCOL_VERSION = 1
-# TCP flows per (destination, requirement) that connect and read our responder's token; the
-# rest go as raw SYNs when the agent may open raw sockets (issue 16: a NodePort sweep at the
-# speed of the SYN sweep, the responder confirmed on a sample). See docs/mesh.md.
-TOKEN_SAMPLE = 16
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
-ENGINE_KEYS = {
-    "concurrency": (int, type(None)),
-    "rate": (int, float, type(None)),
-    "max_per_host": (int, type(None)),
-    "timeout": (int, float),
-    "min_timeout": (int, float),
-    "max_timeout": (int, float),
-    "retries": (int,),
-    "max_retries": (int,),
-    "vxlan_vni": (int,),
-    "loop": (str,),
-}
-
-
-class ProtocolError(Exception):
-    """A control message that is malformed or out of order (answered with an error record)."""
-
-
-# ---- the site on the wire -------------------------------------------------------------------
-
-
-def _tuplify(v: Any) -> Any:
-    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
-
-
-def _listify(v: Any) -> Any:
-    return [_listify(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-def _setting_out(s: Any) -> Any:
-    return None if s is None else [_listify(s.value), s.source]
-
-
-def _host_out(h: Any) -> dict[str, Any]:
-    return {
-        "name": h.name,
-        "address": h.address,
-        "roles": sorted(h.roles),
-        "cluster": h.cluster,
-        "user": h.user,
-        "address6": h.address6,
-    }
-
-
-def site_to_wire(site: Any) -> dict[str, Any]:
-    """A resolved Site as plain JSON data (the agent does not re-read inventories or vars)."""
-    clusters = []
-    for c in site.clusters:
-        cfg = c.config
-        clusters.append(
-            {
-                "name": c.name,
-                "kind": c.kind,
-                "hosts": [_host_out(h) for h in c.hosts],
-                "vips": dict(c.vips),
-                "config": {
-                    "cni": _setting_out(cfg.cni),
-                    "features": {k: _setting_out(v) for k, v in cfg.features.items()},
-                    "nodeport_range": _setting_out(cfg.nodeport_range),
-                    "apiserver_port": _setting_out(cfg.apiserver_port),
-                    "registry": _setting_out(cfg.registry),
-                    "minio": _setting_out(cfg.minio),
-                    "unresolved": dict(cfg.unresolved),
-                    "families": _setting_out(cfg.families),
-                    "vxlan6": _setting_out(cfg.vxlan6),
-                    "endpoints": [
-                        [e.name, e.host, e.port, list(e.vars), e.source] for e in cfg.endpoints
-                    ],
-                },
-            }
-        )
-    return {
-        "clusters": clusters,
-        "bootstrap": None if site.bootstrap is None else _host_out(site.bootstrap),
-        "vips": dict(site.vips),
-        "source": site.source,
-    }
-
-
-def _want(d: Any, key: str, kinds: tuple[type, ...], where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ProtocolError(f"{where}: expected an object")
-    if key not in d:
-        raise ProtocolError(f"{where}: field {key!r} is missing")
-    v = d[key]
-    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-        raise ProtocolError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
-    return v
-
-
-def _str_map(v: Any, where: str) -> dict[str, str]:
-    if not isinstance(v, dict) or not all(
-        isinstance(k, str) and isinstance(x, str) for k, x in v.items()
-    ):
-        raise ProtocolError(f"{where}: expected an object of strings")
-    return dict(v)
-
-
-def _setting_in(v: Any, where: str) -> Any:
-    from scanner.core.model import Setting
-
-    if v is None:
-        return None
-    if not isinstance(v, list) or len(v) != 2 or not isinstance(v[1], str):
-        raise ProtocolError(f"{where}: expected [value, source]")
-    return Setting(_tuplify(v[0]), v[1])
-
-
-def _host_in(d: Any, where: str) -> Any:
-    from scanner.core.model import Host
-
-    roles = _want(d, "roles", (list,), where)
-    if not all(isinstance(r, str) for r in roles):
-        raise ProtocolError(f"{where}: field 'roles': expected strings")
-    return Host(
-        _want(d, "name", (str,), where),
-        _want(d, "address", (str,), where),
-        frozenset(roles),
-        _want(d, "cluster", (str, type(None)), where),
-        _want(d, "user", (str, type(None)), where),
-        d.get("address6") if isinstance(d.get("address6"), str) else None,
-    )
-
-
-def _endpoints_in(v: Any, where: str) -> tuple[Any, ...]:
-    """[[name, host, port, [vars], source], ...] -> Endpoints (scanner/plan/endpoints.py)."""
-    from scanner.core.model import Endpoint
-
-    if not isinstance(v, list):
-        raise ProtocolError(f"{where}: expected a list")
-    out = []
-    for i, e in enumerate(v):
-        if (
-            not isinstance(e, list)
-            or len(e) != 5
-            or not all(isinstance(x, str) for x in (e[0], e[1], e[4]))
-            or isinstance(e[2], bool)
-            or not isinstance(e[2], int)
-            or not 1 <= e[2] <= 65535
-            or not isinstance(e[3], list)
-            or not all(isinstance(x, str) for x in e[3])
-        ):
-            raise ProtocolError(f"{where}[{i}]: expected [name, host, port, [vars], source]")
-        out.append(Endpoint(e[0], e[1], e[2], tuple(e[3]), e[4]))
-    return tuple(out)
-
-
-def site_from_wire(d: Any) -> Any:
-    """The inverse of site_to_wire; ProtocolError naming the field on anything malformed."""
-    from scanner.core.model import Cluster, ClusterConfig, Site
-
-    clusters = []
-    for i, c in enumerate(_want(d, "clusters", (list,), "site")):
-        w = f"site: clusters[{i}]"
-        hosts = tuple(
-            _host_in(h, f"{w}.hosts[{j}]") for j, h in enumerate(_want(c, "hosts", (list,), w))
-        )
-        cfg = _want(c, "config", (dict,), w)
-        cw = f"{w}.config"
-        feats = _want(cfg, "features", (dict,), cw)
-        cni = _setting_in(_want(cfg, "cni", (list,), cw), f"{cw}.cni")
-        config = ClusterConfig(
-            cni=cni,
-            features={str(k): _setting_in(v, f"{cw}.features.{k}") for k, v in feats.items()},
-            nodeport_range=_setting_in(_want(cfg, "nodeport_range", (list,), cw), cw),
-            apiserver_port=_setting_in(_want(cfg, "apiserver_port", (list,), cw), cw),
-            registry=_setting_in(cfg.get("registry"), f"{cw}.registry"),
-            minio=_setting_in(cfg.get("minio"), f"{cw}.minio"),
-            unresolved=_str_map(cfg.get("unresolved", {}), f"{cw}.unresolved"),
-            **{
-                k: _setting_in(cfg[k], f"{cw}.{k}")
-                for k in ("families", "vxlan6")
-                if cfg.get(k) is not None
-            },
-            endpoints=_endpoints_in(cfg.get("endpoints", []), f"{cw}.endpoints"),
-        )
-        if any(v is None for v in config.features.values()):
-            raise ProtocolError(f"{cw}.features: a feature without a setting")
-        clusters.append(
-            Cluster(
-                _want(c, "name", (str,), w),
-                _want(c, "kind", (str,), w),
-                hosts,
-                _str_map(c.get("vips", {}), f"{w}.vips"),
-                config,
-            )
-        )
-    boot = d.get("bootstrap")
-    return Site(
-        tuple(clusters),
-        None if boot is None else _host_in(boot, "site: bootstrap"),
-        _str_map(d.get("vips", {}), "site: vips"),
-        str(d.get("source") or ""),
-    )
-
-
-def _ports_in(v: Any, where: str) -> list[int]:
-    """ "2379-2380,30000" -> ports (strictly: digits, commas, dashes; 1-65535)."""
-    if not isinstance(v, str):
-        raise ProtocolError(f"{where}: expected a port list string")
-    out: list[int] = []
-    for tok in v.split(","):
-        tok = tok.strip()
-        if not tok:
-            continue
-        lo_s, _, hi_s = tok.partition("-")
-        if not lo_s.isdigit() or (hi_s and not hi_s.isdigit()):
-            raise ProtocolError(f"{where}: bad port {tok!r}")
-        lo, hi = int(lo_s), int(hi_s or lo_s)
-        if not 1 <= lo <= hi <= 65535:
-            raise ProtocolError(f"{where}: port {tok!r} is not within 1-65535")
-        out.extend(range(lo, hi + 1))
-    return out
-
-
-# ---- the output channel ---------------------------------------------------------------------
-
-
-class Channel(NdjsonOutput):
-    """stdout, shared by the control loop and the probing thread (whole lines, under a lock).
-
-    The runner's start record goes out as ``probing``, its summary as ``done``; ``stopping``
-    tells the engine (through ``dead``) to launch nothing new.
-    """
-
-    def __init__(self, fd: int = 1) -> None:
-        super().__init__(None, stdout=True, fd=fd)
-        self._lock = threading.RLock()
-        self.stopping = False
-        self.tallies: list[list[Any]] = []  # --emit failures: sent inside ``done``
-
-    @property
-    def dead(self) -> bool:  # type: ignore[override]
-        return self.stopping or self.stdout_closed
-
-    def record(self, rec: dict[str, Any]) -> None:
-        t = rec.get("type")
-        if t == "start":
-            rec = {"type": "probing", "scan_id": rec.get("scan_id"), "planned": rec.get("planned")}
-        elif t == "tally":
-            # one record per (destination, requirement), all inside ``done``: the coordinator
-            # counts them together with the done or not at all (an agent that dies before it
-            # says done owes every flow it did not send)
-            self.tallies.append(
-                [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
-                 rec.get("ports"), rec.get("src")]
-            )  # fmt: skip
-            return
-        elif t == "summary":
-            rec = {**rec, "type": "done"}
-            if self.tallies:
-                rec["tallies"] = self.tallies
-        with self._lock:
-            super().record(rec)
-
-    def send(self, rec: dict[str, Any]) -> None:
-        """One control record, written through at once."""
-        with self._lock:
-            super().record(rec)
-            super().flush()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            super().write(data)
-
-    def flush(self) -> None:
-        with self._lock:
-            super().flush()
 
 
 # ---- the agent ------------------------------------------------------------------------------
@@ -405,9 +147,6 @@ class Agent:
         roles = msg.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise ProtocolError("hello: field 'roles' must be a list of strings")
-        import scanner
-        from scanner import __version__
-
         self.secret, self.name, self.state = secret.encode(), name, "hello"
         self.out.send(
             {
@@ -477,8 +216,6 @@ class Agent:
             return
         self.responder = proc
         assert proc.stdout is not None
-        from scanner.mesh.transport import ndjson_records
-
         async for rec, _line in ndjson_records(proc.stdout):
             if rec.get("type") in ("ready", "witness", "exit"):
                 self.out.send(rec)
@@ -490,112 +227,16 @@ class Agent:
         self._after_hello("probe")
         if self.probed:
             raise ProtocolError("out of order: probe was already received")
-        job = self._probe_job(msg)
+        # Loaded here, not at the top: the probe path (catalog, engine, plan) adds 65-110 ms to
+        # importing this module (measured with importlib, 3 runs), which every agent's start
+        # and its responder child (python -m scanner.mesh.agent --responder) would pay.
+        from scanner.mesh.probing import probe_job
+
+        job = probe_job(msg, self.name, self.secret, self.tmp, self.out)
         self.probed = True
         t = threading.Thread(target=job, name="probe", daemon=True)
         self.probe_thread = t
         t.start()
-
-    def _probe_job(self, msg: dict[str, Any]) -> Callable[[], None]:
-        """Validate a probe message into a function that runs it (in a thread)."""
-        from scanner.catalog import load_catalog
-        from scanner.engine.engine import EngineConfig
-        from scanner.errors import ScannerError
-        from scanner.plan.selection import Selection
-        from scanner.probes.base import ProbeOptions
-
-        scan_id = _want(msg, "scan_id", (str,), "probe")
-        site = site_from_wire(_want(msg, "site", (dict,), "probe"))
-        files = []
-        cat = msg.get("catalog") or {}
-        for i, f in enumerate(_want(cat, "files", (list,), "probe: catalog")):
-            text = _want(f, "text", (str,), f"probe: catalog.files[{i}]")
-            name = os.path.basename(_want(f, "name", (str,), f"probe: catalog.files[{i}]"))
-            path = os.path.join(self.tmp, f"{i}-{name or 'catalog.toml'}")
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            files.append(path)
-        sel = _want(msg, "selection", (dict,), "probe")
-        sample = sel.get("nodeport_sample")
-        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int)):
-            raise ProtocolError("probe: selection.nodeport_sample must be an integer or null")
-        words: dict[str, frozenset[str]] = {}
-        for key in ("with", "without"):
-            v = sel.get(key, [])
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                raise ProtocolError(f"probe: selection.{key} must be a list of strings")
-            words[key] = frozenset(v)
-        cni = sel.get("cni")
-        if cni is not None and not isinstance(cni, str):
-            raise ProtocolError("probe: selection.cni must be a string or null")
-        eng = _want(msg, "engine", (dict,), "probe")
-        for k, v in eng.items():
-            kinds = ENGINE_KEYS.get(k)
-            if kinds is None and k != "udp_payloads":
-                raise ProtocolError(f"probe: engine: unknown field {k!r}")
-            if kinds is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
-                raise ProtocolError(f"probe: engine.{k} has the wrong type")
-        payloads = eng.get("udp_payloads") or {}
-        if not isinstance(payloads, dict) or not all(
-            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in payloads.items()
-        ):
-            raise ProtocolError("probe: engine.udp_payloads must map port strings to kinds")
-        expect = msg.get("expect", "reachable")
-        if expect not in ("reachable", "listening"):
-            raise ProtocolError("probe: expect must be reachable or listening")
-        emit = msg.get("emit", "all")
-        if emit not in ("all", "failures"):
-            raise ProtocolError("probe: emit must be all or failures")
-        unbound = _unbound_in(msg.get("unbound") or {})
-        unsure = _unbound_in(msg.get("unsure") or {})
-        try:
-            catalog = load_catalog(files)
-            selection = Selection(
-                cni=cni,
-                with_features=words["with"],
-                without_features=words["without"],
-                nodeport_sample=sample,
-                sources=frozenset({self.name or ""}),
-                scanner=None,
-            ).validate(catalog)
-        except ScannerError as e:
-            raise ProtocolError(f"probe: {e}") from None
-        engine = EngineConfig(
-            concurrency=eng.get("concurrency"),
-            rate=eng.get("rate"),
-            max_per_host=eng.get("max_per_host"),
-            timeout=eng.get("timeout", 1.0),
-            min_timeout=eng.get("min_timeout", 0.05),
-            max_timeout=eng.get("max_timeout", 3.0),
-            retries=eng.get("retries", 1),
-            max_retries=eng.get("max_retries", 10),
-            token_sample=TOKEN_SAMPLE,
-            probe_options=ProbeOptions(
-                secret=self.secret,
-                vxlan_vni=eng.get("vxlan_vni", 4096),
-                udp_payloads={int(k): v for k, v in payloads.items()} or None,
-            ),
-        )
-        if msg.get("from_own_address"):  # agents sharing a machine: probe from our address
-            own = next((h for h in site.hosts() if h.name == self.name), None)
-            if own is None:
-                raise ProtocolError(f"probe: from_own_address: {self.name!r} is not in the site")
-            engine = dataclasses.replace(
-                engine, probe_options=dataclasses.replace(engine.probe_options, source=own.address)
-            )
-        loop_kind = eng.get("loop", "uvloop")
-        out = self.out
-
-        def job() -> None:
-            try:
-                probe_slice(
-                    catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
-                    emit, unsure,
-                )  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
-                out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
-
-        return job
 
     def on_stop(self, msg: dict[str, Any]) -> None:
         if self.state == "stopped":
@@ -631,153 +272,12 @@ class Agent:
         await asyncio.sleep(0)
 
     def cleanup(self) -> None:
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _unbound_in(v: Any) -> dict[tuple[str, str], frozenset[int]]:
-    """The probe message's ``unbound``: {address: {"tcp": ranges, "udp": ranges}}."""
-    if not isinstance(v, dict):
-        raise ProtocolError("probe: unbound must be an object")
-    out: dict[tuple[str, str], frozenset[int]] = {}
-    for addr, protos in v.items():
-        if not isinstance(protos, dict):
-            raise ProtocolError("probe: unbound values must be objects")
-        for proto in ("tcp", "udp"):
-            ports = _ports_in(protos.get(proto, ""), f"probe: unbound.{proto}")
-            if ports:
-                out[(str(addr), proto)] = frozenset(ports)
-    return out
-
-
-HELD_PASS = (
-    "the destination's responder could not bind this port (another socket holds it, e.g. a "
-    "service on 127.0.0.1): the reset or port-unreachable came from the host itself, so the "
-    "path is open"
-)
-UNSURE_UNKNOWN = (
-    "the destination's responder could not bind this port and nothing tells what holds it "
-    "(out of file descriptors, or no holder found): a reset cannot tell the host's own answer "
-    "from a firewall's reject"
-)
-HELD_UNKNOWN = (
-    "the destination's responder could not bind this port (another socket holds it): "
-    "silence cannot tell a drop from a service that ignores the probe"
-)
-
-
-def held_verdict(state: str, expect: str) -> tuple[str, str] | None:
-    """The verdict (and why) of a TCP/UDP flow to a port the destination's responder could not
-    bind, when it differs from ``verdict(..., responder=True)``; None when it does not.
-
-    closed: with our responder there, a reset/port-unreachable would be a firewall's reject;
-    without it, it is the host's own kernel answering - as before install (``reachable``) the
-    path is open: pass. open|filtered (UDP silence): whatever holds the port may ignore our
-    datagram: unknown, not fail. Everything else (open, filtered, error) is unchanged."""
-    if state == "closed" and expect == "reachable":
-        return "pass", HELD_PASS
-    if state == "open|filtered":
-        return "unknown", HELD_UNKNOWN
-    return None
-
-
-def unsure_verdict(state: str, expect: str) -> tuple[str, str] | None:
-    """The verdict of a TCP/UDP flow to a port the destination's responder could not bind where
-    nothing tells who holds it: a reset or silence there is unknown, never a pass (it could be
-    a firewall's reject) nor a fail (it could be the host's own kernel). As ``held_verdict``
-    otherwise."""
-    if (state == "closed" and expect == "reachable") or state == "open|filtered":
-        return "unknown", UNSURE_UNKNOWN
-    return None
-
-
-def probe_slice(
-    catalog: Any,
-    site: Any,
-    selection: Any,
-    engine: Any,
-    out: Channel,
-    scan_id: str,
-    expect: str,
-    loop_kind: str,
-    unbound: dict[tuple[str, str], frozenset[int]] | None = None,
-    emit: str = "all",
-    unsure: dict[tuple[str, str], frozenset[int]] | None = None,
-) -> None:
-    """Plan this host's flows and run them; every result carries its plan index ``i``.
-
-    ``unbound``: (destination address, proto) -> the ports its responder could not bind; a
-    result there gets ``held_verdict`` and a ``verdict_reason``; ``unsure`` likewise, the ports
-    where nothing tells who holds them (``unsure_verdict``)."""
-    from scanner.core.results import Result
-    from scanner.core.verdicts import verdict
-    from scanner.engine.check import route_sources
-    from scanner.engine.runner import RunSpec, run
-    from scanner.plan.planner import count_plan, legs, plan
-
-    inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
-    held = unbound or {}
-    doubt = unsure or {}
-    # src: the address packets leave from (as check records it), not only the inventory's
-    # (unless the probes are bound to a source: agents sharing a machine probe from their own)
-    real = (
-        {}
-        if engine.probe_options.source
-        else route_sources(
-            {a for leg in legs(catalog, site, selection) if leg.count() for _, a in leg.dsts if a}
-        )
-    )
-
-    def flows() -> Iterator[Any]:
-        for i, f in enumerate(plan(catalog, site, selection)):
-            inflight[f] = i
-            yield f
-
-    def annotate(r: Result) -> None:
-        f = r.flow
-        r.verdict = verdict(f.proto, r.state, expect, True)
-        i = inflight.pop(f, None)
-        extra = dict(r.extra) if r.extra else {}
-        src = real.get(f.dst)
-        if src is not None and src != f.src:
-            extra["src"] = src
-        if held and f.port is not None:
-            ports = held.get((f.dst, f.proto))
-            if ports is not None and f.port in ports:
-                hv = held_verdict(r.state, expect)
-                if hv is not None:
-                    r.verdict, extra["verdict_reason"] = hv
-        if doubt and f.port is not None:
-            ports = doubt.get((f.dst, f.proto))
-            if ports is not None and f.port in ports:
-                uv = unsure_verdict(r.state, expect)
-                if uv is not None:
-                    r.verdict, extra["verdict_reason"] = uv
-        extra["i"] = i  # last: the coordinator cuts it off the forwarded line
-        r.extra = extra
-
-    run(
-        RunSpec(
-            flows=flows(),
-            planned=count_plan(catalog, site, selection),
-            engine=engine,
-            argv=["portmesh", "agent"],
-            output=out,
-            annotate=annotate,
-            scan_id=scan_id,
-            loop=loop_kind,
-            workers=1,  # a fork would inherit the control channel; one loop per agent
-            emit=emit,
-        )
-    )
 
 
 def _die_with_parent() -> None:
     """In the responder child: SIGTERM when the agent dies, whatever way it dies (Linux)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -852,6 +352,8 @@ def run_agent(stdin_fd: int = 0, stdout_fd: int = 1) -> int:
 
 
 def _responder_main(arg: str) -> int:
+    # Here, not at the top: the responder server costs 71-78 ms of import (3 runs) that the
+    # agent itself, which only starts the child, does not need.
     from scanner.responder.server import ResponderConfig, run_responder
 
     cfg = orjson.loads(arg)

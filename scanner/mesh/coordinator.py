@@ -47,7 +47,7 @@ from scanner.engine.process import neighbour_advice
 from scanner.errors import InputError
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
-from scanner.mesh.pairs import PairJoin, ranges
+from scanner.mesh.pairs import PairJoin, _is_v6, ranges
 
 HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
 READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
@@ -241,9 +241,11 @@ class Matrix:
         from scanner.report.aggregate import Aggregate
 
         self.verdicts: dict[str, int] = {}
-        # (req, src_host, host) -> passes; the rest of a direction's identity, once per key
-        self.passes: dict[tuple[Any, Any, Any], int] = {}
-        self.ends: dict[tuple[Any, Any, Any], tuple[Any, Any, Any]] = {}
+        # (req, src_host, host, over IPv6) -> passes; the rest of a direction's identity, once
+        # per key. The family is part of the key: a dual-stack direction is two directions,
+        # reported apart ("calico.vxlan" and "calico.vxlan over IPv6"), as portmesh report does.
+        self.passes: dict[tuple[Any, Any, Any, bool], int] = {}
+        self.ends: dict[tuple[Any, Any, Any, bool], tuple[Any, Any, Any]] = {}
         self.agg = Aggregate()
 
     def add(self, rec: dict[str, Any]) -> None:
@@ -254,7 +256,7 @@ class Matrix:
         if v != "pass":
             self.agg.add(rec)
             return
-        key = (get("req"), get("src_host"), get("host"))
+        key = (get("req"), get("src_host"), get("host"), _is_v6(rec))
         p = self.passes
         n = p.get(key)
         if n is None:
@@ -268,7 +270,7 @@ class Matrix:
         coordinator's fast path for folded passing lines, and tally records."""
         get = rec.get
         self.verdicts["pass"] = self.verdicts.get("pass", 0) + n
-        key = (get("req"), get("src_host"), get("host"))
+        key = (get("req"), get("src_host"), get("host"), _is_v6(rec))
         p = self.passes
         if key in p:
             p[key] += n
@@ -279,22 +281,22 @@ class Matrix:
     def fold(self, mesh: Mesh, summary: dict[str, Any]) -> Any:
         """The report's Run of this mesh: passes merged, port labels from the plan."""
         from scanner.plan.planner import legs
+        from scanner.report.aggregate import IPV6_SUFFIX
 
         agg = self.agg
         run = agg.run(mesh.scan_id)
         run.argv, run.planned, run.summary, run.starts = mesh.cfg.argv, mesh.planned, summary, 1
         for key, n in self.passes.items():
-            req, sh, host = key
+            req, sh, host, v6 = key
             proto, src, dst = self.ends[key]
             src_name = sh or src or "(local)"
-            agg.add_passes(
-                run, req or f"{proto}", str(proto), (src_name, src), (host or dst, dst), n
-            )
+            name = (req or f"{proto}") + (IPV6_SUFFIX if v6 else "")
+            agg.add_passes(run, name, str(proto), (src_name, src), (host or dst, dst), n)
         for name, reason in mesh.unreachable.items():
             run.unreachable[name] = reason
             run.host(name)
         for leg in legs(mesh.cfg.catalog, mesh.cfg.site, mesh.selection):
-            r = run.reqs.get(leg.req.id)
+            r = run.reqs.get(leg.req.id + (IPV6_SUFFIX if leg.af == "ipv6" else ""))
             if r is not None and leg.srcs and leg.dsts:
                 for p in leg.ports:
                     if p is not None:
@@ -535,7 +537,12 @@ class Mesh:
                 return  # a duplicate line: every flow has exactly one result
         link.results += 1
         src = rec.get("src")
-        if src is not None and src != link.host.address and src != rec.get("dst"):
+        if (
+            src is not None
+            and src != link.host.address
+            and src != link.host.address6
+            and src != rec.get("dst")
+        ):
             # the agent's packets left from another address than its host's: it runs on
             # another machine than the one named (or a multi-homed host routes so)
             self.moved.setdefault(link.name, set()).add(src)
@@ -981,7 +988,7 @@ def _human(
         w("INTERRUPTED: flows not probed are reported as error (interrupted)\n")
     if mesh.neigh_full:
         w(neighbour_advice({"unknown": mesh.neigh_full}).replace("this host's", "the agents'"))
-    addr = {h.name: h.address for h in mesh.hosts}
+    addr = {h.name: h.address + (f" / {h.address6}" if h.address6 else "") for h in mesh.hosts}
     for name, srcs in sorted(mesh.moved.items()):
         w(
             f"WARNING {name}: its probes left from {', '.join(sorted(srcs))}, not its inventory "

@@ -239,6 +239,7 @@ V6_KEY = "\x00ipv6"
 
 
 def _is_v6(rec: dict[str, Any]) -> bool:
+    """Did this result or tally go over IPv6 (its ``af``; a record without one: its dst)?"""
     af = rec.get("af")
     if af is not None:
         return af == "ipv6"

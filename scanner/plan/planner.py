@@ -203,7 +203,10 @@ def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
     for req in catalog:
         for cluster in site.clusters:
             eff = effs[cluster.name]
-            for af, af_why in leg_families(req, eff):
+            for af, af_why, checked in leg_families(req, eff):
+                if not checked:
+                    yield Leg(req, cluster, False, af_why, af=af)
+                    continue
                 if af == "ipv4" and all_ipv4:
                     leg = _leg(req, cluster, eff, site, selection)
                     if eff.config.families.value != ("ipv4",):
@@ -231,22 +234,55 @@ def legs(catalog: Catalog, site: Site, selection: Selection) -> Iterator[Leg]:
 _AF_NAME = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
-def leg_families(req: Requirement, eff: Effective) -> list[tuple[str, str]]:
-    """[(family, why)]: the address families a requirement is checked over in a cluster.
+def leg_families(req: Requirement, eff: Effective) -> list[tuple[str, str, bool]]:
+    """[(family, why, checked)]: the address families a requirement is checked over in a
+    cluster (``checked`` False: a family the requirement would use but the cluster's settings
+    leave out, with why; planned as a leg that does not apply, so explain says it).
 
-    WireGuard for IPv6 (calico.wireguard6, UDP 51821) goes over IPv6 only; Calico VXLAN also
-    goes over IPv6 when calico_vxlan_mode_ipv6 is on; everything else (the API server,
-    kubelet, etcd, ...) over the cluster's main family, which is IPv4 unless the cluster is
-    IPv6 only (kubespray binds them to main_ip).
+    WireGuard for IPv6 (calico.wireguard6, UDP 51821) goes over IPv6 only. Calico's IPv4
+    WireGuard (calico.wireguard, UDP 51820) and IP-in-IP carry IPv4 over an IPv4 underlay:
+    IPv4 only, not checked in an IPv6-only cluster. Calico VXLAN goes over IPv4 when the
+    cluster has IPv4 (calico_vxlan_mode, the IPv4 pool's) and over IPv6 when
+    calico_vxlan_mode_ipv6 (the IPv6 pool's) is on. Everything else (the API server, kubelet,
+    etcd, ...) over the cluster's main family, which is IPv4 unless the cluster is IPv6 only
+    (kubespray binds them to main_ip).
     """
     fams = eff.config.families
     main = fams.value[0] if fams.value else "ipv4"
-    if "wireguard6" in req.condition.features:
-        return [("ipv6", "over IPv6: WireGuard for IPv6 [calico_wireguard_enabled, dual stack]")]
-    out = [(main, f"over {_AF_NAME[main]}: the cluster's main family [{fams.source}]")]
-    if main != "ipv6" and "vxlan" in req.condition.features and eff.config.vxlan6.value:
-        out.append(("ipv6", f"also over IPv6: Calico VXLAN for IPv6 [{eff.config.vxlan6.source}]"))
-    return out
+    feats = req.condition.features
+    main_why = f"over {_AF_NAME[main]}: the cluster's main family [{fams.source}]"
+    if "wireguard6" in feats:
+        return [
+            ("ipv6", "over IPv6: WireGuard for IPv6 [calico_wireguard_enabled, dual stack]", True)
+        ]
+    if req.proto == "ipip" or ("wireguard" in feats and req.condition.cni == ("calico",)):
+        what = "IP-in-IP" if req.proto == "ipip" else "Calico's IPv4 WireGuard (UDP 51820)"
+        if main == "ipv4":
+            return [("ipv4", main_why, True)]
+        return [
+            (
+                "ipv4",
+                f"not checked: {what} carries IPv4 over an IPv4 underlay; the cluster is IPv6 "
+                f"only [{fams.source}]"
+                + ("; WireGuard for IPv6 is calico.wireguard6" if req.proto != "ipip" else ""),
+                False,
+            )
+        ]
+    if "vxlan" not in feats:
+        return [(main, main_why, True)]
+    vx6 = eff.config.vxlan6
+    if main == "ipv6":  # IPv6 only: the IPv6 pool's mode decides
+        if vx6.value:
+            return [("ipv6", f"over IPv6: Calico VXLAN for IPv6 [{vx6.source}]", True)]
+        return [("ipv6", f"not checked: Calico VXLAN for IPv6 is off [{vx6.source}]", False)]
+    if vx6.value:
+        return [
+            ("ipv4", main_why, True),
+            ("ipv6", f"also over IPv6: Calico VXLAN for IPv6 [{vx6.source}]", True),
+        ]
+    if "ipv6" in fams.value:  # dual stack without VXLAN for IPv6: say so on the IPv4 leg
+        return [("ipv4", f"{main_why}; not over IPv6: VXLAN for IPv6 is off [{vx6.source}]", True)]
+    return [("ipv4", main_why, True)]
 
 
 def _all_ipv4(site: Site) -> bool:

@@ -76,8 +76,11 @@ _ERRNO_OUTCOMES: dict[int, Outcome] = {
     errno.ECONNREFUSED: Outcome("closed", "port-unreach"),
     errno.EHOSTUNREACH: Outcome("filtered", "host-unreach"),
     errno.ENETUNREACH: Outcome("filtered", "net-unreach"),
-    errno.EACCES: Outcome("filtered", "admin-prohibited"),  # local firewall reject on output
-    errno.EPERM: Outcome("filtered", "admin-prohibited"),
+    # EACCES: an ICMP(v6) administratively prohibited read from the socket (IPv6 maps it so)
+    errno.EACCES: Outcome("filtered", "admin-prohibited"),
+    # EPERM: this host's own output chain dropped or rejected the send (netfilter NF_DROP);
+    # nothing left the host, as TCP's connect() says with the same reason
+    errno.EPERM: Outcome("filtered", "local-prohibited"),
 }
 _RETRYABLE = {errno.EAGAIN, errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 

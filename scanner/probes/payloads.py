@@ -1,10 +1,12 @@
-"""Probe payloads: packets crafted with scapy ONCE into byte templates, patched per probe (pure).
+"""Probe payloads: packets packed ONCE into byte templates with struct, patched per probe (pure).
 
-Scapy is imported lazily inside the builders (it costs ~0.5 s and is not needed by
-``portmesh --version``); each template is built once per process (``functools.lru_cache``) and the
-hot path only copies the template and writes the tag (``MAGIC + nonce + mac``, see
-``scanner.core.tags``), a few nonce-derived fields and, for the packets that carry an inner IPv4
-packet, the inner addresses and checksums.
+The templates are packed by hand (a few fixed headers), not with scapy: importing scapy costs
+0.5-1.2 s, and a UDP prober started in the middle of a mesh agent's SYN sweep stalled its event
+loop that long (issue 16; cProfile of an agent). tests/test_payloads.py checks every template
+byte for byte against scapy's build of the same packet. Each template is built once per process
+(``functools.lru_cache``) and the hot path only copies the template and writes the tag
+(``MAGIC + nonce + mac``, see ``scanner.core.tags``), a few nonce-derived fields and, for the
+packets that carry an inner IPv4 packet, the inner addresses and checksums.
 
 Kinds (``ProbeOptions.udp_payloads`` names them per port):
 
@@ -143,18 +145,32 @@ def _echo_payload() -> bytes:
     return bytes(TAG_LEN) + pad[: ECHO_PAYLOAD_LEN - TAG_LEN]
 
 
-def _inner_ipv4_icmp():
-    """A scapy IPv4/ICMP echo request whose payload starts with the tag placeholder."""
-    # lazy: scapy.layers.inet costs ~340 ms at import (measured); a scan without UDP payloads or
-    # ICMP never loads it (tests/test_payloads.py::test_import_does_not_load_scapy)
-    from scapy.layers.inet import ICMP, IP
-    from scapy.packet import Raw
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
 
-    return (
-        IP(src="0.0.0.0", dst="0.0.0.0", ttl=64, id=0, flags=0)
-        / ICMP(type=8, code=0, id=0, seq=0)
-        / Raw(_echo_payload())
-    )
+
+def _ipv4_header(payload_len: int, proto: int, ttl: int = 64, csum: bool = True) -> bytes:
+    """An IPv4 header without options: version 4, IHL 5, TOS 0, id 0, no flags, addresses
+    0.0.0.0 (patched per probe), the header checksum computed unless ``csum`` is False."""
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, 0, 0, ttl, proto, 0,
+                      bytes(4), bytes(4))  # fmt: skip
+    if not csum:
+        return hdr
+    return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
+
+
+def _icmp_echo() -> bytes:
+    """ICMP echo request (type 8, code 0, id 0, seq 0) with the tag placeholder payload and its
+    checksum."""
+    body = struct.pack("!BBHHH", 8, 0, 0, 0, 0) + _echo_payload()
+    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+
+
+def _inner_ipv4_icmp() -> bytes:
+    """IPv4 (0.0.0.0 -> 0.0.0.0, TTL 64, id 0) / ICMP echo whose payload starts with the tag
+    placeholder: the bytes scapy builds for the same packet."""
+    icmp = _icmp_echo()
+    return _ipv4_header(len(icmp), 1) + icmp
 
 
 @functools.lru_cache(maxsize=64)
@@ -167,28 +183,23 @@ def udp_template(kind: str, vni: int = DEFAULT_VNI) -> Template:
     if kind == "vxlan":
         if not 0 <= vni < 1 << 24:
             raise InputError(f"--vxlan-vni: {vni} is out of range 0-16777215")
-        # lazy: scapy (see _inner_ipv4_icmp)
-        from scapy.layers.l2 import Ether
-        from scapy.layers.vxlan import VXLAN
-
-        pkt = VXLAN(flags=0x08, vni=vni) / Ether(src=INNER_SRC_MAC, dst=INNER_DST_MAC)
-        pkt = pkt / _inner_ipv4_icmp()
-        data = bytes(pkt)
+        # VXLAN: flags 0x08 (I), 3 reserved bytes, the 24-bit VNI, 1 reserved byte; then the
+        # inner Ethernet frame (destination, source, type IPv4)
+        data = (
+            struct.pack("!B3xI", 0x08, vni << 8)
+            + _mac(INNER_DST_MAC) + _mac(INNER_SRC_MAC) + b"\x08\x00"
+            + _inner_ipv4_icmp()
+        )  # fmt: skip
         ip_off = 8 + 14
         return Template(kind, data, tag_off=ip_off + 20 + 8, ip_off=ip_off)
     if kind == "wireguard":
-        # lazy: scapy (see _inner_ipv4_icmp)
-        from scapy.contrib.wireguard import Wireguard, WireguardInitiation
-
-        pkt = Wireguard(message_type=1, reserved_zero=0) / WireguardInitiation(
-            sender_index=0,
-            unencrypted_ephemeral=bytes(32),
-            encrypted_static=b"\x5a" * 48,
-            encrypted_timestamp=b"\xa5" * 28,
-            mac1=bytes(16),
-            mac2=bytes(16),
-        )
-        data = bytes(pkt)
+        # handshake initiation: type 1, 3 reserved zero bytes, sender index (little endian),
+        # unencrypted ephemeral (32), encrypted static (48), encrypted timestamp (28), mac1 and
+        # mac2 (16 each): 148 bytes
+        data = (
+            struct.pack("<B3xI", 1, 0) + bytes(32) + b"\x5a" * 48 + b"\xa5" * 28 + bytes(16)
+            + bytes(16)
+        )  # fmt: skip
         # type(1) reserved(3) sender_index(4) then the ephemeral key: the tag at its start.
         return Template(kind, data, tag_off=8, nonce4=(("<I", 4),))
     if kind == "memberlist":
@@ -213,12 +224,7 @@ def _memberlist_template() -> Template:
 @functools.lru_cache(maxsize=4)
 def icmp_echo_template() -> Template:
     """An ICMP echo request (header + payload, no IP header) for icmp.py: tag at offset 8."""
-    # lazy: scapy (see _inner_ipv4_icmp)
-    from scapy.layers.inet import ICMP
-    from scapy.packet import Raw
-
-    data = bytes(ICMP(type=8, code=0, id=0, seq=0) / Raw(_echo_payload()))
-    return Template("icmp-echo", data, tag_off=8)
+    return Template("icmp-echo", _icmp_echo(), tag_off=8)
 
 
 def render_echo(tpl: Template, tag: bytes, ident: int, seq: int) -> bytes:
@@ -233,8 +239,7 @@ def render_echo(tpl: Template, tag: bytes, ident: int, seq: int) -> bytes:
 @functools.lru_cache(maxsize=4)
 def ipip_template() -> Template:
     """The inner packet of an IP-in-IP probe: IPv4 (our address -> far host) / ICMP echo / tag."""
-    data = bytes(_inner_ipv4_icmp())
-    return Template("ipip", data, tag_off=28, ip_off=0)
+    return Template("ipip", _inner_ipv4_icmp(), tag_off=28, ip_off=0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,10 +247,7 @@ def ipip_outer_template() -> Template:
     """A whole IP-in-IP packet for an IPPROTO_RAW socket: outer IPv4 (protocol 4, source, id and
     checksum left zero for the kernel to fill), then ``ipip_template``'s inner packet. The outer
     destination is at offset 16; the inner packet at offset 20."""
-    # lazy: scapy (see _inner_ipv4_icmp)
-    from scapy.layers.inet import IP
-
-    outer = IP(src="0.0.0.0", dst="0.0.0.0", proto=4, ttl=64, id=0, flags=0)
-    data = bytearray(bytes(outer / _inner_ipv4_icmp()))
-    data[10:12] = b"\0\0"  # the kernel computes the outer checksum (IP_HDRINCL)
-    return Template("ipip-outer", bytes(data), tag_off=20 + 28, ip_off=20)
+    inner = _inner_ipv4_icmp()
+    # the outer checksum left zero: the kernel computes it (IP_HDRINCL)
+    data = _ipv4_header(len(inner), 4, csum=False) + inner
+    return Template("ipip-outer", data, tag_off=20 + 28, ip_off=20)

@@ -40,6 +40,10 @@ def derive_verdict(rec: dict[str, Any]) -> str:
     return verdict(str(rec.get("proto")), str(rec.get("state")))
 
 
+# the reason of a send this host's own output firewall refused (EPERM): nothing left it
+LOCAL_PROHIBITED = "local-prohibited"
+
+
 class PortSet:
     """A set of ports kept as sorted disjoint ranges; exact, bounded (<= 8 KiB)."""
 
@@ -209,6 +213,8 @@ class Cell:
         "reasons",
         "samples",
         "fail_srcs",
+        "local_ports",
+        "nlocal",
     )
 
     def __init__(self, npass: int = 0) -> None:
@@ -223,6 +229,10 @@ class Cell:
         # the source addresses the failing flows were recorded with (``src``: where the packets
         # really left from - a multi-homed host may use several: bounded by its addresses)
         self.fail_srcs: set[str] = set()
+        # failed as local-prohibited: the source's own output chain refused the send (a subset
+        # of fail_ports; nlocal counts them, portless protocols included)
+        self.local_ports: PortSet | None = None
+        self.nlocal = 0
 
     @property
     def state(self) -> str:
@@ -245,6 +255,12 @@ class Cell:
             if port is not None:
                 nothing_listens = listening and rec.get("state") == "closed"
                 (self.closed_ports if nothing_listens else self.fail_ports).add(port)
+            if rec.get("reason") == LOCAL_PROHIBITED:
+                self.nlocal += 1
+                if port is not None:
+                    if self.local_ports is None:
+                        self.local_ports = PortSet()
+                    self.local_ports.add(port)
         else:
             self.nunknown += 1
             if port is not None:
@@ -474,6 +490,8 @@ class Aggregate:
         proto = rec["proto"]
         text = rec.get("ports")
         key = rec.get("req") or (f"{proto}/{text}" if text else proto)
+        if rec.get("af") == "ipv6" or ":" in (rec.get("dst") or ""):
+            key += IPV6_SUFFIX  # as for results: the family's directions apart
         req = run.reqs.get(key)
         if req is None:
             req = run.reqs[key] = Requirement(key, proto)

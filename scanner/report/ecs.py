@@ -50,7 +50,7 @@ ECS_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "destination.port": (int, "port (absent for icmp / ipip)"),
     "network.transport": (str, "proto: tcp, udp, icmp (ipv6-icmp over IPv6), ipip -> ipv4"),
     "network.iana_number": (str, "IANA protocol number of proto: 6, 17, 1 (58), 4"),
-    "network.type": (str, "ipv4 / ipv6, from dst"),
+    "network.type": (str, "ipv4 / ipv6, from dst (af when dst is a name)"),
     "rule.id": (str, "req (proto/port for a plain scan)"),
     "rule.name": (str, "req, else proto/port"),
     "rule.ruleset": (str, 'constant "portmesh-catalog" (plain scan: "portmesh-scan")'),
@@ -98,13 +98,17 @@ def _ip_version(s: str | None) -> int | None:
         return None
 
 
+_AF_VERSION = {"ipv4": 4, "ipv6": 6}
+
+
 def to_ecs(rec: dict[str, Any]) -> dict[str, Any]:
     """One result record -> one ECS event (nested objects)."""
     proto = rec["proto"]
     port = rec.get("port")
     verdict = derive_verdict(rec)
     dst, src = rec.get("dst"), rec.get("src")
-    ver = _ip_version(dst)
+    # the family: from dst, or, for a destination probed by name, the record's af
+    ver = _ip_version(dst) or _AF_VERSION.get(rec.get("af"))  # type: ignore[arg-type]
     transport, iana = TRANSPORT.get(proto, (proto, None))
     if proto == "icmp" and ver == 6:
         transport, iana = "ipv6-icmp", "58"
@@ -139,7 +143,7 @@ def to_ecs(rec: dict[str, Any]) -> dict[str, Any]:
     if source:
         out["source"] = source
     destination: dict[str, Any] = {"address": rec.get("host") or dst}
-    if ver:
+    if _ip_version(dst):
         destination["ip"] = dst
     if port is not None:
         destination["port"] = port

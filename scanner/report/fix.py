@@ -21,6 +21,9 @@ chain). firewalld: permanent rich rules (source-restricted) or ports, then a rel
 What it cannot fix: a flow dropped on the *source's* output side or on the path between
 (the report's "cannot reach ... on any peer" findings point there), and a port that answered
 'closed' (nothing listens; under ``check --expect listening``): those are listed as comments.
+A flow whose send the source's own output chain refused (reason ``local-prohibited``: the
+kernel said EPERM, nothing left the source) gets no input rule on the destination, where it
+would change nothing: it is a comment in the *source's* section, naming the destinations.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 from scanner.errors import InputError
 from scanner.report.aggregate import (
+    IPV6_SUFFIX,
     STRIDE,
     Aggregate,
     Cell,
@@ -87,6 +91,11 @@ class HostFix:
     addr: str | None
     openings: dict[tuple[str, tuple[tuple[int, int], ...]], Opening] = field(default_factory=dict)
     closed: list[str] = field(default_factory=list)  # notes: not a firewall problem
+    # this host's own output chain refused these sends: (req, proto, ports shape) -> the
+    # ports and the destinations' names
+    egress: dict[tuple[str, str, tuple[tuple[int, int], ...]], tuple[PortSet, list[str]]] = (
+        field(default_factory=dict)
+    )
 
 
 def collect(agg: Aggregate) -> list[HostFix]:
@@ -101,21 +110,33 @@ def collect(agg: Aggregate) -> list[HostFix]:
                     continue
                 s, d = divmod(k, STRIDE)
                 dname = run.names[d]
+                sname = run.names[s]
+                remote = c.fail_ports
+                if c.nlocal:
+                    # refused by the source's own output chain: a note in the source's section
+                    local = c.local_ports or PortSet()
+                    sf = hosts.get(sname)
+                    if sf is None:
+                        sf = hosts[sname] = HostFix(sname, run.addrs.get(s))
+                    ek = (req.key, req.proto, tuple(local.ranges()))
+                    sf.egress.setdefault(ek, (local, []))[1].append(dname)
+                    remote = PortSet(p for p in _ports(c.fail_ports) if p not in local)
+                    if c.nlocal == c.nfail:
+                        continue
                 hf = hosts.get(dname)
                 if hf is None:
                     hf = hosts[dname] = HostFix(dname, run.addrs.get(d))
-                sname = run.names[s]
                 if c.closed_ports:
                     hf.closed.append(
                         f"{req.key}: {port_label(req.proto, c.closed_ports)} from {sname} "
                         "answered closed: nothing listens, no firewall rule will help"
                     )
-                if req.proto in ("tcp", "udp") and not c.fail_ports:
+                if req.proto in ("tcp", "udp") and not remote:
                     continue
-                shape = tuple(c.fail_ports.ranges())
+                shape = tuple(remote.ranges())
                 op = hf.openings.get((req.key, shape))
                 if op is None:
-                    op = hf.openings[(req.key, shape)] = Opening(req.key, req.proto, c.fail_ports)
+                    op = hf.openings[(req.key, shape)] = Opening(req.key, req.proto, remote)
                 # the addresses the failing packets really left from, not the first address seen
                 # for the name (a multi-homed host may route to this destination from another)
                 seen = set(c.fail_srcs) or ({run.addrs[s]} if s in run.addrs else set())
@@ -126,6 +147,22 @@ def collect(agg: Aggregate) -> list[HostFix]:
                     op.sources.setdefault(sname, None)
                 op.reasons.add(c.top_reason())
     return sorted(hosts.values(), key=lambda h: natural_key(h.name))
+
+
+def _ports(ps: PortSet) -> Iterator[int]:
+    for a, b in ps.ranges():
+        yield from range(a, b + 1)
+
+
+def _egress_notes(hf: HostFix) -> Iterator[str]:
+    for (req, proto, _), (ports, dsts) in sorted(hf.egress.items()):
+        what = port_label(proto, ports, limit=1000) if ports else proto
+        tables = "ip6tables" if req.endswith(IPV6_SUFFIX) else "iptables"
+        yield (
+            f"{req}: {what} to {compress_names(dsts)}: refused by the output rules of this "
+            "host itself (local-prohibited: the send failed, nothing left): no rule on the "
+            f"destination helps; allow it there (nft list ruleset, {tables} -S OUTPUT)"
+        )
 
 
 def render_fix(
@@ -182,6 +219,8 @@ def render_fix(
                 "regenerate with --nft-table/--nft-chain' >&2; return 1; }"
             )
         for note in hf.closed:
+            out.append(f"  # not opened: {_c(note)}")
+        for note in _egress_notes(hf):
             out.append(f"  # not opened: {_c(note)}")
         for op in sorted(hf.openings.values(), key=lambda o: (natural_key(o.req), o.ports.count)):
             names = compress_names(op.sources)

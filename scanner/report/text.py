@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Iterator
 
 from scanner.report.aggregate import (
+    LOCAL_PROHIBITED,
     STRIDE,
     Aggregate,
     Cell,
@@ -162,6 +163,15 @@ def _fail_line(run: Run, req: Requirement, f: Finding) -> str:
     why = _why(reasons)
     host = names[f.host]
     peers = compress_names(names[i] for i in f.peers)
+    if reasons and all(r.endswith(LOCAL_PROHIBITED) for r in reasons):
+        # the source's own output rules refused the send (EPERM): nothing left it
+        participle = (
+            "refused by each source's own output rules"
+            if f.kind == INGRESS
+            else f"refused by {host}'s own output rules"
+        )
+        if f.kind == INGRESS:
+            return f"{host}: {ports} {participle} ({len(f.peers)} sources: {peers}; {why})"
     if f.kind == INGRESS:
         if f.every:
             return (
