@@ -654,7 +654,7 @@ class Engine:
                     hs.update(rtt_s)
                     hs.answered += 1
                     st.answered += 1
-                    if attempts > 1:
+                    if attempts > 1 or out.resent:
                         hs.late += 1
                         st.late_answers += 1
                 return Result(

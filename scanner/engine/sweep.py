@@ -284,7 +284,7 @@ class Sweep:
             hs.update(out.rtt_ms / 1000.0)
             hs.answered += 1
             st.answered += 1
-            if a.attempts > 1:
+            if a.attempts > 1 or out.resent:
                 hs.late += 1
                 st.late_answers += 1
         eng._emit(
