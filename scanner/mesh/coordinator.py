@@ -56,6 +56,7 @@ from scanner.mesh.launch import (
     held_ports,
     per_source_counts,
     responder_ports,
+    silent_ports,
     unbound_ports,
     unique_hosts,
     unsure_ports,
@@ -83,6 +84,7 @@ __all__ = [
     "run_mesh",
     "unbound_ports",
     "unsure_ports",
+    "silent_ports",
 ]
 
 
@@ -408,6 +410,7 @@ class Mesh:
             "emit": cfg.emit,
             "unbound": unbound_ports(self.links),
             "unsure": unsure_ports(self.links),
+            "silent": silent_ports(self.links),
         }
         if cfg.local_bind:
             probe_msg["from_own_address"] = True

@@ -18,6 +18,7 @@ from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
 from scanner.mesh.pairs import ranges
 from scanner.plan.planner import legs
+from scanner.responder.holders import RESPONDER_COMM
 
 HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
 READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
@@ -127,7 +128,8 @@ def held_ports(link: Any) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
     unsure: nothing tells who would answer (out of descriptors, or no holder found).
     Neither: a holder on the wildcard or on the probed address (the lab's responders, a
     responder started by hand, etcd on the node address) answers the probe itself, so a reset
-    or silence there is the firewall's: the port is verdicted as if our responder held it."""
+    or silence there is the firewall's: the port is verdicted as if our responder held it -
+    except UDP silence where the holder is not a portmesh responder (``silent_holders``)."""
     held: dict[str, set[int]] = {"tcp": set(), "udp": set()}
     unsure: dict[str, set[int]] = {"tcp": set(), "udp": set()}
     rec = link.ready_rec
@@ -145,6 +147,46 @@ def held_ports(link: Any) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
         elif not mine.intersection(str(x) for x in local):
             held[proto].add(port)
     return held, unsure
+
+
+def silent_holders(link: Any) -> dict[int, str]:
+    """UDP port -> who holds it, for the ports this host's responder could not bind because a
+    socket on the wildcard or the probed address holds them that is not a portmesh responder:
+    a kernel socket (a VXLAN/WireGuard device: ``kernel``) or another process. Unlike a TCP
+    listener (which answers a SYN) such a holder ignores our datagram: silence there cannot be
+    told from a drop (docs/mesh.md, "Ports the responder could not bind")."""
+    out: dict[int, str] = {}
+    rec = link.ready_rec
+    if link.failed is not None or not isinstance(rec, dict):
+        return out
+    mine = {link.host.address, *WILDCARDS}
+    for f in rec.get("failed") or ():
+        if not isinstance(f, dict) or f.get("proto") != "udp":
+            continue
+        port, local, process = f.get("port"), f.get("local"), f.get("process")
+        if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(local, list):
+            continue
+        if not mine.intersection(str(x) for x in local) or process == RESPONDER_COMM:
+            continue
+        if f.get("kernel") is True:
+            out[port] = "kernel"
+        elif isinstance(process, str) and process:
+            pid = f.get("pid")
+            out[port] = f"{process}[{pid}]" if isinstance(pid, int) else process
+        else:
+            out[port] = "unknown-socket"
+    return out
+
+
+def silent_ports(links: list[Any]) -> dict[str, dict[str, str]]:
+    """address -> {port: holder}: ``silent_holders`` of every host (the probe message's
+    ``silent``); the agents make UDP silence there unknown, saying who holds the port."""
+    out: dict[str, dict[str, str]] = {}
+    for link in links:
+        ports = silent_holders(link)
+        if ports:
+            out[link.host.address] = {str(p): h for p, h in sorted(ports.items())}
+    return out
 
 
 def unbound_ports(links: list[Any]) -> dict[str, dict[str, str]]:

@@ -91,6 +91,7 @@ def probe_job(
         raise ProtocolError("probe: emit must be all or failures")
     unbound = _unbound_in(msg.get("unbound") or {})
     unsure = _unbound_in(msg.get("unsure") or {})
+    silent = _silent_in(msg.get("silent") or {})
     try:
         catalog = load_catalog(files)
         selection = Selection(
@@ -132,7 +133,7 @@ def probe_job(
         try:
             probe_slice(
                 catalog, site, selection, engine, out, scan_id, expect, loop_kind, unbound,
-                emit, unsure,
+                emit, unsure, silent,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - reported, never raised into the thread
             out.send({"type": "error", "reason": f"probe failed: {type(e).__name__}: {e}"})
@@ -154,6 +155,49 @@ HELD_UNKNOWN = (
     "the destination's responder could not bind this port (another socket holds it): "
     "silence cannot tell a drop from a service that ignores the probe"
 )
+
+
+def silent_reason(holder: str) -> str:
+    """The verdict_reason of UDP silence from a port held by ``holder`` (``silent_verdict``)."""
+    what = (
+        "a kernel socket (a VXLAN/WireGuard device)"
+        if holder == "kernel"
+        else f"another socket ({holder})"
+    )
+    return (
+        f"held-by-{holder}: the destination's responder could not bind this port: {what} holds "
+        "it and ignores a datagram that is not its protocol, so silence cannot tell a drop "
+        "from it"
+    )
+
+
+def silent_verdict(state: str, holder: str) -> tuple[str, str] | None:
+    """The verdict of a UDP flow to a port held on the probed address by a socket that is not
+    a portmesh responder (scanner.mesh.launch.silent_holders): silence is unknown, never a
+    fail; a reply still passes, an ICMP error (closed, filtered) still fails - with a socket
+    on the port the host itself sends no port-unreachable."""
+    if state == "open|filtered":
+        return "unknown", silent_reason(holder)
+    return None
+
+
+def _silent_in(v: Any) -> dict[tuple[str, str], dict[int, str]]:
+    """The probe message's ``silent``: {address: {port: holder}}."""
+    if not isinstance(v, dict):
+        raise ProtocolError("probe: silent must be an object")
+    out: dict[tuple[str, str], dict[int, str]] = {}
+    for addr, ports in v.items():
+        if not isinstance(ports, dict):
+            raise ProtocolError("probe: silent values must be objects")
+        got: dict[int, str] = {}
+        for port, holder in ports.items():
+            if not (isinstance(port, str) and port.isdigit() and 0 < int(port) < 65536):
+                raise ProtocolError("probe: silent ports must be port numbers")
+            if not isinstance(holder, str):
+                raise ProtocolError("probe: silent holders must be strings")
+            got[int(port)] = holder[:64]
+        out[(str(addr), "udp")] = got
+    return out
 
 
 def held_verdict(state: str, expect: str) -> tuple[str, str] | None:
@@ -193,15 +237,18 @@ def probe_slice(
     unbound: dict[tuple[str, str], frozenset[int]] | None = None,
     emit: str = "all",
     unsure: dict[tuple[str, str], frozenset[int]] | None = None,
+    silent: dict[tuple[str, str], dict[int, str]] | None = None,
 ) -> None:
     """Plan this host's flows and run them; every result carries its plan index ``i``.
 
     ``unbound``: (destination address, proto) -> the ports its responder could not bind; a
     result there gets ``held_verdict`` and a ``verdict_reason``; ``unsure`` likewise, the ports
-    where nothing tells who holds them (``unsure_verdict``)."""
+    where nothing tells who holds them (``unsure_verdict``); ``silent``: (address, "udp") ->
+    port -> holder, UDP ports held by a socket that ignores our datagram (``silent_verdict``)."""
     inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
     held = unbound or {}
     doubt = unsure or {}
+    quiet = silent or {}
     # src: the address packets leave from (as check records it), not only the inventory's
     # (unless the probes are bound to a source: agents sharing a machine probe from their own)
     real = (
@@ -232,6 +279,11 @@ def probe_slice(
                     v = why(r.state, expect)
                     if v is not None:
                         r.verdict, extra["verdict_reason"] = v
+            holder = quiet.get((f.dst, f.proto), {}).get(f.port) if quiet else None
+            if holder is not None:
+                v = silent_verdict(r.state, holder)
+                if v is not None:
+                    r.verdict, extra["verdict_reason"] = v
         extra["i"] = i  # last: the coordinator cuts it off the forwarded line
         r.extra = extra
 

@@ -4,10 +4,24 @@ addresses and process, best effort, from /proc (this network namespace).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
+
+# the command name (/proc/PID/comm) a responder process gives itself (``name_responder``), so
+# another responder that finds the port held can tell a portmesh responder (which answers our
+# tagged datagrams) from another holder (which may ignore them)
+RESPONDER_COMM = "pm-responder"
+
+
+def name_responder() -> None:
+    """Set this process's command name to RESPONDER_COMM (prctl PR_SET_NAME), best effort.
+    Only for a process that is a responder (``run_responder``), from its main thread."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(15, RESPONDER_COMM.encode(), 0, 0, 0)
 
 
 @dataclass
@@ -22,6 +36,9 @@ class Failure:
     # The mesh needs it: a holder bound to the wildcard or the probed address answers a probe
     # itself (a reset can only be a firewall's), one bound elsewhere leaves the reset to the kernel
     local: list[str] | None = None
+    # the holder is a kernel socket (no process owns it: a VXLAN/WireGuard device's UDP port),
+    # which ignores a datagram that is not its protocol: silence there is no firewall's
+    kernel: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"proto": self.proto, "port": self.port, "error": self.error}
@@ -31,6 +48,8 @@ class Failure:
             d["process"] = self.process
         if self.local is not None:
             d["local"] = self.local
+        if self.kernel:
+            d["kernel"] = True
         return d
 
 
@@ -46,8 +65,8 @@ def _proc_addr(text: str) -> str:
 
 def _holders(proto: str, ports: set[int]) -> dict[int, tuple[int, list[str]]]:
     """port -> (socket inode, local addresses) of the listening TCP / bound UDP sockets on it,
-    from /proc/net (this network namespace). The inode is 0 for a kernel socket (a VXLAN
-    device's UDP port): no process owns it, but its address still tells."""
+    from /proc/net (this network namespace). A kernel socket (a VXLAN device's UDP port) has
+    an inode too, but no process's descriptor points at it."""
     out: dict[int, tuple[int, list[str]]] = {}
     for path in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
         try:
@@ -117,3 +136,7 @@ def annotate_owners(failed: list[Failure]) -> None:
         o = owners.get((f.proto, f.port))
         if o is not None:
             f.pid, f.process = o
+        elif f.local is not None and f.proto == "udp":
+            # every process's descriptors were read and none is this socket: the kernel's own
+            # (a VXLAN/WireGuard device's port)
+            f.kernel = True

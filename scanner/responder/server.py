@@ -45,6 +45,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ import orjson
 from scanner.core import tags
 from scanner.core.ports import ports_text as ranges_text  # one implementation, re-exported
 from scanner.core.privileges import raise_nofile
-from scanner.responder.holders import Failure, annotate_owners
+from scanner.responder.holders import Failure, annotate_owners, name_responder
 from scanner.responder.witness import Witness
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
@@ -501,6 +502,8 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, finish: Callable[[str], None])
 def run_responder(cfg: ResponderConfig, stream: Any = None) -> int:
     """Run a responder process to completion (the body of ``portmesh respond``)."""
     emit = _emit_to(stream if stream is not None else sys.stdout)
+    if threading.current_thread() is threading.main_thread() and stream is None:
+        name_responder()  # a responder process: its holders' peers can tell it (holders.py)
     if cfg.use_uvloop:
         try:
             # lazy: uvloop is optional and wanted only here; the mesh agent and the watch import
