@@ -242,6 +242,10 @@ def build_engine_config(opts: dict[str, Any]):
         secret = load_secret(opts["secret"], opts["secret_file"])
     except OSError as e:
         raise InputError(f"cannot read secret file {opts['secret_file']!r}: {e.strerror}") from None
+    if secret is not None and not secret.strip():
+        # an empty secret would tag every probe with a key no responder holds: false UDP fails
+        where = f" ({opts['secret_file']})" if opts["secret_file"] is not None else ""
+        raise InputError(f"the secret is empty{where}: give a non-empty --secret or --secret-file")
     if opts["source"] is not None:
         check_source(opts["source"])
     return EngineConfig(

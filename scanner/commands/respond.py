@@ -163,7 +163,7 @@ def resolve_secret(secret: str | None, secret_file: str | None) -> tuple[bytes, 
         raise InputError(f"--secret-file: cannot read {secret_file}: {e.strerror or e}") from None
     if got is None:
         return new_secret(), True
-    if not got:
+    if not got.strip():
         raise InputError("the secret is empty" + (f" ({secret_file})" if secret_file else ""))
     return got, False
 

@@ -44,6 +44,36 @@ class CheckConfig:
     emit: str = "all"  # or "failures": passing flows in tally records (scanner.core.tally)
 
 
+class TokenWatch:
+    """Did any TCP answer carry our responder's token? Fed every result record (check: the
+    records written; mesh: the agents' lines). When responders were expected and TCP answers
+    came back (syn-ack) but not one with the token, the responders most likely hold another
+    secret - and then every UDP probe they ignore reads as a firewall's drop. Results are
+    streamed, so the run's UDP verdicts stay as they are: ``warning`` says it on stderr."""
+
+    __slots__ = ("token", "synack")
+
+    def __init__(self) -> None:
+        self.token = 0
+        self.synack = 0
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        r = rec.get("reason")
+        if r == "responder":  # a token (TCP) or a tagged reply (UDP): the secrets match
+            self.token += 1
+        elif r == "syn-ack":
+            self.synack += 1
+
+    def warning(self, who: str) -> str | None:
+        if self.token or not self.synack:
+            return None
+        return (
+            f"{who}: warning: responders were expected but not one of {self.synack} TCP "
+            "answers carried their token (syn-ack only): the responders likely use another "
+            "secret (--secret/--secret-file), so their UDP ports stay silent and fail falsely\n"
+        )
+
+
 class Failures:
     """Failed flows (and flows to a host name that does not resolve here, which are unknown)
     grouped by (requirement, destination, proto, state, reason) -> ports.
@@ -144,6 +174,12 @@ def run_check(cfg: CheckConfig) -> int:
             r.extra = {**r.extra, "src": src} if r.extra else {"src": src}
 
     failures = Failures()
+    tokens = TokenWatch()
+
+    def watched(rec: dict[str, Any]) -> None:
+        failures(rec)
+        tokens(rec)
+
     planned = count_plan(cfg.catalog, cfg.site, cfg.selection)
     protos = {leg.req.proto for leg in live_legs}
     cfg.engine = dataclasses.replace(cfg.engine, protos=tuple(sorted(protos)))
@@ -164,7 +200,7 @@ def run_check(cfg: CheckConfig) -> int:
         summary_extra=lambda s: {"verdicts": failures.with_tallied(s.tallied)},
         loop=cfg.loop,
         workers=cfg.workers,
-        on_record=failures,
+        on_record=watched,
         emit=cfg.emit,
     )
     outcome = run(spec)
@@ -175,6 +211,9 @@ def run_check(cfg: CheckConfig) -> int:
     )
     for line in failures.lines():
         err.write(line + "\n")
+    warn = tokens.warning("portmesh check") if responder else None
+    if warn:
+        err.write(warn)
     err.flush()
     if outcome.interrupted:
         return 130

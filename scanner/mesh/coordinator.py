@@ -40,6 +40,7 @@ from scanner.core.privileges import raise_nofile
 from scanner.core.results import encode, iso_ts, new_scan_id, start_record, summary_record
 from scanner.core.tags import new_secret
 from scanner.core.tally import af_of
+from scanner.engine.check import TokenWatch
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
@@ -96,6 +97,7 @@ class Mesh:
         self.cfg = cfg
         self.out = cfg.output or NdjsonOutput()
         self.scan_id = new_scan_id()
+        self.tokens = TokenWatch()  # did any answer carry our token (another secret?)
         self.hosts = unique_hosts(cfg.site)
         names = frozenset(h.name for h in self.hosts)
         self.selection = dataclasses.replace(cfg.selection, sources=names, scanner=None)
@@ -159,7 +161,7 @@ class Mesh:
         write = self.out.write
         name, addr, addr6 = link.name, link.host.address, link.host.address6
         window, got = link.window, link.got
-        folded = 0
+        folded = token = synack = 0
         for rec, line in zip(recs, lines, strict=True):
             if rec.__class__ is not dict:
                 continue  # a peer's garbage never ends the reader
@@ -169,6 +171,11 @@ class Mesh:
                 continue
             if link.failed is not None:
                 continue  # not one more line of a failed agent is counted
+            why = get("reason")  # TokenWatch, inline: this loop is the hot path
+            if why == "syn-ack":
+                synack += 1
+            elif why == "responder":
+                token += 1
             i = rec.pop("i", None)
             if i.__class__ is int:
                 if got is not None:
@@ -219,6 +226,8 @@ class Mesh:
                     write(raw)
                     continue
             self.emit(rec, raw)
+        self.tokens.token += token
+        self.tokens.synack += synack
         if folded:
             self.results += folded
             vs = self.matrix.verdicts
@@ -561,6 +570,9 @@ def run_mesh(cfg: MeshConfig) -> int:
     out.record(summary)
     out.close()
     human(cfg.summary_to or sys.stderr, mesh, pairs, summary, elapsed)
+    warn = mesh.tokens.warning("portmesh mesh")
+    if warn:
+        (cfg.summary_to or sys.stderr).write(warn)
     if mesh.interrupted:
         return 130
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
