@@ -111,7 +111,9 @@ def test_check_against_responders_with_another_secret_says_so(make_lab, tmp_path
 @pytest.mark.lab
 def test_mesh_over_responders_with_another_secret_says_so(lab_name: str) -> None:
     """The walk: a lab's responders (the lab's secret) hold every port, the mesh is given
-    another secret: no TCP answer carries its token, and stderr says why UDP fails."""
+    another secret: no TCP answer carries its token (stderr says the secrets differ), and the
+    agents' responders find the holders' token is another secret's: UDP silence is unknown
+    (responder-secret-mismatch), not fail. With the lab's secret: all pass."""
     import os
 
     from scanner.lab.netns import run_dir
@@ -130,6 +132,11 @@ def test_mesh_over_responders_with_another_secret_says_so(lab_name: str) -> None
         res = [r for r in map(orjson.loads, p.stdout.splitlines()) if r["type"] == "result"]
         tcp = [r for r in res if r["proto"] == "tcp" and r["state"] == "open"]
         assert tcp and all(r["reason"] == "syn-ack" for r in tcp)
+        udp = [r for r in res if r["proto"] == "udp"]
+        assert udp and all(r["state"] == "open|filtered" for r in udp), udp[:3]
+        assert all(r["verdict"] == "unknown" for r in udp), udp[:3]
+        assert all(r["verdict_reason"].startswith("responder-secret-mismatch: ") for r in udp)
+        assert not [r for r in res if r["verdict"] == "fail"]
         warn = [x for x in p.stderr.splitlines() if "another secret" in x]
         assert len(warn) == 1 and warn[0].startswith("portmesh mesh: warning: "), p.stderr[-2000:]
         ok = subprocess.run([*base, "--secret-file", str(d / "secret")], capture_output=True,

@@ -67,6 +67,13 @@ def test_udp_holders_that_ignore_our_datagram_are_silent_with_who() -> None:
         5353: "unknown-socket",
     }
     assert silent_holders(Link("198.18.9.1", failed, gone="x")) == {}
+    # the holding responder answered TCP with another secret's token: it ignores our datagrams
+    other = Link("198.18.9.1", failed)
+    other.ready_rec["holder_secret"] = "other"
+    assert silent_holders(other)[4790] == "responder-secret-mismatch"
+    assert silent_verdict("open|filtered", "responder-secret-mismatch")[1].startswith(
+        "responder-secret-mismatch: "
+    )
     assert silent_ports([Link("198.18.9.2", failed[:1]), Link("198.18.9.3", [])]) == {
         "198.18.9.2": {"4789": "kernel"}
     }

@@ -20,6 +20,8 @@ from scanner.mesh.pairs import ranges
 from scanner.plan.planner import legs
 from scanner.responder.holders import RESPONDER_COMM
 
+SECRET_MISMATCH = "responder-secret-mismatch"  # silent_holders: a responder with another secret
+
 HELLO_TIMEOUT = 60.0  # exec + interpreter start + hello; ssh to a slow host can take seconds
 READY_TIMEOUT = 60.0  # binding the NodePort range takes ~0.1 s; /proc owner lookup more
 STOP_TIMEOUT = 10.0
@@ -166,7 +168,12 @@ def silent_holders(link: Any) -> dict[int, str]:
         port, local, process = f.get("port"), f.get("local"), f.get("process")
         if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(local, list):
             continue
-        if not mine.intersection(str(x) for x in local) or process == RESPONDER_COMM:
+        if not mine.intersection(str(x) for x in local):
+            continue
+        if process == RESPONDER_COMM:
+            # a portmesh responder answers our datagram - unless it has another secret
+            if rec.get("holder_secret") == "other":
+                out[port] = SECRET_MISMATCH
             continue
         if f.get("kernel") is True:
             out[port] = "kernel"

@@ -159,6 +159,12 @@ HELD_UNKNOWN = (
 
 def silent_reason(holder: str) -> str:
     """The verdict_reason of UDP silence from a port held by ``holder`` (``silent_verdict``)."""
+    if holder == "responder-secret-mismatch":  # scanner.mesh.launch.SECRET_MISMATCH
+        return (
+            "responder-secret-mismatch: the portmesh responder holding this port (started "
+            "before the mesh) answers TCP with a token of another secret and ignores our "
+            "datagrams: silence cannot tell a drop from it (give the mesh its --secret-file)"
+        )
     what = (
         "a kernel socket (a VXLAN/WireGuard device)"
         if holder == "kernel"

@@ -8,8 +8,12 @@ import contextlib
 import ctypes
 import ipaddress
 import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from scanner.core import tags
 
 # the command name (/proc/PID/comm) a responder process gives itself (``name_responder``), so
 # another responder that finds the port held can tell a portmesh responder (which answers our
@@ -140,3 +144,38 @@ def annotate_owners(failed: list[Failure]) -> None:
             # every process's descriptors were read and none is this socket: the kernel's own
             # (a VXLAN/WireGuard device's port)
             f.kernel = True
+
+
+ASK_PORTS = 4  # held TCP ports asked at most (a firewall may refuse some of them)
+ASK_TIMEOUT = 0.3  # seconds per port
+
+
+def holder_secret(failed: list[Failure], secret: bytes) -> str | None:
+    """Does the portmesh responder holding our ports use our secret? Connect to a few TCP
+    ports a RESPONDER_COMM process holds and read its token: "same" (ours), "other" (a token
+    made with another secret: it ignores our tagged datagrams too), None (no such holder, or
+    no token came: refused, silent)."""
+    asked = 0
+    for f in failed:
+        if asked >= ASK_PORTS:
+            break
+        if f.proto != "tcp" or f.process != RESPONDER_COMM or not f.local:
+            continue
+        asked += 1
+        where = f.local[0]
+        if where in ("0.0.0.0", "::"):
+            where = "127.0.0.1" if "0.0.0.0" in f.local else "::1"
+        fam = socket.AF_INET6 if ":" in where else socket.AF_INET
+        got = b""
+        with contextlib.suppress(OSError), socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.settimeout(ASK_TIMEOUT)
+            s.connect((where, f.port))
+            end = time.monotonic() + ASK_TIMEOUT
+            while len(got) < tags.TOKEN_LEN and time.monotonic() < end:
+                chunk = s.recv(tags.TOKEN_LEN - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        if len(got) == tags.TOKEN_LEN and got.startswith(tags.MAGIC):
+            return "same" if got == tags.tcp_token(secret, f.port) else "other"
+    return None

@@ -56,7 +56,7 @@ import orjson
 from scanner.core import tags
 from scanner.core.ports import ports_text as ranges_text  # one implementation, re-exported
 from scanner.core.privileges import raise_nofile
-from scanner.responder.holders import Failure, annotate_owners, name_responder
+from scanner.responder.holders import Failure, annotate_owners, holder_secret, name_responder
 from scanner.responder.witness import Witness
 
 DEFAULT_TTL = 300.0  # seconds: long enough for a mesh of a few hundred hosts, short if forgotten
@@ -114,6 +114,9 @@ class Responder:
     # called with (proto, source address, port) for every accepted connection and every tagged
     # datagram: `portmesh watch` counts incoming probes per source with it
     on_hit: Callable[[str, str, int], None] | None = None
+    # "same" / "other": the portmesh responder holding some of our ports uses our secret or
+    # another (holders.holder_secret); None when no such holder answered
+    holder_secret: str | None = None
     _socks: list[socket.socket] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -179,6 +182,7 @@ class Responder:
                 self.bound_udp.append(port)
         if self.failed:
             annotate_owners(self.failed)
+            self.holder_secret = holder_secret(self.failed, self.secret)
         if self.also and addr.is_unspecified:
             self._bind_elsewhere(family, pktinfo)
 
@@ -342,6 +346,7 @@ class Responder:
                 else {}
             ),
             "pid": os.getpid(),
+            **({"holder_secret": self.holder_secret} if self.holder_secret else {}),
             **extra,
         }
 
