@@ -73,6 +73,18 @@ def test_attribute_says_who_sent_the_error(
     assert out.rtt_ms == 1.0
 
 
+@pytest.mark.parametrize("dst", ["198.18.0.2", "2001:2::2"])
+def test_a_routers_port_unreachable_is_filtered_not_closed(dst: str) -> None:
+    """nmap's rule: a port-unreachable from a host other than the target is a filter on the
+    way (iptables REJECT's default), not the port; a closed UDP port would pass a bare check."""
+    router = "198.18.0.254" if "." in dst else "2001:2::fe"
+    out = classify.attribute(Outcome("closed", "port-unreach", 1.0), router, dst, False)
+    want = ("filtered", "port-unreach", router)
+    assert (out.state, out.reason, (out.extra or {}).get("icmp_from")) == want
+    same = classify.attribute(Outcome("closed", "port-unreach", 1.0), dst, dst, False)
+    assert (same.state, same.extra) == ("closed", None)
+
+
 def test_local_address() -> None:
     from scanner.probes.base import local_address
 
