@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -262,6 +263,76 @@ def test_ansible_inventory_json_without_kubespray_groups_loses_group_vars(tmp_pa
     doc = json.loads(p.stdout)
     assert "calico_network_backend" not in doc["_meta"]["hostvars"]["node1"]
     assert "calico.bgp" in reqs(flows(KS / "mycluster"))
+
+
+# kubespray's roles/dynamic_groups/tasks/main.yml, verbatim, then every host's v1/v2
+DYNAMIC_GROUPS_PLAY = """
+- hosts: all
+  gather_facts: false
+  connection: local
+  tasks:
+    - name: Match needed groups by their old names or definition
+      vars:
+        group_mappings:
+          kube_control_plane: [kube-master]
+          kube_node: [kube-node]
+          calico_rr: [calico-rr]
+          no_floating: [no-floating]
+          k8s_cluster: [kube_node, kube_control_plane, calico_rr]
+      group_by:
+        key: "{{ item.key }}"
+      when: group_names | intersect(item.value) | length > 0
+      loop: "{{ group_mappings | dict2items }}"
+- hosts: all
+  gather_facts: false
+  connection: local
+  tasks:
+    - debug:
+        msg: "PMVARS {{ inventory_hostname }} {{ v1 | default('-') }} {{ v2 | default('-') }}"
+"""
+
+
+def kubespray_run_vars(tmp_path: Path, inventory: Path) -> dict[str, tuple[str, str]]:
+    """host -> (v1, v2) as a kubespray run sees them: its dynamic_groups task run by
+    ansible-playbook (the oracle: group_by groups and Ansible's own precedence)."""
+    play = tmp_path / "play.yml"
+    play.write_text(DYNAMIC_GROUPS_PLAY)
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path), "ANSIBLE_HOME": str(tmp_path),
+           "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_NOCOLOR": "1"}  # fmt: skip
+    p = subprocess.run(
+        [str(Path(ANSIBLE_INVENTORY).with_name("ansible-playbook")), "-i", str(inventory),
+         str(play)],
+        capture_output=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    out = {}
+    for m in re.finditer(r'"msg": "PMVARS (\S+) (\S+) (\S+)"', p.stdout.decode()):
+        out[m[1]] = (m[2], m[3])
+    return out
+
+
+def test_kubespray_run_groups_precedence_equals_ansible_playbook(tmp_path):
+    """Review 13, item 4: kubespray adds its run-time groups with group_by (one level below all),
+    not as parents; a sibling with a higher ansible_group_priority beats kube_node, and
+    k8s_cluster beats calico_rr by name. Oracle: the role's task run by ansible-playbook."""
+    inv = tmp_path / "inv"
+    (inv / "group_vars" / "k8s_cluster").mkdir(parents=True)
+    (inv / "hosts.yml").write_text(
+        "all:\n  hosts:\n    node1: {ansible_host: 127.0.0.1}\n    node2: {ansible_host: 127.0.0.1}\n"
+        "  children:\n    kube_control_plane: {hosts: {node1: {}}}\n"
+        "    kube_node: {hosts: {node1: {}, node2: {}}}\n    calico_rr: {hosts: {node2: {}}}\n"
+        "    zone_a:\n      vars: {ansible_group_priority: 10}\n"
+        "      hosts: {node1: {}, node2: {}}\n    etcd: {hosts: {node1: {}}}\n"
+    )
+    (inv / "group_vars" / "k8s_cluster" / "a.yml").write_text("v1: k8s\nv2: k8s\n")
+    (inv / "group_vars" / "kube_node.yml").write_text("v1: node\n")
+    (inv / "group_vars" / "zone_a.yml").write_text("v1: zone\n")
+    (inv / "group_vars" / "calico_rr.yml").write_text("v2: rr\n")
+    theirs = kubespray_run_vars(tmp_path, inv / "hosts.yml")
+    assert theirs == {"node1": ("zone", "k8s"), "node2": ("zone", "k8s")}  # the oracle's say
+    (src,) = read_inventory_file(str(inv / "hosts.yml"))
+    mine = {h: dict(chain(ls)) for h, ls in src.host_layers(CliVars()).items()}
+    assert {h: (v.get("v1", "-"), v.get("v2", "-")) for h, v in mine.items()} == theirs
 
 
 # --------------------------------------------------------------------------- Kubean examples

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def _failures(path: Path, af: str = "ipv4") -> set[tuple]:
 
 def _summaries(path: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == "summary"]
+
+
+def _timeless(text: str) -> str:
+    return re.sub(r"\(\d+(\.\d+)?s\)", "(Ts)", text)
+
+
+def _docs_demo_sample() -> str:
+    """The sample of the demo's stderr summary in docs/mesh.md."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "mesh.md").read_text()
+    i = doc.index("`portmesh demo` (the README's faults, on dual-stack hosts):\n\n```\n")
+    i = doc.index("```\n", i) + 4
+    return _timeless(doc[i : doc.index("\n```", i)])
 
 
 @pytest.mark.skipif(lab_skip_reason() is not None, reason=lab_skip_reason() or "")
@@ -84,6 +97,11 @@ def test_lab_demo_reports_exactly_the_injected_faults(tmp_path: Path) -> None:
         if e["event"]["outcome"] == "failure" and e["network"]["type"] == "ipv6"
     }
     assert failing6 == {(s, h) for _, s, h, _, _ in want6}
+    # docs/mesh.md shows this run's stderr summary: it must be what the demo prints (the
+    # elapsed time aside)
+    assert _docs_demo_sample() == _timeless(p.stderr[p.stderr.index("portmesh mesh:"):]).split(
+        "\nportmesh demo:"
+    )[0].rstrip("\n"), "docs/mesh.md's demo sample differs from the demo's output"
     # the lab is gone afterwards
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "pmdemo-" not in ns

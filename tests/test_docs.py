@@ -129,6 +129,17 @@ def test_every_shell_block_is_marked() -> None:
     assert not plain, f"shell commands in a fence without a language (use ```sh): {plain}"
 
 
+def test_check_examples_give_the_secret_by_file() -> None:
+    """A secret on the command line is readable by every user of a shared host (ps): the
+    docs' check examples show --secret-file, never --secret."""
+    cmds = [
+        c for b in blocks() if b.lang == "sh" for c in commands(b.text)
+        if re.search(r"\bportmesh\s+check\b", c)
+    ]  # fmt: skip
+    assert any("--secret-file" in c for c in cmds), cmds
+    assert not [c for c in cmds if re.search(r"--secret(\s|=)", c)]
+
+
 def test_commands_parse() -> None:
     assert commands("a \\\n  b\n# c\n\nd  # e\n") == ["a    b", "d  # e"]
     assert needs_ssh("portmesh mesh -i inventory.yml --nodeport-sample 16 -o mesh.ndjson")

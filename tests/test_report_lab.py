@@ -148,6 +148,11 @@ def test_nft_fix_refuses_a_missing_chain(make_lab, tmp_path: Path) -> None:
     cp = lab.run(n2.name, ["sh", str(fix), n2.name], capture_output=True, text=True, timeout=30)
     assert cp.returncode != 0
     assert "no chain inet nosuch input on this host" in cp.stderr
+    # the message names the table to use: a lab's faults are in 'inet portmesh'
+    lab.nft(n2.name, "table inet portmesh {\n chain input {\n type filter hook input priority 0;\n }\n}\n")
+    cp = lab.run(n2.name, ["sh", str(fix), n2.name], capture_output=True, text=True, timeout=30)
+    assert cp.returncode != 0
+    assert "(chain input is in: --nft-table 'inet portmesh')" in cp.stderr, cp.stderr
 
 
 def test_multi_homed_source_warning_and_fix_use_the_real_address(make_lab, tmp_path: Path) -> None:

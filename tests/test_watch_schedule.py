@@ -139,3 +139,38 @@ def test_exposition_passes_promtool() -> None:
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip() == "" and p.stderr.strip() == "", p.stdout + p.stderr
+
+
+def test_watch_and_respond_share_their_responder_options(monkeypatch, tmp_path) -> None:
+    """One definition of --as/--bind/--secret/--secret-file for respond and watch, and watch's
+    tuning options reach WatchConfig from one table (no option list repeated in a signature)."""
+    from click.testing import CliRunner
+
+    from scanner.commands import respond, watch
+    from scanner.watch import agent
+
+    def opts(cmd) -> dict:
+        return {p.name: (p.opts, p.metavar, p.default) for p in cmd.params}
+
+    w, r = opts(watch.command), opts(respond.command)
+    for name in ("as_host", "bind", "secret", "secret_file"):
+        assert w[name] == r[name], name
+    got = {}
+    monkeypatch.setattr(agent, "run_watch", lambda cfg: got.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr(watch, "NdjsonOutput", lambda *a, **k: None)
+    inv = tmp_path / "inv.yml"
+    inv.write_text("all:\n  hosts:\n    node1: {ip: 198.18.9.1}\n    node2: {ip: 198.18.9.2}\n"
+                   "  children:\n    kube_node:\n      hosts: {node1: null, node2: null}\n")  # fmt: skip
+    sec = tmp_path / "secret"
+    sec.write_text("s3cret-s3cret-s3cret\n")
+    res = CliRunner().invoke(watch.command, [
+        "-i", str(inv), "--as", "node1", "--secret-file", str(sec), "--round", "7",
+        "--rate", "3", "--neighbours", "2", "--chunk", "5", "--timeout", "0.5",
+        "--bind", "127.0.0.1",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = got["cfg"]
+    assert (cfg.round_seconds, cfg.rate, cfg.neighbours, cfg.chunk, cfg.timeout, cfg.bind) == (
+        7.0, 3.0, 2, 5, 0.5, "127.0.0.1"
+    )
+    assert cfg.me == "node1"

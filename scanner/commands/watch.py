@@ -8,10 +8,18 @@ portmesh watch rules                                          the Prometheus ale
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from scanner.commands.respond import check_bind, resolve_secret
+from scanner.commands.respond import (
+    as_option,
+    bind_option,
+    check_bind,
+    resolve_secret,
+    secret_options,
+)
 from scanner.engine.output import NdjsonOutput
 from scanner.errors import InputError
 from scanner.plan.inventory import local_host
@@ -27,63 +35,39 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return check_bind(host), int(port)
 
 
+# The watch tuning options: (flag, parameter, type, default, help). Every agent must be given
+# the same --round and --neighbours: the schedule is computed, not negotiated.
+TUNING = (
+    ("--round", "round_seconds", click.FloatRange(min=0.5), agent.DEFAULT_ROUND,
+     "Seconds per round (every agent must use the same)."),
+    ("--rate", "rate", click.FloatRange(min=0.1), agent.DEFAULT_RATE,
+     "Probe budget: probes per second from this node."),
+    ("--neighbours", "neighbours", click.IntRange(min=1), agent.DEFAULT_NEIGHBOURS,
+     "Peers visited per round (every agent must use the same)."),
+    ("--chunk", "chunk", click.IntRange(min=1), agent.DEFAULT_CHUNK,
+     "Ports of a long range (NodePorts) per visit."),
+    ("--timeout", "timeout", click.FloatRange(min=0.01, max=60), 1.0, "Probe timeout, seconds."),
+)  # fmt: skip
+
+
+def tuning_options(f: Callable) -> Callable:
+    for flag, name, kind, default, text in reversed(TUNING):
+        f = click.option(flag, name, type=kind, default=default, show_default=True, help=text)(f)
+    return f
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @selection_options
-@click.option(
-    "--as",
-    "as_host",
-    metavar="NAME",
-    help="This node: its name, NAME@CLUSTER or its address (default: from local addresses).",
-)
-@click.option(
-    "--secret", metavar="S", help="The secret every agent shares (as `respond --secret`)."
-)
-@click.option(
-    "--secret-file", metavar="FILE", help="Read the shared secret from FILE (a mounted Secret)."
-)
+@as_option("This node: its name, NAME@CLUSTER or its address (default: from local addresses).")
+@secret_options("secret every agent shares", mounted=True)
 @click.option(
     "--metrics",
     "metrics",
     metavar="HOST:PORT",
     help="Serve /metrics here (Prometheus text format).",
 )
-@click.option(
-    "--round",
-    "round_seconds",
-    type=click.FloatRange(min=0.5),
-    default=agent.DEFAULT_ROUND,
-    show_default=True,
-    help="Seconds per round (every agent must use the same).",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0.1),
-    default=agent.DEFAULT_RATE,
-    show_default=True,
-    help="Probe budget: probes per second from this node.",
-)
-@click.option(
-    "--neighbours",
-    type=click.IntRange(min=1),
-    default=agent.DEFAULT_NEIGHBOURS,
-    show_default=True,
-    help="Peers visited per round (every agent must use the same).",
-)
-@click.option(
-    "--chunk",
-    type=click.IntRange(min=1),
-    default=agent.DEFAULT_CHUNK,
-    show_default=True,
-    help="Ports of a long range (NodePorts) per visit.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.01, max=60),
-    default=1.0,
-    show_default=True,
-    help="Probe timeout, seconds.",
-)
-@click.option("--bind", default="0.0.0.0", show_default=True, help="Address the responder binds.")
+@tuning_options
+@bind_option
 @click.option(
     "--rounds",
     type=click.IntRange(min=1),
@@ -101,14 +85,10 @@ def command(
     secret: str | None,
     secret_file: str | None,
     metrics: str | None,
-    round_seconds: float,
-    rate: float,
-    neighbours: int,
-    chunk: int,
-    timeout: float,
     bind: str,
     rounds: int | None,
     output: str | None,
+    **tuning: Any,  # TUNING's parameters, handed to WatchConfig as they are
 ) -> int:
     """Keep checking this node's flows of the plan; serve Prometheus metrics; NDJSON events on
     every state change (stdout). Every agent must be given the same inventory, secret, --round
@@ -138,14 +118,10 @@ def command(
         me=as_host,
         secret=sec,
         metrics=hostport,
-        round_seconds=round_seconds,
-        rate=rate,
-        neighbours=neighbours,
-        chunk=chunk,
-        timeout=timeout,
         bind=check_bind(bind),
         output=NdjsonOutput(output),
         rounds=rounds,
+        **tuning,
     )
     return agent.run_watch(cfg)
 

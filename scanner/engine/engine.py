@@ -13,7 +13,8 @@ socket, future and timer. A stateless probe (raw SYN) runs as a batch instead
   - privileges: a probe that needs raw sockets is reported as error/needs-cap-net-raw;
   - a graceful stop (SIGINT): no new flows are launched, in-flight attempts finish without
     further retries, and every flow not probed is still reported (error/interrupted), so
-    planned == results always holds.
+    planned == results always holds. A flow whose last attempt was silent and that still had
+    retries left is interrupted too: its silence so far is not its result.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class HostState:
 
     __slots__ = (
         "srtt", "rttvar", "inflight", "waiters", "answered", "late", "retrying", "buckets",
-        "fam", "held", "expiry",
+        "fam", "held", "expiry", "l2_at",
     )  # fmt: skip
 
     def __init__(self, fam: int = 0) -> None:
@@ -144,6 +145,10 @@ class HostState:
         self.fam = fam
         self.held = False
         self.expiry = 0.0
+        # when (perf_counter) its neighbour entry was seen resolved: attempts sent before then
+        # may have waited for ARP/NDP, so their silence proves nothing (NeighGuard.settle);
+        # None: not looked at yet; -inf: silences stand
+        self.l2_at: float | None = None
 
     def note_icmp(self) -> None:
         """This destination answered with an ICMP error (any protocol's). Its kernel's ICMP
@@ -288,7 +293,7 @@ class Engine:
             for p in self.probers.values():
                 p.close()  # type: ignore[attr-defined]
             g = self.neigh
-            if g is not None and (g.hits or g.unknown or g.waited):
+            if g is not None and (g.hits or g.unknown or g.waited or g.settled):
                 self.stats.neighbour = g.report()
         # flows never launched (interrupted): still one result each
         now = time.time()
@@ -558,6 +563,7 @@ class Engine:
         guard = self.neigh if hs.fam else None
         mark = 0
         nhits = 0
+        settled = False  # this flow had its one attempt that did not count (unresolved entry)
         try:
             while True:
                 if pps and hs.buckets is not None and flow.proto in hs.buckets:
@@ -565,7 +571,8 @@ class Engine:
                     if wait > 0:
                         await asyncio.sleep(wait)
                         if self.stopping and last is not None:
-                            return Result(flow, last.state, last.reason, None, attempts)
+                            # cut short before the retry it was waiting for
+                            return Result(flow, "error", _INTERRUPTED, None, attempts)
                 if rate:
                     loop = asyncio.get_running_loop()
                     now = loop.time()
@@ -574,13 +581,13 @@ class Engine:
                     if t > now:
                         await asyncio.sleep(t - now)
                         if self.stopping:
-                            # a stop while waiting for a rate slot: launch nothing more
-                            if last is None:
-                                return Result(flow, "error", "interrupted", None, 0)
-                            return Result(flow, last.state, last.reason, None, attempts)
+                            # a stop while waiting for a rate slot: launch nothing more (a
+                            # retry cut short is interrupted too, not its last silence)
+                            return Result(flow, "error", _INTERRUPTED, None, attempts)
                 timeout = hs.timeout(cfg)
                 if guard is not None:
                     mark = guard.mark(hs.fam)
+                t0 = time.perf_counter()
                 out: Outcome = await prober.probe(flow, timeout)
                 st.attempts += 1
                 if guard is not None and guard.hit(hs.fam, mark, out.state, out.reason, out.silent):
@@ -615,8 +622,28 @@ class Engine:
                     # It answers with ICMP errors and now fell silent: its error rate
                     # limit, not loss. Start with an empty bucket: the burst is spent.
                     hs.buckets[flow.proto] = [0.0, asyncio.get_running_loop().time()]
+                if (
+                    guard is not None
+                    and out.silent
+                    and not settled
+                    and guard.suspect(hs, t0, timeout)
+                    and await guard.settle(hs, flow.dst)
+                    and guard.cut(hs, t0, timeout)
+                ):
+                    # sent before its neighbour entry resolved (a lost ARP request is asked
+                    # again only after 1 s): the packet may have left after the deadline, or
+                    # never. That attempt does not count; once more, now that it is resolved.
+                    settled = True
+                    guard.settled += 1
+                    attempts -= 1
+                    if self.stopping:
+                        return Result(flow, "error", _INTERRUPTED, None, attempts)
+                    continue
                 if out.silent:
-                    if not self.stopping and attempts <= self._retries_allowed(hs, flow.proto):
+                    if attempts <= self._retries_allowed(hs, flow.proto):
+                        if self.stopping:
+                            # SIGINT cut its retries short: its silence so far is no result
+                            return Result(flow, "error", _INTERRUPTED, None, attempts)
                         st.retries += 1
                         if attempts == 1:
                             hs.retrying += 1
@@ -627,7 +654,7 @@ class Engine:
                     hs.update(rtt_s)
                     hs.answered += 1
                     st.answered += 1
-                    if attempts > 1:
+                    if attempts > 1 or out.resent:
                         hs.late += 1
                         st.late_answers += 1
                 return Result(

@@ -19,6 +19,14 @@ What the engine does about it (``NeighGuard``):
 - a flow still hit after ``RETRIES`` such retries is ``error`` / ``neighbour-table-full``
   (verdict unknown), and the run says once on stderr which sysctl to raise.
 
+A second kernel effect, on a fresh table: the first packets to a new neighbour wait while it is
+resolved (INCOMPLETE; packets beyond ``unres_qlen_bytes`` are discarded), and a lost ARP/NDP
+request is sent again only after ``retrans_time`` (1 s by default). A short ``--timeout`` then
+expires before the probe left the host, and the silence would be a false ``filtered``. So a
+silent attempt that started before its destination's entry was seen resolved does not count
+(``settle``): the guard waits until the kernel has resolved the entry (or given up: FAILED,
+then the silence is the truth) and the flow is tried again, once.
+
 The thresholds and counters are the kernel's neighbour-table settings: ``/proc/sys`` and
 ``/proc/net/stat`` in the initial network namespace; inside any other namespace (a lab host,
 a container) those files do not exist, and the same numbers come from rtnetlink
@@ -31,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -71,41 +80,57 @@ _NDTA_THRESH1, _NDTA_THRESH2, _NDTA_THRESH3, _NDTA_CONFIG, _NDTA_STATS = 2, 3, 4
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 
 
+def _messages(data: bytes, mtype: int) -> tuple[list[tuple[int, int]], bool]:
+    """The (offset, end) of every netlink message of type ``mtype`` in ``data``, and whether
+    NLMSG_DONE (or an error) ended the dump (pure)."""
+    out: list[tuple[int, int]] = []
+    off = 0
+    while off + 16 <= len(data):
+        mlen, t = struct.unpack_from("=IH", data, off)
+        if mlen < 16:
+            break
+        if t in (_NLMSG_DONE, _NLMSG_ERROR):
+            return out, True
+        if t == mtype:
+            out.append((off, off + mlen))
+        off += (mlen + 3) & ~3
+    return out, False
+
+
+def _attrs(data: bytes, a: int, end: int) -> dict[int, bytes]:
+    """The rtnetlink attributes between ``a`` and ``end``: type -> payload (pure)."""
+    attrs: dict[int, bytes] = {}
+    while a + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, a)
+        if alen < 4:
+            break
+        attrs[atype & 0x3FFF] = data[a + 4 : a + alen]
+        a += (alen + 3) & ~3
+    return attrs
+
+
 def parse_neightbl(data: bytes) -> tuple[dict[int, Table], bool]:
     """RTM_NEWNEIGHTBL messages -> {family: Table}, and whether NLMSG_DONE was seen (pure)."""
     out: dict[int, Table] = {}
-    off = 0
-    while off + 16 <= len(data):
-        mlen, mtype = struct.unpack_from("=IH", data, off)
-        if mlen < 16:
-            break
-        if mtype in (_NLMSG_DONE, _NLMSG_ERROR):
-            return out, True
-        if mtype == _RTM_NEWNEIGHTBL and mlen >= 20:
-            fam = _FAMILY.get(data[off + 16])
-            attrs: dict[int, bytes] = {}
-            a = off + 20
-            end = off + mlen
-            while a + 4 <= end:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                attrs[atype & 0x3FFF] = data[a + 4 : a + alen]
-                a += (alen + 3) & ~3
-            t3 = attrs.get(_NDTA_THRESH3)
-            if fam is not None and t3 is not None and len(t3) >= 4:
-                cfg = attrs.get(_NDTA_CONFIG, b"")
-                stats = attrs.get(_NDTA_STATS, b"")
-                out[fam] = Table(
-                    fam,
-                    struct.unpack("=I", attrs.get(_NDTA_THRESH1, b"\0\0\0\0")[:4])[0],
-                    struct.unpack("=I", attrs.get(_NDTA_THRESH2, b"\0\0\0\0")[:4])[0],
-                    struct.unpack("=I", t3[:4])[0],
-                    struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
-                    struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0,
-                )
-        off += (mlen + 3) & ~3
-    return out, False
+    msgs, done = _messages(data, _RTM_NEWNEIGHTBL)
+    for off, end in msgs:
+        if end - off < 20:
+            continue
+        fam = _FAMILY.get(data[off + 16])
+        attrs = _attrs(data, off + 20, end)
+        t3 = attrs.get(_NDTA_THRESH3)
+        if fam is not None and t3 is not None and len(t3) >= 4:
+            cfg = attrs.get(_NDTA_CONFIG, b"")
+            stats = attrs.get(_NDTA_STATS, b"")
+            out[fam] = Table(
+                fam,
+                struct.unpack("=I", attrs.get(_NDTA_THRESH1, b"\0\0\0\0")[:4])[0],
+                struct.unpack("=I", attrs.get(_NDTA_THRESH2, b"\0\0\0\0")[:4])[0],
+                struct.unpack("=I", t3[:4])[0],
+                struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
+                struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0,
+            )
+    return out, done
 
 
 def _netlink_tables(family: int = 0) -> dict[int, Table]:
@@ -189,6 +214,60 @@ def fulls_reader(family: int) -> Callable[[], int] | None:
         return 0 if t is None else t.table_fulls
 
     return from_netlink
+
+
+# NUD states (linux/neighbour.h) and rtnetlink neighbour messages
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_FAILED = 0x01, 0x02, 0x20
+_RTM_NEWNEIGH, _RTM_GETNEIGH = 28, 30
+_NDA_DST, _NDA_CACHEINFO = 1, 3
+SETTLE_WAIT = 3.5  # the kernel's own give-up: mcast_solicit (3) x retrans_time (1 s), and some
+SETTLE_POLL = 0.02
+try:
+    _CLK_TCK = float(os.sysconf("SC_CLK_TCK"))  # the unit of nda_cacheinfo's ages
+except (ValueError, OSError, AttributeError):
+    _CLK_TCK = 100.0
+
+
+def parse_neigh(data: bytes) -> tuple[dict[str, tuple[int, float]], bool]:
+    """RTM_NEWNEIGH messages -> {address: (NUD state, seconds since its state last changed)},
+    and whether NLMSG_DONE was seen (pure)."""
+    out: dict[str, tuple[int, float]] = {}
+    msgs, done = _messages(data, _RTM_NEWNEIGH)
+    for off, end in msgs:
+        if end - off < 28:
+            continue
+        fam = data[off + 16]
+        state = struct.unpack_from("=H", data, off + 24)[0]
+        attrs = _attrs(data, off + 28, end)
+        dst = attrs.get(_NDA_DST)
+        if dst is None or fam not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        try:
+            addr = socket.inet_ntop(fam, dst)
+        except (ValueError, OSError):
+            continue
+        ci = attrs.get(_NDA_CACHEINFO, b"")
+        age = struct.unpack_from("=I", ci, 8)[0] / _CLK_TCK if len(ci) >= 12 else 0.0
+        out[addr] = (state, age)  # age: ndm_updated, in clock ticks
+    return out, done
+
+
+def neigh_dump(family: int) -> dict[str, tuple[int, float]]:
+    """This namespace's neighbour entries of one family (4 or 6), through rtnetlink."""
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # NETLINK_ROUTE
+        s.settimeout(1.0)
+        s.bind((0, 0))
+        req = struct.pack("=IHHII", 28, _RTM_GETNEIGH, 0x301, 1, 0) + struct.pack(
+            "=BBHiHBB", fam, 0, 0, 0, 0, 0, 0
+        )
+        s.send(req)
+        out: dict[str, tuple[int, float]] = {}
+        while True:
+            got, done = parse_neigh(s.recv(1 << 16))
+            out.update(got)
+            if done:
+                return out
 
 
 # ---- which destinations need an entry -------------------------------------------------------
@@ -300,6 +379,9 @@ class NeighGuard:
         self.unknown = 0  # flows given up on (neighbour-table-full)
         self.waited = 0  # flows that waited for a destination slot
         self.fulls0 = {f: c for f, (c, _) in self._cache.items()}
+        self.settled = 0  # silent attempts that did not count: sent before the entry resolved
+        self._dumps: dict[int, tuple[float, dict[str, tuple[int, float]] | None]] = {}
+        self._settling: dict[str, asyncio.Future[float]] = {}
 
     @classmethod
     def create(cls, share: int = 1) -> NeighGuard | None:
@@ -416,10 +498,73 @@ class NeighGuard:
         self.budget[fam] = max(MIN_BUDGET, min(self.budget[fam], (self.active[fam] * 3) // 4))
         return True
 
+    # -- resolution --------------------------------------------------------------------------
+
+    def suspect(self, hs: Any, t0: float, timeout: float) -> bool:
+        """Might an attempt that started at ``t0`` (perf_counter) and came back silent after
+        ``timeout`` have left this host too late (its destination's entry not yet resolved)?"""
+        return hs.l2_at is None or self.cut(hs, t0, timeout)
+
+    @staticmethod
+    def cut(hs: Any, t0: float, timeout: float) -> bool:
+        """Was the entry resolved only after half the attempt's wait had gone (its packet then
+        had less than half its time, or never left)? A resolution a few milliseconds after the
+        first packets of a burst leaves their silence standing: it is real loss, and the loss
+        estimate needs it."""
+        at = hs.l2_at
+        return at is not None and at != float("-inf") and t0 + timeout / 2 < at
+
+    async def settle(self, hs: Any, dst: str) -> bool:
+        """Wait until ``dst``'s entry is resolved or the kernel gave up on it; True when it
+        resolved (attempts that started before ``hs.l2_at`` then do not count), False when
+        the silence stands (FAILED, no entry, or the kernel does not tell)."""
+        if hs.l2_at is None:
+            fut = self._settling.get(dst)
+            if fut is None:
+                fut = self._settling[dst] = asyncio.ensure_future(self._resolved_at(hs.fam, dst))
+            hs.l2_at = await asyncio.shield(fut)
+            self._settling.pop(dst, None)
+        return hs.l2_at != float("-inf")
+
+    async def _resolved_at(self, fam: int, dst: str) -> float:
+        """When (perf_counter) ``dst``'s entry was last seen to change into a resolved state,
+        or -inf when the silences to it stand."""
+        with contextlib.suppress(ValueError):
+            dst = str(ipaddress.ip_address(dst.split("%", 1)[0]))
+        deadline = time.perf_counter() + SETTLE_WAIT
+        while True:
+            states = self._dump(fam)
+            if states is None:
+                return float("-inf")  # the kernel does not tell: as before
+            st = states.get(dst)
+            if st is not None and st[0] & NUD_REACHABLE:
+                # since when: resolved then (from INCOMPLETE), or confirmed again (from DELAY,
+                # when nothing was queued: only stricter)
+                return time.perf_counter() - st[1]
+            if st is not None and st[0] & ~(NUD_INCOMPLETE | NUD_FAILED):
+                # STALE, DELAY, PROBE: it had an address all along (REACHABLE lasts >= 15 s,
+                # so it was not resolved since the attempt); NOARP, PERMANENT: never queued
+                return float("-inf")
+            if st is None or st[0] != NUD_INCOMPLETE or time.perf_counter() > deadline:
+                return float("-inf")  # FAILED or gone: the host did not answer ARP/NDP
+            await asyncio.sleep(SETTLE_POLL)
+
+    def _dump(self, fam: int) -> dict[str, tuple[int, float]] | None:
+        now = time.perf_counter()
+        c = self._dumps.get(fam)
+        if c is not None and now - c[0] < SETTLE_POLL / 2:
+            return c[1]
+        try:
+            d: dict[str, tuple[int, float]] | None = neigh_dump(fam)
+        except (OSError, struct.error):
+            d = None
+        self._dumps[fam] = (now, d)
+        return d
+
     def report(self) -> dict[str, Any]:
         """For the summary: what the guard did (only interesting when something happened)."""
         fulls = {f: self.fulls(f) - self.fulls0.get(f, 0) for f in self.tables}
-        return {
+        out = {
             "limit": {str(f): self.start_budget[f] for f in self.tables},
             "limit_end": {str(f): self.budget[f] for f in self.tables},
             "gc_thresh3": {str(f): t.thresh3 for f, t in self.tables.items()},
@@ -428,6 +573,9 @@ class NeighGuard:
             "waited": self.waited,
             "unknown": self.unknown,
         }
+        if self.settled:
+            out["unresolved_retried"] = self.settled
+        return out
 
 
 def budget_for(thresh3: int) -> int:

@@ -229,6 +229,8 @@ def merge_neighbour(a: dict | None, b: dict) -> dict:
     out = dict(a)
     for k in ("retried", "waited", "unknown"):
         out[k] = a.get(k, 0) + b.get(k, 0)
+    if a.get("unresolved_retried") or b.get("unresolved_retried"):
+        out["unresolved_retried"] = a.get("unresolved_retried", 0) + b.get("unresolved_retried", 0)
     for k in ("limit", "limit_end"):
         out[k] = {f: a.get(k, {}).get(f, 0) + v for f, v in b.get(k, {}).items()}
     out["table_fulls"] = {

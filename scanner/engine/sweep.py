@@ -43,16 +43,18 @@ SEND_BATCH = 256
 
 
 class _Attempt:
-    __slots__ = ("flow", "hs", "t0", "attempts", "counted", "mark", "nhits")
+    __slots__ = ("flow", "hs", "t0", "limit", "attempts", "counted", "mark", "nhits", "settled")
 
     def __init__(self, flow: Flow, hs: Any) -> None:  # hs: engine.HostState
         self.flow = flow
         self.hs = hs
         self.t0 = 0.0
+        self.limit = 0.0  # the timeout it was sent with
         self.attempts = 0  # attempts that went out (as engine._attempts counts them)
         self.counted = False  # in hs.retrying
         self.mark = 0  # the neighbour table's overflow counter when the attempt left
         self.nhits = 0  # attempts a neighbour-table overflow may have eaten
+        self.settled = False  # had its one attempt sent before the neighbour entry resolved
 
 
 class Sweep:
@@ -67,6 +69,9 @@ class Sweep:
         self.tasks = 0  # flows running through the per-flow path
         self.noted = False  # tcp_method reported
         self.neigh_wait: set[_Attempt] = set()  # pausing after a neighbour-table overflow
+        # destination -> silent attempts waiting for its neighbour entry to settle (one task
+        # per destination, not per flow: NeighGuard.settle)
+        self.settling: dict[str, list[_Attempt]] = {}
         self.parked: dict[str, deque[Flow]] = {}  # per-host cap reached: waiting flows
         self.nparked = 0
         self.resend: deque[_Attempt] = deque()  # silent attempts due for a retry
@@ -137,8 +142,9 @@ class Sweep:
         while resend and budget:
             a = resend.popleft()
             if eng.stopping:
-                # a graceful stop: no more retries (a parked flow never went out)
-                self._final(a, _SILENT if a.attempts else _INTERRUPTED)
+                # a graceful stop: no more retries; a flow waiting for one was cut short (and a
+                # parked flow never went out): interrupted, not its last silence
+                self._final(a, _INTERRUPTED)
                 continue
             if rate and self._rate_wait():
                 resend.appendleft(a)
@@ -255,7 +261,7 @@ class Sweep:
         if guard is not None and a.hs.fam:
             a.mark = guard.mark(a.hs.fam)
         self.inflight[r] = a
-        limit = a.hs.timeout(self.engine.cfg)
+        limit = a.limit = a.hs.timeout(self.engine.cfg)
         slot = int((t0 + limit) / TICK) + 1
         w = self.wheel.get(slot)
         if w is None:
@@ -278,7 +284,7 @@ class Sweep:
             hs.update(out.rtt_ms / 1000.0)
             hs.answered += 1
             st.answered += 1
-            if a.attempts > 1:
+            if a.attempts > 1 or out.resent:
                 hs.late += 1
                 st.late_answers += 1
         eng._emit(
@@ -354,7 +360,58 @@ class Sweep:
 
             self.loop.call_later(pause, again)
             return
-        if not eng.stopping and a.attempts <= eng._retries_allowed(hs, a.flow.proto):
+        if guard is not None and hs.fam and not a.settled and guard.suspect(hs, a.t0, a.limit):
+            self._settle(a)
+            return
+        self._counted(a)
+
+    def _settle(self, a: _Attempt) -> None:
+        """A silent SYN sent before its destination's neighbour entry was seen resolved: wait
+        for the kernel to resolve it (or give up), then decide (as engine._attempts does)."""
+        hs = a.hs
+        if hs.l2_at is not None:
+            self._settled_one(a)
+            return
+        dst = a.flow.dst
+        waiting = self.settling.get(dst)
+        self.neigh_wait.add(a)
+        if waiting is not None:
+            waiting.append(a)
+            return
+        self.settling[dst] = [a]
+        task = self.loop.create_task(self.engine.neigh.settle(hs, dst))
+
+        def done(t: asyncio.Task) -> None:
+            for w in self.settling.pop(dst, ()):
+                if w in self.neigh_wait:  # else a hard stop reported it already
+                    self.neigh_wait.discard(w)
+                    if t.cancelled() or t.exception() is not None:
+                        self._counted(w)
+                    else:
+                        self._settled_one(w)
+            self._fill()
+
+        task.add_done_callback(done)
+
+    def _settled_one(self, a: _Attempt) -> None:
+        hs = a.hs
+        if self.engine.neigh.cut(hs, a.t0, a.limit):
+            # it may have left after its deadline, or never: once more, not counted
+            a.settled = True
+            a.attempts -= 1
+            self.engine.neigh.settled += 1
+            self.resend.append(a)
+            return
+        self._counted(a)
+
+    def _counted(self, a: _Attempt) -> None:
+        """A silent attempt that counts: a retry while allowed, else the flow's result."""
+        eng = self.engine
+        hs = a.hs
+        if a.attempts <= eng._retries_allowed(hs, a.flow.proto):
+            if eng.stopping:
+                self._final(a, _INTERRUPTED)  # retries cut short: no result yet
+                return
             eng.stats.retries += 1
             if a.attempts == 1:
                 hs.retrying += 1

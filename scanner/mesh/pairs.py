@@ -423,7 +423,6 @@ class PairJoin:
         Two all-passing directions take a fast path with the ports text memoised per pair of
         port sets: a 1,000-host mesh has millions of such pairs.
         """
-        n = self.n
         names = self.names
         head = {"type": "pair"} if scan_id is None else {"type": "pair", "scan_id": scan_id}
         for key in sorted(self.reqs):
@@ -433,50 +432,39 @@ class PairJoin:
             sig, passed = t.sig, t.passed
             proto = t.proto
             port_fields: dict[tuple[int, int], dict[str, Any]] = {}
-            for a in range(n):
-                row = a * n
-                for b in range(a + 1, n):
-                    sab = sig[row + b]
-                    if sab == ABSENT:
-                        continue
-                    kba = b * n + a
-                    sba = sig[kba]
-                    if sba == ABSENT:
-                        continue
-                    if sab == SPARSE or sba == SPARSE:
-                        ab, ba = self._dir(t, row + b), self._dir(t, kba)
-                        rec = self.pair(req, names[a], names[b], ab, ba, af)  # type: ignore[arg-type]
-                        if scan_id is not None:
-                            rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
-                        yield rec
-                        continue
-                    pf = port_fields.get((sab, sba))
-                    if pf is None:
-                        pf = port_fields[(sab, sba)] = self._port_field(
-                            self.states.portset(sab), self.states.portset(sba)
-                        )
-                    yield {
-                        **head,
-                        "a": names[a],
-                        "b": names[b],
-                        "req": req,
-                        "proto": proto,
-                        "af": af,
-                        **pf,
-                        "a_to_b": "pass",
-                        "b_to_a": "pass",
-                        "verdict": "pass",
-                        "detail": {
-                            "a_to_b": {"pass": passed[row + b], "fail": 0, "unknown": 0},
-                            "b_to_a": {"pass": passed[kba], "fail": 0, "unknown": 0},
-                        },
-                    }
+            for a, b, kab, kba, sab, sba in self._cells(sig):
+                if sab == SPARSE or sba == SPARSE:
+                    rec = self._sparse_pair(t, req, a, b, kab, kba, af)
+                    if scan_id is not None:
+                        rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
+                    yield rec
+                    continue
+                pf = port_fields.get((sab, sba))
+                if pf is None:
+                    pf = port_fields[(sab, sba)] = self._port_field(
+                        self.states.portset(sab), self.states.portset(sba)
+                    )
+                yield {
+                    **head,
+                    "a": names[a],
+                    "b": names[b],
+                    "req": req,
+                    "proto": proto,
+                    "af": af,
+                    **pf,
+                    "a_to_b": "pass",
+                    "b_to_a": "pass",
+                    "verdict": "pass",
+                    "detail": {
+                        "a_to_b": {"pass": passed[kab], "fail": 0, "unknown": 0},
+                        "b_to_a": {"pass": passed[kba], "fail": 0, "unknown": 0},
+                    },
+                }
 
     def pair_lines(self, scan_id: str) -> Iterator[tuple[str, bytes]]:
         """``pairs(scan_id)`` as (verdict, NDJSON line): the same records, byte for byte, with
         the lines of two all-passing directions formatted from a template per requirement and
         pair of port sets (a 1,000-host mesh writes ~6.5 million of them)."""
-        n = self.n
         names = self.names
         q = [orjson.dumps(x) for x in names]  # each name as a JSON string, once
         head = {"type": "pair", "scan_id": scan_id}
@@ -491,33 +479,43 @@ class PairJoin:
                 + b',"af":' + orjson.dumps(af) + b","
             )  # fmt: skip
             templates: dict[tuple[int, int], bytes] = {}
-            for a in range(n):
-                row = a * n
-                qa = q[a]
-                for b in range(a + 1, n):
-                    sab = sig[row + b]
-                    if sab == ABSENT:
-                        continue
-                    kba = b * n + a
-                    sba = sig[kba]
-                    if sba == ABSENT:
-                        continue
-                    if sab == SPARSE or sba == SPARSE:
-                        ab, ba = self._dir(t, row + b), self._dir(t, kba)
-                        rec = self.pair(req, names[a], names[b], ab, ba, af)  # type: ignore[arg-type]
-                        rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
-                        yield rec["verdict"], orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
-                        continue
-                    tpl = templates.get((sab, sba))
-                    if tpl is None:
-                        pf = self._port_field(self.states.portset(sab), self.states.portset(sba))
-                        tpl = templates[(sab, sba)] = (
-                            b'%b,"b":%b' + (mid + orjson.dumps(pf)[1:-1]).replace(b"%", b"%%")
-                            + b',"a_to_b":"pass","b_to_a":"pass","verdict":"pass","detail":'
-                            b'{"a_to_b":{"pass":%d,"fail":0,"unknown":0},'
-                            b'"b_to_a":{"pass":%d,"fail":0,"unknown":0}}}\n'
-                        )  # fmt: skip
-                    yield "pass", start + tpl % (qa, q[b], passed[row + b], passed[kba])
+            for a, b, kab, kba, sab, sba in self._cells(sig):
+                if sab == SPARSE or sba == SPARSE:
+                    rec = self._sparse_pair(t, req, a, b, kab, kba, af)
+                    rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
+                    yield rec["verdict"], orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
+                    continue
+                tpl = templates.get((sab, sba))
+                if tpl is None:
+                    pf = self._port_field(self.states.portset(sab), self.states.portset(sba))
+                    tpl = templates[(sab, sba)] = (
+                        b'%b,"b":%b' + (mid + orjson.dumps(pf)[1:-1]).replace(b"%", b"%%")
+                        + b',"a_to_b":"pass","b_to_a":"pass","verdict":"pass","detail":'
+                        b'{"a_to_b":{"pass":%d,"fail":0,"unknown":0},'
+                        b'"b_to_a":{"pass":%d,"fail":0,"unknown":0}}}\n'
+                    )  # fmt: skip
+                yield "pass", start + tpl % (q[a], q[b], passed[kab], passed[kba])
+
+    def _cells(self, sig: Any) -> Iterator[tuple[int, int, int, int, int, int]]:
+        """(a, b, index a->b, index b->a, sig a->b, sig b->a) of every pair a < b whose two
+        directions were both planned."""
+        n = self.n
+        for a in range(n):
+            row = a * n
+            for b in range(a + 1, n):
+                sab = sig[row + b]
+                if sab == ABSENT:
+                    continue
+                kba = b * n + a
+                sba = sig[kba]
+                if sba != ABSENT:
+                    yield a, b, row + b, kba, sab, sba
+
+    def _sparse_pair(
+        self, t: Any, req: str, a: int, b: int, kab: int, kba: int, af: str
+    ) -> dict[str, Any]:
+        ab, ba = self._dir(t, kab), self._dir(t, kba)
+        return self.pair(req, self.names[a], self.names[b], ab, ba, af)  # type: ignore[arg-type]
 
     @staticmethod
     def _port_field(pa: PortSet, pb: PortSet) -> dict[str, Any]:

@@ -225,18 +225,13 @@ def probe_slice(
         src = real.get(f.dst)
         if src is not None and src != f.src:
             extra["src"] = src
-        if held and f.port is not None:
-            ports = held.get((f.dst, f.proto))
-            if ports is not None and f.port in ports:
-                hv = held_verdict(r.state, expect)
-                if hv is not None:
-                    r.verdict, extra["verdict_reason"] = hv
-        if doubt and f.port is not None:
-            ports = doubt.get((f.dst, f.proto))
-            if ports is not None and f.port in ports:
-                uv = unsure_verdict(r.state, expect)
-                if uv is not None:
-                    r.verdict, extra["verdict_reason"] = uv
+        if f.port is not None:
+            for marked, why in ((held, held_verdict), (doubt, unsure_verdict)):
+                ports = marked.get((f.dst, f.proto)) if marked else None
+                if ports is not None and f.port in ports:
+                    v = why(r.state, expect)
+                    if v is not None:
+                        r.verdict, extra["verdict_reason"] = v
         extra["i"] = i  # last: the coordinator cuts it off the forwarded line
         r.extra = extra
 

@@ -14,8 +14,9 @@
 - kubespray's run-time groups (its ``dynamic_groups`` role): ``kube-master``, ``kube-node``,
   ``calico-rr`` join ``kube_control_plane``, ``kube_node``, ``calico_rr``, and ``k8s_cluster`` is
   ``kube_control_plane`` + ``kube_node`` + ``calico_rr``. An inventory that does not define them
-  (kubespray's own sample has no ``k8s_cluster`` section) gets them as groups with those children,
-  so ``group_vars/k8s_cluster/*`` reaches the same hosts as under kubespray.
+  (kubespray's own sample has no ``k8s_cluster`` section) gets them as ``group_by`` makes them:
+  groups one level below ``all`` with those hosts (see ``add_kubespray_groups``), so
+  ``group_vars/k8s_cluster/*`` reaches the same hosts, in the same precedence, as under kubespray.
 
 Pure but for reading the files named; every problem is one InventoryError naming the file.
 """
@@ -180,12 +181,21 @@ class VarsDir:
 
 
 def add_kubespray_groups(inv: Inventory) -> None:
-    """kubespray's run-time groups (see the module docstring), as groups with children."""
+    """kubespray's run-time groups, as its ``dynamic_groups`` role makes them with ``group_by``:
+    the hosts of the source groups join the group as hosts of its own (no group becomes another's
+    child, so no group's depth changes), and a group the inventory does not define is made one
+    level below ``all``, where Ansible sorts it among its siblings by priority and name. So a
+    sibling with a higher ``ansible_group_priority`` beats ``kube_node``, and ``k8s_cluster``
+    beats ``calico_rr`` by name, as in a kubespray run (tests/test_config_sources.py runs the
+    role's task with ansible-playbook as the oracle). One difference remains: kubespray decides
+    the five groups in one pass over the groups the inventory gave, so hosts under the old
+    names (``kube-node``) reach ``k8s_cluster`` only here."""
     for group, sources in KUBESPRAY_GROUPS.items():
+        srcs = [s for s in sources if s in inv.groups and s != group]
+        if not srcs:
+            continue
         have = inv.members((group,)) if group in inv.groups else set()
-        add = [
-            s for s in sources if s in inv.groups and s != group and not inv.members((s,)) <= have
-        ]
+        add = inv.members(srcs) - have
         if not add:
             continue
         g = inv.group(group)
@@ -193,9 +203,10 @@ def add_kubespray_groups(inv: Inventory) -> None:
             g.defined = True
             if group not in inv.groups["all"].children:
                 inv.groups["all"].children.append(group)
-        for s in add:
-            if s not in g.children:
-                g.children.append(s)
+        for h in inv.hostvars:  # inventory order
+            if h in add:
+                g.members.add(h)
+                g.hosts.append(h)
 
 
 def group_order(inv: Inventory) -> dict[str, tuple[int, int, str]]:

@@ -26,6 +26,11 @@ class Outcome:
     # True when the outcome is silence (a timeout): the engine may retry it.
     silent: bool = False
     extra: dict | None = None
+    # True when the answer came only after the kernel sent the probe again (a TCP SYN
+    # retransmission inside one attempt, when the attempt outlived the kernel's 1 s SYN
+    # timer, e.g. on a busy host): the first packet was lost, and the engine counts the
+    # loss as it counts an answer on a retry.
+    resent: bool = False
 
 
 # The clock of the RTTs the udp, icmp and ipip probes report: monotonic nanoseconds, read right

@@ -60,6 +60,8 @@ _EINPROGRESS = errno.EINPROGRESS
 _IPPROTO_TCP = socket.IPPROTO_TCP
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _unpack_rtt = struct.Struct("I").unpack_from  # tcp_info.tcpi_rtt (microseconds) at offset 68
+# tcp_info.tcpi_total_retrans (offset 100): SYNs the kernel sent again before the SYN-ACK
+_unpack_retrans = struct.Struct("I").unpack_from
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _SOL_IP = socket.SOL_IP
 _MSG_ERRQUEUE = socket.MSG_ERRQUEUE
@@ -233,19 +235,26 @@ class TcpProber:
                     return await self.probe(flow, timeout, _try + 1)
                 return _SELF_CONNECT
             # The kernel's own SYN/SYN-ACK RTT: our loop's queueing delay is not in it, so the
-            # adaptive timeouts follow the network, not how busy this process is.
-            try:  # noqa: SIM105 - hot path: contextlib.suppress costs a context manager per flow
-                rtt = _unpack_rtt(sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 104), 68)[0] / 1000.0
+            # adaptive timeouts follow the network, not how busy this process is. And whether
+            # the kernel had to send the SYN again: an attempt that outlives the kernel's 1 s
+            # SYN timer (a loop late to expire it, on a busy host) is answered on the kernel's
+            # retransmission, and that lost SYN must count as loss (engine: late), or a busy
+            # host hides the loss from the retry estimate and gets too few retries.
+            resent = False
+            try:
+                info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 104)
+                rtt = _unpack_rtt(info, 68)[0] / 1000.0
+                resent = _unpack_retrans(info, 100)[0] > 0
             except (OSError, struct.error):
                 pass
             if self.secret is not None:
                 reason = await self._read_token(sock, flow.port or 0, timeout)
                 sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
                 sock.close()
-                return Outcome("open", reason, rtt)
+                return Outcome("open", reason, rtt, resent=resent)
             sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
             sock.close()
-            return Outcome("open", "syn-ack", rtt)
+            return Outcome("open", "syn-ack", rtt, resent=resent)
         if err in _ICMP_ERRNOS:
             icmp = _queued_icmp(sock, flow.dst, rtt)
             if icmp is not None:

@@ -213,10 +213,15 @@ def render_fix(
         out.append(f"fix_{i}() {{")
         out.append(f"  # {_c(hf.name)} ({hf.addr or 'address unknown'})")
         if kind == "nftables" and hf.openings:
+            # on a miss, name the tables that do have the chain (a portmesh lab's faults live
+            # in 'inet portmesh'): the value to regenerate with
             out.append(
                 f'  [ -n "${{DRY_RUN:-}}" ] || nft list chain {family} {table} {nft_chain} >/dev/null || '
-                f"{{ echo 'no chain {family} {table} {nft_chain} on this host: "
-                "regenerate with --nft-table/--nft-chain' >&2; return 1; }"
+                "{ s=$(nft list tables 2>/dev/null | while read -r _ f t; do "
+                f'nft list chain "$f" "$t" {nft_chain} >/dev/null 2>&1 && '
+                "printf \" --nft-table '%s %s'\" \"$f\" \"$t\"; done; true); "
+                f'echo "no chain {family} {table} {nft_chain} on this host: regenerate with '
+                f'--nft-table/--nft-chain${{s:+ (chain {nft_chain} is in:$s)}}" >&2; return 1; }}'
             )
         for note in hf.closed:
             out.append(f"  # not opened: {_c(note)}")

@@ -7,6 +7,7 @@ hosts involved in a failure, at most MATRIX_MAX of them, with a legend.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 
@@ -83,13 +84,28 @@ def render_run(run: Run, header: bool = True) -> Iterator[str]:
             yield f"  warning: planned {run.planned} flows, summary counts {counted}"
     if run.summary is None and run.results:
         yield "  warning: no summary record: the run was cut short or the input is partial"
-    for name in sorted(run.unreachable, key=natural_key):
-        yield f"  unreachable: {name} ({run.unreachable[name] or 'no reason given'})"
+    yield from _unreachable_lines(run)
 
     failed: list[Requirement] = []
     passed: list[str] = []
     found = sorted(iter_findings(run), key=lambda t: not t[1])  # failing first, stable
+    # requirements undecided only because agents never ran: one line, the lines above say why
+    lost = [
+        req
+        for req, fails, unknowns in found
+        if not fails and unknowns and all(_unreachable_only(f.reasons(req)) for f in unknowns)
+    ]
+    if lost:
+        n = sum(len(failing_keys(req, "unknown")) for req in lost)
+        yield (
+            f"UNKNOWN {len(lost)} requirement{'s' if len(lost) != 1 else ''}, {n} directions: "
+            "their source's agent was unreachable (above): "
+            + _cut(", ".join(sorted((r.key for r in lost), key=natural_key)), 200)
+        )
+    skip = {id(r) for r in lost}
     for req, fails, unknowns in found:
+        if id(req) in skip:
+            continue
         total = len(req.cells)
         nf = len(failing_keys(req, "fail"))
         nu = len(failing_keys(req, "unknown"))
@@ -119,6 +135,44 @@ def render_run(run: Run, header: bool = True) -> Iterator[str]:
     if failed:
         yield ""
         yield from _matrix(run, failed)
+
+
+_UNREACHABLE = "error: agent unreachable"
+# an address in an agent's failure ("Connection closed by 198.18.0.2 port 22"), so that the same
+# failure on many hosts is one line
+_ADDR = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}\b")
+
+
+def _unreachable_only(reasons: dict[str, int]) -> bool:
+    return bool(reasons) and all(r.startswith(_UNREACHABLE) for r in reasons)
+
+
+def _unreachable_lines(run: Run) -> Iterator[str]:
+    """One line per distinct failure of the agents (with how many hosts), then one hint."""
+    if not run.unreachable:
+        return
+    groups: dict[str, list[str]] = {}
+    for name, reason in run.unreachable.items():
+        generic = _ADDR.sub("{address}", reason or "no reason given")
+        generic = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", "{name}", generic)
+        groups.setdefault(generic, []).append(name)
+    for generic, names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        if len(names) == 1:
+            yield f"  unreachable: {names[0]} ({run.unreachable[names[0]] or 'no reason given'})"
+        else:
+            yield f"  unreachable: {len(names)} hosts ({compress_names(names)}): {generic}"
+    text = " ".join(run.unreachable.values()).lower()
+    if "status 255" in text or "ssh" in text:
+        yield (
+            "  hint: the exec channel failed before the agent ran: try the --exec template by "
+            "hand for one host (e.g. ssh -o BatchMode=yes USER@ADDRESS true); check the user, "
+            "keys and known_hosts in your ssh config (BatchMode=yes never asks for a password)"
+        )
+    else:
+        yield (
+            "  hint: run the --exec template by hand for one host to see why its agent did not "
+            "run; --agent-cmd or --bundle when portmesh is not installed there (docs/mesh.md)"
+        )
 
 
 def _cut(s: str, n: int) -> str:
@@ -229,7 +283,11 @@ def _unknown_line(run: Run, req: Requirement, f: Finding) -> str:
         if isinstance(c, Cell):
             ports.update(c.unknown_ports)
     label = port_label(req.proto, ports) if ports else port_label(req.proto, req.ports)
-    why = _why(f.reasons(req))
+    reasons: dict[str, int] = {}
+    for r, n in f.reasons(req).items():  # the unreachable lines above give the agents' errors
+        r = _UNREACHABLE if r.startswith(_UNREACHABLE) else r
+        reasons[r] = reasons.get(r, 0) + n
+    why = _why(reasons)
     host = names[f.host]
     peers = "every peer" if f.every else compress_names(names[i] for i in f.peers)
     if f.kind == INGRESS:
