@@ -75,6 +75,17 @@ def test_attribute_says_who_sent_the_error(
     assert out.rtt_ms == 1.0
 
 
+@pytest.mark.parametrize("reason", ["host-unreach", "net-unreach"])
+def test_this_hosts_own_delivery_failure_is_not_a_reject(reason: str) -> None:
+    """This host's stack says host-unreach when ARP/NDP failed (a full neighbour table): no
+    firewall refused it, and the neighbour guard must see the reason to retry or say unknown
+    (a CI run found flows failed as local-prohibited with gc_thresh3 lowered)."""
+    out = classify.attribute(Outcome("filtered", reason, 1.0), "198.18.0.1", "198.18.0.5", True)
+    assert (out.state, out.reason, (out.extra or {}).get("icmp_from")) == (
+        "filtered", reason, "198.18.0.1"
+    )
+
+
 @pytest.mark.parametrize("dst", ["198.18.0.2", "2001:2::2"])
 def test_a_routers_port_unreachable_is_filtered_not_closed(dst: str) -> None:
     """nmap's rule: a port-unreachable from a host other than the target is a filter on the

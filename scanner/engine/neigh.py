@@ -53,6 +53,9 @@ MIN_BUDGET = 8
 RETRIES = 6  # neighbour-table retries of one flow; the pauses below add up to > LINGER
 PAUSES = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0)
 FRESH = 0.005  # a counter read younger than this is reused
+# how long an ARP/NDP resolution can run before the kernel gives up (3 solicitations 1 s
+# apart, the default mcast_solicit x retrans_time), with a margin
+RESOLVE_WINDOW = 5.0
 # outcomes that a full table can produce (silence on 5.x/6.x, errors on older kernels)
 SUSPECT_REASONS = frozenset({"no-response", "host-unreach", "enobufs", "no-buffers"})
 REASON = "neighbour-table-full"
@@ -366,6 +369,7 @@ class NeighGuard:
         self.lingering: deque[tuple[float, Any]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._cache: dict[int, tuple[int, float]] = {}
+        self._rose_at: dict[int, float] = {}  # family -> when its table_fulls was seen rising
         for f in tables:
             with contextlib.suppress(OSError, ValueError):
                 self._cache[f] = (readers[f](), time.monotonic())
@@ -484,6 +488,8 @@ class NeighGuard:
             v = self.readers[fam]()
         except (OSError, ValueError, struct.error):
             return c[0] if c is not None else 0
+        if c is not None and v > c[0]:
+            self._rose_at[fam] = now
         self._cache[fam] = (v, now)
         return v
 
@@ -491,7 +497,14 @@ class NeighGuard:
         """Did the table overflow while this attempt ran (so its silence proves nothing)?"""
         if not (silent or reason in SUSPECT_REASONS) or state == "open":
             return False
-        if self.fulls(fam) <= mark:
+        if self.fulls(fam) <= mark and not (
+            # this host's own "host unreachable": its ARP/NDP resolution failed, which can
+            # have started attempts earlier (the peer could not add our entry to answer, as
+            # the table is one for every namespace): an overflow within the resolution's
+            # time counts too
+            reason == "host-unreach"
+            and time.monotonic() - self._rose_at.get(fam, float("-inf")) < RESOLVE_WINDOW
+        ):
             return False
         self.hits += 1
         # fewer destinations at once from now on

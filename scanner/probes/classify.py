@@ -147,6 +147,10 @@ def same_address(a: str, b: str) -> bool:
         return False
 
 
+# what this host's own stack says when it cannot send a packet on (not a reject rule's words)
+LOCAL_DELIVERY_FAILURES = frozenset({"host-unreach", "net-unreach"})
+
+
 def attribute(out: Outcome, offender: str | None, dst: str, offender_is_local: bool) -> Outcome:
     """Say who sent the ICMP error behind ``out``: the destination itself (``out`` as it is),
     a router on the way (``icmp_from``), or this host (``icmp_from`` one of our own addresses:
@@ -159,6 +163,11 @@ def attribute(out: Outcome, offender: str | None, dst: str, offender_is_local: b
         return out
     extra = {"icmp_from": offender}
     if offender_is_local:
+        if out.reason in LOCAL_DELIVERY_FAILURES:
+            # this host could not deliver it (no neighbour entry: ARP/NDP failed or the table
+            # was full; no route): a fact about this host's own state, not a firewall's
+            # refusal, and the neighbour guard must still see its reason
+            return Outcome(out.state, out.reason, out.rtt_ms, extra=extra)
         return Outcome("filtered", "local-prohibited", out.rtt_ms, extra=extra)
     # a router's port-unreachable is a filter, not the port (nmap: filtered) - never closed
     return Outcome(
