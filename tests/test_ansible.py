@@ -406,3 +406,45 @@ def test_join_bad_input_is_one_line(tmp_path: Path) -> None:
         cp = run([sys.executable, "-m", "scanner", "report", "--join", *argv], input="")
         assert cp.returncode == 2 and want in cp.stderr, cp.stderr
         assert cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr
+
+
+def _check_file(path: Path, host: str, results: list[dict]) -> str:
+    sid = (host.encode().hex() + "0" * 16)[:16]
+    lines = [{"type": "start", "version": 1, "scan_id": sid, "ts": "2026-11-26T10:00:00Z",
+              "argv": ["portmesh", "check", "--from", host], "planned": len(results),
+              "check": {"host": host, "expect": "reachable", "responder": True}}]  # fmt: skip
+    lines += [{"type": "result", "scan_id": sid, "src_host": host, **r} for r in results]
+    lines.append({"type": "summary", "scan_id": sid, "ts": "2026-11-26T10:00:01Z",
+                  "planned": len(results), "results": len(results), "states": {},
+                  "elapsed_s": 1.0})  # fmt: skip
+    path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    return str(path)
+
+
+def test_join_names_failures_with_no_reverse_direction(tmp_path: Path) -> None:
+    """etcd.peer planned one way only (node3 is no etcd member: it reaches etcd, etcd does not
+    reach it): its failing direction has no pair record, and the summary still names it."""
+    addr = {"node1": "198.18.0.1", "node2": "198.18.0.2", "node3": "198.18.0.3"}
+
+    def res(src: str, dst: str, req: str, port: int, ok: bool, proto: str = "tcp") -> dict:
+        return {"src": addr[src], "dst": addr[dst], "host": dst, "proto": proto, "port": port,
+                "state": "open" if ok else "filtered", "reason": "responder" if ok else
+                "no-response", "req": req, "verdict": "pass" if ok else "fail"}  # fmt: skip
+
+    files = [
+        _check_file(tmp_path / "node1.ndjson", "node1",
+                    [res("node1", "node2", "lab.tcp", 7000, True)]),
+        _check_file(tmp_path / "node2.ndjson", "node2",
+                    [res("node2", "node1", "lab.tcp", 7000, True)]),
+        _check_file(tmp_path / "node3.ndjson", "node3",
+                    [res("node3", "node1", "etcd.client", 2379, False),
+                     res("node3", "node2", "etcd.client", 2379, True)]),
+    ]  # fmt: skip
+    cp = run([sys.executable, "-m", "scanner", "report", "--join", "--format", "ndjson", *files])
+    assert cp.returncode == 1, cp.stderr
+    joined = [orjson.loads(x) for x in cp.stdout.splitlines()]
+    assert not [p for p in joined if p["type"] == "pair" and p["verdict"] != "pass"]
+    lines = [ln for ln in cp.stderr.splitlines() if "etcd.client" in ln]
+    assert len(lines) == 1 and "node3 -> node1" in lines[0], cp.stderr
+    assert "tcp/2379" in lines[0] and "filtered (no-response)" in lines[0], lines
+    assert "node2" not in lines[0]  # the passing direction is not listed
