@@ -181,10 +181,63 @@ def test_kubean_yaml_parses_back_with_the_prehook_and_the_playbook() -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        (["portmesh_nodeport_sample=16"], "-e portmesh_nodeport_sample=16"),
+        (
+            ['{"portmesh_without": ["istio", "x"]}', "portmesh_emit=failures"],
+            """-e '{"portmesh_without": ["istio", "x"]}' -e portmesh_emit=failures""",
+        ),
+        (['portmesh_without=["istio"]'], """-e '{"portmesh_without": ["istio"]}'"""),
+        (["portmesh_with=[cilium, hubble]"], """-e '{"portmesh_with": ["cilium", "hubble"]}'"""),
+        (["portmesh_cmd=python3 -m scanner"], """-e '{"portmesh_cmd": "python3 -m scanner"}'"""),
+    ],
+)
+def test_kubean_extra_vars_keep_lists_typed(extra: list[str], want: str) -> None:
+    """A list reaches the preHook's ansible-playbook as a JSON extra var, never as a string."""
+    argv = [sys.executable, "-m", "scanner", "ansible", "kubean", "--cluster", "c1"]
+    cp = run(argv + [w for e in extra for w in ("-e", e)])
+    assert cp.returncode == 0, cp.stderr
+    (hook,) = list(yaml.safe_load_all(cp.stdout))[1]["spec"]["preHook"]
+    assert hook["extraArgs"] == want
+
+
+@needs_ansible
+def test_playbook_list_variables_from_strings_are_never_split_per_character(
+    tmp_path: Path,
+) -> None:
+    """The playbook's own list expressions (pm_with ...), evaluated by ansible-playbook on the
+    strings `-e KEY=VALUE` gives: JSON/YAML lists are parsed, other text split on commas."""
+    (play, _) = yaml.safe_load(playbook_text())
+    names = ["pm_with", "pm_without", "pm_catalog", "pm_vars", "pm_check_args"]
+    book = tmp_path / "t.yml"
+    book.write_text(yaml.safe_dump([{
+        "hosts": "localhost", "gather_facts": False,
+        "vars": {n: play["vars"][n] for n in names},
+        "tasks": [{"ansible.builtin.copy": {"dest": str(tmp_path / "out.json"),
+                                            "content": "{{ %s | to_json }}" % (
+                                                "[" + ", ".join(names) + "]")}}],
+    }]))  # fmt: skip
+    cp = run([ANSIBLE, "-i", "localhost,", "-c", "local", str(book),  # type: ignore[list-item]
+              "-e", 'portmesh_with=["istio"]', "-e", "portmesh_without=istio,kube-vip",
+              "-e", "portmesh_catalog=[/a/b.toml,/c.toml]",
+              "-e", '{"portmesh_check_args": "--retries 2", "portmesh_vars": ["/v.yml"]}',
+              "-e", f"ansible_python_interpreter={sys.executable}"],
+             env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")})  # fmt: skip
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    got = orjson.loads((tmp_path / "out.json").read_bytes())
+    assert got == [["istio"], ["istio", "kube-vip"], ["/a/b.toml", "/c.toml"], ["/v.yml"],
+                   ["--retries", "2"]]  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["--cluster", "Bad_Name"],
         ["--cluster", "c1", "-e", "novalue"],
+        ["--cluster", "c1", "-e", '{"a": 1'],
+        ["--cluster", "c1", "-e", '{"bad key": 1}'],
+        ["--cluster", "c1", "-e", "x=[1"],
         ["--cluster", "c1", "--image", " "],
     ],
 )
