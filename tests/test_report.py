@@ -889,3 +889,25 @@ def test_natural_host_order_in_the_check_summary_and_the_report(tmp_path: Path) 
            "proto": "tcp", "port": 10250, "state": "filtered", "reason": "no-response"})  # fmt: skip
     order = [ln.split("-> ")[1].split(" ")[0] for ln in f.lines()]
     assert order == ["node1", "node2", "node10", "node11"], f.lines()
+
+
+def test_a_local_refusal_is_never_grouped_with_the_destinations_own_drop(tmp_path: Path) -> None:
+    """node1's own output rules refuse udp/4789 to node2; node2 drops it from node3. Two
+    findings: one names node1's output rules, one node2's drop; no group blames node2 for both
+    (a review found "node2: udp/4789 rejected from node[1,3]")."""
+    base = {"type": "result", "scan_id": "m", "proto": "udp", "port": 4789,
+            "req": "calico.vxlan", "af": "ipv4", "verdict": "fail", "host": "node2",
+            "dst": "198.18.0.2"}  # fmt: skip
+    recs = [
+        {**base, "src_host": "node1", "src": "198.18.0.1", "state": "filtered",
+         "reason": "local-prohibited"},
+        {**base, "src_host": "node3", "src": "198.18.0.3", "state": "open|filtered",
+         "reason": "no-response"},
+    ]  # fmt: skip
+    p = tmp_path / "m.ndjson"
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    _, text, _ = report(p)
+    lines = [ln for ln in text.splitlines() if "udp/4789" in ln]
+    assert not any("node[1,3]" in ln or "node1,3" in ln for ln in lines), text
+    assert any("refused by node1's own output rules" in ln for ln in lines), text
+    assert any("node3" in ln and "own output" not in ln for ln in lines), text

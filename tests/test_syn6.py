@@ -11,9 +11,11 @@ at the source's output chain (this host's own: ``local-prohibited``), with nmap
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -23,8 +25,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from scanner.probes import classify, syn6
-from scanner.probes.base import Outcome
+from scanner.probes import classify, syn, syn6
+from scanner.probes.base import Outcome, ProbeOptions
 
 SCAN = [sys.executable, "-m", "scanner", "scan", "--no-progress"]
 root = pytest.mark.skipif(os.geteuid() != 0, reason="raw sockets need root")
@@ -71,6 +73,18 @@ def test_attribute_says_who_sent_the_error(
     out = classify.attribute(Outcome("filtered", "admin-prohibited", 1.0), offender, dst, local)
     assert (out.state, out.reason, (out.extra or {}).get("icmp_from")) == want
     assert out.rtt_ms == 1.0
+
+
+@pytest.mark.parametrize("dst", ["198.18.0.2", "2001:2::2"])
+def test_a_routers_port_unreachable_is_filtered_not_closed(dst: str) -> None:
+    """nmap's rule: a port-unreachable from a host other than the target is a filter on the
+    way (iptables REJECT's default), not the port; a closed UDP port would pass a bare check."""
+    router = "198.18.0.254" if "." in dst else "2001:2::fe"
+    out = classify.attribute(Outcome("closed", "port-unreach", 1.0), router, dst, False)
+    want = ("filtered", "port-unreach", router)
+    assert (out.state, out.reason, (out.extra or {}).get("icmp_from")) == want
+    same = classify.attribute(Outcome("closed", "port-unreach", 1.0), dst, dst, False)
+    assert (same.state, same.extra) == ("closed", None)
 
 
 def test_local_address() -> None:
@@ -272,3 +286,40 @@ def test_ipv6_local_and_remote_rejects_are_told_apart(reject_lab, method: str) -
         # the oracle, from the same host: every answer from the far end, state and reason
         nm = _nmap6(n2.addr6, "7101-7104", lab.netns_argv("node1"))
         assert nm == {p: tcp[p] for p in (7101, 7102, 7103, 7104)}
+
+
+@pytest.mark.parametrize(
+    ("code", "offender", "want"),
+    [
+        # the destination itself refuses: the state as it is, no icmp_from
+        (13, "198.18.7.2", ("filtered", "admin-prohibited", None)),
+        # a router on the way: its name said (nmap: "admin-prohibited from <router>")
+        (13, "198.18.7.254", ("filtered", "admin-prohibited", "198.18.7.254")),
+        # a router's port-unreachable is a filter, never the port closed
+        (3, "198.18.7.254", ("filtered", "port-unreach", "198.18.7.254")),
+    ],
+)
+def test_ipv4_syn_says_which_router_sent_the_icmp_error(code: int, offender: str, want) -> None:
+    """IPv4 raw SYN names the sender of an ICMP error as connect and IPv6 SYN do."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        p = syn.SynProber(ProbeOptions())
+        dst, dport, sport = "198.18.7.2", 2380, 40001
+        fut = loop.create_future()
+        p._pending[(dst, dport, sport)] = (fut, 0.0)
+        tcp = struct.pack("!HHI", sport, dport, syn.cookie(dst, dport, sport)) + bytes(12)
+        quoted = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+            socket.inet_aton("198.18.7.1"), socket.inet_aton(dst),
+        ) + tcp  # fmt: skip
+        icmp = struct.pack("!BBHI", 3, code, 0, 0) + quoted
+        outer = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, socket.IPPROTO_ICMP, 0,
+            socket.inet_aton(offender), socket.inet_aton("198.18.7.1"),
+        )  # fmt: skip
+        p._on_icmp(outer + icmp, 20, 0.0)
+        return await asyncio.wait_for(fut, 1)
+
+    o = asyncio.run(go())
+    assert (o.state, o.reason, (o.extra or {}).get("icmp_from")) == want

@@ -160,4 +160,7 @@ def attribute(out: Outcome, offender: str | None, dst: str, offender_is_local: b
     extra = {"icmp_from": offender}
     if offender_is_local:
         return Outcome("filtered", "local-prohibited", out.rtt_ms, extra=extra)
-    return Outcome(out.state, out.reason, out.rtt_ms, extra=extra)
+    # a router's port-unreachable is a filter, not the port (nmap: filtered) - never closed
+    return Outcome(
+        "filtered" if out.state == "closed" else out.state, out.reason, out.rtt_ms, extra=extra
+    )

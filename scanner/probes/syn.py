@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from scanner.core.flows import Flow
 from scanner.probes import classify, rawrecv
-from scanner.probes.base import Outcome, ProbeOptions
+from scanner.probes.base import Outcome, ProbeOptions, local_address
 from scanner.probes.deadlines import Deadlines
 from scanner.probes.tcp import TcpProber
 
@@ -273,6 +273,9 @@ class SynProber:
         del self._pending[key]
         rtt = (time.perf_counter() - t0) * 1000.0
         out = Outcome("filtered", classify.icmp_reason(icmp_type, code), rtt)
+        offender = socket.inet_ntoa(pkt[12:16])  # who sent the error: the host, or a router
+        if offender != key[0]:
+            out = classify.attribute(out, offender, key[0], local_address(offender))
         if fut is None:
             self._on_answer(key, out)  # type: ignore[misc]
         elif not fut.done():

@@ -14,7 +14,15 @@ import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from scanner.report.aggregate import STRIDE, Cell, PortSet, Requirement, Run, natural_key
+from scanner.report.aggregate import (
+    LOCAL_PROHIBITED,
+    STRIDE,
+    Cell,
+    PortSet,
+    Requirement,
+    Run,
+    natural_key,
+)
 
 # Finding kinds
 INGRESS = "ingress"  # one destination, several sources
@@ -158,9 +166,19 @@ def iter_findings(run: Run) -> Iterator[tuple[Requirement, list[Finding], list[F
         req = run.reqs[key]
         if not (req.nfail or req.nunknown):
             continue
-        fails = group_cells(run, req, failing_keys(req, "fail"))
+        # a send the source's own output rules refused is grouped apart from the rest: a
+        # group of the two would blame the destination (or its firewall) for both
+        local, other = [], []
+        for k in failing_keys(req, "fail"):
+            (local if _refused_locally(req.cells[k]) else other).append(k)
+        fails = group_cells(run, req, other) + group_cells(run, req, local)
         unknowns = group_cells(run, req, failing_keys(req, "unknown"))
         yield req, fails, unknowns
+
+
+def _refused_locally(c: object) -> bool:
+    reasons = c.reasons if isinstance(c, Cell) else None
+    return bool(reasons) and all(r.endswith(LOCAL_PROHIBITED) for r in reasons)  # type: ignore[union-attr]
 
 
 def natural_req_key(key: str) -> tuple:
