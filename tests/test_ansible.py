@@ -59,15 +59,29 @@ def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
 
 
-def lab_catalog(path: Path) -> Path:
+# planned over both families on a dual-stack lab, as Calico VXLAN is (calico_vxlan_mode_ipv6)
+CATALOG_VXLAN = """
+[[requirement]]
+id = "lab.vxlan"
+component = "lab"
+proto = "udp"
+ports = "5001"
+description = "lab udp, over IPv6 too"
+dst_role = "node"
+src_roles = ["node"]
+condition = { cni = "calico", feature = "vxlan" }
+"""
+
+
+def lab_catalog(path: Path, extra: str = "") -> Path:
     from scanner.catalog import load_catalog
 
     text = "".join(f'[[requirement]]\nid = "{r.id}"\ndisabled = true\n\n' for r in load_catalog())
-    path.write_text(text + CATALOG)
+    path.write_text(text + CATALOG + extra)
     return path
 
 
-def ansible_inventory(lab, tmp: Path, ghost: str | None = None) -> Path:
+def ansible_inventory(lab, tmp: Path, ghost: str | None = None, **plan_vars) -> Path:
     """The lab's kubespray inventory, every host reached through its own netns; ``ghost``: one
     more host whose namespace does not exist (every task on it fails)."""
     from scanner.lab.lab import inventory_doc
@@ -93,7 +107,7 @@ def ansible_inventory(lab, tmp: Path, ghost: str | None = None) -> Path:
             {"ansible_connection": "local", "ansible_python_interpreter": str(wrapper)}
         )
     # a plan variable Ansible sees: every host's check must plan with it (group_vars.yml)
-    doc["all"]["vars"] = {"kube_apiserver_node_port_range": "31000-31010"}
+    doc["all"]["vars"] = {"kube_apiserver_node_port_range": "31000-31010", **plan_vars}
     path = tmp / "hosts.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -136,13 +150,6 @@ def test_playbook_is_package_data_and_valid_yaml() -> None:
         assert var in text, var
 
 
-def test_playbook_passes_the_plan_variables_the_planner_knows() -> None:
-    from scanner.plan.kubean import KNOWN_VARS
-
-    (play, _) = yaml.safe_load(playbook_text())
-    assert tuple(play["vars"]["pm_known_vars"]) == KNOWN_VARS
-
-
 @needs_ansible
 def test_playbook_passes_ansible_syntax_check(tmp_path: Path) -> None:
     book = tmp_path / "portmesh.yml"
@@ -152,6 +159,88 @@ def test_playbook_passes_ansible_syntax_check(tmp_path: Path) -> None:
     cp = run([ANSIBLE, "-i", str(inv), str(book), "--syntax-check"],  # type: ignore[list-item]
              env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")})  # fmt: skip
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_playbook_passes_every_variable_the_planner_follows() -> None:
+    """One place: the playbook's lists are the planner's (per-host and cluster-wide names, and
+    the endpoint families by suffix), so a variable the planner reads never stays behind."""
+    from scanner.plan.ansible_vars import PLAN_VAR_SUFFIXES, PLAN_VARS, deciding_names
+    from scanner.plan.clusters import ADDRESS6_VARS, ADDRESS_VARS, PLAN_HOST_VARS
+    from scanner.plan.endpoints import is_endpoint_var
+    from scanner.plan.kubean import KNOWN_VARS, VarsLayer
+
+    (play, _) = yaml.safe_load(playbook_text())
+    assert tuple(play["vars"]["pm_host_vars"]) == PLAN_HOST_VARS
+    assert tuple(play["vars"]["pm_plan_vars"]) == PLAN_VARS
+    assert tuple(play["vars"]["pm_plan_var_suffixes"]) == PLAN_VAR_SUFFIXES
+    assert set(ADDRESS_VARS) | set(ADDRESS6_VARS) | {"ansible_user"} == set(PLAN_HOST_VARS)
+    assert set(KNOWN_VARS) <= set(PLAN_VARS)
+    names = [
+        "kube_image_repo",
+        "calico_ctl_download_url",
+        "docker_rh_repo_base_url",
+        "https_proxy",
+        "containerd_registries_mirrors",
+        "loadbalancer_apiserver",
+        "not_a_plan_var",
+        *KNOWN_VARS,
+    ]
+    layer = VarsLayer("x", dict.fromkeys(names, "v"))
+    got = set(deciding_names([layer]))
+    assert got == {n for n in names if n != "not_a_plan_var"}
+    assert all(is_endpoint_var(n) for n in got - set(PLAN_VARS))
+
+
+@needs_ansible
+def test_playbook_inventory_plans_what_portmesh_plan_does(tmp_path: Path) -> None:
+    """The playbook's first tasks (the variables as Ansible sees them on every host, then the
+    inventory every host plans from), run by ansible-playbook on a dual-stack inventory with
+    endpoint families and a template Ansible cannot finish (kubespray's kube_version is no part
+    of the play): `portmesh plan` on that inventory gives the flows it gives on the original."""
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(yaml.safe_dump({"all": {
+        "vars": {"enable_dual_stack_networks": True, "calico_vxlan_mode_ipv6": "Always",
+                 "kube_apiserver_node_port_range": "31000-31002",
+                 "reg_ip": "198.18.9.9", "registry_host": "{{ reg_ip }}:5000",
+                 "files_repo": "http://198.18.9.10:8080",
+                 "kubeadm_download_url": "{{ files_repo }}/dl/v{{ kube_version }}/kubeadm",
+                 "mirror_ip": "198.18.9.11", "github_url": "http://{{ mirror_ip }}/v{{ kube_version }}",
+                 "containerd_registries_mirrors": [{"prefix": "docker.io", "mirrors": [
+                     {"host": "http://198.18.9.12:5001"}]}],
+                 "ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        "hosts": {"node1": {"ansible_host": "198.18.1.1", "ip": "198.18.1.1", "ip6": "2001:2::1"},
+                  "node2": {"ansible_host": "198.18.1.2", "access_ip": "198.18.1.22",
+                            "access_ip6": "2001:2::2", "ansible_user": "core"},
+                  "node3": {"ansible_host": "198.18.1.3", "ip6": "2001:2::3"}},
+        "children": {"kube_control_plane": {"hosts": {"node1": None}},
+                     "kube_node": {"hosts": {"node2": None, "node3": None}},
+                     "etcd": {"hosts": {"node1": None}},
+                     "k8s_cluster": {"children": {"kube_control_plane": None, "kube_node": None}}},
+    }}))  # fmt: skip
+    (play, _) = yaml.safe_load(playbook_text())
+    out = tmp_path / "inventory.yml"
+    book = tmp_path / "t.yml"
+    tasks = [*play["tasks"][:2], {"run_once": True, "ansible.builtin.copy": {
+        "dest": str(out), "content": "{{ pm_inventory | to_json }}"}}]  # fmt: skip
+    book.write_text(yaml.safe_dump([{**play, "tasks": tasks}]))
+    cp = run([ANSIBLE, "-i", str(inv), str(book)],  # type: ignore[list-item]
+             env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")})  # fmt: skip
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+    def flows(path: Path) -> list[bytes]:
+        cp = run([sys.executable, "-m", "scanner", "plan", "--format", "ndjson", "-i", str(path)])
+        assert cp.returncode == 0, cp.stderr
+        return sorted(x for x in cp.stdout.encode().splitlines() if b'"type":"flow"' in x)
+
+    want = flows(inv)
+    assert flows(out) == want
+    text = b"\n".join(want)
+    for needle in (b"2001:2::", b"198.18.1.22", b"198.18.9.9", b"198.18.9.10", b"198.18.9.11",
+                   b"198.18.9.12", b'"af":"ipv6"'):  # fmt: skip
+        assert needle in text, needle
+    doc = yaml.safe_load(out.read_text())
+    assert doc["all"]["hosts"]["node2"]["ansible_user"] == "core"  # a host's own stays its own
+    assert "ansible_user" not in doc["all"]["vars"]
 
 
 def test_kubean_yaml_parses_back_with_the_prehook_and_the_playbook() -> None:
@@ -181,10 +270,63 @@ def test_kubean_yaml_parses_back_with_the_prehook_and_the_playbook() -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        (["portmesh_nodeport_sample=16"], "-e portmesh_nodeport_sample=16"),
+        (
+            ['{"portmesh_without": ["istio", "x"]}', "portmesh_emit=failures"],
+            """-e '{"portmesh_without": ["istio", "x"]}' -e portmesh_emit=failures""",
+        ),
+        (['portmesh_without=["istio"]'], """-e '{"portmesh_without": ["istio"]}'"""),
+        (["portmesh_with=[cilium, hubble]"], """-e '{"portmesh_with": ["cilium", "hubble"]}'"""),
+        (["portmesh_cmd=python3 -m scanner"], """-e '{"portmesh_cmd": "python3 -m scanner"}'"""),
+    ],
+)
+def test_kubean_extra_vars_keep_lists_typed(extra: list[str], want: str) -> None:
+    """A list reaches the preHook's ansible-playbook as a JSON extra var, never as a string."""
+    argv = [sys.executable, "-m", "scanner", "ansible", "kubean", "--cluster", "c1"]
+    cp = run(argv + [w for e in extra for w in ("-e", e)])
+    assert cp.returncode == 0, cp.stderr
+    (hook,) = list(yaml.safe_load_all(cp.stdout))[1]["spec"]["preHook"]
+    assert hook["extraArgs"] == want
+
+
+@needs_ansible
+def test_playbook_list_variables_from_strings_are_never_split_per_character(
+    tmp_path: Path,
+) -> None:
+    """The playbook's own list expressions (pm_with ...), evaluated by ansible-playbook on the
+    strings `-e KEY=VALUE` gives: JSON/YAML lists are parsed, other text split on commas."""
+    (play, _) = yaml.safe_load(playbook_text())
+    names = ["pm_with", "pm_without", "pm_catalog", "pm_vars", "pm_check_args"]
+    book = tmp_path / "t.yml"
+    book.write_text(yaml.safe_dump([{
+        "hosts": "localhost", "gather_facts": False,
+        "vars": {n: play["vars"][n] for n in names},
+        "tasks": [{"ansible.builtin.copy": {"dest": str(tmp_path / "out.json"),
+                                            "content": "{{ %s | to_json }}" % (
+                                                "[" + ", ".join(names) + "]")}}],
+    }]))  # fmt: skip
+    cp = run([ANSIBLE, "-i", "localhost,", "-c", "local", str(book),  # type: ignore[list-item]
+              "-e", 'portmesh_with=["istio"]', "-e", "portmesh_without=istio,kube-vip",
+              "-e", "portmesh_catalog=[/a/b.toml,/c.toml]",
+              "-e", '{"portmesh_check_args": "--retries 2", "portmesh_vars": ["/v.yml"]}',
+              "-e", f"ansible_python_interpreter={sys.executable}"],
+             env={**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah")})  # fmt: skip
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    got = orjson.loads((tmp_path / "out.json").read_bytes())
+    assert got == [["istio"], ["istio", "kube-vip"], ["/a/b.toml", "/c.toml"], ["/v.yml"],
+                   ["--retries", "2"]]  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["--cluster", "Bad_Name"],
         ["--cluster", "c1", "-e", "novalue"],
+        ["--cluster", "c1", "-e", '{"a": 1'],
+        ["--cluster", "c1", "-e", '{"bad key": 1}'],
+        ["--cluster", "c1", "-e", "x=[1"],
         ["--cluster", "c1", "--image", " "],
     ],
 )
@@ -259,6 +401,36 @@ def test_playbook_on_a_faulted_lab_fails_naming_the_one_way_pair(make_lab, tmp_p
     for h in lab.hosts:
         ss = lab.run(h.name, ["ss", "-Htuln"], capture_output=True, text=True).stdout.strip()
         assert not ss, (h.name, ss)
+
+
+@pytest.mark.lab
+@needs_ansible
+def test_playbook_on_a_dual_stack_lab_probes_the_plan_over_both_families(
+    make_lab, tmp_path: Path
+) -> None:
+    """The play probes every flow `portmesh plan` plans on the same inventory, IPv6 included."""
+    from scanner.lab.lab import DUAL_STACK_VARS
+
+    lab = make_lab(hosts=2)
+    inv = ansible_inventory(lab, tmp_path, **DUAL_STACK_VARS)
+    cat = lab_catalog(tmp_path / "lab.toml", CATALOG_VXLAN)
+    cp = run([sys.executable, "-m", "scanner", "plan", "--count", "--format", "ndjson",
+              "-i", str(inv), "--catalog", str(cat)])  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    planned = orjson.loads(cp.stdout.splitlines()[0])["flows"]
+    cp = ansible_playbook(
+        inv, tmp_path,
+        "-e", f"portmesh_cmd='{sys.executable} -m scanner'",
+        "-e", f"portmesh_local_cmd='{sys.executable} -m scanner'",
+        "-e", orjson.dumps({"portmesh_catalog": [str(cat)], "portmesh_html": False}).decode(),
+    )  # fmt: skip
+    log = cp.stdout + cp.stderr
+    assert cp.returncode == 0, log[-3000:]
+    joined = records(tmp_path / "portmesh-results" / "mesh.ndjson")
+    results = [r for r in joined if r["type"] == "result"]
+    assert joined[-1]["planned"] == joined[-1]["results"] == len(results) == planned == 10
+    assert Counter(r["af"] for r in results) == {"ipv4": 8, "ipv6": 2}  # lab.vxlan both ways
+    assert {r["verdict"] for r in results} == {"pass"}
 
 
 @pytest.mark.lab
@@ -406,3 +578,45 @@ def test_join_bad_input_is_one_line(tmp_path: Path) -> None:
         cp = run([sys.executable, "-m", "scanner", "report", "--join", *argv], input="")
         assert cp.returncode == 2 and want in cp.stderr, cp.stderr
         assert cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr
+
+
+def _check_file(path: Path, host: str, results: list[dict]) -> str:
+    sid = (host.encode().hex() + "0" * 16)[:16]
+    lines = [{"type": "start", "version": 1, "scan_id": sid, "ts": "2026-11-26T10:00:00Z",
+              "argv": ["portmesh", "check", "--from", host], "planned": len(results),
+              "check": {"host": host, "expect": "reachable", "responder": True}}]  # fmt: skip
+    lines += [{"type": "result", "scan_id": sid, "src_host": host, **r} for r in results]
+    lines.append({"type": "summary", "scan_id": sid, "ts": "2026-11-26T10:00:01Z",
+                  "planned": len(results), "results": len(results), "states": {},
+                  "elapsed_s": 1.0})  # fmt: skip
+    path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    return str(path)
+
+
+def test_join_names_failures_with_no_reverse_direction(tmp_path: Path) -> None:
+    """etcd.peer planned one way only (node3 is no etcd member: it reaches etcd, etcd does not
+    reach it): its failing direction has no pair record, and the summary still names it."""
+    addr = {"node1": "198.18.0.1", "node2": "198.18.0.2", "node3": "198.18.0.3"}
+
+    def res(src: str, dst: str, req: str, port: int, ok: bool, proto: str = "tcp") -> dict:
+        return {"src": addr[src], "dst": addr[dst], "host": dst, "proto": proto, "port": port,
+                "state": "open" if ok else "filtered", "reason": "responder" if ok else
+                "no-response", "req": req, "verdict": "pass" if ok else "fail"}  # fmt: skip
+
+    files = [
+        _check_file(tmp_path / "node1.ndjson", "node1",
+                    [res("node1", "node2", "lab.tcp", 7000, True)]),
+        _check_file(tmp_path / "node2.ndjson", "node2",
+                    [res("node2", "node1", "lab.tcp", 7000, True)]),
+        _check_file(tmp_path / "node3.ndjson", "node3",
+                    [res("node3", "node1", "etcd.client", 2379, False),
+                     res("node3", "node2", "etcd.client", 2379, True)]),
+    ]  # fmt: skip
+    cp = run([sys.executable, "-m", "scanner", "report", "--join", "--format", "ndjson", *files])
+    assert cp.returncode == 1, cp.stderr
+    joined = [orjson.loads(x) for x in cp.stdout.splitlines()]
+    assert not [p for p in joined if p["type"] == "pair" and p["verdict"] != "pass"]
+    lines = [ln for ln in cp.stderr.splitlines() if "etcd.client" in ln]
+    assert len(lines) == 1 and "node3 -> node1" in lines[0], cp.stderr
+    assert "tcp/2379" in lines[0] and "filtered (no-response)" in lines[0], lines
+    assert "node2" not in lines[0]  # the passing direction is not listed

@@ -606,7 +606,7 @@ def test_fix_leaves_a_send_the_source_itself_refused_to_the_source(tmp_path: Pat
     rules = [ln.strip() for ln in script.splitlines() if ln.strip().startswith("run ")]
     assert rules == [
         "run ip6tables -I INPUT -p udp -s 2001:2::2 --dport 51821 -m comment --comment "
-        "'portmesh calico.wireguard6_over_IPv6' -j ACCEPT"
+        "'portmesh calico.wireguard6' -j ACCEPT"
     ]
     node1 = script[script.index("# node1") : script.index("# node3")]
     assert (
@@ -889,6 +889,64 @@ def test_natural_host_order_in_the_check_summary_and_the_report(tmp_path: Path) 
            "proto": "tcp", "port": 10250, "state": "filtered", "reason": "no-response"})  # fmt: skip
     order = [ln.split("-> ")[1].split(" ")[0] for ln in f.lines()]
     assert order == ["node1", "node2", "node10", "node11"], f.lines()
+
+
+def test_ipv6_failures_are_named_alike_in_check_and_report(tmp_path: Path) -> None:
+    """Issue 21: check's stderr, report and mesh all say "calico.vxlan over IPv6"; the
+    --fix rule's comment is the requirement id alone (its addresses say the family)."""
+    from scanner.engine.check import Failures
+
+    rec = {"type": "result", "scan_id": "v6", "verdict": "fail", "req": "calico.vxlan",
+           "af": "ipv6", "src_host": "node1", "src": "2001:2::1", "host": "node5",
+           "dst": "2001:2::5", "proto": "udp", "port": 4789, "state": "open|filtered",
+           "reason": "no-response"}  # fmt: skip
+    f = Failures()
+    f(rec)
+    f({**rec, "af": "ipv4", "src": "198.18.0.1", "dst": "198.18.0.5"})
+    lines = f.lines()
+    assert len(lines) == 2
+    assert any(ln.startswith("FAIL calico.vxlan over IPv6 ") and "node5 (2001:2::5)" in ln
+               for ln in lines), lines  # fmt: skip
+    assert any(ln.startswith("FAIL calico.vxlan ") and "over IPv6" not in ln for ln in lines)
+    p = tmp_path / "v6.ndjson"
+    p.write_bytes(orjson.dumps(rec) + b"\n")
+    _, text, _ = report(p)
+    assert "calico.vxlan over IPv6" in text
+    _, script, _ = report(p, fix="nftables")
+    assert 'comment "portmesh calico.vxlan"' in script and "over_IPv6" not in script
+
+
+def test_report_header_counts_failed_pairs(tmp_path: Path) -> None:
+    pair = {"type": "pair", "scan_id": "p", "a": "node1", "b": "node2", "proto": "tcp",
+            "port": 2380, "req": "etcd.peer", "af": "ipv4"}  # fmt: skip
+    recs = [
+        {**pair, "a_to_b": "fail", "b_to_a": "fail", "verdict": "fail"},
+        {**pair, "b": "node3", "a_to_b": "fail", "b_to_a": "pass", "verdict": "one-way"},
+        {**pair, "b": "node4", "a_to_b": "pass", "b_to_a": "pass", "verdict": "pass"},
+    ]
+    p = tmp_path / "pairs.ndjson"
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+    _, text, _ = report(p)
+    assert text.splitlines()[0].endswith("3 pair records (1 failed, 1 one-way)"), text
+
+
+def test_ecs_says_when_the_input_tallies_passing_flows(tmp_path: Path) -> None:
+    """Issue 21: from an --emit failures run ECS holds only the listed results: one stderr
+    line says how many passing flows were counted, not listed; none for a full run."""
+    res = {"type": "result", "scan_id": "t", "src_host": "node1", "src": "198.18.0.1",
+           "host": "node2", "dst": "198.18.0.2", "proto": "tcp", "port": 2380,
+           "req": "etcd.peer", "state": "filtered", "reason": "no-response", "verdict": "fail"}  # fmt: skip
+    tally = {"type": "tally", "scan_id": "t", "src_host": "node1", "src": "198.18.0.1",
+             "host": "node2", "dst": "198.18.0.2", "req": "kubernetes.nodeport", "proto": "tcp",
+             "af": "ipv4", "flows": 2768, "states": {"open": 2768}, "ports": "30000-32767"}  # fmt: skip
+    p = tmp_path / "f.ndjson"
+    p.write_bytes(orjson.dumps(res) + b"\n" + orjson.dumps(tally) + b"\n")
+    code, out, err = report(p, fmt="ecs")
+    assert code == 0 and len(out.splitlines()) == 1
+    assert err.count("\n") == 1 and "2768 passing flows" in err and "counted, not listed" in err
+    q = tmp_path / "all.ndjson"
+    q.write_bytes(orjson.dumps(res) + b"\n")
+    assert report(q, fmt="ecs")[2] == ""
 
 
 def test_a_local_refusal_is_never_grouped_with_the_destinations_own_drop(tmp_path: Path) -> None:

@@ -465,6 +465,10 @@ def test_golden_start_and_summary(monkeypatch: pytest.MonkeyPatch) -> None:
         b'"rate_pps":40.5,"workers":1}\n'
     )
     assert summary_record(SID, 0, 0, {}, 0.0)["rate_pps"] is None
+    # --emit failures: the rate is over the flows decided (results + tallied), not the lines
+    # written (issue 21: `"results":0,"rate_pps":0.0` after 24954 probes)
+    rec = summary_record(SID, 100, 0, {"open": 100}, 2.0, emit="failures", tallied=100)
+    assert rec["rate_pps"] == 50.0 and list(rec)[7] == "rate_pps"
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import sys
+from typing import Any
 
 import click
+import yaml
 
 from scanner.errors import InputError
 
@@ -32,6 +36,40 @@ def playbook() -> int:
 
     sys.stdout.write(playbook_text())
     return 0
+
+
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^\s'\"\\\[{]*\Z")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def extra_var(e: str) -> str:
+    """One -e for the preHook's ansible-playbook: KEY=VALUE with a plain value as given (Ansible
+    takes it as a string); a value that is a JSON/YAML list or mapping, or holds white space or
+    quotes, and a JSON object of variables, as one JSON object (typed, quoted once)."""
+    text = e.strip()
+    if text.startswith("{"):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(f"-e {e!r}: not a JSON (or YAML) object") from None
+        if not isinstance(value, dict) or not value:
+            raise InputError(f"-e {e!r}: give KEY=VALUE or a JSON object of variables")
+        for k in value:
+            if not _KEY.match(k):
+                raise InputError(f"-e {e!r}: {k!r} is not a variable name")
+        return json.dumps(value, separators=(", ", ": "))
+    key, eq, raw = text.partition("=")
+    if not eq or not _KEY.match(key.strip()):
+        raise InputError(f"-e {e!r}: give KEY=VALUE or a JSON object of variables")
+    if _PLAIN.match(f"{key.strip()}={raw}"):
+        return f"{key.strip()}={raw}"
+    parsed: Any = raw
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            parsed = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise InputError(f"-e {e!r}: the value is not a JSON/YAML list or mapping") from None
+    return json.dumps({key.strip(): parsed}, separators=(", ", ": "))
 
 
 @command.command("kubean", context_settings=CTX)
@@ -64,8 +102,10 @@ def playbook() -> int:
     "--extra-vars",
     "extra",
     multiple=True,
-    metavar="KEY=VALUE",
-    help="Playbook variables for the preHook (repeatable): -e portmesh_nodeport_sample=16.",
+    metavar="KEY=VALUE|JSON",
+    help="Playbook variables for the preHook (repeatable): -e portmesh_nodeport_sample=16;"
+    " a JSON/YAML list or mapping as the VALUE (-e 'portmesh_without=[\"istio\"]'), or a JSON"
+    ' object of variables as ansible-playbook\'s -e takes it (-e \'{"portmesh_with": ["x"]}\').',
 )
 def kubean(
     cluster: str, namespace: str, image: str, name: str | None, action: str, extra: tuple[str, ...]
@@ -79,9 +119,7 @@ def kubean(
 
     words: list[str] = []
     for e in extra:
-        if "=" not in e or not e.split("=", 1)[0].strip():
-            raise InputError(f"-e {e!r}: give KEY=VALUE")
-        words += ["-e", e]
+        words += ["-e", extra_var(e)]
     sys.stdout.write(
         kubean_yaml(
             cluster,

@@ -9,6 +9,15 @@ from dataclasses import dataclass
 
 PROTOS = ("tcp", "udp", "icmp", "ipip")
 
+# A requirement checked over IPv6 is named apart from its IPv4 twin, under this suffix, in
+# every human summary (check, mesh, report): "calico.vxlan over IPv6".
+IPV6_SUFFIX = " over IPv6"
+
+
+def req_label(req: str, af: str | None) -> str:
+    """The requirement as the summaries name it: ``req``, plus " over IPv6" for that family."""
+    return req + IPV6_SUFFIX if af == "ipv6" else req
+
 
 @dataclass(frozen=True, slots=True)
 class Flow:

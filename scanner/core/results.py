@@ -137,9 +137,13 @@ def summary_record(
         "results": results,
         "states": states,
         "elapsed_s": round(elapsed_s, 4),
-        "rate_pps": round(results / elapsed_s, 1) if elapsed_s > 0 else None,
+        "rate_pps": None,
     }
     d.update(extra)
+    # flows decided per second: under --emit failures the passing flows are tallied, not
+    # written, so the rate counts results + tallied (== planned), not the lines written
+    decided = results + int(extra.get("tallied") or 0)
+    d["rate_pps"] = round(decided / elapsed_s, 1) if elapsed_s > 0 else None
     return d
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from scanner.core.flows import req_label
 from scanner.core.model import natural_key
 from scanner.core.ports import ports_text
 from scanner.core.results import Result
@@ -91,7 +92,7 @@ class Failures:
         self.verdicts[v] = self.verdicts.get(v, 0) + 1
         if v == "fail" or (v == "unknown" and rec["reason"] == "unresolved"):
             key = (
-                rec.get("req") or "-",
+                req_label(rec.get("req") or "-", rec.get("af")),  # "calico.vxlan over IPv6"
                 rec.get("host") or rec["dst"],
                 rec["dst"],
                 rec["proto"],

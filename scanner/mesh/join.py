@@ -41,6 +41,11 @@ class JoinStats:
     short: list[dict[str, Any]] = field(default_factory=list)  # one-way and failed pairs
     unreachable: dict[str, str] = field(default_factory=dict)
     incomplete: list[str] = field(default_factory=list)  # runs whose summary is missing/short
+    # failing directions with no pair record (the reverse is not planned, or the destination
+    # is no mesh host): (req, af, src, dst, proto) -> [ports, reason]; listed as mesh lists them
+    failed: dict[tuple[str, str, str, str, str], list[Any]] = field(default_factory=dict)
+    unpaired: list[dict[str, Any]] = field(default_factory=list)
+    unpaired_more: int = 0  # failing directions beyond FAILED_CAP, counted only
 
 
 def join_records(
@@ -74,6 +79,8 @@ def join_records(
             if rec.get("src_host"):
                 st.sources.add(str(rec["src_host"]))
             join.add(rec)
+            if rec.get("verdict") == "fail":
+                _failed(st, rec)
             yield {**rec, "scan_id": sid}
         elif t == "tally":
             # check --emit failures: passing flows of one direction, counted; the pair join
@@ -107,12 +114,19 @@ def join_records(
         done = None if s is None else (s.get("results") or 0) + (s.get("tallied") or 0)
         if done != n:
             st.incomplete.append(run)
+    paired: set[tuple[str, str, str, str]] = set()
     for rec in join.pairs():
         rec = {"type": "pair", "scan_id": sid, **{k: v for k, v in rec.items() if k != "type"}}
         st.pairs[rec["verdict"]] += 1
         if rec["verdict"] in ("one-way", "fail") and len(st.short) < 10_000:
             st.short.append(rec)
+        if rec["verdict"] != "pass" and st.failed:
+            paired.add((rec["req"], rec.get("af") or "ipv4", rec["a"], rec["b"]))
         yield rec
+    for (req, af, src, dst, proto), (ports, reason) in st.failed.items():
+        if (req, af, *sorted((src, dst))) not in paired:
+            st.unpaired.append({"req": req, "af": af, "src": src, "dst": dst, "proto": proto,
+                                "ports": ports, "reason": reason})  # fmt: skip
     yield summary_record(
         sid,
         st.planned if planned is None else planned,
@@ -128,6 +142,24 @@ def join_records(
 
 
 SHORT_CAP = 200  # pairs listed per kind on stderr; the NDJSON has them all
+FAILED_CAP = 100_000  # failing directions remembered for the unpaired list (memory bound)
+
+
+def _failed(st: JoinStats, rec: dict[str, Any]) -> None:
+    """Remember a failing flow's direction: it is listed when no pair record covers it."""
+    dst = str(rec.get("host") or rec.get("dst"))
+    af = rec.get("af") or ("ipv6" if ":" in str(rec.get("dst") or "") else "ipv4")
+    key = (str(rec.get("req") or "-"), str(af), str(rec.get("src_host")), dst,
+           str(rec.get("proto")))  # fmt: skip
+    got = st.failed.get(key)
+    if got is None:
+        if len(st.failed) >= FAILED_CAP:
+            st.unpaired_more += 1
+            return
+        reason = rec.get("verdict_reason") or f"{rec.get('state')} ({rec.get('reason')})"
+        got = st.failed[key] = [[], str(reason)]
+    if rec.get("port") is not None and len(got[0]) < 8:
+        got[0].append(rec["port"])
 
 
 def human_summary(st: JoinStats) -> list[str]:
@@ -153,4 +185,17 @@ def human_summary(st: JoinStats) -> list[str]:
             )
         if len(items) > SHORT_CAP:
             out.append(f"{kind} ... and {len(items) - SHORT_CAP} more (see the pair records)")
+    # failing directions no pair record holds: the reverse is not planned (etcd.peer from a
+    # non-etcd node), or the destination is no mesh host (a VIP, a registry)
+    for r in st.unpaired[:SHORT_CAP]:
+        ports = ",".join(str(x) for x in sorted(set(r["ports"])))
+        what = r["proto"] if not ports else f"{r['proto']}/{ports}"
+        af = " (IPv6)" if r["af"] == "ipv6" else ""
+        out.append(
+            f"FAIL    {r['req']:<26} {what:<16} {r['src']} -> {r['dst']}{af}: {r['reason']}"
+            " (one direction planned)"
+        )
+    more = len(st.unpaired) - SHORT_CAP + st.unpaired_more
+    if more > 0:
+        out.append(f"FAIL    ... and {more} more failing directions (see the result records)")
     return out

@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from scanner.core.flows import IPV6_SUFFIX
 from scanner.core.ports import ports_text as ranges  # one implementation, re-exported
 from scanner.core.tally import parse_runs
 
@@ -536,7 +537,7 @@ class PairJoin:
         va, vb = ab.verdict(), ba.verdict()
         rec: dict[str, Any] = {"type": "pair", "a": a, "b": b, "req": req, "proto": ab.proto}
         rec["af"] = af
-        over = " over IPv6" if af == "ipv6" else ""
+        over = IPV6_SUFFIX if af == "ipv6" else ""
         rec.update(self._port_field(ab.ports, ba.ports))
         rec["a_to_b"] = va
         rec["b_to_a"] = vb

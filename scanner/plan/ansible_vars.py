@@ -33,7 +33,7 @@ from typing import Any
 
 from scanner.errors import InventoryError
 from scanner.plan import kubean, yamldocs
-from scanner.plan.endpoints import is_endpoint_var
+from scanner.plan.endpoints import BASE_URLS, LB, LISTS, PRIMARY, PROXIES, SUFFIXES
 from scanner.plan.inventory_files import Inventory
 from scanner.plan.kubean import VarsLayer
 
@@ -350,11 +350,26 @@ def origin(layers: Sequence[VarsLayer], name: str) -> str:
     return kubean.DEFAULT
 
 
+# Every cluster-wide variable the planner follows, in one place: the names, and the endpoint
+# families by suffix (scanner.plan.endpoints). With clusters.PLAN_HOST_VARS, the per-host ones,
+# these are what the Ansible playbook (scanner/ansible/portmesh.yml) passes from every host to
+# every host's plan; tests/test_ansible.py checks the playbook's copy against these.
+PLAN_VARS: tuple[str, ...] = tuple(
+    dict.fromkeys((*kubean.KNOWN_VARS, LB, *PRIMARY, *BASE_URLS, *LISTS, *PROXIES))
+)
+PLAN_VAR_SUFFIXES: tuple[str, ...] = SUFFIXES
+
+
+def is_plan_var(name: str) -> bool:
+    """Does this cluster-wide variable decide the plan (KNOWN_VARS and the endpoint families)?"""
+    return name in PLAN_VARS or name.endswith(PLAN_VAR_SUFFIXES)
+
+
 def deciding_names(layers: Iterable[VarsLayer]) -> list[str]:
     """The variables that decide a cluster's plan, among those these layers set."""
-    names = set(kubean.KNOWN_VARS) | {"loadbalancer_apiserver"}
+    names = set(kubean.KNOWN_VARS) | {LB}
     for layer in layers:
-        names.update(n for n in layer.values if is_endpoint_var(n))
+        names.update(n for n in layer.values if is_plan_var(n))
     return sorted(names)
 
 

@@ -27,6 +27,8 @@ from scanner.plan.kubean import VarsLayer, redact
 
 ADDRESS_VARS = ("access_ip", "ip", "ansible_host")
 ADDRESS6_VARS = ("access_ip6", "ip6")  # kubespray's per-host IPv6 addresses (dual stack)
+# every per-host variable the planner reads (the playbook passes them: ansible_vars.PLAN_VARS)
+PLAN_HOST_VARS = (*ADDRESS_VARS, *ADDRESS6_VARS, "ansible_user")
 # --role words for --hosts (and a site cluster's inline hosts) -> the roles each host gets
 QUICK_ROLES: dict[str, frozenset[str]] = {
     "node": frozenset({"node"}),

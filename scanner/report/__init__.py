@@ -15,7 +15,7 @@ May import: core. (It reads NDJSON, not the engine's objects.)
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -101,9 +101,15 @@ def run_report(
         _notes(stats, err)
         return 1 if failures else 0
     if config.fix is None and config.fmt == "ecs":
-        write_ecs(recs, out)
+        tallied = [0]
+        write_ecs(_count_tallied(recs, tallied), out)
         _require_records(config.inputs, stats)
         _notes(stats, err)
+        if tallied[0]:  # --emit failures: the passing flows were counted, not listed
+            err.write(
+                f"portmesh report: the input tallies {tallied[0]} passing flows "
+                "(--emit failures): counted, not listed, so they have no ECS events\n"
+            )
         return 0  # an export: written is success, whatever it holds
 
     agg, stats = aggregate(config.inputs, stats, recs)
@@ -118,6 +124,14 @@ def run_report(
         _notes(stats, err)  # the text view prints them itself
         return 0  # an export (html, --fix): written is success, whatever it holds
     return 1 if agg.failures else 0
+
+
+def _count_tallied(recs: Iterable[dict[str, Any]], tallied: list[int]) -> Iterator[dict[str, Any]]:
+    """The records unchanged; ``tallied[0]`` sums the flows their tally records count."""
+    for rec in recs:
+        if rec.get("type") == "tally":
+            tallied[0] += int(rec.get("flows") or 0)
+        yield rec
 
 
 def _notes(stats: ReadStats, err: IO[str]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from scanner.core.flows import IPV6_SUFFIX
 from scanner.core.model import natural_key
 from scanner.core.verdicts import verdict
 
@@ -289,8 +290,8 @@ class Cell:
         return max(self.reasons.items(), key=lambda kv: kv[1])[0]
 
 
-# A requirement checked over IPv6 is reported apart from its IPv4 twin, under this suffix.
-IPV6_SUFFIX = " over IPv6"
+# A requirement checked over IPv6 is reported apart from its IPv4 twin, under IPV6_SUFFIX
+# (scanner.core.flows: check's stderr names it the same way).
 
 
 @dataclass

@@ -304,7 +304,10 @@ def _families(op: Opening) -> Iterator[tuple[int, list[str] | None]]:
 
 
 def _rule_tag(op: Opening) -> str:
-    return "portmesh " + re.sub(r"[^A-Za-z0-9_./:-]", "_", op.req)
+    """The rule's comment: "portmesh REQ", REQ the requirement id (the rule's own addresses say
+    the family: "calico.vxlan over IPv6" is commented "portmesh calico.vxlan")."""
+    req = op.req.removesuffix(IPV6_SUFFIX)
+    return "portmesh " + re.sub(r"[^A-Za-z0-9_./:-]", "_", req)
 
 
 def _nft(op: Opening, family: str, table: str, chain: str) -> Iterator[str]:

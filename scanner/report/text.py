@@ -54,7 +54,8 @@ def render_text(agg: Aggregate, stats: ReadStats | None = None) -> Iterator[str]
     )
     if npairs:
         oneway = sum(r.pair_verdicts.get("one-way", 0) for r in runs)
-        head += f", {npairs} pair records ({oneway} one-way)"
+        failed = sum(r.pair_verdicts.get("fail", 0) for r in runs)
+        head += f", {npairs} pair records ({failed} failed, {oneway} one-way)"
     yield head
     for note in stats.notes() if stats else []:
         yield f"note: {note}"
