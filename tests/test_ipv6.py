@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -158,12 +159,45 @@ def _can_dgram6() -> bool:
         return False
 
 
+_DGRAM6_IN_NETNS = """
+import asyncio, sys
+from scanner.core.flows import Flow
+from scanner.probes import icmp6
+from scanner.probes.base import ProbeOptions
+async def go():
+    p = icmp6.Icmp6Prober(ProbeOptions(), mode="dgram")
+    await p.start(asyncio.get_running_loop())
+    assert p.mode == "dgram", p.mode
+    try:
+        return await asyncio.gather(*(p.probe(Flow("::1", None, "icmp"), 1.0) for _ in range(5)))
+    finally:
+        p.close()
+print(sorted({(o.state, o.reason) for o in asyncio.run(go())}))
+"""
+
+
 @pytest.mark.parametrize("mode", ["raw", "dgram"])
 def test_icmp6_prober_modes_on_loopback(mode: str) -> None:
     if mode == "raw" and not _can_raw6():
         pytest.skip("raw ICMPv6 sockets need CAP_NET_RAW")
     if mode == "dgram" and not _can_dgram6():
-        pytest.skip("the ICMPv6 datagram socket is not allowed (net.ipv4.ping_group_range)")
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("the ICMPv6 datagram socket is not allowed (net.ipv4.ping_group_range)")
+        # as root: a network namespace of its own (no route out, only lo) whose
+        # ping_group_range admits the datagram socket, and the probe run there
+        script = (
+            "ip link set lo up && "
+            "echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range && "
+            f'exec "{sys.executable}" -c "$0"'
+        )
+        cp = subprocess.run(
+            ["unshare", "-n", "sh", "-c", script, _DGRAM6_IN_NETNS],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+        assert cp.returncode == 0, cp.stderr[-2000:]
+        assert cp.stdout.strip() == "[('open', 'echo-reply')]", cp.stdout
+        return
 
     async def go() -> list:
         p = icmp6.Icmp6Prober(ProbeOptions(), mode=mode)
