@@ -485,6 +485,9 @@ def test_bundle_runs_the_agent_from_copied_wheels(make_lab, tmp_path: Path) -> N
     for agent in summary["agents"].values():
         # the agent ran from the unpacked bundle, not from this checkout
         assert "/portmesh-bundle-" in agent["module"], agent
+        # how each agent probed TCP, and the run's one method (it was null when every TCP
+        # flow was a token sample)
+        assert agent["tcp_method"] == summary.get("tcp_method") in ("syn", "connect"), agent
     leftovers = [
         p for p in Path("/tmp").glob("portmesh-bundle-*") if p.stat().st_mtime > time.time() - 120
     ]

@@ -194,12 +194,12 @@ class Sweep:
             self._task(flow, None)  # another protocol, or IPv6: the per-flow path
             return True
         eng = self.engine
+        if not self.noted:  # the summary's tcp_method: IPv4 TCP went by raw SYN (token
+            self.noted = True  # samples, a connect each, are part of that method)
+            eng.stats.note_tcp_method("ipv4", "syn")
         if self.token_sample and eng._token_due(flow):
             self._task(flow, self.prober.connect_prober())
             return True
-        if not self.noted:  # the summary's tcp_method: IPv4 TCP went by raw SYN
-            self.noted = True
-            eng.stats.note_tcp_method("ipv4", "syn")
         hs = eng.hosts.get(flow.dst) or eng._host(flow.dst)
         cap = self.cap
         if cap and hs.inflight >= cap:

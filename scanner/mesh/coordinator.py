@@ -546,6 +546,7 @@ def run_mesh(cfg: MeshConfig) -> int:
             **({"tallied": link.tallied} if link.got is not None else {}),
             "elapsed_s": (link.done_rec or {}).get("elapsed_s"),
             "rate_pps": (link.done_rec or {}).get("rate_pps"),
+            "tcp_method": (link.done_rec or {}).get("tcp_method"),
             "agent": (link.hello_rec or {}).get("agent"),
             "python": (link.hello_rec or {}).get("python"),
             "module": (link.hello_rec or {}).get("module"),
@@ -553,7 +554,13 @@ def run_mesh(cfg: MeshConfig) -> int:
         for link in mesh.links
         if link.failed is None
     }
-    emitted = {"emit": "failures", "tallied": mesh.tallied} if cfg.emit == "failures" else {}
+    emitted: dict[str, Any] = (
+        {"emit": "failures", "tallied": mesh.tallied} if cfg.emit == "failures" else {}
+    )
+    # how TCP was probed: the agents' one method, "mixed" when they differ (each agent's too)
+    methods = {a["tcp_method"] for a in agents.values() if a["tcp_method"]}
+    if methods:
+        emitted["tcp_method"] = methods.pop() if len(methods) == 1 else "mixed"
     summary = summary_record(
         mesh.scan_id,
         mesh.planned,
