@@ -28,6 +28,8 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from scanner.core import privileges, tags
 from scanner.core.flows import Flow
@@ -79,6 +81,40 @@ class EchoProber:
             self.sock.close()
         self.sock = None
         self.mode = "none"
+
+    def _drain_errors(
+        self,
+        want: tuple[int, int, int, int],
+        outcome: Callable[[int, int, str | None, str], Outcome],
+        key_of: Callable[[str], Any],
+    ) -> None:
+        """Read the datagram socket's error queue: each ICMP(v6) error quoting one of our
+        echo requests resolves it. ``want``: (cmsg level, cmsg type, error origin, echo
+        request type) of the family; ``key_of``: the destination as ``pending`` keys it."""
+        sock = self.sock
+        assert sock is not None
+        level, ctype, origin_want, echo_type = want
+        for _ in range(256):
+            try:
+                data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
+            except OSError:  # empty (BlockingIOError) or gone: nothing more to read now
+                break
+            now = receipt_ns(anc)
+            for lvl, typ_, cdata in anc:
+                if lvl != level or typ_ != ctype or len(data) < 8:
+                    continue
+                _, origin, typ, code, offender = classify.parse_extended_err(cdata)
+                if origin != origin_want or data[0] != echo_type:
+                    continue
+                seq = struct.unpack_from("!H", data, 6)[0]
+                quoted = data[TAG_OFF:]
+                rawrecv.resolve(
+                    self.pending,
+                    (key_of(addr[0]), seq),
+                    now,
+                    outcome(typ, code, offender, addr[0]),
+                    quoted if len(quoted) >= TAG_LEN else None,
+                )
 
 
 class IcmpProber(EchoProber):
@@ -180,25 +216,11 @@ class IcmpProber(EchoProber):
         sock, loop = self.sock, self.loop
         if sock is None or loop is None:
             return
-        for _ in range(256):
-            try:
-                data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            now = receipt_ns(anc)
-            for level, ctype, cdata in anc:
-                if level == socket.SOL_IP and ctype == IP_RECVERR and len(data) >= 8:
-                    _, origin, typ, code, offender = classify.parse_extended_err(cdata)
-                    if origin != 2 or data[0] != rawrecv.ICMP_ECHO:
-                        continue
-                    seq = struct.unpack_from("!H", data, 6)[0]
-                    out = _error_outcome(typ, code, offender, addr[0])
-                    quoted = data[TAG_OFF:]
-                    self._resolve(
-                        (addr[0], seq), now, out, quoted if len(quoted) >= TAG_LEN else None
-                    )
+        self._drain_errors(
+            (socket.SOL_IP, IP_RECVERR, classify.SO_EE_ORIGIN_ICMP, rawrecv.ICMP_ECHO),
+            _error_outcome,
+            str,
+        )
         for _ in range(256):
             try:
                 data, anc, _, addr = sock.recvmsg(2048, 64)

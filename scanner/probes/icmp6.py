@@ -187,32 +187,12 @@ class Icmp6Prober(EchoProber):
         sock, loop = self.sock, self.loop
         if sock is None or loop is None:
             return
-        for _ in range(256):
-            try:
-                data, anc, _, addr = sock.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            now = receipt_ns(anc)
-            for level, ctype, cdata in anc:
-                if level != classify.SOL_IPV6 or ctype != classify.IPV6_RECVERR:
-                    continue
-                _, origin, typ, code, offender = classify.parse_extended_err(cdata)
-                if origin != classify.SO_EE_ORIGIN_ICMP6 or len(data) < 8:
-                    continue
-                if data[0] != ICMP6_ECHO_REQUEST:
-                    continue
-                seq = struct.unpack_from("!H", data, 6)[0]
-                out = _error_outcome(typ, code, offender, addr[0])
-                quoted = data[TAG_OFF:]
-                rawrecv.resolve(
-                    self.pending,
-                    (_packed(addr[0]), seq),
-                    now,
-                    out,
-                    quoted if len(quoted) >= TAG_LEN else None,
-                )
+        self._drain_errors(
+            (classify.SOL_IPV6, classify.IPV6_RECVERR, classify.SO_EE_ORIGIN_ICMP6,
+             ICMP6_ECHO_REQUEST),
+            _error_outcome,
+            _packed,
+        )  # fmt: skip
         for _ in range(256):
             try:
                 data, anc, _, addr = sock.recvmsg(2048, 64)

@@ -145,17 +145,14 @@ def parse_probe6(pkt: bytes, secret: bytes) -> dict[str, Any] | None:
         body = body[8:]
     else:
         return None
-    nonce = tags.find_tag(body, secret)
-    if nonce is None:
-        return None
-    return {
-        "type": "witness",
-        "proto": name,
-        "src": socket.inet_ntop(socket.AF_INET6, pkt[8:24]),
-        "dst": socket.inet_ntop(socket.AF_INET6, pkt[24:40]),
-        "port": port,
-        "nonce": nonce.hex(),
-    }
+    return _record(
+        name,
+        body,
+        secret,
+        socket.inet_ntop(socket.AF_INET6, pkt[8:24]),
+        socket.inet_ntop(socket.AF_INET6, pkt[24:40]),
+        port,
+    )
 
 
 def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
@@ -164,6 +161,28 @@ def attach_filter(sock: socket.socket, prog: list[tuple[int, int, int, int]]) ->
     fprog = struct.pack("HL", len(prog), ctypes.addressof(arr))
     # the kernel copies the program during the call; arr only has to live until it returns
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def _record(
+    name: str,
+    body: bytes,
+    secret: bytes,
+    src: str,
+    dst: str,
+    port: int | None,
+) -> dict[str, Any] | None:
+    """The witness record of a probe body that carries a valid tag, else None (both families)."""
+    nonce = tags.find_tag(body, secret)
+    if nonce is None:
+        return None
+    return {
+        "type": "witness",
+        "proto": name,
+        "src": src,
+        "dst": dst,
+        "port": port,
+        "nonce": nonce.hex(),
+    }
 
 
 def parse_probe(pkt: bytes, secret: bytes) -> dict[str, Any] | None:
@@ -186,17 +205,7 @@ def parse_probe(pkt: bytes, secret: bytes) -> dict[str, Any] | None:
         body = body[8:]
     else:
         return None
-    nonce = tags.find_tag(body, secret)
-    if nonce is None:
-        return None
-    return {
-        "type": "witness",
-        "proto": name,
-        "src": src,
-        "dst": dst,
-        "port": port,
-        "nonce": nonce.hex(),
-    }
+    return _record(name, body, secret, src, dst, port)
 
 
 class Witness:
