@@ -33,7 +33,7 @@ from scanner.errors import InputError
 from scanner.plan.inventory import local_addresses
 from scanner.plan.planner import legs
 from scanner.responder.server import Responder
-from scanner.watch import schedule
+from scanner.watch import incoming, schedule
 from scanner.watch.metrics import WatchMetrics
 
 try:  # optional: without it the watch runs on asyncio's own loop
@@ -42,10 +42,6 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 DEFAULT_ROUND = 15.0  # seconds: the shortest round; longer when the budget needs it
-# An incoming flow fails only after this many scheduled visits in a row brought nothing: one
-# miss can be the sender's late start or a round it had to skip (CPU starvation); a real drop
-# repeats. The sender's own outgoing verdict names the drop one sweep earlier.
-MISSES_TO_FAIL = 2
 ROUND_MARGIN = 1.5  # rounds are sized for 1.5x the probes they hold (retries, start-up, jitter)
 DEFAULT_RATE = 20.0  # probes per second per node
 DEFAULT_NEIGHBOURS = 16
@@ -185,6 +181,7 @@ async def _main(cfg: WatchConfig) -> int:
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
     responder.on_hit = on_hit
     responder.start(loop)
+    up_since = time.time()  # rounds that began before this are not judged (incoming)
     bound = {("tcp", p) for p in responder.bound_tcp} | {("udp", p) for p in responder.bound_udp}
 
     server = None
@@ -235,11 +232,10 @@ async def _main(cfg: WatchConfig) -> int:
     in_expected: set[str] = set()
     in_arrived: set[str] = set()
     done_rounds = 0
-    misses: dict[tuple[str, str], int] = {}
+    judge = incoming.IncomingJudge()
     # (req, peer) -> ports that failed on their last visit: a long range is probed a window at
     # a time, so a failing port keeps its requirement failing until that port passes again
     bad_out: dict[tuple[str, str], dict[int | None, dict[str, Any]]] = defaultdict(dict)
-    bad_in: dict[tuple[str, str], dict[int | None, dict[str, Any]]] = defaultdict(dict)
     metrics.sweep_seconds = per_sweep * period
     rnd = int(time.time() // period)
     try:
@@ -307,10 +303,10 @@ async def _main(cfg: WatchConfig) -> int:
                 sweep_visits += 1
                 sweep_judged += new != "unknown"
             # incoming: the previous round's visitors, judged now that a whole round has passed
-            if done_rounds >= 1:
-                # a probe of round r-1 leaves at or after that round's start; half a round of
-                # slack for clocks that NTP keeps close but not equal
-                since = (rnd - 1) * period - period / 2
+            # (not a round that began before our responder listened: its early probes were
+            # refused by the kernel, and a half-arrived visit would look like a drop)
+            if done_rounds >= 1 and incoming.judgeable(rnd - 1, period, up_since):
+                since = incoming.earliest(rnd - 1, period)
                 for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
                     witnessable = [p for p in ports if (need.proto, p) in bound]
                     if not witnessable:
@@ -318,56 +314,24 @@ async def _main(cfg: WatchConfig) -> int:
                     in_expected.add(src)
                     saddr = topo.addrs[topo.index(src)]
                     got = [p for p in witnessable if hits.get((saddr, need.proto, p), 0.0) >= since]
-                    key = (need.req, src)
-                    bad = bad_in[key]
                     if got:
                         in_arrived.add(src)
-                        misses.pop(key, None)
-                        for p in got:
-                            bad.pop(p, None)
-                        # the sender ran this visit: a port of it that never arrived was dropped
-                        missing = [p for p in witnessable if p not in got]
-                    elif last_from.get(saddr, 0.0) < since:
-                        # nothing at all from that sender lately: it is down, late or probing
-                        # from another address. That is the node's story (silent peers, the
-                        # agent-absent alert), not a per-requirement failure.
+                    alive = last_from.get(saddr, 0.0) >= since
+                    said = judge.judge((need.req, src), witnessable, got, alive)
+                    if said is None:
                         continue
-                    else:
-                        misses[key] = misses.get(key, 0) + 1
-                        if misses[key] < MISSES_TO_FAIL:
-                            continue  # one miss can be a round the sender had to cut short
-                        missing = witnessable
-                    for p in missing:
-                        bad[p] = {
-                            "src": saddr,
-                            "src_host": src,
-                            "dst": my_addr,
-                            "host": me,
-                            "proto": need.proto,
-                            "port": p,
-                            "state": "filtered",
-                            "reason": "never-arrived",
-                        }
-                    if bad:
-                        states.set(need.req, src, "incoming", "fail", next(iter(bad.values())))
-                    else:
-                        bad_in.pop(key, None)
-                        states.set(
-                            need.req,
-                            src,
-                            "incoming",
-                            "pass",
-                            {
-                                "src": saddr,
-                                "src_host": src,
-                                "dst": my_addr,
-                                "host": me,
-                                "proto": need.proto,
-                                "port": got[0],
-                                "state": "open",
-                                "reason": "witnessed",
-                            },
-                        )
+                    new, bad_ports = said
+                    flow = {
+                        "src": saddr,
+                        "src_host": src,
+                        "dst": my_addr,
+                        "host": me,
+                        "proto": need.proto,
+                        "port": bad_ports[0] if bad_ports else got[0],
+                        "state": "filtered" if bad_ports else "open",
+                        "reason": "never-arrived" if bad_ports else "witnessed",
+                    }
+                    states.set(need.req, src, "incoming", new, flow)
             old = rnd * period - 3 * period
             for hk in [hk for hk, ts in hits.items() if ts < old]:
                 del hits[hk]

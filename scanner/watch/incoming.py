@@ -1,0 +1,83 @@
+"""The incoming side of `portmesh watch`: did a scheduled sender's probes arrive? (pure)
+
+The agent feeds it one judged visit at a time: for a (requirement, sender) key, the ports our
+responder holds that the sender should have probed in the judged round (``witnessable``), the
+ones whose probe arrived (``got``), and whether the sender was heard from at all lately
+(``alive``). It answers with the key's new state, or None for "no change".
+
+Two things look like a drop and are not, so a key fails only after ``misses_to_fail`` judged
+visits in a row had a port missing (all of them or some):
+
+- the sender's visit was cut short: its agent was stopped mid-round, or starved of CPU;
+- our responder came up while the sender was probing us: the probes before it were refused
+  by the kernel. ``judgeable`` keeps such a round out of the judgment altogether.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+MISSES_TO_FAIL = 2
+
+Key = tuple[str, str]  # (requirement id, sender name)
+Port = int | None
+
+
+def judgeable(rnd: int, period: float, up_since: float) -> bool:
+    """Can round ``rnd`` be judged by a responder that has listened since ``up_since``?
+
+    A sender's round-``rnd`` probe leaves at or after the round's start by its own clock, and
+    clocks that NTP keeps within half a round of ours may start it half a round early: the
+    round is judged only when all of that window lies after our responder came up.
+    """
+    return up_since <= earliest(rnd, period)
+
+
+def earliest(rnd: int, period: float) -> float:
+    """The earliest time (our clock) a probe of round ``rnd`` can arrive."""
+    return rnd * period - period / 2
+
+
+class IncomingJudge:
+    """Per (requirement, sender): consecutive visits with a port missing, and the ports that
+    fail now (a long range is probed a window at a time, so a failing port keeps its key
+    failing until a later visit sees that very port arrive)."""
+
+    def __init__(self, misses_to_fail: int = MISSES_TO_FAIL) -> None:
+        if misses_to_fail < 1:
+            raise ValueError("misses_to_fail must be at least 1")
+        self.misses_to_fail = misses_to_fail
+        self.misses: dict[Key, int] = {}
+        self.bad: dict[Key, dict[Port, None]] = {}
+
+    def judge(
+        self, key: Key, witnessable: Sequence[Port], got: Sequence[Port], alive: bool
+    ) -> tuple[str, list[Port]] | None:
+        """("pass", []) / ("fail", failing ports) when the key has a verdict now, None when
+        this visit says nothing (the sender was not heard from, or a first miss)."""
+        if not got and not alive:
+            # nothing at all from that sender lately: it is down, late or probing from another
+            # address. That is the node's story (silent peers, the agent-absent alert).
+            return None
+        bad = self.bad.get(key, {})
+        for p in got:
+            bad.pop(p, None)
+        arrived = set(got)
+        missing = [p for p in witnessable if p not in arrived]
+        if missing:
+            n = self.misses[key] = self.misses.get(key, 0) + 1
+            if n < self.misses_to_fail:
+                # a first miss can be a visit the sender cut short: wait for the next one
+                if bad:
+                    self.bad[key] = bad
+                    return "fail", list(bad)
+                self.bad.pop(key, None)
+                return None
+            bad.update(dict.fromkeys(missing))
+        else:
+            self.misses.pop(key, None)
+        if bad:
+            self.bad[key] = bad
+            return "fail", list(bad)
+        self.bad.pop(key, None)
+        return "pass", []
