@@ -314,6 +314,26 @@ class Requirement:
             return None
         return "pass" if isinstance(c, int) else c.state
 
+    def marked(self) -> Iterator[tuple[int, Cell]]:
+        """(key, Cell) of every direction where something did not pass. ``cells`` may be a
+        mapping that keeps its all-passing directions in a table elsewhere (the mesh's summary:
+        ``scanner.mesh.summary.TableCells``); its other cells are in its ``own`` dict."""
+        own = getattr(self.cells, "own", self.cells)
+        return ((k, c) for k, c in own.items() if isinstance(c, Cell))
+
+    def peer_counts(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(host -> directions into it, host -> directions out of it) over every cell."""
+        counted = getattr(self.cells, "peer_counts", None)
+        if counted is not None:
+            return counted()  # type: ignore[no-any-return]
+        n_srcs: dict[int, int] = {}
+        n_dsts: dict[int, int] = {}
+        for k in self.cells:
+            s, d = divmod(k, STRIDE)
+            n_srcs[d] = n_srcs.get(d, 0) + 1
+            n_dsts[s] = n_dsts.get(s, 0) + 1
+        return n_srcs, n_dsts
+
 
 @dataclass
 class Run:

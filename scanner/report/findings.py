@@ -63,7 +63,7 @@ class Finding:
 
 
 def failing_keys(req: Requirement, state: str = "fail") -> list[int]:
-    return sorted(k for k, c in req.cells.items() if isinstance(c, Cell) and c.state == state)
+    return sorted(k for k, c in req.marked() if c.state == state)
 
 
 def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2) -> list[Finding]:
@@ -76,12 +76,7 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
         by_dst.setdefault(d, set()).add(s)
         by_src.setdefault(s, set()).add(d)
     # how many peers each host has on the other side of this requirement (all cells)
-    n_srcs: dict[int, int] = {}
-    n_dsts: dict[int, int] = {}
-    for k in req.cells:
-        s, d = divmod(k, STRIDE)
-        n_srcs[d] = n_srcs.get(d, 0) + 1
-        n_dsts[s] = n_dsts.get(s, 0) + 1
+    n_srcs, n_dsts = req.peer_counts()
 
     out: list[Finding] = []
     # ties go to the first host in natural order (node2 before node10), not to whichever host
