@@ -234,16 +234,28 @@ class Mesh:
             vs["pass"] = vs.get("pass", 0) + folded
 
     def on_tallies(self, link: AgentLink, tallies: list[Any]) -> None:
-        """An agent's tally records (inside its ``done``): fold, count, write them."""
+        """An agent's tally records (inside its ``done``): fold, count, write them.
+
+        The common tally (passing flows of the agent's own host to a mesh host, in a
+        direction without a failure) is folded here as ``PairJoin.add_tally`` would, with the
+        port set's transition memoised (``_States.tally_step``); anything else goes through
+        ``add_tally`` and ``Matrix.add_passes``."""
+        join = self.join
+        row = -1 if link.jidx is None else link.jidx * join.n
+        reqs, index, step = join.reqs, join.index, join.states.tally_step
+        states = self.states
+        record = self.out.record
+        scan_id, name = self.scan_id, link.name
+        tallied = folded = 0
         for t in tallies:
             try:
                 # an agent of before issue 15 sends 8 fields (no af: it follows from dst)
-                host, dst, req, proto, flows, states, ports, src = t[:8]
+                host, dst, req, proto, flows, st, ports, src = t[:8]
                 af = t[8] if len(t) > 8 and t[8] in ("ipv4", "ipv6") else af_of(dst)
                 rec: dict[str, Any] = {
                     "type": "tally",
-                    "scan_id": self.scan_id,
-                    "src_host": link.name,
+                    "scan_id": scan_id,
+                    "src_host": name,
                     "src": src,
                     "host": host,
                     "dst": dst,
@@ -251,18 +263,36 @@ class Mesh:
                     "proto": proto,
                     "af": af,
                     "flows": int(flows),
-                    "states": {str(k): int(v) for k, v in states.items()},
+                    "states": {str(k): int(v) for k, v in st.items()},
                 }
             except (TypeError, ValueError, AttributeError):
                 continue  # a malformed entry: its flows stay owed
             if ports:
-                rec["ports"] = str(ports)
-            link.tallied += rec["flows"]
-            self.tallied += rec["flows"]
+                rec["ports"] = ports = str(ports)
+            flows = rec["flows"]
+            tallied += flows
             for k, v in rec["states"].items():
-                self.states[k] += v
-            self.matrix.add_passes(rec, rec["flows"], self.join.add_tally(rec))
-            self.out.record(rec)
+                states[k] += v
+            tbl = None
+            if flows and row >= 0 and req.__class__ is str:
+                tbl = reqs.get(req + V6_KEY if af == "ipv6" else req)
+                d = index.get(host) if tbl is not None else None
+                if d is not None:
+                    k = row + d
+                    sid = tbl.sig[k]
+                    if sid != SPARSE:
+                        tbl.passed[k] += flows
+                        tbl.sig[k] = step(sid or 1, ports or None, flows)
+                        folded += flows
+                        record(rec)
+                        continue
+            self.matrix.add_passes(rec, flows, join.add_tally(rec))
+            record(rec)
+        link.tallied += tallied
+        self.tallied += tallied
+        if folded:
+            vs = self.matrix.verdicts
+            vs["pass"] = vs.get("pass", 0) + folded
 
     def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
         self.results += 1

@@ -184,6 +184,7 @@ class Direction:
 PortState = tuple  # (exact frozenset | None, count, lo, hi, none): a PortSet as a value
 ABSENT = 0  # no flow of this direction yet
 SPARSE = 0xFFFFFFFF  # the direction has a non-passing flow: its Direction is in ``sparse``
+TALLY_MEMO = 1 << 16  # memoised tally transitions kept (then the memo starts over)
 
 
 class _States:
@@ -194,6 +195,7 @@ class _States:
         self.states: list[PortState] = [(None, 0, None, None, 0), (frozenset(), 0, None, None, 0)]
         self.ids: dict[PortState, int] = {self.states[1]: 1}
         self.memo: dict[int, int] = {}
+        self.tally_memo: dict[tuple[int, str | None, int], int] = {}
 
     def intern(self, ps: PortSet) -> int:
         st = (
@@ -215,6 +217,20 @@ class _States:
         ps.exact = None if exact is None else set(exact)
         ps.count, ps.lo, ps.hi, ps.none = count, lo, hi, none
         return ps
+
+    def tally_step(self, sid: int, text: str | None, flows: int) -> int:
+        """The state after a tally of ``flows`` flows over the ports ``text`` (memoised: most
+        directions of a requirement tally the same ports from the same state)."""
+        key = (sid, text, flows)
+        n = self.tally_memo.get(key)
+        if n is None:
+            ps = self.portset(sid)
+            ps.add_runs(parse_runs(text) if text else [], flows)
+            n = self.intern(ps)
+            if len(self.tally_memo) >= TALLY_MEMO:
+                self.tally_memo.clear()  # bounded: every failing pattern its own text
+            self.tally_memo[key] = n
+        return n
 
     def step(self, sid: int, port: int | None) -> int:
         key = (sid << 17) | (0 if port is None else port + 1)
@@ -345,17 +361,14 @@ class PairJoin:
             return False
         t, k = cell
         text = rec.get("ports")
-        runs = parse_runs(text) if text else []
         sid = t.sig[k]
         if sid == SPARSE:
             d = t.sparse[k]
             d.passed += flows
-            d.ports.add_runs(runs, flows)
+            d.ports.add_runs(parse_runs(text) if text else [], flows)
             return True
-        ps = self.states.portset(sid or 1)
-        ps.add_runs(runs, flows)
         t.passed[k] += flows
-        t.sig[k] = self.states.intern(ps)
+        t.sig[k] = self.states.tally_step(sid or 1, text or None, flows)
         return True
 
     def passes(self) -> Iterator[tuple[str, bool, str, Iterator[tuple[int, int, int]]]]:
