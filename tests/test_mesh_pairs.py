@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from scanner.mesh.pairs import EXACT_PORTS, PairJoin, PortSet, pair_verdict, ranges
@@ -213,5 +215,9 @@ def test_pair_lines_are_the_pair_records_encoded_byte_for_byte() -> None:
             })  # fmt: skip
         want = [(r["verdict"], encode(r)) for r in join.pairs("id%d")]
         assert list(join.pair_lines("id%d")) == want
+        # pair_blocks (what the coordinator writes): the same bytes, a row at a time
+        blocks = list(join.pair_blocks("id%d"))
+        assert b"".join(b for _, b in blocks) == b"".join(line for _, line in want)
+        assert sum((Counter(c) for c, _ in blocks), Counter()) == Counter(v for v, _ in want)
         kinds.update(v for v, _ in want)
     assert kinds == {"pass", "fail", "one-way", "unknown"}

@@ -566,9 +566,9 @@ def run_mesh(cfg: MeshConfig) -> int:
         sys.stderr.write("\n")
     elapsed = time.perf_counter() - mesh.t0
     pairs: Counter[str] = Counter()
-    for verdict, line in mesh.join.pair_lines(mesh.scan_id):
-        pairs[verdict] += 1
-        out.write(line)
+    for counts, lines in mesh.join.pair_blocks(mesh.scan_id):
+        pairs.update(counts)
+        out.write(lines)
     agents = {
         link.name: {
             "planned": link.planned,
