@@ -110,6 +110,8 @@ class Mesh:
         self.tallied = 0  # --emit failures: passing flows counted in tally records
         self.neigh_full = 0  # flows unknown because an agent's neighbour table was full
         self.links: list[AgentLink] = []
+        # agents whose line longer than a read (a done with its tallies) is being gathered
+        self.long_lines = asyncio.Semaphore(transport.LONG_LINES)
         self.unreachable: dict[str, str] = {}
         self.interrupted = False
         self.t0 = time.perf_counter()

@@ -142,7 +142,8 @@ class AgentLink:
         p = self.proc
         assert p is not None and p.stdout is not None
         feed = self.feed
-        async for lines in transport.ndjson_lines(p.stdout):
+        gate = getattr(self.mesh, "long_lines", None)
+        async for lines in transport.ndjson_lines(p.stdout, gate=gate):
             feed(lines)
             del lines
         code = await p.wait()

@@ -54,6 +54,7 @@ READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 
 # at twice the limit, plus one pipe read of at most 64 KiB): ~100 KiB x 1,000 agents, however
 # far behind the coordinator falls
 READ_BUFFER = 1 << 14
+LONG_LINES = 8  # lines longer than a read gathered at once (ndjson_lines' gate)
 
 
 def check_template(template: str) -> list[str]:
@@ -242,7 +243,10 @@ async def ndjson_records(
 
 
 async def ndjson_lines(
-    stream: asyncio.StreamReader, limit: int = READ_LIMIT, chunk: int = 1 << 16
+    stream: asyncio.StreamReader,
+    limit: int = READ_LIMIT,
+    chunk: int = 1 << 16,
+    gate: asyncio.Semaphore | None = None,
 ) -> AsyncIterator[list[bytes]]:
     """The complete lines of a child's stdout, a read at a time (parsing is the caller's).
 
@@ -250,26 +254,55 @@ async def ndjson_lines(
     coordinator of a 1,000-host mesh reads 26 million lines. Only raw bytes are held between
     reads (no parsed records: a thousand agents' batches would add up). A line longer than
     ``limit`` is dropped, up to its newline.
+
+    A line longer than a read (an agent's ``done`` with its tallies: ~2 MB at 1,000 hosts)
+    is kept as its reads and joined once, not copied again at every read; with ``gate``, a
+    semaphore shared by the agents, only that many such lines are gathered at once and the
+    other agents wait in their pipes (1,000 agents ending together, read in turn, held 1,000
+    partial lines: 2 GB).
     """
-    rest = b""
+    parts: list[bytes] = []  # the reads of the line not complete yet
+    size = 0
     skipping = False
-    while True:
-        data = await stream.read(chunk)
-        if not data:
-            return
-        data = rest + data if rest else data
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            if skipping or len(data) > limit:
-                rest, skipping = b"", True
-            else:
-                rest = data
-            continue
-        rest = data[cut + 1 :]
-        lines = data[:cut].split(b"\n")
-        if skipping:
-            del lines[0]  # the tail of an over-long line
-            skipping = False
-        if len(rest) > limit:
-            rest, skipping = b"", True
-        yield lines
+    held = False
+    try:
+        while True:
+            data = await stream.read(chunk)
+            if not data:
+                return
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                if not skipping:
+                    size += len(data)
+                    if size > limit:
+                        parts, size, skipping = [], 0, True
+                    else:
+                        parts.append(data)
+                if gate is not None:
+                    if skipping and held:
+                        gate.release()
+                        held = False
+                    elif not skipping and not held:
+                        await gate.acquire()  # a long line: gather it when its turn comes
+                        held = True
+                continue
+            if parts:
+                parts.append(data)
+                cut += size
+                data = b"".join(parts)
+            rest = data[cut + 1 :]
+            lines = data[:cut].split(b"\n")
+            del data
+            if skipping:
+                del lines[0]  # the tail of an over-long line
+                skipping = False
+            parts, size = ([rest], len(rest)) if rest else ([], 0)
+            if size > limit:
+                parts, size, skipping = [], 0, True
+            if held:
+                gate.release()  # type: ignore[union-attr]
+                held = False
+            yield lines
+    finally:
+        if held:
+            gate.release()  # type: ignore[union-attr]
