@@ -54,13 +54,31 @@ def pair_verdict(a_to_b: str, b_to_a: str) -> str:
     return "one-way"
 
 
+_NO_PORTS: frozenset[int] = frozenset()
+_SHARED: dict[frozenset[int], frozenset[int]] = {}
+SHARED_SETS = 1 << 16  # distinct exact port sets kept for sharing (then it starts over)
+
+
+def _shared(ports: frozenset[int]) -> frozenset[int]:
+    """One frozenset per distinct set of ports (bounded; a set not shared is still right)."""
+    have = _SHARED.get(ports)
+    if have is None:
+        if len(_SHARED) >= SHARED_SETS:
+            _SHARED.clear()
+        have = _SHARED[ports] = ports
+    return have
+
+
 class PortSet:
     """Ports of one direction: exact up to EXACT_PORTS, then a count and the lowest/highest."""
 
     __slots__ = ("exact", "count", "lo", "hi", "none")
 
     def __init__(self) -> None:
-        self.exact: set[int] | None = set()
+        # the ports while they are few: a frozenset shared by every PortSet holding the same
+        # ports (``_shared``): the directions of a requirement mostly do (16 ports: ~730 bytes
+        # once, not per direction with a failure)
+        self.exact: frozenset[int] | None = _NO_PORTS
         self.count = 0
         self.lo: int | None = None
         self.hi: int | None = None
@@ -73,10 +91,9 @@ class PortSet:
         self.count += 1
         self.lo = port if self.lo is None or port < self.lo else self.lo
         self.hi = port if self.hi is None or port > self.hi else self.hi
-        if self.exact is not None:
-            self.exact.add(port)
-            if len(self.exact) > EXACT_PORTS:
-                self.exact = None
+        exact = self.exact
+        if exact is not None and port not in exact:
+            self.exact = None if len(exact) >= EXACT_PORTS else _shared(exact | {port})
 
     def add_runs(self, runs: list[tuple[int, int]], flows: int) -> None:
         """``flows`` flows over these distinct ports (a tally): as if added one by one."""
@@ -92,10 +109,10 @@ class PortSet:
             if n > EXACT_PORTS:
                 self.exact = None
                 return
+            exact = set(self.exact)
             for a, b in runs:
-                self.exact.update(range(a, b + 1))
-            if len(self.exact) > EXACT_PORTS:
-                self.exact = None
+                exact.update(range(a, b + 1))
+            self.exact = None if len(exact) > EXACT_PORTS else _shared(frozenset(exact))
 
     def __len__(self) -> int:
         return self.count + self.none
@@ -214,7 +231,7 @@ class _States:
     def portset(self, sid: int) -> PortSet:
         exact, count, lo, hi, none = self.states[sid]
         ps = PortSet()
-        ps.exact = None if exact is None else set(exact)
+        ps.exact = exact  # frozen: shared, as _shared would
         ps.count, ps.lo, ps.hi, ps.none = count, lo, hi, none
         return ps
 

@@ -202,6 +202,9 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(parts)
 
 
+NO_PORTS = PortSet()  # a cell's port set of a kind it has none of (shared: never added to)
+
+
 class Cell:
     """One direction (src -> dst) of one requirement in one run, once something did not pass."""
 
@@ -223,9 +226,10 @@ class Cell:
         self.npass = npass
         self.nfail = 0
         self.nunknown = 0
-        self.fail_ports = PortSet()  # failed and not 'closed': a firewall drops or rejects
-        self.closed_ports = PortSet()  # failed as 'closed' (--expect listening): nothing listens
-        self.unknown_ports = PortSet()
+        # (the three are the shared NO_PORTS until a port is added: most cells have one kind)
+        self.fail_ports = NO_PORTS  # failed and not 'closed': a firewall drops or rejects
+        self.closed_ports = NO_PORTS  # failed as 'closed' (--expect listening): nothing listens
+        self.unknown_ports = NO_PORTS
         self.reasons: dict[str, int] = {}
         self.samples: list[dict[str, Any]] = []
         # the source addresses the failing flows were recorded with (``src``: where the packets
@@ -255,8 +259,15 @@ class Cell:
             if src:
                 self.fail_srcs.add(str(src))
             if port is not None:
-                nothing_listens = listening and rec.get("state") == "closed"
-                (self.closed_ports if nothing_listens else self.fail_ports).add(port)
+                if listening and rec.get("state") == "closed":
+                    ps = self.closed_ports
+                    if ps is NO_PORTS:
+                        ps = self.closed_ports = PortSet()
+                else:
+                    ps = self.fail_ports
+                    if ps is NO_PORTS:
+                        ps = self.fail_ports = PortSet()
+                ps.add(port)
             if rec.get("reason") == LOCAL_PROHIBITED:
                 self.nlocal += 1
                 if port is not None:
@@ -266,6 +277,8 @@ class Cell:
         else:
             self.nunknown += 1
             if port is not None:
+                if self.unknown_ports is NO_PORTS:
+                    self.unknown_ports = PortSet()
                 self.unknown_ports.add(port)
         reason = f"{rec.get('state')}: {rec.get('reason') or '?'}"
         if reason in self.reasons or len(self.reasons) < MAX_REASONS:
