@@ -269,6 +269,7 @@ class Mesh:
         counts = self._tally_states
         texts = self._tally_ports
         tallied = folded = 0
+        kinds_of_states: dict[tuple[bytes, tuple[Any, ...]], int] = {}  # -> tallies
         for t in tallies:
             try:
                 # an agent of before issue 15 sends 8 fields (no af: it follows from dst)
@@ -307,12 +308,15 @@ class Mesh:
                 else:
                     e = b"}\n"
             except (TypeError, ValueError, AttributeError):
+                for sb, times in kinds_of_states.items():  # the counts so far, in order
+                    for k, v in sb[1]:
+                        states[k] += v * times
+                kinds_of_states.clear()
                 self._tally_record(link, t)  # skips it as before when it cannot be read
                 continue
             line = b"%b%b%b%d%b%b" % (a, b, c, flows, sb[0], e)
             tallied += flows
-            for k, v in sb[1]:
-                states[k] += v
+            kinds_of_states[sb] = kinds_of_states.get(sb, 0) + 1
             if flows and row >= 0 and req.__class__ is str:
                 tbl = reqs.get(req + V6_KEY if af == "ipv6" else req)
                 d = index.get(host) if tbl is not None else None
@@ -334,6 +338,9 @@ class Mesh:
                 rec["ports"] = ports
             self.matrix.add_passes(rec, flows, join.add_tally(rec))
             write(line)
+        for sb, times in kinds_of_states.items():
+            for k, v in sb[1]:
+                states[k] += v * times
         link.tallied += tallied
         self.tallied += tallied
         if folded:

@@ -43,7 +43,12 @@ class Finding:
     reverse: str | None = None  # pairs: state of b -> a
 
     def ports(self, req: Requirement) -> tuple[PortSet, PortSet]:
-        """(blocked ports, closed ports) over the finding's cells."""
+        """(blocked ports, closed ports) over the finding's cells (to read, not to change:
+        a finding of one cell gives that cell's own)."""
+        if len(self.cells) == 1:  # most findings of scattered failures: no copy
+            c = req.cells[self.cells[0]]
+            if isinstance(c, Cell):
+                return c.fail_ports, c.closed_ports
         blocked, closed = PortSet(), PortSet()
         for k in self.cells:
             c = req.cells[k]
