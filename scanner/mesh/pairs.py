@@ -55,7 +55,7 @@ def pair_verdict(a_to_b: str, b_to_a: str) -> str:
 
 
 _NO_PORTS: frozenset[int] = frozenset()
-_SHARED: dict[frozenset[int], frozenset[int]] = {}
+_SHARED: dict[Any, Any] = {}
 SHARED_SETS = 1 << 16  # distinct exact port sets kept for sharing (then it starts over)
 
 
@@ -66,6 +66,20 @@ def _shared(ports: frozenset[int]) -> frozenset[int]:
         if len(_SHARED) >= SHARED_SETS:
             _SHARED.clear()
         have = _SHARED[ports] = ports
+    return have
+
+
+def _shared_value(v: Any) -> Any:
+    """One object per equal address or (state, reason) of the directions with a failure
+    (bounded; the cache shares with ``_shared``'s: their keys never compare equal)."""
+    try:
+        have = _SHARED.get(v)
+    except TypeError:
+        return v  # not hashable: kept as it is
+    if have is None:
+        if len(_SHARED) >= SHARED_SETS:
+            _SHARED.clear()
+        have = _SHARED[v] = v
     return have
 
 
@@ -162,7 +176,7 @@ class Direction:
             self.failed += 1
             ps = self.failures.get((state, reason))
             if ps is None:
-                ps = self.failures[(state, reason)] = PortSet()
+                ps = self.failures[_shared_value((state, reason))] = PortSet()
             ps.add(port)
         else:
             self.unknown += 1
@@ -319,7 +333,7 @@ class PairJoin:
     def _sparse(self, t: _Req, k: int, rec: dict[str, Any]) -> Direction:
         d = t.sparse.get(k)
         if d is None:
-            d = Direction(t.proto, rec.get("src"), rec.get("dst"))
+            d = Direction(t.proto, _shared_value(rec.get("src")), _shared_value(rec.get("dst")))
             sid = t.sig[k]
             if sid != ABSENT:
                 d.passed = t.passed[k]

@@ -41,7 +41,7 @@ class Matrix:
         # "calico.vxlan over IPv6"), as portmesh report does.
         self.passes: dict[tuple[Any, Any, Any, bool], int] = {}
         self.ends: dict[tuple[Any, Any, Any, bool], tuple[Any, Any, Any]] = {}
-        self.agg = Aggregate()
+        self.agg = Aggregate(samples=False)  # the text summary shows none
 
     def add(self, rec: dict[str, Any], folded: bool = False) -> None:
         """One result; ``folded``: the pair join took it (its passes are counted there)."""

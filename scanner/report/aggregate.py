@@ -203,6 +203,21 @@ def compress_names(names: Iterable[str], limit: int = 12) -> str:
 
 
 NO_PORTS = PortSet()  # a cell's port set of a kind it has none of (shared: never added to)
+NO_SAMPLES: list[dict[str, Any]] = []  # a cell's samples while it has none (shared)
+NO_SRCS: frozenset[str] = frozenset()
+_SHARED: dict[Any, Any] = {}
+SHARED_VALUES = 1 << 14  # values kept for sharing (then it starts over)
+
+
+def _shared(v: Any) -> Any:
+    """One object per equal value (reason texts, sets of source addresses): a cell is made
+    per failing direction, 250,000 of them in a 1,000-host mesh with 1% of its flows failing."""
+    have = _SHARED.get(v)
+    if have is None:
+        if len(_SHARED) >= SHARED_VALUES:
+            _SHARED.clear()
+        have = _SHARED[v] = v
+    return have
 
 
 class Cell:
@@ -231,10 +246,10 @@ class Cell:
         self.closed_ports = NO_PORTS  # failed as 'closed' (--expect listening): nothing listens
         self.unknown_ports = NO_PORTS
         self.reasons: dict[str, int] = {}
-        self.samples: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = NO_SAMPLES  # a list of its own once it has one
         # the source addresses the failing flows were recorded with (``src``: where the packets
         # really left from - a multi-homed host may use several: bounded by its addresses)
-        self.fail_srcs: set[str] = set()
+        self.fail_srcs: frozenset[str] = NO_SRCS
         # failed as local-prohibited: the source's own output chain refused the send (a subset
         # of fail_ports; nlocal counts them, portless protocols included)
         self.local_ports: PortSet | None = None
@@ -248,16 +263,22 @@ class Cell:
             return "unknown"
         return "pass"
 
-    def note(self, verdict: str, rec: dict[str, Any], listening: bool = False) -> None:
+    def note(
+        self, verdict: str, rec: dict[str, Any], listening: bool = False, samples: bool = True
+    ) -> None:
         """``listening``: the run checked for listeners (check --expect listening), so a failed
         'closed' means nothing listens; otherwise it is a reject (an RST from a firewall, or
-        from the host where our responder should have answered)."""
+        from the host where our responder should have answered). ``samples``: keep the first
+        flows as samples (the HTML report shows them; the text does not)."""
         port = rec.get("port")
         if verdict == "fail":
             self.nfail += 1
             src = rec.get("src")
             if src:
-                self.fail_srcs.add(str(src))
+                src = str(src)
+                if src not in self.fail_srcs:
+                    # a frozenset shared by the cells with the same sources (bounded cache)
+                    self.fail_srcs = _shared(self.fail_srcs | {src})
             if port is not None:
                 if listening and rec.get("state") == "closed":
                     ps = self.closed_ports
@@ -280,12 +301,14 @@ class Cell:
                 if self.unknown_ports is NO_PORTS:
                     self.unknown_ports = PortSet()
                 self.unknown_ports.add(port)
-        reason = f"{rec.get('state')}: {rec.get('reason') or '?'}"
+        reason = _shared(f"{rec.get('state')}: {rec.get('reason') or '?'}")
         if reason in self.reasons or len(self.reasons) < MAX_REASONS:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
         else:
             self.reasons["other"] = self.reasons.get("other", 0) + 1
-        if len(self.samples) < MAX_SAMPLES:
+        if samples and len(self.samples) < MAX_SAMPLES:
+            if self.samples is NO_SAMPLES:
+                self.samples = []
             self.samples.append(
                 {
                     "port": port,
@@ -394,7 +417,8 @@ def split_key(key: int) -> tuple[int, int]:
 class Aggregate:
     """Everything a report needs, built by feeding records one at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, samples: bool = True) -> None:
+        self.samples = samples  # keep sample flows per cell (for the HTML report)
         self.runs: dict[str, Run] = {}
         self.failures = 0  # fail verdicts + fail/one-way pair records
         self.unknowns = 0
@@ -489,7 +513,7 @@ class Aggregate:
             req.nunknown += 1
         if not isinstance(cur, Cell):
             cur = req.cells[ck] = Cell(cur or 0)
-        cur.note(verdict, rec, run.listening)
+        cur.note(verdict, rec, run.listening, self.samples)
 
     def add_passes(
         self,
