@@ -136,9 +136,17 @@ def group_cells(run: Run, req: Requirement, keys: list[int], min_group: int = 2)
             if not by_src[s]:
                 del by_src[s]
 
+    hkey: dict[int, tuple] = {}  # host -> its natural key, once per host (not per cell)
+
+    def host_key(h: int) -> tuple:
+        v = hkey.get(h)
+        if v is None:
+            v = hkey[h] = natural_key(names[h])
+        return v
+
     left = sorted(
         (s * STRIDE + d for s, ds in by_src.items() for d in ds),
-        key=lambda k: (natural_key(names[k // STRIDE]), natural_key(names[k % STRIDE])),
+        key=lambda k: (host_key(k // STRIDE), host_key(k % STRIDE)),
     )
     done: set[int] = set()
     in_left = set(left)  # membership per cell: a list scan here made 10,000 cells O(n^2)
