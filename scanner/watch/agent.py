@@ -167,16 +167,15 @@ async def _main(cfg: WatchConfig) -> int:
             target = tcp_ports if n.proto == "tcp" else udp_ports if n.proto == "udp" else None
             if target is not None:
                 target.update(p for p in n.ports if p is not None)
-    # (source address, proto, port) -> when its last probe arrived; pruned every round
-    hits: dict[tuple[str, str, int], float] = {}
-
-    # source address -> when any of its probes last arrived: is that sender running at all?
-    last_from: dict[str, float] = {}
+    # (source address, proto, port) -> when its probes arrived, per round; pruned every round
+    hits = incoming.Arrivals(period)
+    # source address -> when any of its probes arrived, per round: is that sender running at all?
+    heard = incoming.Arrivals(period)
 
     def on_hit(proto: str, src: str, port: int) -> None:
         now = time.time()
-        hits[(src, proto, port)] = now
-        last_from[src] = now
+        hits.add((src, proto, port), now)
+        heard.add(src, now)
 
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
     responder.on_hit = on_hit
@@ -246,8 +245,13 @@ async def _main(cfg: WatchConfig) -> int:
                 await asyncio.wait_for(stop.wait(), max(0.0, start - time.time()))
             if stop.is_set():
                 break
-            # outgoing: probe this round's flows, fold them per (req, peer)
+            # outgoing: probe this round's flows, fold them per (req, peer); a round whose
+            # probes can no longer all leave before it ends (a late start or restart, a pause,
+            # an overrun) is not probed at all: its receivers would count a half-arrived visit
+            # as a miss, and the next late one as a drop
             flows = schedule.round_flows(topo, me, rnd, k, chunk)
+            if time.time() + len(flows) / cfg.rate > (rnd + 1) * period:
+                flows = []
             folded: dict[tuple[str, str], list[Result]] = defaultdict(list)
 
             def emit(r: Result, folded: dict = folded) -> None:
@@ -256,7 +260,8 @@ async def _main(cfg: WatchConfig) -> int:
                 metrics.probe(r.flow.proto, v, None if r.rtt_ms is None else r.rtt_ms / 1000)
                 folded[(r.flow.req or "-", r.flow.host or r.flow.dst)].append(r)
 
-            await Engine(engine_cfg, emit).run(iter(flows))
+            if flows:
+                await Engine(engine_cfg, emit).run(iter(flows))
             for (req, peer), results in folded.items():
                 bad = bad_out[(req, peer)]
                 passed = False
@@ -306,17 +311,16 @@ async def _main(cfg: WatchConfig) -> int:
             # (not a round that began before our responder listened: its early probes were
             # refused by the kernel, and a half-arrived visit would look like a drop)
             if done_rounds >= 1 and incoming.judgeable(rnd - 1, period, up_since):
-                since = incoming.earliest(rnd - 1, period)
                 for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
                     witnessable = [p for p in ports if (need.proto, p) in bound]
                     if not witnessable:
                         continue  # a real service or the kernel holds it: not judged here
                     in_expected.add(src)
                     saddr = topo.addrs[topo.index(src)]
-                    got = [p for p in witnessable if hits.get((saddr, need.proto, p), 0.0) >= since]
+                    got = [p for p in witnessable if hits.arrived((saddr, need.proto, p), rnd - 1)]
                     if got:
                         in_arrived.add(src)
-                    alive = last_from.get(saddr, 0.0) >= since
+                    alive = heard.arrived(saddr, rnd - 1)
                     said = judge.judge((need.req, src), witnessable, got, alive)
                     if said is None:
                         continue
@@ -332,9 +336,8 @@ async def _main(cfg: WatchConfig) -> int:
                         "reason": "never-arrived" if bad_ports else "witnessed",
                     }
                     states.set(need.req, src, "incoming", new, flow)
-            old = rnd * period - 3 * period
-            for hk in [hk for hk, ts in hits.items() if ts < old]:
-                del hits[hk]
+            hits.prune(rnd - 3)
+            heard.prune(rnd - 3)
             done_rounds += 1
             metrics.rounds = done_rounds
             failing = states.failing()

@@ -11,11 +11,17 @@ visits in a row had a port missing (all of them or some):
 - the sender's visit was cut short: its agent was stopped mid-round, or starved of CPU;
 - our responder came up while the sender was probing us: the probes before it were refused
   by the kernel. ``judgeable`` keeps such a round out of the judgment altogether.
+
+"In a row" means with the sender heard from on each: a visit on which the sender was silent
+(down, restarting) ends the run, so a visit cut short by a kill and the first, late visit of the
+restarted agent are not two misses. And a probe counts for the round it arrived in
+(``Arrivals``): a probe that arrives after the judged round ended is the sender's next round
+(a restarted agent's first probes, or a port probed every round), not evidence about this one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 MISSES_TO_FAIL = 2
 
@@ -38,6 +44,44 @@ def earliest(rnd: int, period: float) -> float:
     return rnd * period - period / 2
 
 
+class Arrivals:
+    """When probes arrived, per key ((sender, proto, port) or a sender), kept per round of
+    arrival by our clock: the last arrival in each round. A port probed in every round keeps its
+    earlier arrival when the next round's probe comes, and a later round's probe never stands in
+    for an earlier round's (O(1) per probe; ``prune`` every round bounds it to a few rounds)."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.at: dict[Hashable, dict[int, float]] = {}
+
+    def add(self, key: Hashable, now: float) -> None:
+        b = int(now // self.period)
+        rounds = self.at.get(key)
+        if rounds is None:
+            self.at[key] = {b: now}
+        else:
+            rounds[b] = now
+
+    def arrived(self, key: Hashable, rnd: int) -> bool:
+        """Did a probe arrive in round ``rnd``'s window: from ``earliest(rnd)`` (a sender's
+        clock may run up to half a round ahead) to the round's end by our clock?"""
+        rounds = self.at.get(key)
+        if not rounds:
+            return False
+        if rnd in rounds:
+            return True
+        return rounds.get(rnd - 1, float("-inf")) >= earliest(rnd, self.period)
+
+    def prune(self, before: int) -> None:
+        """Forget arrivals of rounds before ``before``."""
+        for key in list(self.at):
+            rounds = self.at[key]
+            for b in [b for b in rounds if b < before]:
+                del rounds[b]
+            if not rounds:
+                del self.at[key]
+
+
 class IncomingJudge:
     """Per (requirement, sender): consecutive visits with a port missing, and the ports that
     fail now (a long range is probed a window at a time, so a failing port keeps its key
@@ -57,7 +101,9 @@ class IncomingJudge:
         this visit says nothing (the sender was not heard from, or a first miss)."""
         if not got and not alive:
             # nothing at all from that sender lately: it is down, late or probing from another
-            # address. That is the node's story (silent peers, the agent-absent alert).
+            # address. That is the node's story (silent peers, the agent-absent alert). It also
+            # ends a run of misses: a miss just before it was the sender going down.
+            self.misses.pop(key, None)
             return None
         bad = self.bad.get(key, {})
         for p in got:
