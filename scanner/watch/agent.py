@@ -250,7 +250,7 @@ async def _main(cfg: WatchConfig) -> int:
             # an overrun) is not probed at all: its receivers would count a half-arrived visit
             # as a miss, and the next late one as a drop
             flows = schedule.round_flows(topo, me, rnd, k, chunk)
-            if time.time() + len(flows) / cfg.rate > (rnd + 1) * period:
+            if not schedule.fits(rnd, period, time.time(), len(flows), cfg.rate):
                 flows = []
             folded: dict[tuple[str, str], list[Result]] = defaultdict(list)
 

@@ -149,6 +149,13 @@ def max_probes_per_round(topo: Topology, k: int, chunk: int) -> int:
     return s * max(per_src.values(), default=0)
 
 
+def fits(rnd: int, period: float, now: float, probes: int, rate: float) -> bool:
+    """Can round ``rnd``'s ``probes`` all leave at ``rate`` before the round ends? An agent
+    that starts (or wakes) too late for that skips the round: a visit cut short looks like a
+    miss to its receivers, and two in a row like a drop."""
+    return now + probes / rate <= (rnd + 1) * period
+
+
 def round_flows(topo: Topology, me: str, rnd: int, k: int, chunk: int) -> list[Flow]:
     """The flows ``me`` probes in round ``rnd``."""
     i = topo.index(me)
