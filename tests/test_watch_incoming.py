@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from scanner.watch.incoming import Arrivals, IncomingJudge, judgeable
+from scanner.watch.incoming import ALIVE_EARLY, Arrivals, IncomingJudge, judgeable
 
 K = ("k8s.nodeport", "node2")
 W1 = [30000, 30001, 30002, 30003]
@@ -44,6 +44,10 @@ def run(visits, misses_to_fail=2):
             [(W1, W1[:2], True), (W2, [], False), (W1, [], True), (W2, [], True)],
             [None, None, None, ("fail", W2)],
         ),
+        # the agent-killed-after-half-the-round case: a visit cut short, then the next visit
+        # "arrived" only from the dead agent's last probes of ports probed every round (they
+        # count for a clock running ahead) while the sender was not heard in the round: no miss
+        ([(W1, W1[:2], True), (W2, W2[:1], False)], [None, None]),
         # a whole visit between two misses resets the count
         ([(W1, [], True), (W2, W2, True), (W1, [], True)], [None, ("pass", []), None]),
         # a failing port keeps the key failing until that very port arrives again
@@ -110,6 +114,20 @@ def test_a_probe_counts_for_the_round_it_arrived_in(arrivals, rnd, ok) -> None:
     for t in arrivals:
         a.add("k", t)
     assert a.arrived("k", rnd) is ok
+
+
+@pytest.mark.parametrize(
+    ("t", "ok"),
+    [
+        (10 * P - 3.0, True),  # the last fifth of the round before: a clock running ahead
+        (10 * P - 3.1, False),  # earlier: the round before's probe, from an agent killed since
+        (10 * P + 14.0, True),
+    ],
+)
+def test_a_sender_is_alive_for_a_round_from_a_fifth_of_a_round_before(t, ok) -> None:
+    a = Arrivals(P)
+    a.add("src", t)
+    assert a.arrived("src", 10, ALIVE_EARLY) is ok
 
 
 def test_arrivals_are_pruned_by_round() -> None:

@@ -180,8 +180,8 @@ def test_watch_and_respond_share_their_responder_options(monkeypatch, tmp_path) 
     ("now", "probes", "ok"),
     [
         (150.0, 200, True),  # on time: 10 s of probes in a 15 s round
-        (154.9, 200, True),  # late, but they all leave before the round ends
-        (155.1, 200, False),  # a late start or restart: the visit would be cut short
+        (151.5, 200, True),  # the most jitter: they all leave in the round's first 0.8
+        (152.1, 200, False),  # a late start or restart: the visit would be cut short
         (170.0, 0, False),  # woken after the round ended (a pause, a clock step)
     ],
 )

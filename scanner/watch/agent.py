@@ -320,7 +320,7 @@ async def _main(cfg: WatchConfig) -> int:
                     got = [p for p in witnessable if hits.arrived((saddr, need.proto, p), rnd - 1)]
                     if got:
                         in_arrived.add(src)
-                    alive = heard.arrived(saddr, rnd - 1)
+                    alive = heard.arrived(saddr, rnd - 1, incoming.ALIVE_EARLY)
                     said = judge.judge((need.req, src), witnessable, got, alive)
                     if said is None:
                         continue

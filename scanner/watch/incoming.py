@@ -23,7 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from scanner.watch.schedule import LAST_PROBE
+
 MISSES_TO_FAIL = 2
+# Is the sender running the judged round at all? Heard from no earlier than this fraction of a
+# round before it: a round's probes leave within its first schedule.LAST_PROBE, so a probe in
+# the rest of the round before is the judged round's from a clock running ahead, never the round
+# before's from an agent killed since (whose ports probed every round would otherwise count as
+# arrived). A sender whose clock runs further ahead than that and whose whole visit arrives
+# early is not judged (no verdict), never failed.
+ALIVE_EARLY = round(1 - LAST_PROBE, 9)  # 0.2
 
 Key = tuple[str, str]  # (requirement id, sender name)
 Port = int | None
@@ -62,15 +71,15 @@ class Arrivals:
         else:
             rounds[b] = now
 
-    def arrived(self, key: Hashable, rnd: int) -> bool:
-        """Did a probe arrive in round ``rnd``'s window: from ``earliest(rnd)`` (a sender's
-        clock may run up to half a round ahead) to the round's end by our clock?"""
+    def arrived(self, key: Hashable, rnd: int, early: float = 0.5) -> bool:
+        """Did a probe arrive in round ``rnd``'s window: from ``early`` of a round before it
+        (a sender's clock may run ahead: half a round, ``earliest``) to its end by our clock?"""
         rounds = self.at.get(key)
         if not rounds:
             return False
         if rnd in rounds:
             return True
-        return rounds.get(rnd - 1, float("-inf")) >= earliest(rnd, self.period)
+        return rounds.get(rnd - 1, float("-inf")) >= (rnd - early) * self.period
 
     def prune(self, before: int) -> None:
         """Forget arrivals of rounds before ``before``."""
@@ -98,8 +107,10 @@ class IncomingJudge:
         self, key: Key, witnessable: Sequence[Port], got: Sequence[Port], alive: bool
     ) -> tuple[str, list[Port]] | None:
         """("pass", []) / ("fail", failing ports) when the key has a verdict now, None when
-        this visit says nothing (the sender was not heard from, or a first miss)."""
-        if not got and not alive:
+        this visit says nothing (the sender was not heard from in the round, or a first miss).
+        ``alive`` is the stricter test (``ALIVE_EARLY``): a port can count as arrived from a
+        probe before the round while the sender is not known to have run it."""
+        if not alive:
             # nothing at all from that sender lately: it is down, late or probing from another
             # address. That is the node's story (silent peers, the agent-absent alert). It also
             # ends a run of misses: a miss just before it was the sender going down.
