@@ -101,15 +101,15 @@ P = 15.0
         ([10 * P - 7.5], 10, True),  # half a round early: a sender whose clock runs ahead
         ([10 * P - 7.6], 10, False),  # earlier: the round before's probe
         # the restarted-agent case: the probe arrived after round 10 ended, so it is round 11's
-        # (a restarted sender's first round, or a port probed in every round), not round 10's
+        # (a restarted sender's first round), no sign that the sender ran round 10
         ([11 * P + 1], 10, False),
-        # a port probed every round: round 11's probe does not hide round 10's
+        # a sender heard every round: round 11's arrival does not hide round 10's
         ([10 * P + 3, 11 * P + 3], 10, True),
         ([10 * P + 3, 11 * P + 3], 11, True),
         ([], 10, False),
     ],
 )
-def test_a_probe_counts_for_the_round_it_arrived_in(arrivals, rnd, ok) -> None:
+def test_a_sender_ran_a_round_if_heard_in_it(arrivals, rnd, ok) -> None:
     a = Arrivals(P)
     for t in arrivals:
         a.add("k", t)

@@ -167,14 +167,14 @@ async def _main(cfg: WatchConfig) -> int:
             target = tcp_ports if n.proto == "tcp" else udp_ports if n.proto == "udp" else None
             if target is not None:
                 target.update(p for p in n.ports if p is not None)
-    # (source address, proto, port) -> when its probes arrived, per round; pruned every round
-    hits = incoming.Arrivals(period)
-    # source address -> when any of its probes arrived, per round: is that sender running at all?
+    # (source address, proto, port) -> when its last probe arrived; pruned every round
+    hits: dict[tuple[str, str, int], float] = {}
+    # source address -> when its probes arrived, per round: did that sender run a round at all?
     heard = incoming.Arrivals(period)
 
     def on_hit(proto: str, src: str, port: int) -> None:
         now = time.time()
-        hits.add((src, proto, port), now)
+        hits[(src, proto, port)] = now
         heard.add(src, now)
 
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
@@ -311,13 +311,14 @@ async def _main(cfg: WatchConfig) -> int:
             # (not a round that began before our responder listened: its early probes were
             # refused by the kernel, and a half-arrived visit would look like a drop)
             if done_rounds >= 1 and incoming.judgeable(rnd - 1, period, up_since):
+                since = incoming.earliest(rnd - 1, period)
                 for src, need, ports in schedule.expected_incoming(topo, me, rnd - 1, k, chunk):
                     witnessable = [p for p in ports if (need.proto, p) in bound]
                     if not witnessable:
                         continue  # a real service or the kernel holds it: not judged here
                     in_expected.add(src)
                     saddr = topo.addrs[topo.index(src)]
-                    got = [p for p in witnessable if hits.arrived((saddr, need.proto, p), rnd - 1)]
+                    got = [p for p in witnessable if hits.get((saddr, need.proto, p), 0.0) >= since]
                     if got:
                         in_arrived.add(src)
                     alive = heard.arrived(saddr, rnd - 1, incoming.ALIVE_EARLY)
@@ -336,7 +337,9 @@ async def _main(cfg: WatchConfig) -> int:
                         "reason": "never-arrived" if bad_ports else "witnessed",
                     }
                     states.set(need.req, src, "incoming", new, flow)
-            hits.prune(rnd - 3)
+            old = rnd * period - 3 * period
+            for hk in [hk for hk, ts in hits.items() if ts < old]:
+                del hits[hk]
             heard.prune(rnd - 3)
             done_rounds += 1
             metrics.rounds = done_rounds

@@ -12,11 +12,14 @@ visits in a row had a port missing (all of them or some):
 - our responder came up while the sender was probing us: the probes before it were refused
   by the kernel. ``judgeable`` keeps such a round out of the judgment altogether.
 
-"In a row" means with the sender heard from on each: a visit on which the sender was silent
-(down, restarting) ends the run, so a visit cut short by a kill and the first, late visit of the
-restarted agent are not two misses. And a probe counts for the round it arrived in
-(``Arrivals``): a probe that arrives after the judged round ended is the sender's next round
-(a restarted agent's first probes, or a port probed every round), not evidence about this one.
+"In a row" means with the sender running each of those rounds (``alive``): a visit on which
+it was not ends the run, so a visit cut short by a kill and the first visit of the restarted
+agent are not two misses. Whether it ran the judged round is told by when its probes arrived
+(``Arrivals``, per round of arrival): within the round, or in the last ``ALIVE_EARLY`` of the
+round before (a clock running ahead). Not later: a restarted agent's first probes, which arrive
+before we judge the round it was down, are its next round's; and not earlier: an agent killed
+after half its round left probes of ports it probes every round, which count as arrived for a
+clock half a round ahead (``earliest``) but are no sign that it ran the judged round.
 """
 
 from __future__ import annotations
@@ -54,10 +57,9 @@ def earliest(rnd: int, period: float) -> float:
 
 
 class Arrivals:
-    """When probes arrived, per key ((sender, proto, port) or a sender), kept per round of
-    arrival by our clock: the last arrival in each round. A port probed in every round keeps its
-    earlier arrival when the next round's probe comes, and a later round's probe never stands in
-    for an earlier round's (O(1) per probe; ``prune`` every round bounds it to a few rounds)."""
+    """When probes arrived, per key (a sender), kept per round of arrival by our clock: the
+    last arrival in each round, so a later round's probe never stands in for an earlier round's
+    (O(1) per probe; ``prune`` every round bounds it to a few rounds)."""
 
     def __init__(self, period: float) -> None:
         self.period = period
