@@ -125,7 +125,9 @@ def test_every_shell_block_is_marked() -> None:
     assert not unmarked, f"mark these blocks (<!-- docs-test: run|skip REASON -->): {unmarked}"
     bad = [b.where for b in blocks() if b.mark == "skip" and not b.arg]
     assert not bad, f"a skip mark needs a reason: {bad}"
-    plain = [b.where for b in blocks() if b.lang == "" and CMD_LINE.search(b.text) and b.mark is None]
+    plain = [
+        b.where for b in blocks() if b.lang == "" and CMD_LINE.search(b.text) and b.mark is None
+    ]
     assert not plain, f"shell commands in a fence without a language (use ```sh): {plain}"
 
 
@@ -171,7 +173,7 @@ def _plan() -> tuple[list[dict], list[str]]:
 SETUP = [
     "portmesh lab up --name pm --hosts 4 > lab-pm.txt",
     # one fault, so that the report and fix examples have something to show (a node3 section)
-    "printf 'faults:\\n  - {host: node3, direction: in, proto: tcp, ports: \"10250\", "
+    'printf \'faults:\\n  - {host: node3, direction: in, proto: tcp, ports: "10250", '
     "action: drop}\\n' > example-faults.yml",
     f"portmesh lab up --name {SCAN_LAB} --hosts 4 --faults example-faults.yml > lab-example.txt",
     "grep -q ' on 198.18.0.0/24' lab-example.txt",  # the docs' addresses are its hosts
@@ -226,7 +228,9 @@ def sandbox_main(plan_file: str) -> int:
             results.append(r)
             if r["rc"] != 0:
                 return 0
-        routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+        routes = subprocess.run(
+            ["ip", "-4", "route", "show"], capture_output=True, text=True
+        ).stdout
         outside = [ln for ln in routes.splitlines() if not ln.startswith("198.18.")]
         if outside:  # every route must lead into a lab (198.18.0.0/15)
             results.append({"where": "setup", "cmd": "ip route", "rc": 99, "stdout": routes,
@@ -264,7 +268,11 @@ def test_docs_commands(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     bad = [r for r in results if r["rc"] not in (0, 1) or "Traceback" in r["stderr"]]
     setup_bad = [r for r in results if r["where"] == "setup" and r["rc"] != 0]
-    assert not setup_bad, json.dumps(setup_bad, indent=1)
+    # the setup mesh's summary goes to a file (its grep is the check): show it when it failed
+    said = tmp_path / "mesh-setup.txt"
+    assert not setup_bad, json.dumps(setup_bad, indent=1) + (
+        f"\nmesh-setup.txt:\n{said.read_text()[-3000:]}" if said.exists() else ""
+    )
     ran = [r for r in results if r["where"] != "setup"]
     assert len(ran) == sum(1 for s in steps if "cmd" in s)
     assert not bad, "\n\n".join(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import signal
 import socket
@@ -255,24 +256,51 @@ DROP_ALL = """
 table ip pmtest {
     chain input {
         type filter hook input priority 0; policy accept;
-        tcp dport 1-65535 drop
+        tcp dport 1-65535 counter drop
     }
 }
 """
 
 
+class Dropper:
+    """A lab host that drops every TCP SYN, and counts them."""
+
+    def __init__(self, lab) -> None:
+        self.lab = lab
+        self.addr = lab.host("node1").addr
+
+    def syns(self) -> int:
+        """SYNs the host has dropped so far (its nftables counter)."""
+        cp = self.lab.run(
+            "node1", ["nft", "list", "chain", "ip", "pmtest", "input"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(re.findall(r"counter packets (\d+)", cp.stdout)[0])
+
+    def wait_probing(self, since: int) -> None:
+        """Until the scan's first SYNs have arrived (not a fixed time: under load the prober's
+        setup after the start record can take longer than any guess)."""
+        deadline = time.monotonic() + 30
+        while self.syns() <= since:
+            assert time.monotonic() < deadline, "no SYN reached the dropping host in 30 s"
+            time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
-def dropping_host(module_lab) -> str:
-    """The address of a lab host that drops every TCP SYN."""
+def dropping_host(module_lab) -> Dropper:
     lab = module_lab(hosts=1)
     lab.nft("node1", DROP_ALL)
-    addr = lab.host("node1").addr
+    d = Dropper(lab)
     # its neighbour entry resolved beforehand: a SYN sent while it resolves does not count
     # (scanner.engine.neigh), and these tests count attempts
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.sendto(b"", (addr, 9))  # (UDP 9: nothing listens; the drop is TCP only)
-    time.sleep(0.2)
-    return addr
+        s.sendto(b"", (d.addr, 9))  # (UDP 9: nothing listens; the drop is TCP only)
+    deadline = time.monotonic() + 10
+    neigh = ["ip", "-4", "neigh", "show", d.addr]
+    while "lladdr" not in subprocess.run(neigh, capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, f"no neighbour entry for {d.addr}"
+        time.sleep(0.01)
+    return d
 
 
 def start(*args: str) -> tuple[subprocess.Popen, dict]:
@@ -316,13 +344,14 @@ def check_interrupted(code: int, lines: list[dict], err: bytes) -> tuple[list[di
 @pytest.mark.parametrize("method", ["syn", "connect"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_one_signal_finishes_in_flight_probes_then_summarises(
-    dropping_host: str, sig: signal.Signals, method: str
+    dropping_host: Dropper, sig: signal.Signals, method: str
 ) -> None:
+    before = dropping_host.syns()
     proc, first = start(
-        dropping_host, "-p", "1-300", "--timeout", "1", "--retries", "3", "--concurrency", "50",
-        "--method", method,
+        dropping_host.addr, "-p", "1-300", "--timeout", "1", "--retries", "3",
+        "--concurrency", "50", "--method", method,
     )  # fmt: skip
-    time.sleep(0.3)  # let the first probes go out
+    dropping_host.wait_probing(before)  # the first probes are out (each waits 1 s)
     proc.send_signal(sig)
     code, lines, err = finish(proc, first, timeout=30)
     results, summary = check_interrupted(code, lines, err)
@@ -337,13 +366,16 @@ def test_one_signal_finishes_in_flight_probes_then_summarises(
 
 @pytest.mark.lab
 @pytest.mark.parametrize("method", ["syn", "connect"])
-def test_signal_keeps_the_result_of_flows_that_finished(dropping_host: str, method: str) -> None:
+def test_signal_keeps_the_result_of_flows_that_finished(
+    dropping_host: Dropper, method: str
+) -> None:
     # --retries 0: an in-flight attempt that times out is the flow's whole probing: it finished
+    before = dropping_host.syns()
     proc, first = start(
-        dropping_host, "-p", "1-300", "--timeout", "1", "--retries", "0", "--concurrency", "50",
-        "--method", method,
+        dropping_host.addr, "-p", "1-300", "--timeout", "1", "--retries", "0",
+        "--concurrency", "50", "--method", method,
     )  # fmt: skip
-    time.sleep(0.3)
+    dropping_host.wait_probing(before)
     proc.send_signal(signal.SIGINT)
     code, lines, err = finish(proc, first, timeout=30)
     results, summary = check_interrupted(code, lines, err)
@@ -356,14 +388,22 @@ def test_signal_keeps_the_result_of_flows_that_finished(dropping_host: str, meth
 
 
 @pytest.mark.lab
-def test_a_second_sigint_stops_at_once(dropping_host: str) -> None:
-    proc, first = start(dropping_host, "-p", "1-300", "--timeout", "60", "--concurrency", "50")
-    time.sleep(0.3)
+def test_a_second_sigint_stops_at_once(dropping_host: Dropper) -> None:
+    before = dropping_host.syns()
+    proc, first = start(dropping_host.addr, "-p", "1-300", "--timeout", "60", "--concurrency", "50")
+    dropping_host.wait_probing(before)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    # the second Ctrl-C once the first was taken (its notice on stderr), not after a fixed
+    # time: two signals that arrive before the process runs again are one signal
+    assert proc.stderr is not None
+    said = b""
+    while b"Ctrl-C again" not in said:
+        line = proc.stderr.readline()
+        assert line, f"the scan ended before its first Ctrl-C notice: {said!r}"
+        said += line
     proc.send_signal(signal.SIGINT)
     code, lines, err = finish(proc, first, timeout=20)  # not the 60 s the probes would wait
-    results, summary = check_interrupted(code, lines, err)
+    results, summary = check_interrupted(code, lines, said + err)
     assert summary["states"] == {"error": 300}
     assert {r["reason"] for r in results} == {"interrupted"}
 

@@ -443,7 +443,9 @@ def test_udp_drop_fails_incoming_and_a_late_agent_makes_no_false_failure(
     make_lab, tmp_path: Path
 ) -> None:
     """A UDP drop is silence to the sender (unknown), so the receiver must name it (incoming
-    fail); an agent started two rounds late must not make its peers report failures."""
+    fail); an agent started two rounds late must not make its peers report failures, nor one
+    killed mid-round (SIGKILL, its visits cut short) and restarted at the start of the round
+    after next (its first probes arrive before its peers judge the round it was down)."""
     from scanner.lab.lab import write_inventory
 
     lab = make_lab(hosts=4)
@@ -452,12 +454,12 @@ def test_udp_drop_fails_incoming_and_a_late_agent_makes_no_false_failure(
     secret.write_text("watch-test-secret\n")
     n1, n2, n3, n4 = lab.hosts
 
-    def start(h):
+    def start(h, tag=""):
         return lab.popen(
             h.name,
             [sys.executable, "-m", "scanner", "watch", "-i", str(inv), "--as", h.name,
              "--secret-file", str(secret), "--round", "2", "--metrics", f"{h.addr}:{PORT}",
-             "-o", str(tmp_path / f"{h.name}.ndjson")],
+             "-o", str(tmp_path / f"{h.name}{tag}.ndjson")],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
         )  # fmt: skip
 
@@ -482,7 +484,22 @@ def test_udp_drop_fails_incoming_and_a_late_agent_makes_no_false_failure(
                 break
             time.sleep(1)
         assert 'portmesh_flows_failing{req="calico.vxlan",direction="incoming"} 1' in body, body
-        time.sleep(12)  # a few rounds with the late agent running
+        period = json.loads((tmp_path / f"{n1.name}.ndjson").read_text().splitlines()[0])[
+            "round_seconds"
+        ]
+
+        def at_phase(ph: float) -> None:  # sleep until the next time a round is ph through
+            now = time.time()
+            t = (now // period + ph) * period
+            time.sleep(t - now if t > now else t + period - now)
+
+        at_phase(0.25)  # n4 is probing its peers (a round's probes take under half of it)
+        agents[3].kill()
+        agents[3].wait(timeout=15)
+        time.sleep(period)
+        at_phase(0.0)  # the round after next
+        agents[3] = start(n4, ".restarted")
+        time.sleep(2.5 * period)  # its peers judge the round it was down, then its first round
     finally:
         for p in agents:
             p.terminate()
@@ -490,11 +507,11 @@ def test_udp_drop_fails_incoming_and_a_late_agent_makes_no_false_failure(
             p.wait(timeout=15)
     fails = [
         json.loads(line)
-        for h in (n1, n2, n3, n4)
-        for line in (tmp_path / f"{h.name}.ndjson").read_text().splitlines()
+        for f in sorted(tmp_path.glob("*.ndjson"))
+        for line in f.read_text().splitlines()
         if '"to":"fail"' in line
     ]
-    # the one drop, named by the receiver; nothing about the late agent, nothing else
+    # the one drop, named by the receiver; nothing about the late or restarted agent, nothing else
     assert {(f["node"], f["peer"], f["req"], f["direction"]) for f in fails} == {
         (n3.name, n2.name, "calico.vxlan", "incoming")
     }, fails

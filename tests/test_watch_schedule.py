@@ -174,3 +174,16 @@ def test_watch_and_respond_share_their_responder_options(monkeypatch, tmp_path) 
         7.0, 3.0, 2, 5, 0.5, "127.0.0.1"
     )
     assert cfg.me == "node1"
+
+
+@pytest.mark.parametrize(
+    ("now", "probes", "ok"),
+    [
+        (150.0, 200, True),  # on time: 10 s of probes in a 15 s round
+        (151.5, 200, True),  # the most jitter: they all leave in the round's first 0.8
+        (152.1, 200, False),  # a late start or restart: the visit would be cut short
+        (170.0, 0, False),  # woken after the round ended (a pause, a clock step)
+    ],
+)
+def test_a_round_that_cannot_be_probed_whole_is_skipped(now, probes, ok) -> None:
+    assert schedule.fits(10, 15.0, now, probes, 20.0) is ok

@@ -12,6 +12,12 @@ Labs are recorded machine-wide in ``/run/portmesh-kernel.json`` (not under
 values, and every lab (by its state directory) with its host count. A lab whose state
 directory is gone (a crashed run cleaned up by hand) is dropped from the record. Values are
 only ever raised above what was found, never lowered below it.
+
+A lab made in another mount namespace (a sandbox with a private /run/portmesh, a container
+sharing the kernel) has a state directory this process cannot see: the record keeps the mount
+namespace each lab was made in (``mnt``), and such a lab is dropped only once no process is
+left in that namespace. (Before, a `lab down` in a sandbox dropped every lab outside it and
+put back the original limits under them, and the other way round.)
 """
 
 from __future__ import annotations
@@ -70,9 +76,36 @@ def _write(k: int, v: int) -> None:
         Path(NEIGH.format(k)).write_text(f"{v}\n")
 
 
+def _mnt_ns() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return None
+
+
+def _mnt_alive(ino: int) -> bool:
+    """Is any process left in mount namespace ``ino``?"""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/ns/mnt").st_ino == ino:
+                    return True
+    return False
+
+
 def _apply(rec: dict) -> dict[int, int]:
-    labs = {k: n for k, n in rec["labs"].items() if Path(k).is_dir()}
+    here = _mnt_ns()
+    mnt = rec.get("mnt", {})
+
+    def exists(path: str) -> bool:
+        if Path(path).is_dir():
+            return True
+        ns = mnt.get(path)  # made in another mount namespace: gone once that one is
+        return ns is not None and ns != here and _mnt_alive(ns)
+
+    labs = {k: n for k, n in rec["labs"].items() if exists(k)}
     rec["labs"] = labs
+    rec["mnt"] = {k: v for k, v in mnt.items() if k in labs}
     orig = {int(k): v for k, v in rec.get("original", {}).items()}
     if not labs:
         for k, v in orig.items():
@@ -98,6 +131,9 @@ def claim(state_dir: Path, hosts: int) -> dict[int, int]:
         if not rec.get("labs"):
             rec["original"] = {str(k): _read(k) for k in (1, 2, 3)}
         rec.setdefault("labs", {})[str(state_dir)] = hosts
+        here = _mnt_ns()
+        if here is not None:
+            rec.setdefault("mnt", {})[str(state_dir)] = here
         return _apply(rec)
 
 

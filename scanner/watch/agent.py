@@ -169,14 +169,13 @@ async def _main(cfg: WatchConfig) -> int:
                 target.update(p for p in n.ports if p is not None)
     # (source address, proto, port) -> when its last probe arrived; pruned every round
     hits: dict[tuple[str, str, int], float] = {}
-
-    # source address -> when any of its probes last arrived: is that sender running at all?
-    last_from: dict[str, float] = {}
+    # source address -> when its probes arrived, per round: did that sender run a round at all?
+    heard = incoming.Arrivals(period)
 
     def on_hit(proto: str, src: str, port: int) -> None:
         now = time.time()
         hits[(src, proto, port)] = now
-        last_from[src] = now
+        heard.add(src, now)
 
     responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
     responder.on_hit = on_hit
@@ -246,8 +245,13 @@ async def _main(cfg: WatchConfig) -> int:
                 await asyncio.wait_for(stop.wait(), max(0.0, start - time.time()))
             if stop.is_set():
                 break
-            # outgoing: probe this round's flows, fold them per (req, peer)
+            # outgoing: probe this round's flows, fold them per (req, peer); a round whose
+            # probes can no longer all leave before it ends (a late start or restart, a pause,
+            # an overrun) is not probed at all: its receivers would count a half-arrived visit
+            # as a miss, and the next late one as a drop
             flows = schedule.round_flows(topo, me, rnd, k, chunk)
+            if not schedule.fits(rnd, period, time.time(), len(flows), cfg.rate):
+                flows = []
             folded: dict[tuple[str, str], list[Result]] = defaultdict(list)
 
             def emit(r: Result, folded: dict = folded) -> None:
@@ -256,7 +260,8 @@ async def _main(cfg: WatchConfig) -> int:
                 metrics.probe(r.flow.proto, v, None if r.rtt_ms is None else r.rtt_ms / 1000)
                 folded[(r.flow.req or "-", r.flow.host or r.flow.dst)].append(r)
 
-            await Engine(engine_cfg, emit).run(iter(flows))
+            if flows:
+                await Engine(engine_cfg, emit).run(iter(flows))
             for (req, peer), results in folded.items():
                 bad = bad_out[(req, peer)]
                 passed = False
@@ -316,7 +321,7 @@ async def _main(cfg: WatchConfig) -> int:
                     got = [p for p in witnessable if hits.get((saddr, need.proto, p), 0.0) >= since]
                     if got:
                         in_arrived.add(src)
-                    alive = last_from.get(saddr, 0.0) >= since
+                    alive = heard.arrived(saddr, rnd - 1, incoming.ALIVE_EARLY)
                     said = judge.judge((need.req, src), witnessable, got, alive)
                     if said is None:
                         continue
@@ -335,6 +340,7 @@ async def _main(cfg: WatchConfig) -> int:
             old = rnd * period - 3 * period
             for hk in [hk for hk, ts in hits.items() if ts < old]:
                 del hits[hk]
+            heard.prune(rnd - 3)
             done_rounds += 1
             metrics.rounds = done_rounds
             failing = states.failing()

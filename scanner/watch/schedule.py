@@ -149,6 +149,18 @@ def max_probes_per_round(topo: Topology, k: int, chunk: int) -> int:
     return s * max(per_src.values(), default=0)
 
 
+# Every probe of a round leaves in the round's first LAST_PROBE: rounds are sized for 1.5x their
+# probes (2/3 of the round) plus a tenth of jitter, and an agent too late for it skips the round
+LAST_PROBE = 0.8
+
+
+def fits(rnd: int, period: float, now: float, probes: int, rate: float) -> bool:
+    """Can round ``rnd``'s ``probes`` all leave at ``rate`` within its first ``LAST_PROBE``?
+    An agent that starts (or wakes) too late for that skips the round: a visit cut short looks
+    like a miss to its receivers, and two in a row like a drop."""
+    return now + probes / rate <= (rnd + LAST_PROBE) * period
+
+
 def round_flows(topo: Topology, me: str, rnd: int, k: int, chunk: int) -> list[Flow]:
     """The flows ``me`` probes in round ``rnd``."""
     i = topo.index(me)
