@@ -4,6 +4,7 @@ dropped, and with a gate only that many long lines are gathered at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from scanner.mesh import transport
@@ -107,3 +108,24 @@ def test_gate_bounds_long_lines_gathered_at_once() -> None:
         return peak
 
     assert asyncio.run(main()) == 2
+
+
+def test_last_read_not_kept_while_waiting() -> None:
+    """An agent that said done waits for the stop phase: its last read (its done line with
+    the tallies, ~2 MB at 1,000 hosts) must not stay referenced meanwhile."""
+    import sys
+
+    async def main() -> None:
+        r = asyncio.StreamReader()
+        r.feed_data(b'{"type":"done"}\n')
+        gen = transport.ndjson_lines(r)
+        lines = await gen.__anext__()
+        nxt = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)  # the generator now waits for its next read
+        assert not nxt.done()
+        assert sys.getrefcount(lines) == 2  # ours and getrefcount's argument: nobody else
+        r.feed_eof()
+        with contextlib.suppress(StopAsyncIteration):
+            await nxt
+
+    asyncio.run(main())
