@@ -187,3 +187,47 @@ def test_watch_and_respond_share_their_responder_options(monkeypatch, tmp_path) 
 )
 def test_a_round_that_cannot_be_probed_whole_is_skipped(now, probes, ok) -> None:
     assert schedule.fits(10, 15.0, now, probes, 20.0) is ok
+
+
+DUAL = """
+all:
+  hosts:
+    node1: {ip: 198.18.0.1, ip6: "2001:2::1"}
+    node2: {ip: 198.18.0.2, ip6: "2001:2::2"}
+  children:
+    kube_control_plane: {hosts: {node1: {}}}
+    etcd: {hosts: {node1: {}}}
+    kube_node: {hosts: {node2: {}}}
+    k8s_cluster: {children: {kube_control_plane: {}, kube_node: {}}}
+  vars:
+    calico_vxlan_mode_ipv6: Always
+    calico_wireguard_enabled: true
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "unwatched", "addrs"),
+    [
+        # dual stack: every end is probed at its main (IPv4) address; the IPv6 legs are listed,
+        # never probed at the IPv4 address as if they were checked
+        (
+            "    enable_dual_stack_networks: true\n",
+            (("calico.vxlan", "ipv6"), ("calico.wireguard6", "ipv6")),
+            ("198.18.0.1", "198.18.0.2"),
+        ),
+        # IPv4 only: nothing left out
+        ("", (), ("198.18.0.1", "198.18.0.2")),
+    ],
+)
+def test_a_leg_at_another_address_is_listed_not_probed(tmp_path, extra, unwatched, addrs) -> None:
+    from scanner.plan.inventory import load_site
+
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(DUAL + extra)
+    t = schedule.Topology.from_legs(legs(load_catalog(), load_site([str(inv)]), Selection()))
+    assert t.unwatched == unwatched
+    assert t.addrs == addrs
+    # what is folded is probed at the main addresses only
+    flows = [f for me in t.names for r in range(3) for f in schedule.round_flows(t, me, r, 16, 8)]
+    assert flows and {f.dst for f in flows} <= set(addrs)
+    assert "calico.wireguard6" not in {f.req for f in flows}

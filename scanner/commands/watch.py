@@ -36,16 +36,17 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 # The watch tuning options: (flag, parameter, type, default, help). Every agent must be given
-# the same --round and --neighbours: the schedule is computed, not negotiated.
+# the same --round, --rate, --neighbours and --chunk: the schedule is computed from them (the
+# round's length from the rate), not negotiated.
 TUNING = (
     ("--round", "round_seconds", click.FloatRange(min=0.5), agent.DEFAULT_ROUND,
      "Seconds per round (every agent must use the same)."),
     ("--rate", "rate", click.FloatRange(min=0.1), agent.DEFAULT_RATE,
-     "Probe budget: probes per second from this node."),
+     "Probe budget: probes per second from this node (every agent must use the same)."),
     ("--neighbours", "neighbours", click.IntRange(min=1), agent.DEFAULT_NEIGHBOURS,
      "Peers visited per round (every agent must use the same)."),
     ("--chunk", "chunk", click.IntRange(min=1), agent.DEFAULT_CHUNK,
-     "Ports of a long range (NodePorts) per visit."),
+     "Ports of a long range (NodePorts) per visit (every agent must use the same)."),
     ("--timeout", "timeout", click.FloatRange(min=0.01, max=60), 1.0, "Probe timeout, seconds."),
 )  # fmt: skip
 
@@ -91,8 +92,8 @@ def command(
     **tuning: Any,  # TUNING's parameters, handed to WatchConfig as they are
 ) -> int:
     """Keep checking this node's flows of the plan; serve Prometheus metrics; NDJSON events on
-    every state change (stdout). Every agent must be given the same inventory, secret, --round
-    and --neighbours: the schedule is computed, not negotiated."""
+    every state change (stdout). Every agent must be given the same inventory, secret, --round,
+    --rate, --neighbours and --chunk: the schedule is computed from them, not negotiated."""
     if ctx.invoked_subcommand is not None:
         return 0
 

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import random
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -135,6 +136,18 @@ async def _main(cfg: WatchConfig) -> int:
         raise InputError(f"--as: {me!r} has no requirement in the plan of this inventory")
     i = topo.index(me)
     my_addr = topo.addrs[i]
+    if topo.unwatched:
+        # never silently check less: say what the plan asks that this watch does not probe
+        said = ", ".join(f"{req} over {af.replace('ipv', 'IPv')}" for req, af in topo.unwatched)
+        print(
+            f"portmesh watch: not watched (one address per node, {my_addr}): {said}; "
+            "check those with `portmesh check` or `portmesh mesh`",
+            file=sys.stderr,
+            flush=True,
+        )
+    bind = cfg.bind
+    if bind == "0.0.0.0" and ":" in my_addr:
+        bind = "::"  # an IPv6 cluster: the default bind would refuse every probe to us
     k, chunk = cfg.neighbours, cfg.chunk
     # A round must hold its probes at the budget, or an agent would skip rounds and its peers
     # would wait for probes that never come. Every agent computes the same bound from the same
@@ -177,11 +190,19 @@ async def _main(cfg: WatchConfig) -> int:
         hits[(src, proto, port)] = now
         heard.add(src, now)
 
-    responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=cfg.bind)
+    responder = Responder(sorted(tcp_ports), sorted(udp_ports), cfg.secret, bind=bind)
     responder.on_hit = on_hit
     responder.start(loop)
     up_since = time.time()  # rounds that began before this are not judged (incoming)
     bound = {("tcp", p) for p in responder.bound_tcp} | {("udp", p) for p in responder.bound_udp}
+    if responder.failed:
+        wanted = len(tcp_ports) + len(udp_ports)
+        print(
+            f"portmesh watch: {len(responder.failed)} of {wanted} ports are held by other programs"
+            " (a real service, another responder): their incoming side is not judged",
+            file=sys.stderr,
+            flush=True,
+        )
 
     server = None
     if cfg.metrics is not None:
@@ -206,6 +227,7 @@ async def _main(cfg: WatchConfig) -> int:
             "neighbours": k,
             "rate": cfg.rate,
             "responder": {"bound": len(bound), "failed": len(responder.failed)},
+            "not_watched": [{"req": req, "af": af} for req, af in topo.unwatched],
             "metrics": None if cfg.metrics is None else f"{cfg.metrics[0]}:{cfg.metrics[1]}",
         }
     )

@@ -50,23 +50,42 @@ class Topology:
     addrs: tuple[str, ...]  # position -> address
     legs: tuple[tuple[frozenset[str], frozenset[str], Need], ...]  # (srcs, dsts, need)
     perm: tuple[int, ...]  # the offsets 1..N-1, shuffled by the seed
+    # (requirement id, address family) of legs at an address that is not their ends' main one
+    unwatched: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_legs(cls, legs: Iterable[object]) -> Topology:
+        """Every end is probed at one address (the first its legs give, the cluster's main
+        family): a leg that names an end at another address (Calico's VXLAN or WireGuard over
+        IPv6 in a dual-stack cluster) is not folded but listed in ``unwatched``, so that the
+        agent says so instead of probing it at the main address as if it were checked."""
         ends: dict[str, str] = {}
-        folded = []
+        counted = []
         for leg in legs:
             if not leg.count():  # type: ignore[attr-defined]
                 continue
-            srcs = frozenset(n for n, a in leg.srcs if a)  # type: ignore[attr-defined]
-            dsts = frozenset(n for n, a in leg.dsts if a)  # type: ignore[attr-defined]
+            counted.append(leg)
             for n, a in (*leg.srcs, *leg.dsts):  # type: ignore[attr-defined]
                 if a:
                     ends.setdefault(n, a)
+        folded = []
+        unwatched: dict[str, str] = {}
+        for leg in counted:
             req = leg.req  # type: ignore[attr-defined]
+            if any(a and ends[n] != a for n, a in (*leg.srcs, *leg.dsts)):  # type: ignore[attr-defined]
+                unwatched.setdefault(req.id, getattr(leg, "af", "?"))
+                continue
+            srcs = frozenset(n for n, a in leg.srcs if a)  # type: ignore[attr-defined]
+            dsts = frozenset(n for n, a in leg.dsts if a)  # type: ignore[attr-defined]
             folded.append((srcs, dsts, Need(req.id, req.proto, tuple(leg.ports))))  # type: ignore[attr-defined]
         names = tuple(sorted(ends))
-        return cls(names, tuple(ends[n] for n in names), tuple(folded), _perm(names))
+        return cls(
+            names,
+            tuple(ends[n] for n in names),
+            tuple(folded),
+            _perm(names),
+            tuple(sorted(unwatched.items())),
+        )
 
     @property
     def n(self) -> int:
