@@ -516,13 +516,8 @@ class PairJoin:
         start = b'{"type":"pair","scan_id":' + orjson.dumps(scan_id) + b',"a":'
         for key in sorted(self.reqs):
             t = self.reqs[key]
-            req, v6, _ = key.partition(V6_KEY)
-            af = "ipv6" if v6 else "ipv4"
+            req, af, mid = _req_head(key, t.proto)
             sig, passed = t.sig, t.passed
-            mid = (
-                b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(t.proto)
-                + b',"af":' + orjson.dumps(af) + b","
-            )  # fmt: skip
             templates: dict[tuple[int, int], bytes] = {}
             for a, b, kab, kba, sab, sba in self._cells(sig):
                 if sab == SPARSE or sba == SPARSE:
@@ -551,13 +546,8 @@ class PairJoin:
         start = b'{"type":"pair","scan_id":' + orjson.dumps(scan_id) + b',"a":'
         for key in sorted(self.reqs):
             t = self.reqs[key]
-            req, v6, _ = key.partition(V6_KEY)
-            af = "ipv6" if v6 else "ipv4"
+            req, af, mid = _req_head(key, t.proto)
             sig, passed = t.sig, t.passed
-            mid = (
-                b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(t.proto)
-                + b',"af":' + orjson.dumps(af) + b","
-            )  # fmt: skip
             templates: dict[int, bytes] = {}
             for a in range(n - 1):
                 lo, hi = a * n + a + 1, a * n + n
@@ -658,3 +648,15 @@ class PairJoin:
             rec["reason"] = "; ".join(reasons)
         rec["detail"] = {"a_to_b": ab.counts(), "b_to_a": ba.counts()}
         return rec
+
+
+def _req_head(key: str, proto: str) -> tuple[str, str, bytes]:
+    """A requirement key's id, family and the bytes of a pair line between the two host names
+    and the port field: ``,"req":...,"proto":...,"af":...,``."""
+    req, v6, _ = key.partition(V6_KEY)
+    af = "ipv6" if v6 else "ipv4"
+    mid = (
+        b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(proto)
+        + b',"af":' + orjson.dumps(af) + b","
+    )  # fmt: skip
+    return req, af, mid
