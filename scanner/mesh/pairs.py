@@ -506,39 +506,11 @@ class PairJoin:
                     },
                 }
 
-    def pair_lines(self, scan_id: str) -> Iterator[tuple[str, bytes]]:
-        """``pairs(scan_id)`` as (verdict, NDJSON line): the same records, byte for byte, with
-        the lines of two all-passing directions formatted from a template per requirement and
-        pair of port sets (a 1,000-host mesh writes ~6.5 million of them)."""
-        names = self.names
-        q = [orjson.dumps(x) for x in names]  # each name as a JSON string, once
-        head = {"type": "pair", "scan_id": scan_id}
-        start = b'{"type":"pair","scan_id":' + orjson.dumps(scan_id) + b',"a":'
-        for key in sorted(self.reqs):
-            t = self.reqs[key]
-            req, af, mid = _req_head(key, t.proto)
-            sig, passed = t.sig, t.passed
-            templates: dict[tuple[int, int], bytes] = {}
-            for a, b, kab, kba, sab, sba in self._cells(sig):
-                if sab == SPARSE or sba == SPARSE:
-                    rec = self._sparse_pair(t, req, a, b, kab, kba, af)
-                    rec = {**head, **{k: v for k, v in rec.items() if k != "type"}}
-                    yield rec["verdict"], orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
-                    continue
-                tpl = templates.get((sab, sba))
-                if tpl is None:
-                    pf = self._port_field(self.states.portset(sab), self.states.portset(sba))
-                    tpl = templates[(sab, sba)] = (
-                        b'%b,"b":%b' + (mid + orjson.dumps(pf)[1:-1]).replace(b"%", b"%%")
-                        + b',"a_to_b":"pass","b_to_a":"pass","verdict":"pass","detail":'
-                        b'{"a_to_b":{"pass":%d,"fail":0,"unknown":0},'
-                        b'"b_to_a":{"pass":%d,"fail":0,"unknown":0}}}\n'
-                    )  # fmt: skip
-                yield "pass", start + tpl % (q[a], q[b], passed[kab], passed[kba])
-
     def pair_blocks(self, scan_id: str) -> Iterator[tuple[dict[str, int], bytes]]:
-        """``pair_lines(scan_id)`` a row at a time: (pairs per verdict, their lines joined),
-        the same bytes in the same order. A row's two sides are read as array slices (the
+        """``pairs(scan_id)`` encoded, a row at a time: (pairs per verdict, their lines joined),
+        the same bytes in the same order; the lines of two all-passing directions formatted
+        from a template per requirement and pair of port sets (a 1,000-host mesh writes
+        millions of them). A row's two sides are read as array slices (the
         row of a, the column of a) instead of an index computation per pair."""
         names, n = self.names, self.n
         q = [orjson.dumps(x) for x in names]
@@ -546,7 +518,12 @@ class PairJoin:
         start = b'{"type":"pair","scan_id":' + orjson.dumps(scan_id) + b',"a":'
         for key in sorted(self.reqs):
             t = self.reqs[key]
-            req, af, mid = _req_head(key, t.proto)
+            req, v6, _ = key.partition(V6_KEY)
+            af = "ipv6" if v6 else "ipv4"
+            mid = (
+                b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(t.proto)
+                + b',"af":' + orjson.dumps(af) + b","
+            )  # fmt: skip
             sig, passed = t.sig, t.passed
             templates: dict[int, bytes] = {}
             for a in range(n - 1):
@@ -648,15 +625,3 @@ class PairJoin:
             rec["reason"] = "; ".join(reasons)
         rec["detail"] = {"a_to_b": ab.counts(), "b_to_a": ba.counts()}
         return rec
-
-
-def _req_head(key: str, proto: str) -> tuple[str, str, bytes]:
-    """A requirement key's id, family and the bytes of a pair line between the two host names
-    and the port field: ``,"req":...,"proto":...,"af":...,``."""
-    req, v6, _ = key.partition(V6_KEY)
-    af = "ipv6" if v6 else "ipv4"
-    mid = (
-        b',"req":' + orjson.dumps(req) + b',"proto":' + orjson.dumps(proto)
-        + b',"af":' + orjson.dumps(af) + b","
-    )  # fmt: skip
-    return req, af, mid
