@@ -16,6 +16,11 @@ parse, fold into the pair join and forward (synthetic lines, no network), and th
 for 100- and 1,000-node clusters at the default settings (``portmesh plan --count`` on
 synthetic inventories x the measured rates). All N agents share this machine's cores here,
 so the per-agent rate of the smallest lab is the one closest to an agent on a host of its own.
+
+The steady state (2 hosts, the full NodePort range) is measured twice, alternated run by run:
+both agents sweeping at once (as ``portmesh mesh`` does; here they share the two cores with
+each other and the coordinator), and ONE agent sweeping alone: the same mesh with its agents
+probing one after the other (``_OneAtATime``), so that the other host only answers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,11 +42,36 @@ import orjson  # noqa: E402
 from scanner.engine.output import NdjsonOutput  # noqa: E402
 from scanner.lab.lab import write_inventory
 from scanner.lab.netns import Lab  # noqa: E402
+from scanner.mesh import coordinator  # noqa: E402
 from scanner.mesh.coordinator import Mesh, MeshConfig, run_mesh  # noqa: E402
 from scanner.plan.selection import SelectionOptions  # noqa: E402
 
 
-def one_mesh(n: int, sample: int, tmp: Path) -> dict:
+class _OneAtATime(Mesh):
+    """The real coordinator, except that its agents probe one after the other (the probe
+    phase), not all at once: while one agent sweeps, the others only answer (responders up,
+    agents idle). Every other phase, the agents and the coordinator's own work are as in
+    ``portmesh mesh``. For the figure of ONE agent sweeping alone (benchmarks only)."""
+
+    async def _phase(self, links: list, step: Any) -> None:
+        if getattr(step, "__name__", "") != "probe_one":
+            return await super()._phase(links, step)
+        for link in links:
+            await super()._phase([link], step)
+        return None
+
+
+def one_mesh(n: int, sample: int | None, tmp: Path, alone: bool = False) -> dict:
+    """One mesh run on a fresh lab; ``alone``: the agents probe one at a time (_OneAtATime)."""
+    if alone:
+        coordinator.Mesh = _OneAtATime  # type: ignore[misc]  # run_mesh builds coordinator.Mesh
+    try:
+        return _one_mesh(n, sample, tmp)
+    finally:
+        coordinator.Mesh = Mesh  # type: ignore[misc]
+
+
+def _one_mesh(n: int, sample: int | None, tmp: Path) -> dict:
     lab = Lab.up(n, f"bm{os.getpid() % 10000}n{n}")
     try:
         inv = write_inventory(lab)
@@ -194,16 +225,29 @@ def main() -> int:
                 print(f"      note: {max(r['fail'] for r in runs)} failing flows in a run")
     # steady state: with a sample the agents' probing is mostly start-up (imports, probers,
     # first-RTT timeouts); the full NodePort range between 2 hosts is ~2,800 flows per agent
+    # and ONE agent sweeping alone: the same mesh with the agents probing one after the other
+    # (the other host only answers), alternated with the both-at-once runs so that the
+    # machine's load falls on both; on this machine both agents (and the coordinator) share
+    # the cores when they sweep at once, as they would not on hosts of their own
+    runs, alone = [], []
     with tempfile.TemporaryDirectory() as d:
-        runs = [one_mesh(2, None, Path(d)) for _ in range(args.repeat)]
+        for _ in range(args.repeat):
+            runs.append(one_mesh(2, None, Path(d)))
+            alone.append(one_mesh(2, None, Path(d), alone=True))
     steady = statistics.median(r["agent_rate"] for r in runs)
-    fails = max(r["fail"] for r in runs)
+    fails = max(r["fail"] for r in runs + alone)
     print(f"steady state: 2 hosts, full NodePort range, {runs[0]['planned']} flows: "
           f"{steady:,.0f} flows/s per agent, wall {statistics.median(r['wall'] for r in runs):.2f} s; "
           f"failing flows {fails}; open TCP by reason {runs[0]['reasons']}; load {_load()}")  # fmt: skip
     sweep = statistics.median(r["nodeport_rate"] for r in runs)
+    solo = statistics.median(r["nodeport_rate"] for r in alone)
     print(f"NodePort sweep per agent (2,768 flows over the span of their results): "
-          f"{sweep:,.0f} flows/s")  # fmt: skip
+          f"{sweep:,.0f} flows/s with both agents sweeping at once; "
+          f"{solo:,.0f} flows/s with one agent sweeping alone (agents probing one after the "
+          f"other, the other host only answering)")  # fmt: skip
+    each = ", ".join(f"{r['nodeport_rate']:,.0f}" for r in runs)
+    each_alone = ", ".join(f"{r['nodeport_rate']:,.0f}" for r in alone)
+    print(f"  per run, both at once: {each}; alone: {each_alone}")
     if args.steady_only:
         return 0
     rates = {2: steady}
