@@ -145,7 +145,7 @@ def _garbage(rng: random.Random) -> bytes:
                     {"type": "probe", "scan_id": 5},
                     {"type": "hello", "version": "1", "secret": "s", "name": "n"},
                     {"type": "hello", "version": 99, "secret": "s", "name": "n"},
-                    {"type": "hello", "version": 1, "secret": "", "name": "n"},
+                    {"type": "hello", "version": PROTOCOL_VERSION, "secret": "", "name": "n"},
                 ]
             )
         )
@@ -160,8 +160,9 @@ def test_agent_survives_seeded_garbage_and_answers_each_line() -> None:
     rng = random.Random(20261126)
     lines = [_garbage(rng) for _ in range(300)]
     # a valid hello in the middle; garbage after it must still be refused, also out of order
-    lines.insert(150, orjson.dumps({"type": "hello", "version": 1, "secret": "s", "name": "n1"}))
-    lines += [orjson.dumps({"type": "hello", "version": 1, "secret": "s", "name": "n1"})]
+    hello = {"type": "hello", "version": PROTOCOL_VERSION, "secret": "s", "name": "n1"}
+    lines.insert(150, orjson.dumps(hello))
+    lines += [orjson.dumps(hello)]
     p = subprocess.run(
         [sys.executable, "-m", "scanner", "agent"],
         input=b"\n".join(lines) + b"\n" + orjson.dumps({"type": "stop"}) + b"\n",

@@ -177,9 +177,9 @@ class AgentLink:
             mesh.join.witness(rec)
             return
         if t == "done":
-            tallies = rec.pop("tallies", None)
-            if tallies and self.failed is None:
-                mesh.on_tallies(self, tallies)
+            groups = rec.pop("tally_groups", None)
+            if groups and self.failed is None:
+                mesh.on_tally_groups(self, groups)
             self.done_rec = rec
         elif t == "exit":
             self.exit_rec = rec
