@@ -186,7 +186,8 @@ class Mesh:
         folded = token = synack = 0
         for rec, line in zip(recs, lines, strict=True):
             if rec.__class__ is not dict:
-                continue  # a peer's garbage never ends the reader
+                link.garbage += 1  # a peer's garbage never ends the reader (said at the end)
+                continue
             get = rec.get
             if get("type") != "result":
                 link._control(rec)
@@ -558,6 +559,14 @@ class Mesh:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(link.reader, 2.0)
         for link in self.links:
+            if link.garbage:
+                # something else writes to the agent's stdout (a login banner, a wrapper): a
+                # result line it broke is a flow without a line, owed below as unknown
+                sys.stderr.write(
+                    f"portmesh mesh: {link.name}: {link.garbage} line(s) on the agent's stdout "
+                    "were not agent records (does something else write there: a login banner, "
+                    "a shell profile, a wrapper of --agent-cmd?)\n"
+                )
             if link.failed == "interrupted" and link.name not in self.unreachable:
                 self.owed(link, "interrupted")
             elif link.failed is not None:
