@@ -12,7 +12,8 @@ with the real planner (``legs`` with ``sources={name}``) and answer every flow `
 (responder), except a deterministic ``--fail-rate`` share answered ``filtered``
 (no-response): port p from host s to host d fails when (p + 7s + 13d) % (1/rate) == 0
 (ICMP-like port-less flows: (7s + 13d) % ...). With ``--emit failures`` the agents send the
-failing lines and one tally per (destination, requirement) inside ``done``, computed per
+failing lines and one tally per (destination, requirement) inside ``done`` (in the agent's
+columns, scanner.mesh.wire.TallyGroups), computed per
 (leg, destination) arithmetically, so a 2.8-billion-flow mesh is simulated without touching
 every flow.
 
@@ -45,6 +46,7 @@ from scanner.core.privileges import raise_nofile
 from scanner.engine.output import NdjsonOutput
 from scanner.mesh import transport
 from scanner.mesh.coordinator import MeshConfig, run_mesh
+from scanner.mesh.wire import TallyGroups
 from scanner.plan.planner import legs
 from scanner.plan.selection import SelectionOptions
 
@@ -125,7 +127,7 @@ class SimAgent:
         dumps = orjson.dumps
         ts = "2026-11-29T00:00:00.000Z"
         buf: list[bytes] = []
-        tallies: list[list[Any]] = []
+        tallies = TallyGroups()  # the agent's own wire columns (scanner.mesh.wire)
         base = 0
         t0 = time.perf_counter()
 
@@ -176,8 +178,9 @@ class SimAgent:
                     text = None
                     if ports[0] is not None and good:
                         text = _minus(ports, bad, contiguous)
-                    tallies.append([dname, daddr, rid, proto, good,
-                                    {"open": good} if good else {}, text, saddr])  # fmt: skip
+                    tallies.add({"host": dname, "dst": daddr, "req": rid, "proto": proto,
+                                 "states": {"open": good} if good else {}, "ports": text,
+                                 "src": saddr, "af": "ipv4"})  # fmt: skip
                     if len(buf) >= 2048:
                         await flush()
             base += len(ports) * nd
@@ -186,8 +189,8 @@ class SimAgent:
         el = time.perf_counter() - t0
         done: dict[str, Any] = {"type": "done", "scan_id": scan_id, "planned": planned,
                                 "results": planned, "elapsed_s": el, "rate_pps": None}  # fmt: skip
-        if tallies:
-            done["tallies"] = tallies
+        if tallies.groups:
+            done["tally_groups"] = tallies.wire()
         send(done)
         await writer.drain()
 

@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from scanner.core import tags
+from scanner.mesh.agent import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.lab
 
@@ -838,7 +839,7 @@ def _bad_control_lines(rng: random.Random) -> list[bytes]:
         elif kind == 5:  # out of order: a second hello, a second respond
             lines.append(
                 orjson.dumps(rng.choice([
-                    {"type": "hello", "version": 1, "secret": "other", "name": "node9"},
+                    {"type": "hello", "version": PROTOCOL_VERSION, "secret": "other", "name": "node9"},
                     {"type": "respond", "tcp": "46005", "udp": "", "ttl": 60, "witness": False},
                 ]))
             )  # fmt: skip
@@ -863,7 +864,7 @@ def test_agent_with_a_live_responder_survives_bad_control_lines(loss_lab) -> Non
     host = lab.host("node4")
     a = Agent(lab, "node4")
     try:
-        a.send({"type": "hello", "version": 1, "secret": SECRET, "name": "node4"})
+        a.send({"type": "hello", "version": PROTOCOL_VERSION, "secret": SECRET, "name": "node4"})
         a.count("hello", 1)
         a.send({"type": "respond", "tcp": "46000-46004", "udp": "46000-46004", "ttl": 60,
                 "witness": False})  # fmt: skip
@@ -905,7 +906,7 @@ def test_agent_eof_in_the_middle_of_a_line_ends_it_and_its_responder(loss_lab) -
     lab = loss_lab
     a = Agent(lab, "node4")
     try:
-        a.send({"type": "hello", "version": 1, "secret": SECRET, "name": "node4"})
+        a.send({"type": "hello", "version": PROTOCOL_VERSION, "secret": SECRET, "name": "node4"})
         a.send({"type": "respond", "tcp": "46010", "udp": "", "ttl": 60, "witness": False})
         ready = [r for r in a.count("ready", 1) if r["type"] == "ready"][0]
         assert a.p.stdin is not None

@@ -145,7 +145,7 @@ def _garbage(rng: random.Random) -> bytes:
                     {"type": "probe", "scan_id": 5},
                     {"type": "hello", "version": "1", "secret": "s", "name": "n"},
                     {"type": "hello", "version": 99, "secret": "s", "name": "n"},
-                    {"type": "hello", "version": 1, "secret": "", "name": "n"},
+                    {"type": "hello", "version": PROTOCOL_VERSION, "secret": "", "name": "n"},
                 ]
             )
         )
@@ -160,8 +160,9 @@ def test_agent_survives_seeded_garbage_and_answers_each_line() -> None:
     rng = random.Random(20261126)
     lines = [_garbage(rng) for _ in range(300)]
     # a valid hello in the middle; garbage after it must still be refused, also out of order
-    lines.insert(150, orjson.dumps({"type": "hello", "version": 1, "secret": "s", "name": "n1"}))
-    lines += [orjson.dumps({"type": "hello", "version": 1, "secret": "s", "name": "n1"})]
+    hello = {"type": "hello", "version": PROTOCOL_VERSION, "secret": "s", "name": "n1"}
+    lines.insert(150, orjson.dumps(hello))
+    lines += [orjson.dumps(hello)]
     p = subprocess.run(
         [sys.executable, "-m", "scanner", "agent"],
         input=b"\n".join(lines) + b"\n" + orjson.dumps({"type": "stop"}) + b"\n",
@@ -252,7 +253,9 @@ def write_inventory(lab, path: Path, ghost: str | None = None) -> Path:
     return path
 
 
-def mesh(lab, inv: Path, catalog: Path | None, tmp: Path, **kw) -> tuple[int, list[dict], str]:
+def mesh(
+    lab, inv: Path, catalog: Path | None, tmp: Path, agent_cmd: str | None = None, **kw
+) -> tuple[int, list[dict], str]:
     opts = SelectionOptions(
         inventories=(str(inv),), catalog_files=(str(catalog),) if catalog else (), **kw
     )
@@ -265,7 +268,7 @@ def mesh(lab, inv: Path, catalog: Path | None, tmp: Path, **kw) -> tuple[int, li
             site=site,
             selection=selection,
             exec_template=lab.exec_template(),
-            agent_cmd=AGENT_CMD,
+            agent_cmd=agent_cmd or AGENT_CMD,
             output=NdjsonOutput(str(out_path), stdout=False),
             summary_to=err,
             loop="asyncio",
@@ -362,6 +365,39 @@ def test_unreachable_host_is_reported_and_owes_every_flow(faulted_lab, tmp_path:
     assert summary["hosts"]["unreachable"] == ["ghost"]
     assert code == 1 and "unreachable: ghost (" in err
     _assert_summary_is_the_report(recs, err, tmp_path)
+
+
+@pytest.mark.lab
+def test_a_line_broken_on_the_agents_stdout_is_said_and_owed(
+    faulted_lab, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Something else writing into an agent's stdout (a wrapper, a shell profile) breaks a
+    result line: its flow is owed as unknown, never lost, and stderr says why."""
+    lab = faulted_lab
+    inv = write_inventory(lab, tmp_path / "inv.yml")
+    cat = lab_catalog(tmp_path / "lab.toml", ["tcp"])
+    first = lab.hosts[0].name
+    # the first result line of the first host's agent gets a prefix
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text(
+        "import os, subprocess, sys\n"
+        "me = subprocess.run(['ip', 'netns', 'identify', str(os.getpid())],\n"
+        "                    capture_output=True, text=True).stdout.strip()\n"
+        f"hit = me != {lab.hosts[0].ns!r}\n"
+        f"p = subprocess.Popen({AGENT_CMD.split()!r}, stdout=subprocess.PIPE)\n"
+        "for line in iter(p.stdout.readline, b''):\n"
+        "    if not hit and line.startswith(b'{\"type\":\"result\"'):\n"
+        "        line, hit = b'banner ' + line, True\n"
+        "    os.write(1, line)\n"
+        "sys.exit(p.wait())\n"
+    )
+    code, recs, err = mesh(lab, inv, cat, tmp_path, agent_cmd=f"{sys.executable} {wrap}")
+    summary = recs[-1]
+    assert summary["planned"] == summary["results"]  # nothing lost
+    owed = [r for r in recs if r["type"] == "result" and r["reason"].startswith("the agent ended")]
+    assert [r["src_host"] for r in owed] == [first] and owed[0]["verdict"] == "unknown"
+    said = capfd.readouterr().err
+    assert f"{first}: 1 line(s) on the agent's stdout were not agent records" in said
 
 
 def _assert_summary_is_the_report(recs: list[dict], err: str, tmp: Path) -> None:

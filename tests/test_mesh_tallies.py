@@ -1,5 +1,5 @@
-"""``Mesh.on_tallies`` puts a tally's line together from cached bytes and folds the common
-tally inline: the same lines, counts, pair join and summary as the plain record path
+"""``Mesh.on_tally_groups`` puts a tally's line together from a group's bytes and folds the
+common tally inline: the same lines, counts, pair join and summary as the plain record path
 (``Mesh._tally_record``), also for odd entries an agent of another version might send."""
 
 from __future__ import annotations
@@ -9,8 +9,12 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from scanner.core.tally import Tallies
 from scanner.engine.output import NdjsonOutput
-from scanner.mesh.coordinator import Mesh, MeshConfig
+from scanner.mesh.coordinator import Mesh, MeshConfig, _group_entries
+from scanner.mesh.wire import TallyGroups
 from scanner.plan.selection import SelectionOptions
 
 INV = Path(__file__).parent / "data" / "inventories" / "kubespray-hosts.yml"
@@ -41,25 +45,26 @@ def _mesh() -> Mesh:
     return m
 
 
-def _entries(m: Mesh, rnd: random.Random) -> list[Any]:
+def _groups(m: Mesh, rnd: random.Random) -> list[Any]:
     names = m.join.names
     out: list[Any] = []
-    for _ in range(3000):
-        dst = rnd.choice([*names, "vip"])
+    for _ in range(300):
+        pairs: list[Any] = []
+        for _ in range(rnd.choice([1, 3, 20])):
+            pairs += [rnd.choice([*names, "vip"]), rnd.choice(["198.18.0.9", "fd00::9", 'we"ird'])]
         req = rnd.choice(["etcd.peer", "k8s.nodeport", "calico.bgp", None])
-        flows = rnd.choice([3, 3, 3, 0, "2", 2.5, True])
         states = rnd.choice([{"open": 3}, {"open": 3}, {"open": 2.0, "closed": 1}, {"x": True}, {}])
         ports = rnd.choice(["30000-30002", "30000-30002", "", None, 30001, "30000,30002"])
-        e = [dst, rnd.choice(["198.18.0.9", "fd00::9", "we\"ird"]), req, "tcp", flows, states,
-             ports, rnd.choice(["198.18.0.1", "fd00::1"])]  # fmt: skip
+        af = rnd.choice(["ipv4", "ipv4", "ipv6"])
+        g = [req, "tcp", af, rnd.choice(["198.18.0.1", "fd00::1"]), states, ports, pairs]
         x = rnd.random()
-        if x < 0.5:
-            e.append(rnd.choice(["ipv4", "ipv6", "ipx", None]))
-        elif x < 0.55:
-            e = rnd.choice([e[:5], {"a": 1}, "text", [None] * 9, [[1], *e[1:]]])
-        elif x < 0.58:
-            e[5] = rnd.choice([[1], {"open": [1]}, {"open": "x"}])
-        out.append(e)
+        if x < 0.05:
+            g = rnd.choice([g[:5], {"a": 1}, "text", [None] * 7, [*g[:6], [1, 2]], [*g[:6], ["a"]]])
+        elif x < 0.08:
+            g[4] = rnd.choice([[1], {"open": [1]}, {"open": "x"}])
+        elif x < 0.1:
+            g[2] = rnd.choice(["ipx", None])
+        out.append(g)
     return out
 
 
@@ -75,14 +80,14 @@ def test_tally_lines_and_counts_equal_the_record_path() -> None:
                             "host": dst, "proto": "tcp", "port": 30000, "state": "filtered",
                             "reason": "no-response", "src_host": src, "req": "k8s.nodeport",
                             "verdict": "fail"})  # fmt: skip
-        entries = _entries(fast, random.Random(seed))
-        ok = [e for e in entries if not (isinstance(e, list) and e and isinstance(e[0], list))]
-        fast.on_tallies(_Link(fast, src), ok)  # type: ignore[arg-type]
+        groups = _groups(fast, random.Random(seed))
+        fast.on_tally_groups(_Link(fast, src), groups)  # type: ignore[arg-type]
         link = _Link(plain, src)
-        for e in ok:
-            plain._tally_record(link, e)  # type: ignore[arg-type]
-        assert fast.out.lines == plain.out.lines  # type: ignore[attr-defined]
-        assert len(fast.out.lines) > 2000  # type: ignore[attr-defined]
+        for g in groups:
+            for t in _group_entries(g):
+                plain._tally_record(link, t)  # type: ignore[arg-type]
+        assert b"".join(fast.out.lines) == b"".join(plain.out.lines)  # type: ignore[attr-defined]
+        assert len(plain.out.lines) > 2000  # type: ignore[attr-defined]
         # the states in the same order too: the summary record lists them so
         assert (fast.tallied, list(fast.states.items())) == (
             plain.tallied,
@@ -99,3 +104,32 @@ def test_tally_lines_and_counts_equal_the_record_path() -> None:
                 if a is not None and b is not None:
                     assert (a.counts(), a.ports.text(), a.ports.count, a.ports.none) == (
                         b.counts(), b.ports.text(), b.ports.count, b.ports.none)  # fmt: skip
+
+
+def test_an_agents_tallies_reach_the_output_as_its_records() -> None:
+    """The agent's tally records (scanner.core.tally) through its channel's columns
+    (wire.TallyGroups), the JSON wire and the coordinator's fold: the same records, each once,
+    as the agent's own ``--emit failures`` output would hold them (order aside)."""
+    m = _mesh()
+    src = m.join.names[0]
+    t = Tallies()
+    rnd = random.Random(7)
+    for dst in m.join.names[1:]:
+        for req, ports in (("k8s.nodeport", range(30000, 30018)), ("etcd.peer", (2380,))):
+            for p in ports:
+                if rnd.random() < 0.9:
+                    state = "open" if rnd.random() < 0.95 else "closed"
+                    t.add(src, "198.18.0.1", dst, "198.18.0.2", req, "tcp", p, state, "ipv4")
+        t.add(src, "fd00::1", dst, "fd00::2", "calico.vxlan.v6", "udp", 4789, "open", "ipv6")
+        t.add(src, "198.18.0.1", dst, "198.18.0.2", "node.icmp", "icmp", None, "open", "ipv4")
+    records = list(t.records("s%1"))
+    g = TallyGroups()
+    for rec in records:
+        g.add(rec)
+    wire = orjson.loads(orjson.dumps(g.wire()))
+    assert len(wire) < len(records)  # columns: directions that share all but dst, one group
+    m.on_tally_groups(_Link(m, src), wire)  # type: ignore[arg-type]
+    got = b"".join(m.out.lines).splitlines(keepends=True)  # type: ignore[attr-defined]
+    want = [orjson.dumps({**r, "src_host": src}, option=orjson.OPT_APPEND_NEWLINE) for r in records]
+    assert sorted(got) == sorted(want) and len(got) == len(records)
+    assert m.tallied == t.flows

@@ -64,7 +64,7 @@ from scanner.mesh.wire import (  # noqa: F401 - site_from_wire/site_to_wire: the
     site_to_wire,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: --emit failures tallies in columns (wire.TallyGroups)
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
 

@@ -62,6 +62,7 @@ class AgentLink:
         self.tallied = 0
         self.jidx: int | None = mesh.join.index.get(self.name)  # this host in the pair join
         self.results = 0
+        self.garbage = 0  # stdout lines that were not one JSON record (said at the end)
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
         self.stderr: deque[str] = deque(maxlen=8)
@@ -177,9 +178,9 @@ class AgentLink:
             mesh.join.witness(rec)
             return
         if t == "done":
-            tallies = rec.pop("tallies", None)
-            if tallies and self.failed is None:
-                mesh.on_tallies(self, tallies)
+            groups = rec.pop("tally_groups", None)
+            if groups and self.failed is None:
+                mesh.on_tally_groups(self, groups)
             self.done_rec = rec
         elif t == "exit":
             self.exit_rec = rec

@@ -14,6 +14,32 @@ from scanner.core.model import Cluster, ClusterConfig, Endpoint, Host, Setting, 
 from scanner.engine.output import NdjsonOutput
 
 
+class TallyGroups:
+    """An agent's tally records on the wire (``done``'s ``tally_groups``), in columns: the
+    records that share requirement, protocol, family, source address, states and ports
+    (at 1,000 hosts with the NodePort sample, ~1,000 directions each) are one group
+    ``[req, proto, af, src, states, ports, [host, dst, host, dst, ...]]``; a record's
+    ``flows`` is the sum of its states. The coordinator writes the same tally lines from a
+    group's bytes put together once (Mesh.on_tally_groups) instead of reading ~9 M nested
+    entries at 1,000 hosts. Record order: by group, in each group the records' own order."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[Any, ...], list[Any]] = {}
+
+    def add(self, rec: dict[str, Any]) -> None:
+        st = rec["states"]
+        key = (rec["req"], rec["proto"], rec.get("af"), rec.get("src"), tuple(st.items()),
+               rec.get("ports"))  # fmt: skip
+        pairs = self.groups.get(key)
+        if pairs is None:
+            pairs = self.groups[key] = []
+        pairs += (rec["host"], rec["dst"])
+
+    def wire(self) -> list[list[Any]]:
+        return [[req, proto, af, src, dict(st), ports, pairs]
+                for (req, proto, af, src, st, ports), pairs in self.groups.items()]  # fmt: skip
+
+
 class ProtocolError(Exception):
     """A control message that is malformed or out of order (answered with an error record)."""
 
@@ -236,7 +262,7 @@ class Channel(NdjsonOutput):
         super().__init__(None, stdout=True, fd=fd)
         self._lock = threading.RLock()
         self.stopping = False
-        self.tallies: list[list[Any]] = []  # --emit failures: sent inside ``done``
+        self.tallies = TallyGroups()  # --emit failures: sent inside ``done``
 
     @property
     def dead(self) -> bool:  # type: ignore[override]
@@ -250,15 +276,12 @@ class Channel(NdjsonOutput):
             # one record per (destination, requirement), all inside ``done``: the coordinator
             # counts them together with the done or not at all (an agent that dies before it
             # says done owes every flow it did not send)
-            self.tallies.append(
-                [rec["host"], rec["dst"], rec["req"], rec["proto"], rec["flows"], rec["states"],
-                 rec.get("ports"), rec.get("src"), rec.get("af")]
-            )  # fmt: skip
+            self.tallies.add(rec)
             return
         elif t == "summary":
             rec = {**rec, "type": "done"}
-            if self.tallies:
-                rec["tallies"] = self.tallies
+            if self.tallies.groups:
+                rec["tally_groups"] = self.tallies.wire()
         with self._lock:
             super().record(rec)
 
