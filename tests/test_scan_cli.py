@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pty
 import re
 import resource
 import signal
@@ -158,6 +160,33 @@ def test_output_file_has_the_same_lines(tmp_path: Path, ports: tuple[list[int], 
     assert cp.returncode == 0, cp.stderr
     assert out.read_bytes() == cp.stdout
     check_stream(parse(out.read_bytes()))
+
+
+def test_output_file_at_a_terminal_takes_the_lines_off_the_screen(
+    tmp_path: Path, ports: tuple[list[int], list[int]]
+) -> None:
+    """-o FILE with stdout on a terminal: every line in FILE, none on the screen (the summary
+    stays on stderr); without -o the terminal still gets the lines."""
+    opened, closed = ports
+    for workers in ("1", "2"):
+        out = tmp_path / f"tty-{workers}.ndjson"
+        seen = {}
+        for with_file in (True, False):
+            leader, follower = pty.openpty()
+            args = [LOCAL, "-p", csv(opened + closed), "--workers", workers]
+            args += ["-o", str(out)] if with_file else []
+            p = subprocess.Popen([*SCAN, *args], stdout=follower, stderr=subprocess.PIPE)
+            os.close(follower)
+            screen = b""
+            with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+                while chunk := os.read(leader, 65536):
+                    screen += chunk
+            assert p.wait(timeout=60) == 0
+            os.close(leader)
+            seen[with_file] = screen
+        check_stream(parse(out.read_bytes()))
+        assert seen[True] == b"", seen[True][:200]
+        assert seen[False].count(b'"type":"result"') == len(opened + closed)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

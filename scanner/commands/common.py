@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -151,7 +153,8 @@ def output_options(f: Callable) -> Callable:
             "output",
             default=None,
             metavar="FILE",
-            help="Also write NDJSON to FILE.",
+            help="Also write NDJSON to FILE (at a terminal: only to FILE, the screen keeps "
+            "the summary).",
         ),
         click.option(
             "--only",
@@ -337,7 +340,17 @@ def build_output(opts: dict[str, Any]):
     # lazy: engine.output loads orjson (~20 ms); see build_engine_config
     from scanner.engine.output import NdjsonOutput
 
-    return NdjsonOutput(opts["output"])
+    path = opts["output"]
+    # -o FILE at a terminal: the lines go to the file, not over the summary on the screen (as
+    # the demo does); to a pipe or a file stdout still gets every line too
+    return NdjsonOutput(path, stdout=path is None or not _stdout_is_a_terminal())
+
+
+def _stdout_is_a_terminal() -> bool:
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def parse_only(value: str | None) -> frozenset[str] | None:
