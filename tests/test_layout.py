@@ -118,8 +118,8 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def package_of(mod: str) -> str:
     parts = mod.split(".")
-    if len(parts) == 1 or parts[1] in ("errors", "__main__"):
-        return "top" if parts[-1] != "__main__" else "cli"
+    if len(parts) == 1 or parts[1] in ("errors", "__main__", "entry"):
+        return "cli" if parts[-1] in ("__main__", "entry") else "top"
     return parts[1]
 
 

@@ -162,6 +162,27 @@ def test_output_file_has_the_same_lines(tmp_path: Path, ports: tuple[list[int], 
     check_stream(parse(out.read_bytes()))
 
 
+def test_ctrl_c_during_start_up_is_interrupted_not_a_traceback() -> None:
+    """A Ctrl-C while the commands are still being imported (before the CLI handles signals):
+    a real KeyboardInterrupt raised inside ``import scanner.cli`` ends the entry point with one
+    line and exit 130."""
+    code = (
+        "import sys\n"
+        "class Boom:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'scanner.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Boom())\n"
+        "sys.argv = ['portmesh', 'scan', '127.0.0.1', '-p', '1']\n"
+        "import scanner.entry\n"
+        "scanner.entry.main()\n"
+    )
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert cp.returncode == 130, cp.stderr
+    assert cp.stderr.decode().strip() == "portmesh: interrupted"
+    assert cp.stdout == b""
+
+
 def test_output_file_at_a_terminal_takes_the_lines_off_the_screen(
     tmp_path: Path, ports: tuple[list[int], list[int]]
 ) -> None:
