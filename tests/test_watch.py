@@ -193,10 +193,27 @@ tests:
         values: '1x20'
       - series: 'portmesh_sweep_seconds{instance="n7:9470",job="portmesh-watch"}'
         values: '1380x20'
+      # a rolling update: n3 comes back at 6m with another schedule than n1 and n2
+      - series: 'portmesh_schedule_info{schedule="aaa",instance="n1:9470",job="portmesh-watch"}'
+        values: '1x30'
+      - series: 'portmesh_schedule_info{schedule="aaa",instance="n2:9470",job="portmesh-watch"}'
+        values: '1x30'
+      - series: 'portmesh_schedule_info{schedule="aaa",instance="n3:9470",job="portmesh-watch"}'
+        values: '1 1 1 1 1 1 1 1 1 1 1 1 stale'
+      - series: 'portmesh_schedule_info{schedule="bbb",instance="n3:9470",job="portmesh-watch"}'
+        values: '_ _ _ _ _ _ _ _ _ _ _ _ 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1'
     alert_rule_test:
       - eval_time: 1m
         alertname: PortmeshRequirementFailing
         exp_alerts: []
+      - eval_time: 5m
+        alertname: PortmeshScheduleMismatch
+        exp_alerts: []
+      - eval_time: 12m
+        alertname: PortmeshScheduleMismatch
+        exp_alerts:
+          - exp_labels: {severity: warning}
+            exp_annotations: {summary: "the portmesh agents run 2 different schedules (another --round, --rate, --neighbours, --chunk or inventory, or a rolling update): incoming failures are not to be trusted until they agree"}
       - eval_time: 3m
         alertname: PortmeshRequirementFailing
         exp_alerts:

@@ -4,8 +4,11 @@ range windows, and the metrics' series bound at 1,000 nodes."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +234,34 @@ def test_a_leg_at_another_address_is_listed_not_probed(tmp_path, extra, unwatche
     flows = [f for me in t.names for r in range(3) for f in schedule.round_flows(t, me, r, 16, 8)]
     assert flows and {f.dst for f in flows} <= set(addrs)
     assert "calico.wireguard6" not in {f.req for f in flows}
+
+
+def test_the_schedule_fingerprint_is_the_schedules_and_only_its() -> None:
+    """Equal for the same plan and settings in any process (string hashing is salted per
+    process: the fingerprint must not depend on it), different when anything the schedule is
+    computed from differs."""
+    code = (
+        "from tests.test_watch_schedule import topo\n"
+        "from scanner.watch import schedule\n"
+        "print(schedule.fingerprint(topo(7), 15.0, 16, 8))\n"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    base = schedule.fingerprint(topo(7), 15.0, 16, 8)
+    assert seen == {base} and len(base) == 12
+    others = {
+        schedule.fingerprint(topo(7), 16.0, 16, 8),  # another round length (--round, --rate)
+        schedule.fingerprint(topo(7), 15.0, 2, 8),  # --neighbours
+        schedule.fingerprint(topo(7), 15.0, 16, 4),  # --chunk
+        schedule.fingerprint(topo(8), 15.0, 16, 8),  # another inventory
+    }
+    assert base not in others and len(others) == 4

@@ -169,6 +169,7 @@ async def _main(cfg: WatchConfig) -> int:
     )
     metrics.peers = len(peers)
     metrics.budget = cfg.rate
+    metrics.schedule = schedule.fingerprint(topo, period, k, chunk)
     out = cfg.output or NdjsonOutput()
     states = PairStates(me, out)
 
@@ -226,6 +227,7 @@ async def _main(cfg: WatchConfig) -> int:
             "rounds_per_sweep": per_sweep,
             "neighbours": k,
             "rate": cfg.rate,
+            "schedule": metrics.schedule,
             "responder": {"bound": len(bound), "failed": len(responder.failed)},
             "not_watched": [{"req": req, "af": af} for req, af in topo.unwatched],
             "metrics": None if cfg.metrics is None else f"{cfg.metrics[0]}:{cfg.metrics[1]}",

@@ -69,6 +69,14 @@ def rules(for_: str = DEFAULT_FOR, job: str = JOB) -> dict[str, Any]:
                         for_at="5m",
                     ),
                     rule(
+                        "PortmeshScheduleMismatch",
+                        f'count(count by (schedule) (portmesh_schedule_info{{job="{job}"}})) > 1',
+                        "the portmesh agents run {{ $value }} different schedules (another"
+                        " --round, --rate, --neighbours, --chunk or inventory, or a rolling"
+                        " update): incoming failures are not to be trusted until they agree",
+                        for_at="5m",
+                    ),
+                    rule(
                         "PortmeshAgentAbsent",
                         f'up{{job="{job}"}} == 0',
                         "{{ $labels.instance }}: the portmesh agent does not answer (node down?)",

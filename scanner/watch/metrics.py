@@ -63,6 +63,7 @@ class WatchMetrics:
         self.incoming_expected = 0
         self.incoming_silent = 0
         self.budget = 0.0
+        self.schedule = ""  # schedule.fingerprint: equal on every agent of one schedule
 
     def probe(self, proto: str, result: str, rtt_s: float | None) -> None:
         key = (proto, result)
@@ -80,6 +81,14 @@ class WatchMetrics:
 
         family("portmesh_build_info", "gauge", "portmesh version of this agent (always 1).")
         out.append(f'portmesh_build_info{{version="{_esc(self.version)}"}} 1')
+        if self.schedule:
+            family(
+                "portmesh_schedule_info",
+                "gauge",
+                "The schedule this agent runs (a hash of the plan, --round, --rate, --neighbours,"
+                " --chunk); every agent must show the same (always 1).",
+            )
+            out.append(f'portmesh_schedule_info{{schedule="{_esc(self.schedule)}"}} 1')
         family("portmesh_probes_total", "counter", "Probes sent by this node, by verdict.")
         for (p, r), v in self.probes.items():
             out.append(f'portmesh_probes_total{{proto="{p}",result="{r}"}} {v}')

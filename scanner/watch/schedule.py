@@ -147,6 +147,23 @@ def visitors(topo: Topology, dst: int, rnd: int, k: int) -> Iterator[tuple[int, 
         yield (dst - topo.perm[q % (n - 1)]) % n, q // (n - 1)
 
 
+def fingerprint(topo: Topology, period: float, k: int, chunk: int) -> str:
+    """A short hash of everything the schedule is computed from (the plan's ends, addresses and
+    needs, the round length, --neighbours, --chunk; never the secret): agents that show the
+    same fingerprint visit each other when the other expects it. Agents with different ones
+    (another --rate, --round, --chunk or inventory; a rolling update of the DaemonSet) would
+    judge each other's probes by the wrong schedule, so the metric carries it and an alert
+    fires while more than one is seen."""
+    h = hashlib.sha256()
+    h.update(repr((1, float(period), k, chunk, topo.names, topo.addrs, topo.perm)).encode())
+    for srcs, dsts, need in sorted(
+        (tuple(sorted(a)), tuple(sorted(b)), (n.req, n.proto, tuple(map(str, n.ports))))
+        for a, b, n in topo.legs
+    ):
+        h.update(repr((srcs, dsts, need)).encode())
+    return h.hexdigest()[:12]
+
+
 def window(ports: tuple[int | None, ...], visit: int, chunk: int) -> tuple[int | None, ...]:
     """The ports probed on a visit: all of them, or the visit-th ``chunk`` of a long range."""
     if len(ports) <= chunk:
