@@ -138,6 +138,7 @@ def test_exposition_passes_promtool() -> None:
     m.probe("udp", "fail", None)
     m.failing[("kubelet", "incoming")] = 3
     m.coverage = 0.75
+    m.schedule = "0123456789ab"
     p = subprocess.run(
         ["promtool", "check", "metrics"], input=m.render(), capture_output=True, text=True
     )
