@@ -191,7 +191,7 @@ def test_output_file_at_a_terminal_takes_the_lines_off_the_screen(
     opened, closed = ports
     for workers in ("1", "2"):
         out = tmp_path / f"tty-{workers}.ndjson"
-        seen = {}
+        seen, errs = {}, {}
         for with_file in (True, False):
             leader, follower = pty.openpty()
             args = [LOCAL, "-p", csv(opened + closed), "--workers", workers]
@@ -205,8 +205,14 @@ def test_output_file_at_a_terminal_takes_the_lines_off_the_screen(
             assert p.wait(timeout=60) == 0
             os.close(leader)
             seen[with_file] = screen
+            errs[with_file] = p.stderr.read().decode() if p.stderr else ""
         check_stream(parse(out.read_bytes()))
         assert seen[True] == b"", seen[True][:200]
+        # the screen keeps a summary (scan has no other): counts, and where the lines went
+        n = len(opened + closed)
+        want = f"portmesh scan: {n}/{n} flows: {len(opened)} open, {len(closed)} closed"
+        assert want in errs[True] and str(out) in errs[True], errs[True]
+        assert "portmesh scan:" not in errs[False]  # lines on the screen: no summary needed
         assert seen[False].count(b'"type":"result"') == len(opened + closed)
 
 
