@@ -598,3 +598,17 @@ def test_mesh_from_an_unactivated_venv(make_lab, tmp_path: Path) -> None:
     assert recs[-1]["hosts"]["unreachable"] == []
     agent = recs[0]["mesh"]["agent_cmd"]  # the console script's own interpreter
     assert agent.startswith(str(exe.parent)) and agent.endswith(" -m scanner agent"), agent
+
+
+def test_the_docs_name_the_protocol_version_the_agent_speaks() -> None:
+    """docs/mesh.md's protocol section and the agent's docstring say the version the agent
+    checks in ``hello`` (a coordinator of another version is refused: the docs must agree)."""
+    import re
+
+    from scanner.mesh import agent
+    from scanner.mesh.agent import PROTOCOL_VERSION
+
+    doc = (Path(__file__).parents[1] / "docs" / "mesh.md").read_text()
+    assert re.findall(r"## The agent protocol \(version (\d+)\)", doc) == [str(PROTOCOL_VERSION)]
+    assert re.findall(r"`hello` \| `version` \((\d+)\)", doc) == [str(PROTOCOL_VERSION)]
+    assert f"(protocol version {PROTOCOL_VERSION})" in (agent.__doc__ or "")

@@ -1,4 +1,4 @@
-"""The mesh agent: ``portmesh agent``, NDJSON control over stdin/stdout (protocol version 1).
+"""The mesh agent: ``portmesh agent``, NDJSON control over stdin/stdout (protocol version 2).
 
 The coordinator starts one agent per host over its exec channel (ssh, ``ip netns exec``...) and
 talks to it with one JSON object per line; the agent opens no port for control. The protocol,
