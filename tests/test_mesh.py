@@ -612,3 +612,46 @@ def test_the_docs_name_the_protocol_version_the_agent_speaks() -> None:
     assert re.findall(r"## The agent protocol \(version (\d+)\)", doc) == [str(PROTOCOL_VERSION)]
     assert re.findall(r"`hello` \| `version` \((\d+)\)", doc) == [str(PROTOCOL_VERSION)]
     assert f"(protocol version {PROTOCOL_VERSION})" in (agent.__doc__ or "")
+
+
+@pytest.mark.lab
+def test_an_agents_unreadable_records_end_the_run_not_hang_it(faulted_lab, tmp_path: Path) -> None:
+    """--emit failures: one agent's ``done`` says ``tally_groups: 5``, another's result line
+    names a list as its requirement. The run ends (it used to wait for ever: the agent's
+    reader died of the TypeError), every planned flow is a line or a tally, and no traceback."""
+    lab = faulted_lab
+    inv = write_inventory(lab, tmp_path / "inv.yml")
+    cat = lab_catalog(tmp_path / "lab.toml", ["tcp"])
+    a, b = lab.hosts[0], lab.hosts[2]  # node3 has a failing flow: a result line
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text(
+        "import ctypes, os, subprocess, sys\n"
+        "import orjson\n"
+        "me = subprocess.run(['ip', 'netns', 'identify', str(os.getpid())],\n"
+        "                    capture_output=True, text=True).stdout.strip()\n"
+        "die = lambda: ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL\n"
+        f"p = subprocess.Popen({AGENT_CMD.split()!r}, stdout=subprocess.PIPE, preexec_fn=die)\n"
+        "for line in iter(p.stdout.readline, b''):\n"
+        f"    if me == {a.ns!r} and line.startswith(b'{{\"type\":\"done\"'):\n"
+        "        line = orjson.dumps({**orjson.loads(line), 'tally_groups': 5}) + b'\\n'\n"
+        f"    if me == {b.ns!r} and line.startswith(b'{{\"type\":\"result\"'):\n"
+        "        line = orjson.dumps({**orjson.loads(line), 'req': ['x']}) + b'\\n'\n"
+        "    os.write(1, line)\n"
+        "sys.exit(p.wait())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "scanner", "mesh", "-i", str(inv), "--catalog", str(cat),
+         "--exec", lab.exec_template(), "--agent-cmd", f"{sys.executable} {wrap}",
+         "--emit", "failures", "--loop", "asyncio", "--no-progress"],
+        capture_output=True, timeout=90,
+    )  # fmt: skip
+    recs = [orjson.loads(x) for x in r.stdout.splitlines()]
+    summary = recs[-1]
+    assert summary["type"] == "summary" and r.returncode == 1, r.stderr[-2000:]
+    assert summary["results"] + summary["tallied"] == summary["planned"]  # nothing lost
+    results = [x for x in recs if x["type"] == "result"]
+    owed_a = [x for x in results if x["src_host"] == a.name and x["verdict"] == "unknown"]
+    assert owed_a and not [x for x in recs if x["type"] == "tally" and x["src_host"] == a.name]
+    err = r.stderr.decode()
+    assert f"unreachable: {b.name} (a record of the agent could not be read" in err, err
+    assert "Traceback (most recent call last)" not in err.split("Exception ignored")[0]

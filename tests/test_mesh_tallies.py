@@ -133,3 +133,31 @@ def test_an_agents_tallies_reach_the_output_as_its_records() -> None:
     want = [orjson.dumps({**r, "src_host": src}, option=orjson.OPT_APPEND_NEWLINE) for r in records]
     assert sorted(got) == sorted(want) and len(got) == len(records)
     assert m.tallied == t.flows
+
+
+def test_unreadable_tally_groups_are_no_tallies_never_an_exception() -> None:
+    """A ``done`` whose tally_groups is not a list of groups, or a group with a value that
+    cannot be a key (a list as the requirement): counted as nothing (the flows stay owed), no
+    exception (one in the agent's reader left the coordinator waiting for ever)."""
+    m = _mesh()
+    src, dst = m.join.names[0], m.join.names[1]
+    link = _Link(m, src)
+    good = ["k8s.nodeport", "tcp", "ipv4", "198.18.0.1", {"open": 3}, "30000-30002"]
+    for groups in (
+        5,
+        3.5,
+        True,
+        "text",
+        {"a": 1},
+        [5, None, "x"],
+        [[["k8s.nodeport"], *good[1:], [dst, "198.18.0.9"]]],
+        [[good[0], {"p": 1}, *good[2:], [dst, "198.18.0.9"]]],
+        [[*good[:3], ["198.18.0.1"], *good[4:], [dst, "198.18.0.9"]]],
+        [[*good, [[dst], "198.18.0.9"]]],
+        [[None, "tcp", None, "198.18.0.1", {"open": 3}, "30000-30002", [[dst], "x"]]],
+    ):
+        m.on_tally_groups(link, groups)  # type: ignore[arg-type]
+    assert m.tallied == 0 and link.tallied == 0
+    assert m.out.lines == []  # type: ignore[attr-defined]
+    m.on_tally_groups(link, [[*good, [dst, "198.18.0.9"]]])  # type: ignore[arg-type]
+    assert m.tallied == 3 and len(m.out.lines) == 1  # type: ignore[attr-defined]

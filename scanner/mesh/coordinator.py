@@ -280,11 +280,14 @@ class Mesh:
         )  # fmt: skip
         dests = self._tally_dests
         tallied = folded = 0
+        if groups.__class__ is not list:
+            return  # not groups at all: no tally is counted, the agent's flows stay owed
         for g in groups:
             try:
                 req, proto, af, src, st, ports, pairs = g
                 if pairs.__class__ is not list or len(pairs) % 2 or af not in ("ipv4", "ipv6"):
                     raise ValueError
+                hash((req, proto, src))  # keys of the pair join and the matrix (TypeError)
                 if not all(x.__class__ is str for x in pairs):
                     raise ValueError
                 conv = {str(k): int(v) for k, v in st.items()}
@@ -352,6 +355,7 @@ class Mesh:
         """One tally entry as a record: fold, count, write it (or skip a malformed one)."""
         try:
             host, dst, req, proto, flows, states, ports, src = t[:8]
+            hash((host, dst, req, proto, src))  # keys of the pair join and the matrix
             af = t[8] if len(t) > 8 and t[8] in ("ipv4", "ipv6") else af_of(dst)
             rec: dict[str, Any] = {
                 "type": "tally",

@@ -145,7 +145,12 @@ class AgentLink:
         feed = self.feed
         gate = getattr(self.mesh, "long_lines", None)
         async for lines in transport.ndjson_lines(p.stdout, gate=gate):
-            feed(lines)
+            try:
+                feed(lines)
+            except Exception as e:  # noqa: BLE001 - any record the coordinator cannot take
+                # the host fails with the reason (its flows owed), never a reader that dies
+                # and a run that waits for ever for this agent's end
+                self._resolve_error(f"a record of the agent could not be read ({e!r:.200})")
             del lines
         code = await p.wait()
         await asyncio.sleep(0)  # let the stderr reader catch up with the last lines
