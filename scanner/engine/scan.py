@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 from scanner.engine.engine import EngineConfig
@@ -43,4 +44,13 @@ def run_scan(cfg: ScanConfig) -> int:
         workers=cfg.workers,
     )
     outcome = run(spec)
+    if spec.output.file_only:
+        # -o FILE at a terminal: the screen got no line, so it gets the summary's counts
+        s = outcome.summary
+        states = ", ".join(f"{n} {k}" for k, n in s.get("states", {}).items())
+        sys.stderr.write(
+            f"portmesh scan: {s.get('results')}/{s.get('planned')} flows: {states or 'none'}"
+            f" ({outcome.elapsed:.2f}s); NDJSON in {spec.output.file_only}\n"
+        )
+        sys.stderr.flush()
     return 130 if outcome.interrupted else 0
