@@ -610,7 +610,7 @@ def test_the_docs_name_the_protocol_version_the_agent_speaks() -> None:
 
     doc = (Path(__file__).parents[1] / "docs" / "mesh.md").read_text()
     assert re.findall(r"## The agent protocol \(version (\d+)\)", doc) == [str(PROTOCOL_VERSION)]
-    assert re.findall(r"`hello` \| `version` \((\d+)\)", doc) == [str(PROTOCOL_VERSION)]
+    assert re.findall(r"`hello` \| `version` \((\d+)[;)]", doc) == [str(PROTOCOL_VERSION)]
     assert f"(protocol version {PROTOCOL_VERSION})" in (agent.__doc__ or "")
 
 

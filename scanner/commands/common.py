@@ -340,15 +340,10 @@ def build_output(opts: dict[str, Any]):
     # lazy: engine.output loads orjson (~20 ms); see build_engine_config
     from scanner.engine.output import NdjsonOutput
 
+    path = opts["output"]
     # -o FILE at a terminal: the lines go to the file, not over the summary on the screen (as
     # the demo does); to a pipe or a file stdout still gets every line too
-    return NdjsonOutput(opts["output"], stdout=not output_to_file_only(opts))
-
-
-def output_to_file_only(opts: dict[str, Any]) -> bool:
-    """-o FILE with stdout on a terminal: build_output writes the NDJSON to FILE only (so the
-    command must say a summary on stderr: scan has none of its own)."""
-    return opts["output"] is not None and _stdout_is_a_terminal()
+    return NdjsonOutput(path, stdout=path is None or not _stdout_is_a_terminal())
 
 
 def _stdout_is_a_terminal() -> bool:

@@ -12,7 +12,6 @@ from scanner.commands.common import (
     check_max_hosts,
     engine_options,
     output_options,
-    output_to_file_only,
     parse_only,
 )
 from scanner.core.ports import parse_ports
@@ -95,6 +94,4 @@ def command(
         loop=opts["loop"],
         workers=opts["workers"],
     )
-    if output_to_file_only(opts):
-        cfg.summary_to, cfg.summary_file = sys.stderr, opts["output"]
     return run_scan(cfg)

@@ -93,7 +93,8 @@ def command(
 ) -> int:
     """Keep checking this node's flows of the plan; serve Prometheus metrics; NDJSON events on
     every state change (stdout). Every agent must be given the same inventory, secret, --round,
-    --rate, --neighbours and --chunk: the schedule is computed from them, not negotiated."""
+    --rate, --neighbours, --chunk and plan options (--vars, --cni, --with, --without, --catalog,
+    --nodeport-sample): the schedule is computed from them, not negotiated."""
     if ctx.invoked_subcommand is not None:
         return 0
 

@@ -23,6 +23,8 @@ class NdjsonOutput:
     def __init__(self, path: str | None = None, stdout: bool = True, fd: int | None = None) -> None:
         self._fd: int | None = fd if fd is not None else (sys.stdout.fileno() if stdout else None)
         self._is_stdout = fd is None
+        # the lines go to the file only (-o FILE at a terminal): the command says so on stderr
+        self.file_only = path if path is not None and self._fd is None else None
         self._file: BinaryIO | None = None
         if path is not None:
             try:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
 
 from scanner.engine.engine import EngineConfig
 from scanner.engine.output import NdjsonOutput
@@ -24,10 +24,6 @@ class ScanConfig:
     argv: list[str] = field(default_factory=list)
     loop: str = "uvloop"
     workers: int | None = None
-    # -o FILE at a terminal (the lines go to the file only): one summary line here, and where
-    # the lines went
-    summary_to: TextIO | None = None
-    summary_file: str | None = None
 
 
 def run_scan(cfg: ScanConfig) -> int:
@@ -48,21 +44,13 @@ def run_scan(cfg: ScanConfig) -> int:
         workers=cfg.workers,
     )
     outcome = run(spec)
-    if cfg.summary_to is not None:
-        cfg.summary_to.write(summary_line(outcome.summary, cfg.summary_file))
+    if spec.output.file_only:
+        # -o FILE at a terminal: the screen got no line, so it gets the summary's counts
+        s = outcome.summary
+        states = ", ".join(f"{n} {k}" for k, n in s.get("states", {}).items())
+        sys.stderr.write(
+            f"portmesh scan: {s.get('results')}/{s.get('planned')} flows: {states or 'none'}"
+            f" ({outcome.elapsed:.2f}s); NDJSON in {spec.output.file_only}\n"
+        )
+        sys.stderr.flush()
     return 130 if outcome.interrupted else 0
-
-
-def summary_line(summary: dict[str, Any], path: str | None) -> str:
-    """``portmesh scan: 7/7 flows: 3 open, 4 closed (0.12s); NDJSON in FILE``."""
-    from scanner.core.results import STATES
-
-    states = summary.get("states") or {}
-    order = [s for s in STATES if s in states] + [s for s in states if s not in STATES]
-    counts = ", ".join(f"{states[s]} {s}" for s in order) or "none"
-    more = ", interrupted" if summary.get("interrupted") else ""
-    where = f"; NDJSON in {path}" if path else ""
-    return (
-        f"portmesh scan: {summary.get('results', 0)}/{summary.get('planned', 0)} flows: "
-        f"{counts} ({summary.get('elapsed_s', 0):.2f}s{more}){where}\n"
-    )
