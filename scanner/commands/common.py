@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -343,14 +342,7 @@ def build_output(opts: dict[str, Any]):
     path = opts["output"]
     # -o FILE at a terminal: the lines go to the file, not over the summary on the screen (as
     # the demo does); to a pipe or a file stdout still gets every line too
-    return NdjsonOutput(path, stdout=path is None or not _stdout_is_a_terminal())
-
-
-def _stdout_is_a_terminal() -> bool:
-    try:
-        return os.isatty(sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        return False
+    return NdjsonOutput(path, stdout=path is None or not sys.stdout.isatty())
 
 
 def parse_only(value: str | None) -> frozenset[str] | None:
