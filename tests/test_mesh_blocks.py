@@ -113,11 +113,11 @@ def _feed(m: Mesh, name: str, data: bytes, rnd: random.Random) -> AgentLink:
     async def go() -> AgentLink:
         host = next(h for h in m.hosts if h.name == name)
         link = AgentLink(m, host, (["sim"], ["agent"]))
-        lines = data.splitlines()
+        lines = data.splitlines(keepends=True)
         pos = 0
         while pos < len(lines):
             k = rnd.choice([1, 7, 200, 1000])
-            link.feed(lines[pos : pos + k])
+            link.feed(b"".join(lines[pos : pos + k]))
             pos += k
         return link
 
@@ -201,19 +201,26 @@ def test_a_block_the_agent_did_not_finish_is_owed_never_counted() -> None:
     assert len(owed) == planned - 200
 
 
-def test_a_block_whose_indexes_do_not_add_up_fails_the_agent() -> None:
-    """A header whose runs do not give one index per line: the agent's records cannot be
-    taken, so the host fails (its flows owed) instead of a guess."""
+@pytest.mark.parametrize(
+    "field, value",
+    [("i", [0, 9]), ("n", 9), ("bytes", "x"), ("n", 0), ("bytes", 5), ("bytes", -1)],
+)
+def test_a_block_that_does_not_add_up_fails_the_agent(field: str, value: Any) -> None:
+    """A header whose runs do not give one index per line, or whose line count or byte
+    count is not its lines': the agent's records cannot be taken, so the host fails (its
+    flows owed) instead of a guess."""
     rnd = random.Random(4)
     m = _mesh()
     src = m.join.names[0]
     results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:10]
     data = _agent_stream(results, 10, rnd).splitlines()
     head = orjson.loads(data[0])
-    head["i"] = [0, 9]  # 9 indexes for 10 lines
+    head[field] = value
+    if field == "bytes" and value == 5:
+        head["bytes"] = head["n"] * 10  # lands inside a line
     bad = b"\n".join([orjson.dumps(head), *data[1:]]) + b"\n"
-    with pytest.raises(ValueError, match="indexes"):
-        _feed(m, src, bad, rnd)
+    with pytest.raises(ValueError, match="block of passing results"):
+        _feed(m, src, bad, random.Random(0))
     assert m.results == 0 and m.out.lines() == []  # type: ignore[attr-defined]
 
 
@@ -229,8 +236,9 @@ def test_a_header_that_lies_about_its_lines_is_read_line_by_line() -> None:
     idx = [r.extra["i"] for r in results]  # type: ignore[index]
     runs = [x for i in idx for x in (i, 1)]
     g = ["k8s.nodeport", "tcp", "ipv4", "198.18.0.1", src, "open", 30000, [src, "x"] * 10]
-    head = {"type": "passes", "n": 10, "i": runs, "why": {}, "groups": [g]}
-    fl = _feed(m, src, orjson.dumps(head) + b"\n" + b"\n".join(stripped) + b"\n", rnd)
+    body = b"\n".join(stripped) + b"\n"
+    head = {"type": "passes", "n": 10, "bytes": len(body), "i": runs, "why": {}, "groups": [g]}
+    fl = _feed(m, src, orjson.dumps(head) + b"\n" + body, rnd)
     pl = _feed(plain, src, b"\n".join(lines) + b"\n", rnd)
     assert _state(m, fl) == _state(plain, pl)
     assert m.matrix.verdicts.get("fail") == 10 and not m.matrix.verdicts.get("pass")

@@ -43,6 +43,7 @@ from scanner.core.tally import af_of
 from scanner.engine.check import TokenWatch
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
+from scanner.engine.process import new_loop
 from scanner.errors import InputError
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
@@ -120,6 +121,16 @@ def _runs_ok(runs: Any, n: int) -> bool:
     return total == n
 
 
+def _unhashable(pairs: list[Any]) -> bool:
+    """Does the list hold a value that cannot be a key (the fold looks hosts up)? Any other
+    value is folded as a plain result line with it would be (outside the mesh)."""
+    try:
+        hash(tuple(pairs))
+    except TypeError:
+        return True
+    return False
+
+
 def _block_groups_ok(groups: list[Any], n: int) -> bool:
     """Is every group [req, proto, af, src, src_host, state, port, [host, dst, ...]] of the
     types the fold takes, and do the groups hold exactly n lines?"""
@@ -134,7 +145,7 @@ def _block_groups_ok(groups: list[Any], n: int) -> bool:
             or not (port is None or (port.__class__ is int and 0 <= port <= 65535))
             or pairs.__class__ is not list
             or len(pairs) % 2
-            or not set(map(type, pairs)) <= {str}
+            or _unhashable(pairs)
             or not all(x is None or x.__class__ is str for x in (req, proto, src, src_host))
         ):
             return False
@@ -291,23 +302,24 @@ class Mesh:
             vs = self.matrix.verdicts
             vs["pass"] = vs.get("pass", 0) + folded
 
-    def on_passes(self, link: AgentLink, head: dict[str, Any], lines: list[bytes]) -> None:
-        """A block of an agent's passing results (wire.PassBlocks): its header and its lines,
-        unread. The header's runs claim the lines' plan indexes in the window, its groups are
-        folded into the pair join as ``on_results`` folds one line each, and the lines are
-        forwarded as they came. A block that cannot be taken so (``--only``, the agent's host
-        outside the join, an index already seen, a header or a first line that does not hold
-        what a block must) goes line by line through ``on_results`` with its indexes put back:
-        the plain path, which reads every line."""
+    def on_passes(self, link: AgentLink, head: dict[str, Any], lines: bytes) -> None:
+        """A block of an agent's passing results (wire.PassBlocks): its header and its lines
+        (``head["bytes"]`` of them), unread. The header's runs claim the lines' plan indexes
+        in the window, its groups are folded into the pair join as ``on_results`` folds one
+        line each, and the lines are forwarded as they came. A block that cannot be taken so
+        (``--only``, the agent's host outside the join, an index already seen, a header or a
+        first line that does not hold what a block must) goes line by line through
+        ``on_results`` with its indexes put back: the plain path, which reads every line. A
+        block whose lines or indexes are not ``head["n"]`` fails the agent (ValueError)."""
         if link.failed is not None:
             return
-        n = len(lines)
+        n = head.get("n")
         runs = head.get("i")
-        if not _runs_ok(runs, n):
-            raise ValueError("a block of passing results whose indexes do not match its lines")
+        if not lines.endswith(b"\n") or lines.count(b"\n") != n or not _runs_ok(runs, n):
+            raise ValueError("a block of passing results whose lines or indexes are not its n")
         groups = head.get("groups")
         why = head.get("why")
-        first = loads_or_none(lines[0]) if lines else None
+        first = loads_or_none(lines[: lines.find(b"\n")])
         if (
             link.jidx is None
             or self.cfg.only is not None
@@ -321,7 +333,7 @@ class Mesh:
             or not _block_groups_ok(groups, n)
             or not link.window.claim(runs)
         ):
-            self._block_lines(link, lines, runs)
+            self._block_lines(link, lines[:-1].split(b"\n"), runs)
             return
         join = self.join
         row = link.jidx * join.n
@@ -367,12 +379,12 @@ class Mesh:
                 self.matrix.add(rec, join.add(rec))
         self.tokens.token += int(why.get("responder", 0))
         self.tokens.synack += int(why.get("syn-ack", 0))
-        link.results += n
-        self.results += n
+        link.results += n  # type: ignore[operator]
+        self.results += n  # type: ignore[operator]
         if folded:
             vs = self.matrix.verdicts
             vs["pass"] = vs.get("pass", 0) + folded
-        self.out.write(b"\n".join(lines) + b"\n")
+        self.out.write(lines)
 
     def _block_lines(self, link: AgentLink, lines: list[bytes], runs: list[int]) -> None:
         """A block's lines one by one, as result lines with their plan indexes."""
@@ -784,7 +796,7 @@ def run_mesh(cfg: MeshConfig) -> int:
             for link in mesh.links:
                 link.kill()
 
-    asyncio.run(main())
+    run_loop(cfg.loop, main())
     if cfg.progress:
         sys.stderr.write("\n")
     elapsed = time.perf_counter() - mesh.t0
@@ -838,6 +850,26 @@ def run_mesh(cfg: MeshConfig) -> int:
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
         return 1
     return 0
+
+
+def run_loop(kind: str, coro: Any) -> None:
+    """``asyncio.run`` on the loop ``--loop`` names (uvloop by default: its transports read
+    the agents' pipes for a third less CPU than asyncio's own at 1,000 agents)."""
+    loop = new_loop(kind)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def flows_of(cfg: MeshConfig, name: str) -> Iterator[Any]:

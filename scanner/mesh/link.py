@@ -21,7 +21,9 @@ from scanner.mesh import transport
 from scanner.mesh.wire import PassBlocks
 
 PASSES_HEAD = PassBlocks.HEAD
+NL_PASSES_HEAD = b"\n" + PASSES_HEAD
 MAX_BLOCK = 1 << 16  # lines in one block of passing results (an agent sends 512)
+MAX_BLOCK_LINE = 1 << 12  # bytes per line of a block, at most (a result line is ~300)
 
 
 class Window:
@@ -121,8 +123,8 @@ class AgentLink:
         # a block of passing results being gathered (wire.PassBlocks): its header, its lines
         # so far and how many are still to come
         self.block_head: dict[str, Any] | None = None
-        self.block_lines: list[bytes] = []
-        self.block_left = 0
+        self.block_parts: list[bytes] = []
+        self.block_left = 0  # bytes
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
         self.stderr: deque[str] = deque(maxlen=8)
@@ -204,14 +206,14 @@ class AgentLink:
         assert p is not None and p.stdout is not None
         feed = self.feed
         gate = getattr(self.mesh, "long_lines", None)
-        async for lines in transport.ndjson_lines(p.stdout, gate=gate):
+        async for data in transport.ndjson_chunks(p.stdout, gate=gate):
             try:
-                feed(lines)
+                feed(data)
             except Exception as e:  # noqa: BLE001 - any record the coordinator cannot take
                 # the host fails with the reason (its flows owed), never a reader that dies
                 # and a run that waits for ever for this agent's end
                 self._resolve_error(f"a record of the agent could not be read ({e!r:.200})")
-            del lines
+            del data
         code = await p.wait()
         await asyncio.sleep(0)  # let the stderr reader catch up with the last lines
         if self.err_reader is not None:
@@ -223,37 +225,44 @@ class AgentLink:
         if not self.eof.done():
             self.eof.set_result(f"the agent exited with status {code}{tail}")
 
-    def feed(self, lines: list[bytes]) -> None:
-        """Complete lines of this agent's stdout (one read's worth, ~200 result lines): its
-        records, parsed, and the lines of its blocks of passing results (wire.PassBlocks),
-        gathered unread until the block is whole (an agent that ends inside a block owes
-        those flows)."""
-        head = PASSES_HEAD
-        pos, end = 0, len(lines)
+    def feed(self, data: bytes) -> None:
+        """Complete lines of this agent's stdout (one read's worth, ~200 result lines, ending
+        with a newline): its records, parsed, and its blocks of passing results
+        (wire.PassBlocks), whose lines are gathered unread until the block is whole (an agent
+        that ends inside a block owes those flows)."""
+        pos, end = 0, len(data)
         while pos < end:
             if self.block_left:
-                take = lines[pos : pos + self.block_left]
+                take = data[pos : pos + self.block_left] if pos or self.block_left < end else data
                 pos += len(take)
                 self.block_left -= len(take)
-                self.block_lines += take
+                self.block_parts.append(take)
                 if not self.block_left:
-                    blk, got = self.block_head, self.block_lines
-                    self.block_head, self.block_lines = None, []
-                    self.mesh.on_passes(self, blk, got)
+                    blk, parts = self.block_head, self.block_parts
+                    self.block_head, self.block_parts = None, []
+                    self.mesh.on_passes(self, blk, parts[0] if len(parts) == 1 else b"".join(parts))
                 continue
-            j = pos
-            while j < end and not lines[j].startswith(head):
-                j += 1
-            if j > pos:
-                self._records(lines if j - pos == end else lines[pos:j])
-            if j < end:
-                blk = loads_or_none(lines[j])
-                n = blk.get("n") if blk.__class__ is dict else None
-                if n.__class__ is not int or not 0 < n <= MAX_BLOCK:
-                    raise ValueError(f"a block of passing results with n={n!r:.40}")
-                self.block_head, self.block_left = blk, n
-                j += 1
-            pos = j
+            if data.startswith(PASSES_HEAD, pos):
+                h = pos
+            else:
+                h = data.find(NL_PASSES_HEAD, pos)
+                h = end if h < 0 else h + 1
+            if h > pos:
+                self._records((data[pos:h] if pos or h < end else data)[:-1].split(b"\n"))
+            if h < end:
+                nl = data.find(b"\n", h)
+                blk = loads_or_none(data[h:nl])
+                n, size = (blk.get("n"), blk.get("bytes")) if blk.__class__ is dict else (0, 0)
+                if (
+                    n.__class__ is not int
+                    or size.__class__ is not int
+                    or not 0 < n <= MAX_BLOCK
+                    or not n <= size <= MAX_BLOCK * MAX_BLOCK_LINE
+                ):
+                    raise ValueError(f"a block of passing results with n={n!r:.20}, bytes={size!r:.20}")
+                self.block_head, self.block_left = blk, size
+                h = nl + 1
+            pos = h
 
     def _records(self, lines: list[bytes]) -> None:
         try:

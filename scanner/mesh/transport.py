@@ -248,12 +248,25 @@ async def ndjson_lines(
     chunk: int = 1 << 16,
     gate: asyncio.Semaphore | None = None,
 ) -> AsyncIterator[list[bytes]]:
-    """The complete lines of a child's stdout, a read at a time (parsing is the caller's).
+    """The complete lines of a child's stdout, a read at a time (``ndjson_chunks`` split)."""
+    async for data in ndjson_chunks(stream, limit, chunk, gate):
+        yield data[:-1].split(b"\n") if data else []
+
+
+async def ndjson_chunks(
+    stream: asyncio.StreamReader,
+    limit: int = READ_LIMIT,
+    chunk: int = 1 << 16,
+    gate: asyncio.Semaphore | None = None,
+) -> AsyncIterator[bytes]:
+    """The complete lines of a child's stdout, a read at a time, as the bytes they are (each
+    chunk ends with a newline; parsing is the caller's).
 
     One await per 64 KiB instead of one per line (a result line is ~300 bytes): the
-    coordinator of a 1,000-host mesh reads 26 million lines. Only raw bytes are held between
-    reads (no parsed records: a thousand agents' batches would add up). A line longer than
-    ``limit`` is dropped, up to its newline.
+    coordinator of a 1,000-host mesh reads 26 million lines, and forwards most of them
+    without splitting them (blocks of passing results, wire.PassBlocks). Only raw bytes are
+    held between reads (no parsed records: a thousand agents' batches would add up). A line
+    longer than ``limit`` is dropped, up to its newline.
 
     A line longer than a read (an agent's ``done`` with its tallies: ~2 MB at 1,000 hosts)
     is kept as its reads and joined once, not copied again at every read; with ``gate``, a
@@ -291,10 +304,10 @@ async def ndjson_lines(
                 cut += size
                 data = b"".join(parts)
             rest = data[cut + 1 :]
-            lines = data[:cut].split(b"\n")
+            whole = data[: cut + 1] if rest else data
             del data
             if skipping:
-                del lines[0]  # the tail of an over-long line
+                whole = whole[whole.find(b"\n") + 1 :]  # the tail of an over-long line
                 skipping = False
             parts, size = ([rest], len(rest)) if rest else ([], 0)
             if size > limit:
@@ -302,10 +315,10 @@ async def ndjson_lines(
             if held:
                 gate.release()  # type: ignore[union-attr]
                 held = False
-            yield lines
+            yield whole
             # not kept while waiting for the next read: an agent that has said done waits
             # for the stop phase with its last read (its done line, ~2 MB at 1,000 hosts)
-            del lines
+            del whole
     finally:
         if held:
             gate.release()  # type: ignore[union-attr]

@@ -45,8 +45,8 @@ class TallyGroups:
 
 class PassBlocks:
     """An agent's passing results under ``--emit all`` (protocol 3), in blocks: a header line
-    ``{"type":"passes","n":N,"i":[start,length,...],"why":{reason:count},"groups":[...]}``
-    then the N result lines themselves, without their plan index ``i`` (the header's runs
+    ``{"type":"passes","n":N,"bytes":B,"i":[start,length,...],"why":{reason:count},"groups":[...]}``
+    then the N result lines themselves (B bytes), without their plan index ``i`` (the header's runs
     give the indexes, in line order). A group ``[req, proto, af, src, src_host, state, port,
     [host, dst, host, dst, ...]]`` lists the lines that share everything the coordinator
     folds but the destination, so it folds ~500 lines by a handful of groups and forwards
@@ -94,16 +94,16 @@ class PassBlocks:
         results = self.results
         if not results:
             return b""
+        lines = encode_results(results, self.scan_id)
         head = {
             "type": "passes",
             "n": len(results),
+            "bytes": len(lines),
             "i": self.runs,
             "why": self.why,
             "groups": [[*k, pairs] for k, pairs in self.groups.items()],
         }
-        data = orjson.dumps(head, option=orjson.OPT_APPEND_NEWLINE) + encode_results(
-            results, self.scan_id
-        )
+        data = orjson.dumps(head, option=orjson.OPT_APPEND_NEWLINE) + lines
         self.results, self.runs, self.why, self.groups = [], [], {}, {}
         return data
 
