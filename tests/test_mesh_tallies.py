@@ -4,16 +4,19 @@ common tally inline: the same lines, counts, pair join and summary as the plain 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from scanner.core.tally import Tallies
 from scanner.engine.output import NdjsonOutput
 from scanner.mesh.coordinator import Mesh, MeshConfig, _group_entries
+from scanner.mesh.link import AgentLink
 from scanner.mesh.wire import TallyGroups
 from scanner.plan.selection import SelectionOptions
 
@@ -68,6 +71,15 @@ def _groups(m: Mesh, rnd: random.Random) -> list[Any]:
     return out
 
 
+def _readable(g: Any, m: Mesh) -> bool:
+    """Does on_tally_groups take this group (on a scratch mesh)?"""
+    try:
+        m.on_tally_groups(_Link(m, m.join.names[0]), [g])  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
 def test_tally_lines_and_counts_equal_the_record_path() -> None:
     for seed in range(6):
         fast, plain = _mesh(), _mesh()
@@ -80,7 +92,8 @@ def test_tally_lines_and_counts_equal_the_record_path() -> None:
                             "host": dst, "proto": "tcp", "port": 30000, "state": "filtered",
                             "reason": "no-response", "src_host": src, "req": "k8s.nodeport",
                             "verdict": "fail"})  # fmt: skip
-        groups = _groups(fast, random.Random(seed))
+        scratch = _mesh()
+        groups = [g for g in _groups(fast, random.Random(seed)) if _readable(g, scratch)]
         fast.on_tally_groups(_Link(fast, src), groups)  # type: ignore[arg-type]
         link = _Link(plain, src)
         for g in groups:
@@ -135,14 +148,16 @@ def test_an_agents_tallies_reach_the_output_as_its_records() -> None:
     assert m.tallied == t.flows
 
 
-def test_unreadable_tally_groups_are_no_tallies_never_an_exception() -> None:
-    """A ``done`` whose tally_groups is not a list of groups, or a group with a value that
-    cannot be a key (a list as the requirement): counted as nothing (the flows stay owed), no
-    exception (one in the agent's reader left the coordinator waiting for ever)."""
+def test_unreadable_tally_groups_count_none_of_the_agents_tallies() -> None:
+    """A ``done`` whose tally_groups is not a list of groups, or holds one group that cannot
+    be read (a list as the requirement, a state count that is no number): ValueError before
+    anything is counted or written, all groups or none (the agent then fails and owes every
+    flow it sent no line for: no tally tells which flows an unread group stood for)."""
     m = _mesh()
     src, dst = m.join.names[0], m.join.names[1]
     link = _Link(m, src)
     good = ["k8s.nodeport", "tcp", "ipv4", "198.18.0.1", {"open": 3}, "30000-30002"]
+    ok = [*good, [dst, "198.18.0.9"]]
     for groups in (
         5,
         3.5,
@@ -150,14 +165,37 @@ def test_unreadable_tally_groups_are_no_tallies_never_an_exception() -> None:
         "text",
         {"a": 1},
         [5, None, "x"],
-        [[["k8s.nodeport"], *good[1:], [dst, "198.18.0.9"]]],
-        [[good[0], {"p": 1}, *good[2:], [dst, "198.18.0.9"]]],
-        [[*good[:3], ["198.18.0.1"], *good[4:], [dst, "198.18.0.9"]]],
-        [[*good, [[dst], "198.18.0.9"]]],
-        [[None, "tcp", None, "198.18.0.1", {"open": 3}, "30000-30002", [[dst], "x"]]],
+        [ok, [["k8s.nodeport"], *good[1:], [dst, "198.18.0.9"]]],
+        [ok, [good[0], {"p": 1}, *good[2:], [dst, "198.18.0.9"]]],
+        [ok, [*good[:3], ["198.18.0.1"], *good[4:], [dst, "198.18.0.9"]]],
+        [ok, [*good, [[dst], "198.18.0.9"]]],
+        [ok, [*good[:4], {"open": "x"}, good[5], [dst, "198.18.0.9"]]],
+        [ok, [None, "tcp", None, "198.18.0.1", {"open": 3}, "30000-30002", [[dst], "x"]]],
     ):
-        m.on_tally_groups(link, groups)  # type: ignore[arg-type]
-    assert m.tallied == 0 and link.tallied == 0
+        with pytest.raises(ValueError):
+            m.on_tally_groups(link, groups)  # type: ignore[arg-type]
+    assert m.tallied == 0 and link.tallied == 0 and not m.states
     assert m.out.lines == []  # type: ignore[attr-defined]
-    m.on_tally_groups(link, [[*good, [dst, "198.18.0.9"]]])  # type: ignore[arg-type]
+    m.on_tally_groups(link, [ok])  # type: ignore[arg-type]
     assert m.tallied == 3 and len(m.out.lines) == 1  # type: ignore[attr-defined]
+
+
+def test_a_done_with_one_unreadable_group_fails_its_agent_with_nothing_counted() -> None:
+    """Through the agent's link: its ``done`` holds a readable group and one that is not.
+    No tally is counted or written, the agent fails with the reason (its flows are then
+    owed as unknown), and its reader goes on."""
+    m = _mesh()
+    src, dst = m.join.names[0], m.join.names[1]
+    ok = ["k8s.nodeport", "tcp", "ipv4", "198.18.0.1", {"open": 3}, "30000-30002", [dst, "x"]]
+    bad = [*ok[:4], {"open": "many"}, *ok[5:]]
+
+    async def go() -> AgentLink:
+        link = AgentLink(m, next(h for h in m.hosts if h.name == src), (["sim"], ["agent"]))
+        link.feed(orjson.dumps({"type": "done", "tally_groups": [ok, bad]}) + b"\n")
+        return link
+
+    link = asyncio.run(go())
+    assert link.failed is not None and "tallies could not be read" in link.failed
+    assert m.tallied == 0 and link.tallied == 0 and not m.states
+    out = [orjson.loads(x) for x in b"".join(m.out.lines).splitlines()]  # type: ignore[attr-defined]
+    assert [x["type"] for x in out] == ["host"] and out[0]["state"] == "unreachable"

@@ -406,8 +406,10 @@ class Mesh:
         of the agent's own host to a mesh host in a direction without a failure, is folded
         here as ``PairJoin.add_tally`` would, with the port set's transition memoised per
         group (``_States.tally_step``). Anything else takes ``add_tally`` and
-        ``Matrix.add_passes``; a group these caches cannot take (a field of the wrong type)
-        goes record by record through ``_tally_record``, the plain path."""
+        ``Matrix.add_passes``. A group that cannot be read (a field of the wrong type) raises
+        ValueError before any group is counted: the agent fails and every flow it sent no line
+        for is owed (unknown), as no tally can tell which flows an unread group stood for.
+        (``_tally_record`` is the plain path, record by record: the tests' oracle.)"""
         join = self.join
         row = -1 if link.jidx is None else link.jidx * join.n
         reqs, index, step = join.reqs, join.index, join.states.tally_step
@@ -421,7 +423,8 @@ class Mesh:
         dests = self._tally_dests
         tallied = folded = 0
         if groups.__class__ is not list:
-            return  # not groups at all: no tally is counted, the agent's flows stay owed
+            raise ValueError(f"tally_groups is not a list ({type(groups).__name__})")
+        ready = []  # every group read before one is counted: all of them or none
         for g in groups:
             try:
                 req, proto, af, src, st, ports, pairs = g
@@ -440,9 +443,9 @@ class Mesh:
                 )  # fmt: skip
                 pre = head + dumps(src) + b',"host":'
             except (TypeError, ValueError, AttributeError):
-                for t in _group_entries(g):
-                    self._tally_record(link, t)
-                continue
+                raise ValueError(f"a tally group that cannot be read: {g!r:.120}") from None
+            ready.append((req, proto, af, src, conv, flows, ports, tail, pre, pairs))
+        for req, proto, af, src, conv, flows, ports, tail, pre, pairs in ready:
             n = len(pairs) // 2
             if not n:
                 continue

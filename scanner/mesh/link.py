@@ -285,7 +285,11 @@ class AgentLink:
         if t == "done":
             groups = rec.pop("tally_groups", None)
             if groups and self.failed is None:
-                mesh.on_tally_groups(self, groups)
+                try:
+                    mesh.on_tally_groups(self, groups)
+                except ValueError as e:  # none of them counted: the agent's flows are owed
+                    self._resolve_error(f"its tallies could not be read ({e})")
+                    return
             self.done_rec = rec
         elif t == "exit":
             self.exit_rec = rec
