@@ -339,6 +339,7 @@ def main() -> int:
         finally:
             if fl is not None:
                 fl[0].down()
+                Path(fl[1]).unlink(missing_ok=True)
     steady = statistics.median(r["agent_rate"] for r in runs)
     fails = max(r["fail"] for r in runs + alone)
     print(f"steady state: 2 hosts, full NodePort range, {runs[0]['planned']} flows: "
