@@ -41,16 +41,19 @@ from typing import Any
 
 import orjson
 
+from scanner.core.flows import Flow
 from scanner.core.ports import ports_text
 from scanner.core.privileges import raise_nofile
+from scanner.core.results import Result, encode_results
 from scanner.engine.output import NdjsonOutput
 from scanner.mesh import transport
 from scanner.mesh.coordinator import MeshConfig, run_mesh
-from scanner.mesh.wire import TallyGroups
+from scanner.mesh.wire import PassBlocks, TallyGroups
 from scanner.plan.planner import legs
 from scanner.plan.selection import SelectionOptions
 
 SECRET_SCAN = "0" * 16
+TS = 1795910400.0  # 2026-11-29T00:00:00Z: every simulated result line has the same time
 
 
 def synthetic_inventory(nodes: int, path: Path) -> Path:
@@ -70,8 +73,11 @@ def synthetic_inventory(nodes: int, path: Path) -> Path:
 
 
 class SimAgent:
-    def __init__(self, name: str, index: dict[str, int], plan_inputs: Any, every: int) -> None:
+    def __init__(
+        self, name: str, index: dict[str, int], plan_inputs: Any, every: int, blocks: bool = True
+    ) -> None:
         self.name = name
+        self.blocks = blocks  # --emit all: passing results in blocks (wire.PassBlocks)
         self.index = index
         self.catalog, self.site, self.selection = plan_inputs
         self.every = every  # 1 / fail rate; 0: nothing fails
@@ -131,7 +137,15 @@ class SimAgent:
         base = 0
         t0 = time.perf_counter()
 
+        blocks = PassBlocks(scan_id)
+        fails: list[Result] = []
+
         async def flush() -> None:
+            if fails:
+                buf.append(encode_results(fails, scan_id))
+                fails.clear()
+            if blocks.results:
+                buf.append(blocks.take())
             if buf:
                 writer.write(b"".join(buf))
                 buf.clear()
@@ -141,18 +155,25 @@ class SimAgent:
             proto, rid = req.proto, req.id
             nd = len(dsts)
             if emit == "all":
+                # the agent's own code: Results, PassBlocks for the passing ones (protocol 3),
+                # encode_results for the failing ones
                 for pi, port in enumerate(ports):
                     for di, (dname, daddr) in enumerate(dsts):
-                        bad = self.fails(s, self.index[dname], port)
-                        buf.append(dumps({
-                            "type": "result", "scan_id": scan_id, "ts": ts, "src": saddr,
-                            "dst": daddr, "host": dname, "proto": proto, "port": port,
-                            "state": "filtered" if bad else "open",
-                            "reason": "no-response" if bad else "responder",
-                            "rtt_ms": 0.2, "attempts": 1, "src_host": self.name, "req": rid,
-                            "verdict": "fail" if bad else "pass", "i": base + pi * nd + di,
-                        }) + b"\n")  # fmt: skip
-                    if len(buf) >= 2048:
+                        flow = Flow(daddr, port, proto, dname, saddr, self.name, rid)
+                        i = base + pi * nd + di
+                        if self.fails(s, self.index[dname], port):
+                            fails.append(Result(flow, "filtered", "no-response", 0.2, 1, TS,
+                                                "fail", {"i": i}))  # fmt: skip
+                        else:
+                            r = Result(flow, "open", "responder", 0.2, 1, TS, "pass", {"i": i})
+                            if not self.blocks:
+                                fails.append(r)  # --lines: a line each, as protocol 2 sent them
+                            elif blocks.add(r):
+                                buf.append(blocks.take())
+                    if len(fails) >= 512:
+                        buf.append(encode_results(fails, scan_id))
+                        fails.clear()
+                    if len(buf) >= 8:
                         await flush()
             else:
                 contiguous = ports[0] is not None and ports[-1] - ports[0] + 1 == len(ports)
@@ -209,7 +230,9 @@ def _minus(ports: tuple[int, ...], bad: list[int], contiguous: bool) -> str:
     return ",".join(out)
 
 
-def simulator(socks: dict[str, socket.socket], plan_inputs: Any, every: int) -> None:
+def simulator(
+    socks: dict[str, socket.socket], plan_inputs: Any, every: int, blocks: bool = True
+) -> None:
     names = sorted(socks)
     index = {n: i for i, n in enumerate(names)}
 
@@ -217,7 +240,7 @@ def simulator(socks: dict[str, socket.socket], plan_inputs: Any, every: int) -> 
         tasks = []
         for n in names:
             r, w = await asyncio.open_unix_connection(sock=socks[n], limit=1 << 26)
-            tasks.append(asyncio.create_task(SimAgent(n, index, plan_inputs, every).run(r, w)))
+            tasks.append(asyncio.create_task(SimAgent(n, index, plan_inputs, every, blocks).run(r, w)))
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
@@ -258,6 +281,7 @@ def run(
     fail_rate: float,
     output: str | None,
     summary_to: str | None = None,
+    blocks: bool = True,
 ) -> dict:
 
     raise_nofile()
@@ -280,7 +304,7 @@ def run(
         try:
             for a, _ in pairs.values():
                 a.close()
-            simulator({n: b for n, (_, b) in pairs.items()}, (catalog, site, full_sel), every)
+            simulator({n: b for n, (_, b) in pairs.items()}, (catalog, site, full_sel), every, blocks)
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
             code = 1
@@ -345,9 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fail-rate", type=float, default=0.01)
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--summary-to", default=None, help="the human summary (default: discarded)")
+    ap.add_argument(
+        "--lines",
+        action="store_true",
+        help="--emit all: every passing result as its own line (no PassBlocks), to compare",
+    )
     a = ap.parse_args(argv)
     res = run(
-        a.simulate, None if a.full else a.sample, a.emit, a.fail_rate, a.output, a.summary_to
+        a.simulate,
+        None if a.full else a.sample,
+        a.emit,
+        a.fail_rate,
+        a.output,
+        a.summary_to,
+        not a.lines,
     )
     print(orjson.dumps(res).decode())
     return 0

@@ -90,8 +90,38 @@ def test_window_tracks_owed_indexes() -> None:
     for i in (2, 0, 5, 1, 3):
         assert w.add(i)
     assert not w.add(3)  # duplicate
-    assert w.low == 4 and w.above == {5}
+    assert w.low == 4 and (w.starts, w.ends) == ([5], [6])
     assert [i for i in range(8) if i not in w] == [4, 6, 7]
+
+
+def test_window_runs_agree_with_a_set_of_indexes() -> None:
+    """Window keeps runs; a plain set of indexes is the oracle, over random adds and claims
+    (a claim marks all of its runs or none of them)."""
+    rng = random.Random(16)
+    for _ in range(2000):
+        w, seen, n = Window(), set(), rng.randint(1, 60)
+        for _ in range(rng.randint(1, 60)):
+            if rng.random() < 0.5:
+                i = rng.randrange(n)
+                assert w.add(i) == (i not in seen)
+                seen.add(i)
+            else:
+                runs = [
+                    x
+                    for _ in range(rng.randint(1, 3))
+                    for x in (rng.randrange(n), rng.randint(1, 5))
+                ]
+                idx = [
+                    i for j in range(0, len(runs), 2) for i in range(runs[j], runs[j] + runs[j + 1])
+                ]
+                ok = len(set(idx)) == len(idx) and not set(idx) & seen
+                assert w.claim(runs) == ok, (runs, sorted(seen))
+                if ok:
+                    seen |= set(idx)
+            assert [i for i in range(n + 6) if i in w] == sorted(seen)
+            assert w.low == min(set(range(n + 7)) - seen)
+            assert all(a < b for a, b in zip(w.starts, w.ends, strict=True))
+            assert all(b < a for b, a in zip(w.ends, w.starts[1:], strict=False))  # never touching
 
 
 def test_site_round_trips_through_the_wire(tmp_path: Path) -> None:
@@ -386,7 +416,7 @@ def test_a_line_broken_on_the_agents_stdout_is_said_and_owed(
         f"hit = me != {lab.hosts[0].ns!r}\n"
         f"p = subprocess.Popen({AGENT_CMD.split()!r}, stdout=subprocess.PIPE)\n"
         "for line in iter(p.stdout.readline, b''):\n"
-        "    if not hit and line.startswith(b'{\"type\":\"result\"'):\n"
+        '    if not hit and line.startswith(b\'{"type":"result"\'):\n'
         "        line, hit = b'banner ' + line, True\n"
         "    os.write(1, line)\n"
         "sys.exit(p.wait())\n"
@@ -548,7 +578,9 @@ def test_local_template_runs_this_interpreter_others_portmesh_agent() -> None:
     hint = start_hint(["ssh", "h"], ["portmesh", "agent"], 127, "bash: portmesh: command not found")
     assert "--agent-cmd" in hint and "--bundle" in hint
     # ssh's own failures are not about the agent: no hint
-    assert start_hint(["ssh", "h"], ["portmesh", "agent"], 255, "Permission denied (publickey)") == ""
+    assert (
+        start_hint(["ssh", "h"], ["portmesh", "agent"], 255, "Permission denied (publickey)") == ""
+    )
     assert "--agent-cmd" in start_hint(
         ["ip", "netns", "exec", "x"], ["portmesh", "agent"], 255, 'exec of "portmesh" failed'
     )
@@ -632,9 +664,9 @@ def test_an_agents_unreadable_records_end_the_run_not_hang_it(faulted_lab, tmp_p
         "die = lambda: ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL\n"
         f"p = subprocess.Popen({AGENT_CMD.split()!r}, stdout=subprocess.PIPE, preexec_fn=die)\n"
         "for line in iter(p.stdout.readline, b''):\n"
-        f"    if me == {a.ns!r} and line.startswith(b'{{\"type\":\"done\"'):\n"
+        f'    if me == {a.ns!r} and line.startswith(b\'{{"type":"done"\'):\n'
         "        line = orjson.dumps({**orjson.loads(line), 'tally_groups': 5}) + b'\\n'\n"
-        f"    if me == {b.ns!r} and line.startswith(b'{{\"type\":\"result\"'):\n"
+        f'    if me == {b.ns!r} and line.startswith(b\'{{"type":"result"\'):\n'
         "        line = orjson.dumps({**orjson.loads(line), 'req': ['x']}) + b'\\n'\n"
         "    os.write(1, line)\n"
         "sys.exit(p.wait())\n"

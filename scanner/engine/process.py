@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from zlib import crc32
 
 from scanner.core.flows import Flow
@@ -55,6 +55,16 @@ class RunSpec:
     # "failures": a passing flow (verdict pass) is counted in a tally record instead of
     # written (scanner.core.tally); on_record sees only the lines that are written
     emit: str = "all"
+    # a mesh agent's passing results under emit "all" (scanner.mesh.wire.PassBlocks): added
+    # here instead of written one by one; ``take()`` is written when ``add`` says the block
+    # is full and at every flush. Only with workers=1, on_record None and only None
+    passes: PassSink | None = None
+
+
+class PassSink(Protocol):
+    def add(self, r: Result) -> bool: ...
+
+    def take(self) -> bytes: ...
 
 
 @dataclass
@@ -135,11 +145,18 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
     annotate = spec.annotate
     on_record = None if shard else spec.on_record
     tallies = Tallies() if spec.emit == "failures" else None
+    passes = spec.passes if tallies is None else None
+    if passes is not None and (shard or only is not None or on_record is not None):
+        raise ValueError("RunSpec.passes needs one process, no --only and no on_record")
 
     def flush() -> None:
         if pending:
             out.write(encode_results(pending, scan_id))
             pending.clear()
+        if passes is not None:
+            block = passes.take()
+            if block:
+                out.write(block)
         out.flush()
 
     def emit(r: Result) -> None:
@@ -148,6 +165,10 @@ async def _run(spec: RunSpec, shard: bool = False) -> RunOutcome:
         if tallies is not None and r.verdict == "pass":
             f = r.flow
             tallies.add(f.src_host, f.src, f.host, f.dst, f.req, f.proto, f.port, r.state, f.af)
+            return
+        if passes is not None and r.verdict == "pass":
+            if passes.add(r):
+                out.write(passes.take())
             return
         if on_record is not None:
             on_record(result_dict(r, scan_id))

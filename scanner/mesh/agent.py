@@ -1,4 +1,4 @@
-"""The mesh agent: ``portmesh agent``, NDJSON control over stdin/stdout (protocol version 2).
+"""The mesh agent: ``portmesh agent``, NDJSON control over stdin/stdout (protocol version 3).
 
 The coordinator starts one agent per host over its exec channel (ssh, ``ip netns exec``...) and
 talks to it with one JSON object per line; the agent opens no port for control. The protocol,
@@ -20,7 +20,9 @@ a missing or mistyped field, a message out of order - is answered with
 Result lines are exactly the runner's result records (with ``req`` and ``verdict``, as in
 ``check``), plus ``i``: the flow's index in the agent's own plan, so a coordinator that loses
 the agent knows which flows are still owed a result (it keeps a sliding window, not a set of
-flows). The agent plans its own slice - ``plan()`` with ``sources={name}`` over the site and
+flows). Passing results travel in blocks (``wire.PassBlocks``: a header with their indexes and
+what the coordinator folds, then the lines without ``i``); with ``--emit failures`` they are
+tallied instead. The agent plans its own slice - ``plan()`` with ``sources={name}`` over the site and
 catalog the coordinator sends - so the coordinator never materialises or ships a flow.
 
 The responder runs as a child process (``python -m scanner.mesh.agent --responder``): it gets a
@@ -64,7 +66,8 @@ from scanner.mesh.wire import (  # noqa: F401 - site_from_wire/site_to_wire: the
     site_to_wire,
 )
 
-PROTOCOL_VERSION = 2  # 2: --emit failures tallies in columns (wire.TallyGroups)
+PROTOCOL_VERSION = 3  # 2: --emit failures tallies in columns (wire.TallyGroups); 3: passing
+# results in blocks (wire.PassBlocks)
 STOP_DRAIN = 300.0  # on stop, wait this long for in-flight probes before exiting anyway
 MAX_LINE = 64 << 20  # a control line longer than this is refused (a 1,000-host site is ~0.5 MB)
 

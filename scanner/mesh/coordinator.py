@@ -62,7 +62,7 @@ from scanner.mesh.launch import (
     unique_hosts,
     unsure_ports,
 )
-from scanner.mesh.link import AgentFailed, AgentLink, Window
+from scanner.mesh.link import AgentFailed, AgentLink, Window, loads_or_none
 from scanner.mesh.pairs import SPARSE, V6_KEY, PairJoin
 from scanner.mesh.summary import Matrix, human, progress
 from scanner.plan.planner import plan, plan_meta
@@ -105,6 +105,41 @@ def _group_entries(g: Any) -> list[Any]:
         ]
     except (TypeError, ValueError, AttributeError):
         return []
+
+
+def _runs_ok(runs: Any, n: int) -> bool:
+    """Are a block's runs [start, length, ...] of plan indexes n indexes in all?"""
+    if runs.__class__ is not list or len(runs) % 2:
+        return False
+    total = 0
+    for j in range(0, len(runs), 2):
+        a, k = runs[j], runs[j + 1]
+        if a.__class__ is not int or k.__class__ is not int or a < 0 or k < 1:
+            return False
+        total += k
+    return total == n
+
+
+def _block_groups_ok(groups: list[Any], n: int) -> bool:
+    """Is every group [req, proto, af, src, src_host, state, port, [host, dst, ...]] of the
+    types the fold takes, and do the groups hold exactly n lines?"""
+    total = 0
+    for g in groups:
+        if g.__class__ is not list or len(g) != 8:
+            return False
+        req, proto, af, src, src_host, state, port, pairs = g
+        if (
+            af not in ("ipv4", "ipv6")
+            or state.__class__ is not str
+            or not (port is None or (port.__class__ is int and 0 <= port <= 65535))
+            or pairs.__class__ is not list
+            or len(pairs) % 2
+            or not set(map(type, pairs)) <= {str}
+            or not all(x is None or x.__class__ is str for x in (req, proto, src, src_host))
+        ):
+            return False
+        total += len(pairs) // 2
+    return total == n
 
 
 # ---- the mesh -------------------------------------------------------------------------------
@@ -203,7 +238,7 @@ class Mesh:
             if i.__class__ is int:
                 if got is not None:
                     got.append(i)
-                elif i == window.low and not window.above:
+                elif i == window.low and not window.starts:
                     window.low = i + 1  # in order: the common case
                 elif not window.add(i):
                     continue  # a duplicate line: every flow has exactly one result
@@ -255,6 +290,99 @@ class Mesh:
             self.results += folded
             vs = self.matrix.verdicts
             vs["pass"] = vs.get("pass", 0) + folded
+
+    def on_passes(self, link: AgentLink, head: dict[str, Any], lines: list[bytes]) -> None:
+        """A block of an agent's passing results (wire.PassBlocks): its header and its lines,
+        unread. The header's runs claim the lines' plan indexes in the window, its groups are
+        folded into the pair join as ``on_results`` folds one line each, and the lines are
+        forwarded as they came. A block that cannot be taken so (``--only``, the agent's host
+        outside the join, an index already seen, a header or a first line that does not hold
+        what a block must) goes line by line through ``on_results`` with its indexes put back:
+        the plain path, which reads every line."""
+        if link.failed is not None:
+            return
+        n = len(lines)
+        runs = head.get("i")
+        if not _runs_ok(runs, n):
+            raise ValueError("a block of passing results whose indexes do not match its lines")
+        groups = head.get("groups")
+        why = head.get("why")
+        first = loads_or_none(lines[0]) if lines else None
+        if (
+            link.jidx is None
+            or self.cfg.only is not None
+            or link.got is not None
+            or groups.__class__ is not list
+            or why.__class__ is not dict
+            or first.__class__ is not dict
+            or first.get("type") != "result"
+            or first.get("verdict") != "pass"
+            or "i" in first
+            or not _block_groups_ok(groups, n)
+            or not link.window.claim(runs)
+        ):
+            self._block_lines(link, lines, runs)
+            return
+        join = self.join
+        row = link.jidx * join.n
+        reqs, index, step = join.reqs, join.index, join.states.step
+        states = self.states
+        name, addr, addr6 = link.name, link.host.address, link.host.address6
+        folded = 0
+        for req, proto, af, src, src_host, state, port, pairs in groups:
+            npairs = len(pairs) // 2
+            states[state] = states.get(state, 0) + npairs
+            if src != addr and src is not None and src != addr6:
+                for j in range(1, len(pairs), 2):
+                    if pairs[j] != src:
+                        self.moved.setdefault(name, set()).add(src)
+                        break
+            tbl = None
+            if src_host == name and req.__class__ is str:
+                tbl = reqs.get(req + V6_KEY if af == "ipv6" else req)
+            memo: dict[int, int] = {}  # the port set's state before -> after this port
+            for j in range(0, len(pairs), 2):
+                host = pairs[j]
+                d = index.get(host) if tbl is not None else None
+                if d is not None:
+                    k = row + d
+                    sid = tbl.sig[k] or 1  # type: ignore[union-attr]
+                    if sid != SPARSE:
+                        tbl.passed[k] += 1  # type: ignore[union-attr]
+                        to = memo.get(sid)
+                        if to is None:
+                            to = memo[sid] = step(sid, port)
+                        tbl.sig[k] = to  # type: ignore[union-attr]
+                    else:  # a direction with a failure: Direction.add of a pass
+                        dd = tbl.sparse[k]  # type: ignore[union-attr]
+                        dd.ports.add(port)
+                        dd.passed += 1
+                    folded += 1
+                    continue
+                rec = {
+                    "type": "result", "src": src, "dst": pairs[j + 1], "af": af, "host": host,
+                    "proto": proto, "port": port, "state": state, "src_host": src_host,
+                    "req": req, "verdict": "pass",
+                }  # fmt: skip
+                self.matrix.add(rec, join.add(rec))
+        self.tokens.token += int(why.get("responder", 0))
+        self.tokens.synack += int(why.get("syn-ack", 0))
+        link.results += n
+        self.results += n
+        if folded:
+            vs = self.matrix.verdicts
+            vs["pass"] = vs.get("pass", 0) + folded
+        self.out.write(b"\n".join(lines) + b"\n")
+
+    def _block_lines(self, link: AgentLink, lines: list[bytes], runs: list[int]) -> None:
+        """A block's lines one by one, as result lines with their plan indexes."""
+        idx = [i for j in range(0, len(runs), 2) for i in range(runs[j], runs[j] + runs[j + 1])]
+        with_i = [
+            line[:-1] + b',"i":%d}' % i if line.endswith(b"}") else line
+            for line, i in zip(lines, idx, strict=True)
+        ]
+        recs = [loads_or_none(x) for x in with_i]
+        self.on_results(link, recs, with_i)
 
     def on_tally_groups(self, link: AgentLink, groups: list[Any]) -> None:
         """An agent's tally records (inside its ``done``, in columns: wire.TallyGroups): fold,

@@ -11,35 +11,90 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from array import array
+from bisect import bisect_right
 from collections import deque
 from typing import Any
 
 import orjson
 
 from scanner.mesh import transport
+from scanner.mesh.wire import PassBlocks
+
+PASSES_HEAD = PassBlocks.HEAD
+MAX_BLOCK = 1 << 16  # lines in one block of passing results (an agent sends 512)
 
 
 class Window:
-    """Which plan indexes got a result: everything below ``low``, plus the set above it."""
+    """Which plan indexes got a result: everything below ``low``, plus the runs above it
+    (``starts[j]`` up to ``ends[j]``, exclusive; sorted, disjoint, never touching). Runs, not
+    single indexes: a block of passing results (wire.PassBlocks) marks ~500 at once, and an
+    agent's results arrive nearly in plan order, so there are about as many runs as probes
+    still in flight."""
 
-    __slots__ = ("low", "above")
+    __slots__ = ("low", "starts", "ends")
 
     def __init__(self) -> None:
         self.low = 0
-        self.above: set[int] = set()
+        self.starts: list[int] = []
+        self.ends: list[int] = []
 
     def add(self, i: int) -> bool:
         """Mark i; False if it was already marked (a duplicate)."""
-        if i < self.low or i in self.above:
+        if i == self.low and not self.starts:
+            self.low = i + 1
+            return True
+        return self.add_run(i, i + 1)
+
+    def add_run(self, a: int, b: int) -> bool:
+        """Mark a..b-1 (a < b); False, and nothing marked, if one of them was marked."""
+        if a < self.low:
             return False
-        self.above.add(i)
-        while self.low in self.above:
-            self.above.discard(self.low)
-            self.low += 1
+        starts, ends = self.starts, self.ends
+        j = bisect_right(starts, a)  # the runs before j start at or below a
+        if (j and ends[j - 1] > a) or (j < len(starts) and starts[j] < b):
+            return False
+        if j and ends[j - 1] == a:  # joins the run before
+            j -= 1
+            if j + 1 < len(starts) and starts[j + 1] == b:  # and the one after
+                ends[j] = ends[j + 1]
+                del starts[j + 1], ends[j + 1]
+            else:
+                ends[j] = b
+        elif j < len(starts) and starts[j] == b:  # joins the run after
+            starts[j] = a
+        else:
+            starts.insert(j, a)
+            ends.insert(j, b)
+        if starts[0] == self.low:
+            self.low = ends[0]
+            del starts[0], ends[0]
+        return True
+
+    def claim(self, runs: list[int]) -> bool:
+        """Mark the runs [start, length, start, length, ...] (valid: lengths >= 1), all of
+        them, or none when one index is marked already or two runs overlap."""
+        if len(runs) == 2 and runs[0] == self.low and not self.starts:
+            self.low += runs[1]  # in order, contiguous: the common case
+            return True
+        spans = sorted((runs[j], runs[j] + runs[j + 1]) for j in range(0, len(runs), 2))
+        for (_, b), (a2, _) in zip(spans, spans[1:], strict=False):
+            if a2 < b:
+                return False
+        for a, b in spans:
+            if a < self.low or (a in self) or (b - 1 in self):
+                return False
+            k = bisect_right(self.starts, a)
+            if k < len(self.starts) and self.starts[k] < b:
+                return False  # a marked run inside a..b
+        for a, b in spans:
+            self.add_run(a, b)
         return True
 
     def __contains__(self, i: int) -> bool:
-        return i < self.low or i in self.above
+        if i < self.low:
+            return True
+        j = bisect_right(self.starts, i)
+        return bool(j) and i < self.ends[j - 1]
 
 
 # ---- one agent ------------------------------------------------------------------------------
@@ -63,6 +118,11 @@ class AgentLink:
         self.jidx: int | None = mesh.join.index.get(self.name)  # this host in the pair join
         self.results = 0
         self.garbage = 0  # stdout lines that were not one JSON record (said at the end)
+        # a block of passing results being gathered (wire.PassBlocks): its header, its lines
+        # so far and how many are still to come
+        self.block_head: dict[str, Any] | None = None
+        self.block_lines: list[bytes] = []
+        self.block_left = 0
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
         self.stderr: deque[str] = deque(maxlen=8)
@@ -164,7 +224,38 @@ class AgentLink:
             self.eof.set_result(f"the agent exited with status {code}{tail}")
 
     def feed(self, lines: list[bytes]) -> None:
-        """Complete lines of this agent's stdout (one read's worth, ~200 result lines)."""
+        """Complete lines of this agent's stdout (one read's worth, ~200 result lines): its
+        records, parsed, and the lines of its blocks of passing results (wire.PassBlocks),
+        gathered unread until the block is whole (an agent that ends inside a block owes
+        those flows)."""
+        head = PASSES_HEAD
+        pos, end = 0, len(lines)
+        while pos < end:
+            if self.block_left:
+                take = lines[pos : pos + self.block_left]
+                pos += len(take)
+                self.block_left -= len(take)
+                self.block_lines += take
+                if not self.block_left:
+                    blk, got = self.block_head, self.block_lines
+                    self.block_head, self.block_lines = None, []
+                    self.mesh.on_passes(self, blk, got)
+                continue
+            j = pos
+            while j < end and not lines[j].startswith(head):
+                j += 1
+            if j > pos:
+                self._records(lines if j - pos == end else lines[pos:j])
+            if j < end:
+                blk = loads_or_none(lines[j])
+                n = blk.get("n") if blk.__class__ is dict else None
+                if n.__class__ is not int or not 0 < n <= MAX_BLOCK:
+                    raise ValueError(f"a block of passing results with n={n!r:.40}")
+                self.block_head, self.block_left = blk, n
+                j += 1
+            pos = j
+
+    def _records(self, lines: list[bytes]) -> None:
         try:
             # one parse for the whole read: a third less CPU than a parse per line. Lines that
             # are not one JSON value each fail it or change the count: then line by line

@@ -19,7 +19,7 @@ from scanner.engine.check import route_sources
 from scanner.engine.engine import EngineConfig
 from scanner.engine.runner import RunSpec, run
 from scanner.errors import ScannerError
-from scanner.mesh.wire import Channel, ProtocolError, _unbound_in, _want, site_from_wire
+from scanner.mesh.wire import Channel, PassBlocks, ProtocolError, _unbound_in, _want, site_from_wire
 from scanner.plan.planner import count_plan, legs, plan
 from scanner.plan.selection import Selection
 from scanner.probes.base import ProbeOptions
@@ -305,5 +305,6 @@ def probe_slice(
             loop=loop_kind,
             workers=1,  # a fork would inherit the control channel; one loop per agent
             emit=emit,
+            passes=PassBlocks(scan_id) if emit == "all" else None,
         )
     )
