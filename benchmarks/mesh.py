@@ -21,6 +21,15 @@ The steady state (2 hosts, the full NodePort range) is measured twice, alternate
 both agents sweeping at once (as ``portmesh mesh`` does; here they share the two cores with
 each other and the coordinator), and ONE agent sweeping alone: the same mesh with its agents
 probing one after the other (``_OneAtATime``), so that the other host only answers.
+
+``--floor`` (with ``--steady-only``) adds the physical floor of that figure, alternated with the
+mesh runs: benchmarks/floor_syn.c (compiled with the system's cc) run inside one host of a
+2-host lab whose hosts hold responders on the same ports as the mesh's, sweeping its peer's
+NodePort range (2,768 SYNs), one host alone and both hosts at once (each sweeping the other,
+started together), with one ``sendto`` per SYN and with ``sendmmsg`` batches; its rate per
+host is its 2,768 answers over the span from its first send to its last answer (the mesh's
+figure spans its first to its last result; the floor's first-to-last-answer rate is printed
+too), median over the hosts of a run, then over the runs, as for the agents.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -123,6 +133,84 @@ def _one_mesh(n: int, sample: int | None, tmp: Path) -> dict:
     }
 
 
+FLOOR_BATCH = 64  # SYNs per sendmmsg in the floor's batched variant
+
+
+def floor_lab() -> tuple[Lab, str]:
+    """A 2-host lab with responders on every port the mesh's plan probes (as the mesh's
+    agents hold them), and floor_syn.c compiled (benchmarks/run.py's build_floor)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import build_floor
+
+    from scanner.lab.lab import start_responders
+
+    exe = build_floor()
+    if exe is None:
+        raise SystemExit("benchmarks/mesh.py --floor: no C compiler (cc, gcc, clang) or it failed")
+    lab = Lab.up(2, f"bf{os.getpid() % 10000}")
+    try:
+        write_inventory(lab)
+        (lab.state_dir() / "secret").write_text("floor\n")
+        start_responders(lab, ttl=3600, selection=SelectionOptions(with_features=("metallb",)))
+    except BaseException:
+        lab.down()
+        raise
+    return lab, exe
+
+
+FLOOR_LINE = re.compile(
+    rb"floor_syn: (\d+) flows, (\d+) answered, .*first send to last answer ([\d.]+) ms, "
+    rb"first to last answer ([\d.]+) ms, cpu user ([\d.]+) ms sys ([\d.]+) ms"
+)
+
+
+def floor_figures(out: bytes, err: bytes) -> tuple[float, float, float] | None:
+    """One ``floor_syn -t`` sweep's flows/s from its first send to its last answer, from its
+    first to its last answer, and its CPU (user + sys) in microseconds per flow; None unless
+    every port answered open (the peer's NodePorts all listen)."""
+    m = FLOOR_LINE.search(err)
+    if not m or int(m[2]) != int(m[1]) or out.count(b" open\n") != int(m[1]):
+        return None
+    n = int(m[1])
+    return (
+        n / max(float(m[3]), 0.001) * 1e3,
+        n / max(float(m[4]), 0.001) * 1e3,
+        (float(m[5]) + float(m[6])) * 1e3 / n,
+    )
+
+
+def floor_sweeps(
+    lab: Lab, exe: str, both: bool, batch: int = 1
+) -> tuple[float, float, float] | None:
+    """floor_syn in node1 against node2 and in node2 against node1, one after the other or
+    both at once (started together with -S); the median over the hosts of floor_figures, or
+    None if a sweep was not exact."""
+    import subprocess
+
+    a, b = lab.hosts
+    start = time.time() + 0.3 if both else 0.0
+    argv = [exe, "-t", "-m", str(batch), "-S", f"{start:.6f}", "-p", "30000-32767"]
+    procs, done = [], []
+    for src, dst in ((a, b), (b, a)):
+        p = subprocess.Popen(
+            [*lab.netns_argv(src.name), *argv, dst.addr],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(p)
+        if not both:  # the next sweep starts after this one's end
+            done.append((p, *p.communicate()))
+    done += [(p, *p.communicate()) for p in procs[len(done) :]]
+    figs = []
+    for p, out, err in done:
+        f = floor_figures(out, err) if p.returncode == 0 else None
+        if f is None:
+            print(f"  floor sweep not exact (exit {p.returncode}): {err.decode()[-200:]}")
+            return None
+        figs.append(f)
+    return tuple(statistics.median(f[i] for f in figs) for i in range(3))  # type: ignore[return-value]
+
+
 def _load() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -202,6 +290,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sample", type=int, default=16)
     ap.add_argument("--steady-only", action="store_true", help="only the 2-host full-range run")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="with --steady-only: the C floor (floor_syn.c) on a pair beside the agents' figure",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("benchmarks/mesh.py builds labs: run it as root", file=sys.stderr)
@@ -230,10 +323,23 @@ def main() -> int:
     # machine's load falls on both; on this machine both agents (and the coordinator) share
     # the cores when they sweep at once, as they would not on hosts of their own
     runs, alone = [], []
+    floors: dict[str, list] = {}
+    print(f"load at start {_load()}")
     with tempfile.TemporaryDirectory() as d:
-        for _ in range(args.repeat):
-            runs.append(one_mesh(2, None, Path(d)))
-            alone.append(one_mesh(2, None, Path(d), alone=True))
+        fl = floor_lab() if args.floor else None
+        try:
+            for _ in range(args.repeat):
+                runs.append(one_mesh(2, None, Path(d)))
+                alone.append(one_mesh(2, None, Path(d), alone=True))
+                if fl is not None:
+                    for both in (True, False):
+                        for batch in (1, FLOOR_BATCH):
+                            key = f"{'both' if both else 'alone'}-{batch}"
+                            floors.setdefault(key, []).append(floor_sweeps(*fl, both, batch))
+        finally:
+            if fl is not None:
+                fl[0].down()
+                Path(fl[1]).unlink(missing_ok=True)
     steady = statistics.median(r["agent_rate"] for r in runs)
     fails = max(r["fail"] for r in runs + alone)
     print(f"steady state: 2 hosts, full NodePort range, {runs[0]['planned']} flows: "
@@ -247,7 +353,28 @@ def main() -> int:
           f"other, the other host only answering)")  # fmt: skip
     each = ", ".join(f"{r['nodeport_rate']:,.0f}" for r in runs)
     each_alone = ", ".join(f"{r['nodeport_rate']:,.0f}" for r in alone)
-    print(f"  per run, both at once: {each}; alone: {each_alone}")
+    print(f"  per run, both at once: {each}; alone: {each_alone}; load {_load()}")
+    meds = {}
+    for key, got in floors.items():
+        ok = [g for g in got if g is not None]
+        both, batch = key.split("-")
+        how = "one sendto per SYN" if batch == "1" else f"sendmmsg, {batch} SYNs per call"
+        who = "both hosts at once" if both == "both" else "one host alone"
+        if not ok:
+            print(f"C floor, {who}, {how}: no exact run")
+            continue
+        meds[key] = [statistics.median(g[i] for g in ok) for i in range(3)]
+        print(f"C floor (floor_syn.c, 2,768 SYNs at the peer's NodePorts), {who}, {how}: "
+              f"{meds[key][0]:,.0f} flows/s per host from first send to last answer "
+              f"({meds[key][1]:,.0f} first to last answer; CPU {meds[key][2]:.1f} us per flow), "
+              f"{len(ok)} of {len(got)} runs exact; per run: "
+              + ", ".join(f"{g[0]:,.0f}" if g else "-" for g in got))  # fmt: skip
+    if "both-1" in meds and "alone-1" in meds:
+        print(f"agents / C floor (one sendto per SYN): both at once {sweep:,.0f} / "
+              f"{meds['both-1'][0]:,.0f} = {sweep / meds['both-1'][0]:.2f}; alone {solo:,.0f} / "
+              f"{meds['alone-1'][0]:,.0f} = {solo / meds['alone-1'][0]:.2f}")  # fmt: skip
+    if floors:
+        print(f"load at end {_load()}")
     if args.steady_only:
         return 0
     rates = {2: steady}
