@@ -11,7 +11,10 @@ tallies and output are all the real code. The agents do not probe: they plan the
 with the real planner (``legs`` with ``sources={name}``) and answer every flow ``open``
 (responder), except a deterministic ``--fail-rate`` share answered ``filtered``
 (no-response): port p from host s to host d fails when (p + 7s + 13d) % (1/rate) == 0
-(ICMP-like port-less flows: (7s + 13d) % ...). With ``--emit failures`` the agents send the
+(ICMP-like port-less flows: (7s + 13d) % ...). With ``--emit all`` they send what a real agent
+sends (protocol 3): the failing results as lines with their index, the passing ones in blocks
+built by the agent's own ``wire.PassBlocks`` (``--lines``: every result as its own line, the
+coordinator's plain path, to compare the two). With ``--emit failures`` the agents send the
 failing lines and one tally per (destination, requirement) inside ``done`` (in the agent's
 columns, scanner.mesh.wire.TallyGroups), computed per
 (leg, destination) arithmetically, so a 2.8-billion-flow mesh is simulated without touching

@@ -246,13 +246,16 @@ class Mesh:
             elif why == "responder":
                 token += 1
             i = rec.pop("i", None)
-            if i.__class__ is int:
-                if got is not None:
-                    got.append(i)
-                elif i == window.low and not window.starts:
-                    window.low = i + 1  # in order: the common case
-                elif not window.add(i):
-                    continue  # a duplicate line: every flow has exactly one result
+            if i.__class__ is not int or i < 0:
+                # no plan index: no flow it can stand for (it would be owed again at the end)
+                link.garbage += 1
+                continue
+            if got is not None:
+                got.append(i)
+            elif i == window.low and not window.starts:
+                window.low = i + 1  # in order: the common case
+            elif not window.add(i):
+                continue  # a duplicate line: every flow has exactly one result
             link.results += 1
             src = get("src")
             if src != addr and src is not None and src != addr6 and src != get("dst"):
@@ -302,34 +305,43 @@ class Mesh:
             vs = self.matrix.verdicts
             vs["pass"] = vs.get("pass", 0) + folded
 
-    def on_passes(self, link: AgentLink, head: dict[str, Any], lines: bytes) -> None:
-        """A block of an agent's passing results (wire.PassBlocks): its header and its lines
-        (``head["bytes"]`` of them), unread. The header's runs claim the lines' plan indexes
-        in the window, its groups are folded into the pair join as ``on_results`` folds one
-        line each, and the lines are forwarded as they came. A block that cannot be taken so
-        (``--only``, the agent's host outside the join, an index already seen, a header or a
-        first line that does not hold what a block must) goes line by line through
-        ``on_results`` with its indexes put back: the plain path, which reads every line. A
-        block whose lines or indexes are not ``head["n"]`` fails the agent (ValueError)."""
+    def on_passes(
+        self, link: AgentLink, head: dict[str, Any], lines: bytes, exact: bool = True
+    ) -> None:
+        """A block of an agent's passing results (wire.PassBlocks): its header and its ``n``
+        lines, unread. The header's runs claim the lines' plan indexes in the window, its
+        groups are folded into the pair join as ``on_results`` folds one line each, and the
+        lines are forwarded as they came. A block that cannot be taken so (``exact`` False:
+        its bytes did not frame it; ``--only``; the agent's host outside the join; an index
+        already seen; a header or a first line that does not hold what a block must) goes
+        line by line through ``on_results`` with its indexes put back: the plain path, which
+        reads every line and counts a broken one (its flow owed). Without ``n`` indexes to
+        put back, every line of the block is such a broken line."""
         if link.failed is not None:
             return
         n = head.get("n")
         runs = head.get("i")
-        if not lines.endswith(b"\n") or lines.count(b"\n") != n or not _runs_ok(runs, n):
-            raise ValueError("a block of passing results whose lines or indexes are not its n")
+        if (
+            not lines.endswith(b"\n")
+            or n.__class__ is not int
+            or lines.count(b"\n") != n
+            or not _runs_ok(runs, n)
+        ):
+            link.garbage += lines.count(b"\n") + (not lines.endswith(b"\n"))
+            return
         groups = head.get("groups")
         why = head.get("why")
-        first = loads_or_none(lines[: lines.find(b"\n")])
+        first = loads_or_none(lines[: lines.find(b"\n")]) if exact else None
         if (
-            link.jidx is None
+            first.__class__ is not dict
+            or link.jidx is None
             or self.cfg.only is not None
             or link.got is not None
             or groups.__class__ is not list
             or why.__class__ is not dict
-            or first.__class__ is not dict
-            or first.get("type") != "result"
-            or first.get("verdict") != "pass"
-            or "i" in first
+            or first.get("type") != "result"  # type: ignore[union-attr]
+            or first.get("verdict") != "pass"  # type: ignore[union-attr]
+            or "i" in first  # type: ignore[operator]
             or not _block_groups_ok(groups, n)
             or not link.window.claim(runs)
         ):

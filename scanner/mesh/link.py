@@ -125,6 +125,7 @@ class AgentLink:
         self.block_head: dict[str, Any] | None = None
         self.block_parts: list[bytes] = []
         self.block_left = 0  # bytes
+        self.block_lines = 0  # lines, for a block whose bytes did not frame it
         self.planned = mesh.planned_by.get(self.name, 0)
         self.failed: str | None = None
         self.stderr: deque[str] = deque(maxlen=8)
@@ -228,19 +229,51 @@ class AgentLink:
     def feed(self, data: bytes) -> None:
         """Complete lines of this agent's stdout (one read's worth, ~200 result lines, ending
         with a newline): its records, parsed, and its blocks of passing results
-        (wire.PassBlocks), whose lines are gathered unread until the block is whole (an agent
-        that ends inside a block owes those flows)."""
+        (wire.PassBlocks), whose bytes are gathered unread until the block is whole (an agent
+        that ends inside a block owes those flows).
+
+        A block is framed by its header's byte count. When those bytes are not its ``n``
+        lines (something else wrote into the agent's stdout: a wrapper, a banner), the block
+        is its next ``n`` lines instead, each read on its own (``Mesh.on_passes`` with
+        ``exact=False``): a broken line is one flow owed, as outside a block. A header that
+        cannot be read is such a line too; the lines after it then carry no index and count
+        as broken lines (their flows owed), never as results."""
         pos, end = 0, len(data)
         while pos < end:
-            if self.block_left:
+            if self.block_left:  # a block's bytes, as its header counts them
                 take = data[pos : pos + self.block_left] if pos or self.block_left < end else data
                 pos += len(take)
                 self.block_left -= len(take)
                 self.block_parts.append(take)
-                if not self.block_left:
-                    blk, parts = self.block_head, self.block_parts
+                if self.block_left:
+                    continue
+                parts, self.block_parts = self.block_parts, []
+                lines = parts[0] if len(parts) == 1 else b"".join(parts)
+                blk = self.block_head
+                assert blk is not None
+                if lines.endswith(b"\n") and lines.count(b"\n") == blk["n"]:
+                    self.block_head = None
+                    self.mesh.on_passes(self, blk, lines)
+                else:  # not n lines: the block is the next n lines, counted from its start
+                    data = lines + data[pos:]
+                    pos, end = 0, len(data)
+                    self.block_lines = blk["n"]
+                continue
+            if self.block_lines:  # a block whose bytes did not frame it: its next n lines
+                q = pos
+                while self.block_lines and q < end:
+                    nl = data.find(b"\n", q)
+                    if nl < 0:
+                        q = end  # a line that goes on in the next read
+                        break
+                    q = nl + 1
+                    self.block_lines -= 1
+                self.block_parts.append(data[pos:q])
+                pos = q
+                if not self.block_lines:
+                    blk, lines = self.block_head, b"".join(self.block_parts)
                     self.block_head, self.block_parts = None, []
-                    self.mesh.on_passes(self, blk, parts[0] if len(parts) == 1 else b"".join(parts))
+                    self.mesh.on_passes(self, blk, lines, exact=False)
                 continue
             if data.startswith(PASSES_HEAD, pos):
                 h = pos
@@ -259,8 +292,9 @@ class AgentLink:
                     or not 0 < n <= MAX_BLOCK
                     or not n <= size <= MAX_BLOCK * MAX_BLOCK_LINE
                 ):
-                    raise ValueError(f"a block of passing results with n={n!r:.20}, bytes={size!r:.20}")
-                self.block_head, self.block_left = blk, size
+                    self.garbage += 1  # not a header that can frame a block: a broken line
+                else:
+                    self.block_head, self.block_left = blk, size
                 h = nl + 1
             pos = h
 
