@@ -294,7 +294,11 @@ def main() -> int:
         import mesh_sim
 
         return mesh_sim.main(sys.argv[1:])
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(
+        epilog="--simulate N [--sample K | --full] [--emit all|failures] [--fail-rate R] "
+        "[--lines] [-o FILE]: the real coordinator against N simulated agents, no lab "
+        "(benchmarks/mesh_sim.py; `--simulate 1 --help` lists its options)"
+    )
     ap.add_argument("--hosts", default="2,4,8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sample", type=int, default=16)
