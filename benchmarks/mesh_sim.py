@@ -23,7 +23,7 @@ every flow.
 Inventory: a synthetic kubespray cluster (3 control plane + etcd, the rest workers; calico +
 MetalLB), as ``benchmarks/mesh.py`` uses for its estimates. Output: the NDJSON goes to
 /dev/null (``-o FILE`` keeps it). Reported: the coordinator process's CPU time (user + sys),
-its wall time, its peak RSS (ru_maxrss), lines and pair records written.
+its wall time, its peak RSS (ru_maxrss), its exit code and the simulator's CPU time.
 """
 
 from __future__ import annotations
