@@ -153,6 +153,35 @@ def _block_groups_ok(groups: list[Any], n: int) -> bool:
     return total == n
 
 
+def _block_matches(head: dict[str, Any], lines: bytes, n: int) -> bool:
+    """Are a block's n lines, read one by one, exactly the lines its groups list (each one
+    passing result without ``i``, none missing, none twice)? Only then do their places give
+    their plan indexes when the block's bytes did not frame it."""
+    groups = head.get("groups")
+    if groups.__class__ is not list or not _block_groups_ok(groups, n):
+        return False
+    want: Counter[tuple[Any, ...]] = Counter()
+    for req, proto, af, src, src_host, state, port, pairs in groups:
+        for j in range(0, len(pairs), 2):
+            want[(req, proto, af, src, src_host, state, port, pairs[j], pairs[j + 1])] += 1
+    for line in lines[:-1].split(b"\n"):
+        r = loads_or_none(line)
+        if r.__class__ is not dict or r.get("type") != "result" or r.get("verdict") != "pass":
+            return False
+        if "i" in r:
+            return False
+        g = r.get
+        k = (g("req"), g("proto"), g("af"), g("src"), g("src_host"), g("state"), g("port"),
+             g("host"), g("dst"))  # fmt: skip
+        try:
+            if not want[k]:
+                return False
+        except TypeError:  # a value that cannot be a key: not a line of the groups
+            return False
+        want[k] -= 1
+    return True
+
+
 # ---- the mesh -------------------------------------------------------------------------------
 
 
@@ -328,6 +357,12 @@ class Mesh:
             or not _runs_ok(runs, n)
         ):
             link.garbage += lines.count(b"\n") + (not lines.endswith(b"\n"))
+            return
+        if not exact and not _block_matches(head, lines, n):
+            # its n lines are not its lines (a line written into the block by another
+            # writer): their places cannot tell their indexes, so none is counted, every
+            # flow of the block is owed and the lines after it carry no index (broken lines)
+            link.garbage += n
             return
         groups = head.get("groups")
         why = head.get("why")
