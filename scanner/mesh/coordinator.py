@@ -154,9 +154,11 @@ def _block_groups_ok(groups: list[Any], n: int) -> bool:
 
 
 def _block_matches(head: dict[str, Any], lines: bytes, n: int) -> bool:
-    """Are a block's n lines, read one by one, exactly the lines its groups list (each one
-    passing result without ``i``, none missing, none twice)? Only then do their places give
-    their plan indexes when the block's bytes did not frame it."""
+    """Do a block's n lines, read one by one, keep their places (their plan indexes) when its
+    bytes did not frame it? Each line must be one its groups list (a passing result without
+    ``i``, none twice) or a broken result line (a prefix written on it: it stays one flow,
+    owed). A line that is neither (a stray line written into the block, or the tail of a
+    line cut by one) shifts the lines after it off their places."""
     groups = head.get("groups")
     if groups.__class__ is not list or not _block_groups_ok(groups, n):
         return False
@@ -166,19 +168,16 @@ def _block_matches(head: dict[str, Any], lines: bytes, n: int) -> bool:
             want[(req, proto, af, src, src_host, state, port, pairs[j], pairs[j + 1])] += 1
     for line in lines[:-1].split(b"\n"):
         r = loads_or_none(line)
-        if r.__class__ is not dict or r.get("type") != "result" or r.get("verdict") != "pass":
+        if r.__class__ is dict and r.get("verdict") == "pass" and "i" not in r:
+            g = r.get
+            k = (g("req"), g("proto"), g("af"), g("src"), g("src_host"), g("state"),
+                 g("port"), g("host"), g("dst"))  # fmt: skip
+            with contextlib.suppress(TypeError):  # a value that cannot be a key
+                if want[k]:
+                    want[k] -= 1
+                    continue
+        if b'{"type":"result"' not in line:
             return False
-        if "i" in r:
-            return False
-        g = r.get
-        k = (g("req"), g("proto"), g("af"), g("src"), g("src_host"), g("state"), g("port"),
-             g("host"), g("dst"))  # fmt: skip
-        try:
-            if not want[k]:
-                return False
-        except TypeError:  # a value that cannot be a key: not a line of the groups
-            return False
-        want[k] -= 1
     return True
 
 
@@ -359,9 +358,9 @@ class Mesh:
             link.garbage += lines.count(b"\n") + (not lines.endswith(b"\n"))
             return
         if not exact and not _block_matches(head, lines, n):
-            # its n lines are not its lines (a line written into the block by another
-            # writer): their places cannot tell their indexes, so none is counted, every
-            # flow of the block is owed and the lines after it carry no index (broken lines)
+            # a line written into the block shifted its lines: their places cannot tell
+            # their indexes, so none is counted, every flow of the block is owed and the
+            # block's lines pushed out of it carry no index (broken lines)
             link.garbage += n
             return
         groups = head.get("groups")
