@@ -301,3 +301,21 @@ def test_a_line_written_into_a_block_never_gives_a_flow_two_lines_or_none(stray:
     assert link.failed is None
     lines = _owed_once(m, link, src)
     assert sum(x["verdict"] == "pass" for x in lines) == 20  # the first block is owed
+
+
+def test_a_stray_line_as_long_as_the_blocks_last_line_is_not_taken_for_it() -> None:
+    """A stray line written into a block that is exactly as long as the block's last line:
+    the header's byte count then frames n whole lines, one of them the stray one, and the
+    last real line falls out of the block. The block must not be taken whole (the stray line
+    forwarded as a result, the last flow's index claimed with no line for it)."""
+    rnd = random.Random(6)
+    m = _mesh()
+    src = m.join.names[0]
+    results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:30]
+    data = _agent_stream(results, 10, rnd, flushes=0).splitlines(keepends=True)
+    last = data[10]  # the first block's last line
+    data.insert(3, b"x" * (len(last) - 1) + b"\n")
+    link = _feed(m, src, b"".join(data), random.Random(1))
+    assert link.failed is None
+    lines = _owed_once(m, link, src)
+    assert sum(x["verdict"] == "pass" for x in lines) == 20  # the first block is owed
