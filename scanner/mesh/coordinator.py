@@ -39,7 +39,7 @@ from scanner.core.model import natural_key
 from scanner.core.privileges import raise_nofile
 from scanner.core.results import encode, iso_ts, new_scan_id, start_record, summary_record
 from scanner.core.tags import new_secret
-from scanner.core.tally import af_of
+from scanner.core.tally import af_of, parse_runs
 from scanner.engine.check import TokenWatch
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
@@ -482,6 +482,8 @@ class Mesh:
                 conv = {str(k): int(v) for k, v in st.items()}
                 flows = sum(conv.values())
                 ports = str(ports) if ports else None
+                if ports:
+                    parse_runs(ports)  # read when folded: an unreadable one counts nothing
                 tail = (
                     dumps(req) + b',"proto":' + dumps(proto) + b',"af":' + dumps(af)
                     + b',"flows":%d,"states":' % flows + dumps(conv)
