@@ -319,3 +319,31 @@ def test_a_stray_line_as_long_as_the_blocks_last_line_is_not_taken_for_it() -> N
     assert link.failed is None
     lines = _owed_once(m, link, src)
     assert sum(x["verdict"] == "pass" for x in lines) == 20  # the first block is owed
+
+
+@pytest.mark.parametrize("why", [{"responder": "x"}, {"syn-ack": None}, {"responder": [1]}])
+def test_a_block_whose_reasons_are_not_counts_is_never_claimed_and_lost(why: Any) -> None:
+    """A header whose ``why`` is not counts: read before the block's indexes are claimed
+    (it used to raise after the claim and the fold: the agent failed, and the block's flows
+    were neither written nor owed)."""
+    rnd = random.Random(6)
+    m = _mesh()
+    src = m.join.names[0]
+    results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:10]
+    data = _agent_stream(results, 10, rnd, flushes=0).splitlines(keepends=True)
+    head = orjson.loads(data[0])
+    head["why"] = why
+    data[0] = orjson.dumps(head) + b"\n"
+    host = next(h for h in m.hosts if h.name == src)
+
+    async def go() -> AgentLink:
+        link = AgentLink(m, host, (["sim"], ["agent"]))
+        try:
+            link.feed(b"".join(data))
+        except Exception as e:  # noqa: BLE001 - as AgentLink's reader: the agent fails
+            link._resolve_error(f"a record of the agent could not be read ({e!r:.200})")
+        return link
+
+    link = asyncio.run(go())
+    assert link.failed is None
+    _owed_once(m, link, src)

@@ -373,6 +373,8 @@ class Mesh:
             or link.got is not None
             or groups.__class__ is not list
             or why.__class__ is not dict
+            or why.get("responder", 0).__class__ is not int  # type: ignore[union-attr]
+            or why.get("syn-ack", 0).__class__ is not int  # type: ignore[union-attr]
             or first.get("type") != "result"  # type: ignore[union-attr]
             or first.get("verdict") != "pass"  # type: ignore[union-attr]
             or "i" in first  # type: ignore[operator]
@@ -423,8 +425,8 @@ class Mesh:
                     "req": req, "verdict": "pass",
                 }  # fmt: skip
                 self.matrix.add(rec, join.add(rec))
-        self.tokens.token += int(why.get("responder", 0))
-        self.tokens.synack += int(why.get("syn-ack", 0))
+        self.tokens.token += why.get("responder", 0)
+        self.tokens.synack += why.get("syn-ack", 0)
         link.results += n  # type: ignore[operator]
         self.results += n  # type: ignore[operator]
         if folded:
