@@ -229,28 +229,37 @@ def coordinator_ceiling(lines: int = 200_000) -> float:
     mesh = Mesh(MeshConfig(catalog, site, selection, output=devnull))
 
     class Link:
-        def __init__(self) -> None:
+        """What Mesh.on_results reads of an AgentLink: one per source, as in a real mesh."""
+
+        def __init__(self, host: Host) -> None:
             from scanner.mesh.coordinator import Window
 
             self.window = Window()
             self.got = None
-            self.jidx = None  # the general path (one link for every source here)
-            self.name = "-"
+            self.jidx = mesh.join.index.get(host.name)  # as AgentLink: the pair join's fast path
+            self.name = host.name
+            self.host = host
+            self.failed = None
+            self.garbage = 0
             self.results = 0
+            self.next = 0  # this source's next plan index
 
-    link = Link()
+    links = {h.name: Link(h) for h in hosts}
     raw = []
     for i in range(lines):
         s, d = hosts[i % 50], hosts[(i * 7 + 1) % 50]
+        link = links[s.name]
         rec = {
             "type": "result", "scan_id": "x", "ts": "2026-11-26T00:00:00.000Z",
             "src": s.address, "dst": d.address, "host": d.name, "proto": "tcp",
             "port": 30000 + i % 2768, "state": "open", "reason": "responder", "rtt_ms": 0.1,
-            "attempts": 1, "src_host": s.name, "req": "k8s.nodeport", "verdict": "pass", "i": i,
+            "attempts": 1, "src_host": s.name, "req": "k8s.nodeport", "verdict": "pass",
+            "i": link.next,
         }  # fmt: skip
-        raw.append(orjson.dumps(rec) + b"\n")
+        link.next += 1
+        raw.append((link, orjson.dumps(rec) + b"\n"))
     t0 = time.perf_counter()
-    for line in raw:
+    for link, line in raw:
         mesh.on_result(link, orjson.loads(line), line)  # type: ignore[arg-type]
     return lines / (time.perf_counter() - t0)
 
@@ -285,7 +294,11 @@ def main() -> int:
         import mesh_sim
 
         return mesh_sim.main(sys.argv[1:])
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(
+        epilog="--simulate N [--sample K | --full] [--emit all|failures] [--fail-rate R] "
+        "[--lines] [-o FILE]: the real coordinator against N simulated agents, no lab "
+        "(benchmarks/mesh_sim.py; `--simulate 1 --help` lists its options)"
+    )
     ap.add_argument("--hosts", default="2,4,8")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sample", type=int, default=16)
