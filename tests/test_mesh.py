@@ -494,12 +494,13 @@ def test_killed_coordinator_leaves_nothing_behind(make_lab, tmp_path: Path) -> N
 
 
 @pytest.mark.lab
-def test_sigint_stops_the_mesh_with_a_summary(make_lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_sigint_stops_the_mesh_with_a_summary(make_lab, tmp_path: Path, loop: str) -> None:
     lab = make_lab(hosts=3)
     inv = write_inventory(lab, tmp_path / "inv.yml")
     p = subprocess.Popen(
         [sys.executable, "-m", "scanner", "mesh", "-i", str(inv), "--exec", lab.exec_template(),
-         "--agent-cmd", AGENT_CMD, "--rate", "60", "--loop", "asyncio"],
+         "--agent-cmd", AGENT_CMD, "--rate", "60", "--loop", loop],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert p.stdout is not None

@@ -279,3 +279,71 @@ def test_a_header_that_lies_about_its_lines_is_read_line_by_line() -> None:
     pl = _feed(plain, src, b"\n".join(lines) + b"\n", rnd)
     assert _state(m, fl) == _state(plain, pl)
     assert m.matrix.verdicts.get("fail") == 10 and not m.matrix.verdicts.get("pass")
+
+
+@pytest.mark.parametrize("stray", [b"banner\n", b"{}\n", b"cut"])
+def test_a_line_written_into_a_block_never_gives_a_flow_two_lines_or_none(stray: bytes) -> None:
+    """Something writes a whole line of its own into the agent's stdout in the middle of a
+    block (another process on the same pipe: a block of ~150 KB is many pipe writes). The
+    block's bytes no longer frame it and its next n lines hold the stray line: the lines
+    after it must not take the plan index of the line before them (that flow would get its
+    pass and an owed unknown; the block's last flow, pushed out of it, no line at all)."""
+    rnd = random.Random(6)
+    m = _mesh()
+    src = m.join.names[0]
+    results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:30]
+    data = _agent_stream(results, 10, rnd, flushes=0).splitlines(keepends=True)
+    if stray == b"cut":  # a stray line written inside the third line: its tail is a line
+        data[3] = data[3][:40] + b"stray\n" + data[3][40:]
+    else:
+        data.insert(3, stray)  # before the first block's third line
+    link = _feed(m, src, b"".join(data), random.Random(1))
+    assert link.failed is None
+    lines = _owed_once(m, link, src)
+    assert sum(x["verdict"] == "pass" for x in lines) == 20  # the first block is owed
+
+
+def test_a_stray_line_as_long_as_the_blocks_last_line_is_not_taken_for_it() -> None:
+    """A stray line written into a block that is exactly as long as the block's last line:
+    the header's byte count then frames n whole lines, one of them the stray one, and the
+    last real line falls out of the block. The block must not be taken whole (the stray line
+    forwarded as a result, the last flow's index claimed with no line for it)."""
+    rnd = random.Random(6)
+    m = _mesh()
+    src = m.join.names[0]
+    results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:30]
+    data = _agent_stream(results, 10, rnd, flushes=0).splitlines(keepends=True)
+    last = data[10]  # the first block's last line
+    data.insert(3, b"x" * (len(last) - 1) + b"\n")
+    link = _feed(m, src, b"".join(data), random.Random(1))
+    assert link.failed is None
+    lines = _owed_once(m, link, src)
+    assert sum(x["verdict"] == "pass" for x in lines) == 20  # the first block is owed
+
+
+@pytest.mark.parametrize("why", [{"responder": "x"}, {"syn-ack": None}, {"responder": [1]}])
+def test_a_block_whose_reasons_are_not_counts_is_never_claimed_and_lost(why: Any) -> None:
+    """A header whose ``why`` is not counts: read before the block's indexes are claimed
+    (it used to raise after the claim and the fold: the agent failed, and the block's flows
+    were neither written nor owed)."""
+    rnd = random.Random(6)
+    m = _mesh()
+    src = m.join.names[0]
+    results = [r for r in _results(m, src, rnd) if r.verdict == "pass"][:10]
+    data = _agent_stream(results, 10, rnd, flushes=0).splitlines(keepends=True)
+    head = orjson.loads(data[0])
+    head["why"] = why
+    data[0] = orjson.dumps(head) + b"\n"
+    host = next(h for h in m.hosts if h.name == src)
+
+    async def go() -> AgentLink:
+        link = AgentLink(m, host, (["sim"], ["agent"]))
+        try:
+            link.feed(b"".join(data))
+        except Exception as e:  # noqa: BLE001 - as AgentLink's reader: the agent fails
+            link._resolve_error(f"a record of the agent could not be read ({e!r:.200})")
+        return link
+
+    link = asyncio.run(go())
+    assert link.failed is None
+    _owed_once(m, link, src)

@@ -199,3 +199,26 @@ def test_a_done_with_one_unreadable_group_fails_its_agent_with_nothing_counted()
     assert m.tallied == 0 and link.tallied == 0 and not m.states
     out = [orjson.loads(x) for x in b"".join(m.out.lines).splitlines()]  # type: ignore[attr-defined]
     assert [x["type"] for x in out] == ["host"] and out[0]["state"] == "unreachable"
+
+
+@pytest.mark.parametrize("ports", ["x", "1-2-3", "-5", "30000,x"])
+def test_a_group_whose_ports_cannot_be_read_counts_none_of_the_agents_tallies(ports: str) -> None:
+    """The ports of a group are read while it is folded (parse_runs): a group whose ports
+    text is not runs of ports must fail the agent before any group is counted or written,
+    as any other unreadable group (else the groups before it are written as tallies and
+    their flows owed again as unknown: two lines for one flow)."""
+    m = _mesh()
+    src, dst = m.join.names[0], m.join.names[1]
+    ok = ["k8s.nodeport", "tcp", "ipv4", "198.18.0.1", {"open": 3}, "30000-30002", [dst, "x"]]
+    bad = [*ok[:5], ports, [dst, "y"]]
+
+    async def go() -> AgentLink:
+        link = AgentLink(m, next(h for h in m.hosts if h.name == src), (["sim"], ["agent"]))
+        link.feed(orjson.dumps({"type": "done", "tally_groups": [ok, bad]}) + b"\n")
+        return link
+
+    link = asyncio.run(go())
+    assert link.failed is not None
+    assert m.tallied == 0 and link.tallied == 0 and not m.states
+    out = [orjson.loads(x) for x in b"".join(m.out.lines).splitlines()]  # type: ignore[attr-defined]
+    assert [x["type"] for x in out] == ["host"]

@@ -39,7 +39,7 @@ from scanner.core.model import natural_key
 from scanner.core.privileges import raise_nofile
 from scanner.core.results import encode, iso_ts, new_scan_id, start_record, summary_record
 from scanner.core.tags import new_secret
-from scanner.core.tally import af_of
+from scanner.core.tally import af_of, parse_runs
 from scanner.engine.check import TokenWatch
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
@@ -151,6 +151,34 @@ def _block_groups_ok(groups: list[Any], n: int) -> bool:
             return False
         total += len(pairs) // 2
     return total == n
+
+
+def _block_matches(head: dict[str, Any], lines: bytes, n: int) -> bool:
+    """Do a block's n lines, read one by one, keep their places (their plan indexes) when its
+    bytes did not frame it? Each line must be one its groups list (a passing result without
+    ``i``, none twice) or a broken result line (a prefix written on it: it stays one flow,
+    owed). A line that is neither (a stray line written into the block, or the tail of a
+    line cut by one) shifts the lines after it off their places."""
+    groups = head.get("groups")
+    if groups.__class__ is not list or not _block_groups_ok(groups, n):
+        return False
+    want: Counter[tuple[Any, ...]] = Counter()
+    for req, proto, af, src, src_host, state, port, pairs in groups:
+        for j in range(0, len(pairs), 2):
+            want[(req, proto, af, src, src_host, state, port, pairs[j], pairs[j + 1])] += 1
+    for line in lines[:-1].split(b"\n"):
+        r = loads_or_none(line)
+        if r.__class__ is dict and r.get("verdict") == "pass" and "i" not in r:
+            g = r.get
+            k = (g("req"), g("proto"), g("af"), g("src"), g("src_host"), g("state"),
+                 g("port"), g("host"), g("dst"))  # fmt: skip
+            with contextlib.suppress(TypeError):  # a value that cannot be a key
+                if want[k]:
+                    want[k] -= 1
+                    continue
+        if b'{"type":"result"' not in line:
+            return False
+    return True
 
 
 # ---- the mesh -------------------------------------------------------------------------------
@@ -329,6 +357,12 @@ class Mesh:
         ):
             link.garbage += lines.count(b"\n") + (not lines.endswith(b"\n"))
             return
+        if not exact and not _block_matches(head, lines, n):
+            # a line written into the block shifted its lines: their places cannot tell
+            # their indexes, so none is counted, every flow of the block is owed and the
+            # block's lines pushed out of it carry no index (broken lines)
+            link.garbage += n
+            return
         groups = head.get("groups")
         why = head.get("why")
         first = loads_or_none(lines[: lines.find(b"\n")]) if exact else None
@@ -339,6 +373,8 @@ class Mesh:
             or link.got is not None
             or groups.__class__ is not list
             or why.__class__ is not dict
+            or why.get("responder", 0).__class__ is not int  # type: ignore[union-attr]
+            or why.get("syn-ack", 0).__class__ is not int  # type: ignore[union-attr]
             or first.get("type") != "result"  # type: ignore[union-attr]
             or first.get("verdict") != "pass"  # type: ignore[union-attr]
             or "i" in first  # type: ignore[operator]
@@ -389,8 +425,8 @@ class Mesh:
                     "req": req, "verdict": "pass",
                 }  # fmt: skip
                 self.matrix.add(rec, join.add(rec))
-        self.tokens.token += int(why.get("responder", 0))
-        self.tokens.synack += int(why.get("syn-ack", 0))
+        self.tokens.token += why.get("responder", 0)
+        self.tokens.synack += why.get("syn-ack", 0)
         link.results += n  # type: ignore[operator]
         self.results += n  # type: ignore[operator]
         if folded:
@@ -448,6 +484,8 @@ class Mesh:
                 conv = {str(k): int(v) for k, v in st.items()}
                 flows = sum(conv.values())
                 ports = str(ports) if ports else None
+                if ports:
+                    parse_runs(ports)  # read when folded: an unreadable one counts nothing
                 tail = (
                     dumps(req) + b',"proto":' + dumps(proto) + b',"af":' + dumps(af)
                     + b',"flows":%d,"states":' % flows + dumps(conv)

@@ -22,6 +22,8 @@ from scanner.mesh.wire import PassBlocks
 
 PASSES_HEAD = PassBlocks.HEAD
 NL_PASSES_HEAD = b"\n" + PASSES_HEAD
+RESULT = b'{"type":"result",'  # how every line of a block starts (encode_results)
+NL_RESULT = b"\n" + RESULT
 MAX_BLOCK = 1 << 16  # lines in one block of passing results (an agent sends 512)
 MAX_BLOCK_LINE = 1 << 12  # bytes per line of a block, at most (a result line is ~300)
 
@@ -235,9 +237,9 @@ class AgentLink:
         A block is framed by its header's byte count. When those bytes are not its ``n``
         lines (something else wrote into the agent's stdout: a wrapper, a banner), the block
         is its next ``n`` lines instead, each read on its own (``Mesh.on_passes`` with
-        ``exact=False``): a broken line is one flow owed, as outside a block. A header that
-        cannot be read is such a line too; the lines after it then carry no index and count
-        as broken lines (their flows owed), never as results."""
+        ``exact=False``): a broken line is one flow owed, as outside a block; a line that is
+        none of the block's (a stray line that shifts the rest) owes every flow of the block. A header that cannot be read is a broken line; the lines after it then carry
+        no index and count as broken lines (their flows owed), never as results."""
         pos, end = 0, len(data)
         while pos < end:
             if self.block_left:  # a block's bytes, as its header counts them
@@ -251,13 +253,21 @@ class AgentLink:
                 lines = parts[0] if len(parts) == 1 else b"".join(parts)
                 blk = self.block_head
                 assert blk is not None
-                if lines.endswith(b"\n") and lines.count(b"\n") == blk["n"]:
+                n = blk["n"]
+                if (
+                    lines.endswith(b"\n")
+                    and lines.count(b"\n") == n
+                    # n lines, each a result line: not a stray line as long as the one it
+                    # pushed out of the block
+                    and lines.startswith(RESULT)
+                    and lines.count(NL_RESULT) == n - 1
+                ):
                     self.block_head = None
                     self.mesh.on_passes(self, blk, lines)
                 else:  # not n lines: the block is the next n lines, counted from its start
                     data = lines + data[pos:]
                     pos, end = 0, len(data)
-                    self.block_lines = blk["n"]
+                    self.block_lines = n
                 continue
             if self.block_lines:  # a block whose bytes did not frame it: its next n lines
                 q = pos
