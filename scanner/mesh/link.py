@@ -238,8 +238,9 @@ class AgentLink:
         lines (something else wrote into the agent's stdout: a wrapper, a banner), the block
         is its next ``n`` lines instead, each read on its own (``Mesh.on_passes`` with
         ``exact=False``): a broken line is one flow owed, as outside a block; a line that is
-        none of the block's (a stray line that shifts the rest) owes every flow of the block. A header that cannot be read is a broken line; the lines after it then carry
-        no index and count as broken lines (their flows owed), never as results."""
+        none of the block's (a stray line that shifts the rest) owes every flow of the block.
+        A header that cannot be read is a broken line; the lines after it then carry no index
+        and count as broken lines (their flows owed), never as results."""
         pos, end = 0, len(data)
         while pos < end:
             if self.block_left:  # a block's bytes, as its header counts them
