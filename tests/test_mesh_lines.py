@@ -1,4 +1,4 @@
-"""``transport.ndjson_lines``: lines split across reads come out whole, over-long lines are
+"""``transport.ndjson_chunks``: lines split across reads come out whole, over-long lines are
 dropped, and with a gate only that many long lines are gathered at once."""
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ async def _collect(data: bytes, chunk: int, limit: int, gated: bool) -> list[byt
     r.feed_data(data)
     r.feed_eof()
     out: list[bytes] = []
-    async for lines in transport.ndjson_lines(r, limit=limit, chunk=chunk, gate=gate):
-        out.extend(lines)
+    async for data in transport.ndjson_chunks(r, limit=limit, chunk=chunk, gate=gate):
+        assert data.endswith(b"\n") or not data  # complete lines only
+        out.extend(data[:-1].split(b"\n") if data else [])
     return out
 
 
 async def _reference(data: bytes, limit: int, chunk: int) -> list[bytes]:
-    """ndjson_lines before the gate (rest + data at every read): the behaviour to keep."""
+    """The line reader before the gate (rest + data at every read): the behaviour to keep."""
     stream = asyncio.StreamReader()
     stream.feed_data(data)
     stream.feed_eof()
@@ -97,7 +98,9 @@ def test_gate_bounds_long_lines_gathered_at_once() -> None:
 
             task = asyncio.create_task(feed())
             out = [
-                x async for lines in transport.ndjson_lines(r, chunk=100, gate=gate) for x in lines
+                x
+                async for data in transport.ndjson_chunks(r, chunk=100, gate=gate)
+                for x in data.splitlines()
             ]
             await task
             return out
@@ -118,7 +121,7 @@ def test_last_read_not_kept_while_waiting() -> None:
     async def main() -> None:
         r = asyncio.StreamReader()
         r.feed_data(b'{"type":"done"}\n')
-        gen = transport.ndjson_lines(r)
+        gen = transport.ndjson_chunks(r)
         lines = await gen.__anext__()
         nxt = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0)  # the generator now waits for its next read

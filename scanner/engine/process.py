@@ -88,6 +88,27 @@ def new_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def run_loop(kind: str, coro: Any) -> None:
+    """``asyncio.run`` on the loop ``--loop`` names (``new_loop``; asyncio.Runner's
+    loop_factory needs Python 3.11). The mesh coordinator runs on it: uvloop's transports read
+    1,000 agents' pipes for less CPU than asyncio's own."""
+    loop = new_loop(kind)
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
 def run_single(spec: RunSpec) -> RunOutcome:
     """The whole run in this process's own event loop."""
     loop = new_loop(spec.loop)

@@ -39,11 +39,11 @@ from scanner.core.model import natural_key
 from scanner.core.privileges import raise_nofile
 from scanner.core.results import encode, iso_ts, new_scan_id, start_record, summary_record
 from scanner.core.tags import new_secret
-from scanner.core.tally import af_of, parse_runs
+from scanner.core.tally import parse_runs
 from scanner.engine.check import TokenWatch
 from scanner.engine.neigh import REASON as NEIGH_FULL
 from scanner.engine.output import NdjsonOutput
-from scanner.engine.process import new_loop
+from scanner.engine.process import run_loop
 from scanner.errors import InputError
 from scanner.mesh import transport
 from scanner.mesh.agent import PROTOCOL_VERSION, site_to_wire
@@ -91,21 +91,6 @@ __all__ = [
 
 
 TALLY_CACHE = 1 << 14  # entries per cache of tally line parts (then that cache starts over)
-
-
-def _group_entries(g: Any) -> list[Any]:
-    """A tally group (wire.TallyGroups) the fast fold cannot take, as entries for
-    ``Mesh._tally_record`` ([host, dst, req, proto, flows, states, ports, src, af]); what cannot
-    be read at all is no entry: its flows stay owed."""
-    try:
-        req, proto, af, src, st, ports, pairs = g
-        flows = sum(st.values())
-        return [
-            [pairs[j], pairs[j + 1], req, proto, flows, st, ports, src, af]
-            for j in range(0, len(pairs) - 1, 2)
-        ]
-    except (TypeError, ValueError, AttributeError):
-        return []
 
 
 def _runs_ok(runs: Any, n: int) -> bool:
@@ -349,13 +334,9 @@ class Mesh:
             return
         n = head.get("n")
         runs = head.get("i")
-        if (
-            not lines.endswith(b"\n")
-            or n.__class__ is not int
-            or lines.count(b"\n") != n
-            or not _runs_ok(runs, n)
-        ):
-            link.garbage += lines.count(b"\n") + (not lines.endswith(b"\n"))
+        # its n lines as AgentLink.feed framed them (whole lines, counted there)
+        if n.__class__ is not int or not _runs_ok(runs, n):
+            link.garbage += lines.count(b"\n")
             return
         if not exact and not _block_matches(head, lines, n):
             # a line written into the block shifted its lines: their places cannot tell
@@ -457,7 +438,7 @@ class Mesh:
         ``Matrix.add_passes``. A group that cannot be read (a field of the wrong type) raises
         ValueError before any group is counted: the agent fails and every flow it sent no line
         for is owed (unknown), as no tally can tell which flows an unread group stood for.
-        (``_tally_record`` is the plain path, record by record: the tests' oracle.)"""
+        (tests/test_mesh_tallies.py checks this against a plain record-by-record fold.)"""
         join = self.join
         row = -1 if link.jidx is None else link.jidx * join.n
         reqs, index, step = join.reqs, join.index, join.states.tally_step
@@ -543,36 +524,6 @@ class Mesh:
         if folded:
             vs = self.matrix.verdicts
             vs["pass"] = vs.get("pass", 0) + folded
-
-    def _tally_record(self, link: AgentLink, t: Any) -> None:
-        """One tally entry as a record: fold, count, write it (or skip a malformed one)."""
-        try:
-            host, dst, req, proto, flows, states, ports, src = t[:8]
-            hash((host, dst, req, proto, src))  # keys of the pair join and the matrix
-            af = t[8] if len(t) > 8 and t[8] in ("ipv4", "ipv6") else af_of(dst)
-            rec: dict[str, Any] = {
-                "type": "tally",
-                "scan_id": self.scan_id,
-                "src_host": link.name,
-                "src": src,
-                "host": host,
-                "dst": dst,
-                "req": req,
-                "proto": proto,
-                "af": af,
-                "flows": int(flows),
-                "states": {str(k): int(v) for k, v in states.items()},
-            }
-        except (TypeError, ValueError, AttributeError):
-            return  # a malformed entry: its flows stay owed
-        if ports:
-            rec["ports"] = str(ports)
-        link.tallied += rec["flows"]
-        self.tallied += rec["flows"]
-        for k, v in rec["states"].items():
-            self.states[k] += v
-        self.matrix.add_passes(rec, rec["flows"], self.join.add_tally(rec))
-        self.out.record(rec)
 
     def emit(self, rec: dict[str, Any], raw: bytes | None = None) -> None:
         self.results += 1
@@ -903,26 +854,6 @@ def run_mesh(cfg: MeshConfig) -> int:
     if mesh.matrix.verdicts.get("fail", 0) or mesh.unreachable:
         return 1
     return 0
-
-
-def run_loop(kind: str, coro: Any) -> None:
-    """``asyncio.run`` on the loop ``--loop`` names (uvloop by default: its transports read
-    the agents' pipes for a third less CPU than asyncio's own at 1,000 agents)."""
-    loop = new_loop(kind)
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(coro)
-    finally:
-        try:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
 
 
 def flows_of(cfg: MeshConfig, name: str) -> Iterator[Any]:

@@ -54,7 +54,7 @@ READ_LIMIT = 64 << 20  # longest line read from an agent (a result line is ~300 
 # at twice the limit, plus one pipe read of at most 64 KiB): ~100 KiB x 1,000 agents, however
 # far behind the coordinator falls
 READ_BUFFER = 1 << 14
-LONG_LINES = 8  # lines longer than a read gathered at once (ndjson_lines' gate)
+LONG_LINES = 8  # lines longer than a read gathered at once (ndjson_chunks' gate)
 
 
 def check_template(template: str) -> list[str]:
@@ -240,17 +240,6 @@ async def ndjson_records(
             continue
         if isinstance(rec, dict):
             yield rec, line
-
-
-async def ndjson_lines(
-    stream: asyncio.StreamReader,
-    limit: int = READ_LIMIT,
-    chunk: int = 1 << 16,
-    gate: asyncio.Semaphore | None = None,
-) -> AsyncIterator[list[bytes]]:
-    """The complete lines of a child's stdout, a read at a time (``ndjson_chunks`` split)."""
-    async for data in ndjson_chunks(stream, limit, chunk, gate):
-        yield data[:-1].split(b"\n") if data else []
 
 
 async def ndjson_chunks(
