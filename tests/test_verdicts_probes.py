@@ -164,6 +164,27 @@ def test_self_connect_retry_gets_the_real_answer(make_lab) -> None:
         assert {r["reason"] for r in res} <= {"conn-refused", "self-connect"}, res
 
 
+@pytest.mark.lab
+def test_udp_to_its_own_source_port_is_closed_not_open(make_lab) -> None:
+    """The same for UDP: with a one-port ephemeral range the probe's socket gets the
+    destination port as its own, and its datagram comes back to it. Before: open/udp-response
+    on a port where nothing is bound. With two ports the other one is taken: the real answer
+    (the kernel's port unreachable), never open."""
+    lab = make_lab(hosts=1, host_link=False)
+    lab.run(
+        "node1", ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={SELF_PORT} {SELF_PORT}"],
+        check=True,
+    )  # fmt: skip
+    res = lab_scan(lab, "node1", "127.0.0.1", "-p", f"U:{SELF_PORT}")
+    assert [(r["state"], r["reason"]) for r in res] == [("closed", "self-connect")], res
+    lo, hi = SELF_PORT, SELF_PORT + 1
+    lab.run("node1", ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {hi}"], check=True)
+    for _ in range(3):
+        res = lab_scan(lab, "node1", "127.0.0.1", "-p", f"U:{lo}")
+        assert [r["state"] for r in res] == ["closed"], res
+        assert res[0]["reason"] in ("port-unreach", "self-connect"), res
+
+
 # ---- item 4: UDP pacing across shards -------------------------------------------------------
 
 

@@ -132,3 +132,20 @@ def local_address(addr: str) -> bool:
         _LOCAL.clear()
     _LOCAL[addr] = ok
     return ok
+
+
+# a socket connected to itself (the kernel picked the destination port as its own source port:
+# a local destination, in the ephemeral range, where nothing is bound) is made again this many
+# times before it is reported (closed/self-connect)
+SELF_CONNECT_TRIES = 3
+SELF_CONNECT = Outcome("closed", "self-connect")
+
+
+def self_connected(sock: socket.socket) -> bool:
+    """Is this connected socket its own peer? TCP "succeeds" by simultaneous open with itself
+    and a UDP datagram comes back to the sender: neither is a listener (the kernel never picks
+    a bound port), so neither is an open port."""
+    try:
+        return sock.getsockname()[:2] == sock.getpeername()[:2]
+    except OSError:
+        return False

@@ -37,7 +37,14 @@ from collections.abc import Callable
 
 from scanner.core.flows import Flow
 from scanner.core.tags import TOKEN_LEN, tcp_token
-from scanner.probes.base import Outcome, ProbeOptions, local_address
+from scanner.probes.base import (
+    SELF_CONNECT,
+    SELF_CONNECT_TRIES,
+    Outcome,
+    ProbeOptions,
+    local_address,
+    self_connected,
+)
 from scanner.probes.classify import (
     IP_RECVERR,
     IPV6_RECVERR,
@@ -74,8 +81,6 @@ _RECVERR_CMSG = ((_SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR))
 # ports into open/syn-ack (not ours), a false verdict. Only open ports that are not our
 # responder and never speak first wait this long (nmap's NULL probe waits 6 s for a banner).
 TOKEN_WAIT = 2.0
-# a self-connect is made again this many times before it is reported (closed/self-connect)
-SELF_CONNECT_TRIES = 3
 
 # errno -> (state, reason) for a connect that finished with an error
 _ERRORS: dict[int, tuple[str, str]] = {
@@ -117,7 +122,6 @@ RESOURCE_REASONS = frozenset(RESOURCE_ERRNOS.values())
 
 _OPEN = Outcome("open", "syn-ack")
 _SILENT = Outcome("filtered", "no-response", None, True)
-_SELF_CONNECT = Outcome("closed", "self-connect")
 
 
 def _done(fut: asyncio.Future, value: bool) -> None:
@@ -226,14 +230,14 @@ class TcpProber:
                     return _SILENT
         rtt = (time.perf_counter() - t0) * 1000.0
         if err == 0:
-            if sock.getsockname()[1] == flow.port and _self_connected(sock):
+            if sock.getsockname()[1] == flow.port and self_connected(sock):
                 # connected to itself (simultaneous open): nothing listens on that port; ask
                 # again from another source port for the real answer
                 sock.setsockopt(_SOL_SOCKET, _SO_LINGER, LINGER0)
                 sock.close()
                 if _try < SELF_CONNECT_TRIES:
                     return await self.probe(flow, timeout, _try + 1)
-                return _SELF_CONNECT
+                return SELF_CONNECT
             # The kernel's own SYN/SYN-ACK RTT: our loop's queueing delay is not in it, so the
             # adaptive timeouts follow the network, not how busy this process is. And whether
             # the kernel had to send the SYN again: an attempt that outlives the kernel's 1 s
@@ -298,13 +302,6 @@ class TcpProber:
                 break
             got += chunk
         return "responder" if got == want else "syn-ack"
-
-
-def _self_connected(sock: _socket.socket) -> bool:
-    try:
-        return sock.getsockname()[:2] == sock.getpeername()[:2]
-    except OSError:
-        return False
 
 
 def _queued_icmp(sock: _socket.socket, dst: str, rtt: float) -> Outcome | None:

@@ -47,6 +47,8 @@ from scanner.core.flows import Flow
 from scanner.probes import payloads
 from scanner.probes.base import (
     NO_RESPONSE_OPEN_FILTERED,
+    SELF_CONNECT,
+    SELF_CONNECT_TRIES,
     Outcome,
     ProbeOptions,
     clock_ns,
@@ -54,6 +56,7 @@ from scanner.probes.base import (
     local_address,
     receipt_ns,
     rtt_ms,
+    self_connected,
 )
 from scanner.probes.classify import (
     IP_RECVERR,
@@ -140,25 +143,26 @@ class UdpProber:
         loop = asyncio.get_running_loop()
         if flow.port is None:
             return Outcome("error", "no-port")
-        v6 = ":" in flow.dst
+        held: list[socket.socket] = []
         try:
-            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError as e:
-            return errno_outcome(e)
-        try:
-            sock.setblocking(False)
-            if v6:
-                sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+            for _ in range(SELF_CONNECT_TRIES):
+                sock = self._connected(flow)
+                if isinstance(sock, Outcome):
+                    # no other source port (a one-port ephemeral range, held by our own):
+                    # the kernel picked this port, so nothing is bound there
+                    return SELF_CONNECT if held else sock
+                if sock.getsockname()[1] != flow.port or not self_connected(sock):
+                    break
+                # its own port (a local destination where nothing is bound): our datagram
+                # would come back to us, a false open. Kept bound while the kernel picks
+                # another source port for the next socket
+                held.append(sock)
             else:
-                sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
-            enable_rx_stamps(sock)
-            if self.opts.source:
-                sock.bind((self.opts.source, 0))
-            sock.connect((flow.dst, flow.port))
-            src = sock.getsockname()[0]
-        except OSError as e:
-            sock.close()
-            return errno_outcome(e)
+                return SELF_CONNECT
+        finally:
+            for x in held:
+                x.close()
+        src = sock.getsockname()[0]
         nonce = payloads.new_nonce()
         data = self.payload(flow, tags.make_tag(self.secret, nonce), src)
         fut = loop.create_future()
@@ -179,6 +183,28 @@ class UdpProber:
                 timer.cancel()
             loop.remove_reader(fd)
             sock.close()
+
+    def _connected(self, flow: Flow) -> socket.socket | Outcome:
+        """A non-blocking datagram socket connected to the flow, reporting ICMP errors."""
+        v6 = ":" in flow.dst
+        try:
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as e:
+            return errno_outcome(e)
+        try:
+            sock.setblocking(False)
+            if v6:
+                sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+            enable_rx_stamps(sock)
+            if self.opts.source:
+                sock.bind((self.opts.source, 0))
+            sock.connect((flow.dst, flow.port))
+        except OSError as e:
+            sock.close()
+            return errno_outcome(e)
+        return sock
 
     def _expire(self, att: _Attempt) -> None:
         # the socket first: under load the timer can run before an answer already queued is
