@@ -41,6 +41,9 @@ class Result:
     ts: float = field(default_factory=time.time)
     verdict: str | None = None
     extra: dict[str, Any] | None = None
+    # the flow as planned, when the engine probed another: a host-name destination resolved
+    # to ``flow.dst`` (not serialised: the record says the address it probed and the host)
+    planned: Flow | None = None
 
 
 class _Clock:

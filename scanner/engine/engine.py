@@ -505,7 +505,13 @@ class Engine:
             if not addr:
                 self.stats.skipped["unresolved"] = self.stats.skipped.get("unresolved", 0) + 1
                 return Result(flow, "error", "unresolved", None, 0)
-            flow = dataclasses.replace(flow, dst=addr)
+            r = await self._probe_address(dataclasses.replace(flow, dst=addr), prober)
+            r.planned = flow  # a caller that keys its flows (a mesh agent's plan index) finds it
+            return r
+        return await self._probe_address(flow, prober)
+
+    async def _probe_address(self, flow: Flow, prober: object) -> Result:
+        """_probe_flow for a flow whose destination is an address."""
         if prober is None:
             key = flow.proto
             if ":" in flow.dst:

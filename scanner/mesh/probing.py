@@ -251,7 +251,9 @@ def probe_slice(
     result there gets ``held_verdict`` and a ``verdict_reason``; ``unsure`` likewise, the ports
     where nothing tells who holds them (``unsure_verdict``); ``silent``: (address, "udp") ->
     port -> holder, UDP ports held by a socket that ignores our datagram (``silent_verdict``)."""
-    inflight: dict[Any, int] = {}  # flow -> plan index, for the flows the engine holds
+    # id(flow) -> (plan index, flow), for the flows the engine holds (by identity: a hash of
+    # the flow's fields per flow is a sweep's hot path; the flow is held so its id stays its own)
+    inflight: dict[int, tuple[int, Any]] = {}
     held = unbound or {}
     doubt = unsure or {}
     quiet = silent or {}
@@ -265,20 +267,28 @@ def probe_slice(
         )
     )
 
+    any_marked = bool(held or doubt or quiet)
+    verdicts: dict[tuple[str, str], str] = {}
+
     def flows() -> Iterator[Any]:
         for i, f in enumerate(plan(catalog, site, selection)):
-            inflight[f] = i
+            inflight[id(f)] = (i, f)
             yield f
 
     def annotate(r: Result) -> None:
         f = r.flow
-        r.verdict = verdict(f.proto, r.state, expect, True)
-        i = inflight.pop(f, None)
+        v = verdicts.get((f.proto, r.state))
+        if v is None:
+            v = verdicts[(f.proto, r.state)] = verdict(f.proto, r.state, expect, True)
+        r.verdict = v
+        # a host name resolved by the engine: its result carries the planned flow
+        got = inflight.pop(id(r.planned or f), None)
+        i = None if got is None else got[0]
         extra = dict(r.extra) if r.extra else {}
         src = real.get(f.dst)
         if src is not None and src != f.src:
             extra["src"] = src
-        if f.port is not None:
+        if any_marked and f.port is not None:
             for marked, why in ((held, held_verdict), (doubt, unsure_verdict)):
                 ports = marked.get((f.dst, f.proto)) if marked else None
                 if ports is not None and f.port in ports:
