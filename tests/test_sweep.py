@@ -30,6 +30,7 @@ from tests.test_engine import LOCAL, Listener, freed_port, listen  # noqa: F401 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the raw SYN probe needs root here")
 
 DROP_LO, DROP_HI = 40000, 40199  # silent in the namespace (nft drop)
+OUT_LO, OUT_HI = 45000, 45009  # refused on the way out (nft output drop: the send gets EPERM)
 
 
 def run(cfg: EngineConfig, flows: list[Flow], kind: str = "uvloop") -> tuple[list[Result], Engine]:
@@ -43,8 +44,22 @@ def run(cfg: EngineConfig, flows: list[Flow], kind: str = "uvloop") -> tuple[lis
     return results, engine
 
 
+@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
 @pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
-def test_sweep_and_worker_pool_give_the_same_results(kind: str, listen) -> None:  # noqa: F811
+def test_sweep_and_worker_pool_give_the_same_results(
+    kind: str,
+    single: bool,
+    listen,  # noqa: F811
+    monkeypatch,
+) -> None:
+    """The same results from the batch lane (SYNs many per sendmmsg, answers many per recvmmsg;
+    or, where libc has neither, one packet per call) as from the worker pool."""
+    from scanner.probes import mmsg
+
+    if single:
+        monkeypatch.setattr(mmsg, "_FUNCS", None)
+    elif not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
     opened = [listen().port for _ in range(4)]
     ports = sorted({*range(1, 1500), *opened, freed_port()})
     flows = [Flow(LOCAL, p) for p in ports]
@@ -100,6 +115,9 @@ CHILD = textwrap.dedent(
     from scanner.engine.process import new_loop
 
     args = json.loads(sys.argv[1])
+    if args.get("single"):  # one packet per system call, as where libc has no sendmmsg
+        from scanner.probes import mmsg
+        mmsg._FUNCS = None
     flows = [Flow("127.0.0.1", p) for p in args["ports"]]
     out = []
     peak = {}
@@ -133,7 +151,9 @@ CHILD = textwrap.dedent(
 
     loop = new_loop("uvloop")
     elapsed = loop.run_until_complete(main())
+    tcp = engine.probers.get("tcp")
     print(json.dumps({"results": out, "peak": peak.get("inflight", 0), "elapsed": elapsed,
+                      "batched": getattr(tcp, "_tx", None) is not None,
                       "stats": {"retries": engine.stats.retries,
                                 "attempts": engine.stats.attempts}}))
     """
@@ -151,7 +171,9 @@ def drop_ns():
         rules = (
             "table ip sweeptest {\n\tchain input {\n"
             "\t\ttype filter hook input priority 0; policy accept;\n"
-            f"\t\ttcp dport {DROP_LO}-{DROP_HI} drop\n\t}}\n}}\n"
+            f"\t\ttcp dport {DROP_LO}-{DROP_HI} drop\n\t}}\n"
+            "\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n"
+            f"\t\ttcp dport {OUT_LO}-{OUT_HI} drop\n\t}}\n}}\n"
         )
         subprocess.run(
             ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True
@@ -187,6 +209,25 @@ def test_silent_ports_are_retried_and_filtered_with_a_per_host_cap(drop_ns: str)
         assert by[p][3] >= 2  # retried (the prior: 2 retries before 20 answers)
     for p in range(1000, 1100):
         assert by[p][1:4] == ["closed", "reset", 1]
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
+def test_a_send_refused_inside_a_batch_fails_that_flow_alone(drop_ns: str, single: bool) -> None:
+    """A SYN the local firewall refuses (the send gets EPERM) in the middle of a sendmmsg batch:
+    that flow is filtered/local-prohibited after one attempt, the SYNs after it in the same
+    batch still leave, and every other flow is exact."""
+    from scanner.probes import mmsg
+
+    if not single and not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
+    refused = [*range(OUT_LO, OUT_HI + 1)]
+    others = [*range(1000, 1030), *range(1030, 1300)]
+    ports = [*others[:30], *refused[:5], 1500, *refused[5:], *others[30:]]
+    res = child(drop_ns, ports=ports, cfg={"timeout": 0.3, "tcp_method": "syn"}, single=single)
+    by = once_each(res, ports)
+    assert res["batched"] is (not single)
+    assert [by[p][1:4] for p in refused] == [["filtered", "local-prohibited", 1]] * len(refused)
+    assert all(by[p][1:4] == ["closed", "reset", 1] for p in [*others, 1500])
 
 
 def test_rate_is_kept(drop_ns: str) -> None:

@@ -318,7 +318,7 @@ def test_ipv4_syn_says_which_router_sent_the_icmp_error(code: int, offender: str
         p = syn.SynProber(ProbeOptions())
         dst, dport, sport = "198.18.7.2", 2380, 40001
         fut = loop.create_future()
-        p._pending[(dst, dport, sport)] = (fut, 0.0)
+        p._pending[(dst, dport, sport)] = (fut, 0.0, syn.cookie(dst, dport, sport))
         tcp = struct.pack("!HHI", sport, dport, syn.cookie(dst, dport, sport)) + bytes(12)
         quoted = struct.pack(
             "!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,

@@ -85,6 +85,10 @@ class Sweep:
         self.exhausted = False
         self.done: asyncio.Future | None = None
         self.batchable = prober.batchable
+        # the probe queues its packets and sends them many per system call (flush)
+        self.batched = hasattr(prober, "flush")
+        self.flush_at = getattr(prober, "BATCH", 1)
+        self.limits: dict[Any, float] = {}  # host -> its timeout, within one fill
         self.dst_ok: dict[str, bool] = {}  # destination -> batchable (by address alone)
         self.token_sample = engine.cfg.token_sample > 0
         self.cap = engine.cfg.max_per_host
@@ -131,11 +135,14 @@ class Sweep:
             self._schedule_fill(self.paused_until - now)
         else:
             self._send_some()
+            if self.batched and self.prober.queued:
+                self._flush()
         self._arm()
         self._finish_if_idle()
 
     def _send_some(self) -> None:
         eng = self.engine
+        self.limits.clear()  # timeouts move with the answers read since the last fill
         rate = eng.cfg.rate
         resend = self.resend
         budget = SEND_BATCH
@@ -254,21 +261,62 @@ class Sweep:
             a.attempts += 1
             self._final(a, r)
             return True
-        self.backoff = 0
         a.attempts += 1
         a.t0 = t0
+        hs = a.hs
         guard = self.engine.neigh
-        if guard is not None and a.hs.fam:
-            a.mark = guard.mark(a.hs.fam)
+        if guard is not None and hs.fam:
+            a.mark = guard.mark(hs.fam)
         self.inflight[r] = a
-        limit = a.limit = a.hs.timeout(self.engine.cfg)
+        limit = self.limits.get(hs)
+        if limit is None:
+            limit = self.limits[hs] = hs.timeout(self.engine.cfg)
+        a.limit = limit
         slot = int((t0 + limit) / TICK) + 1
         w = self.wheel.get(slot)
         if w is None:
             self.wheel[slot] = [(r, t0)]
         else:
             w.append((r, t0))
+        if self.batched:
+            if self.prober.queued >= self.flush_at:
+                return self._flush()
+        else:
+            self.backoff = 0
         return True
+
+    def _flush(self) -> bool:
+        """Send what the probe has queued; its packets that did not leave are handled as
+        _send handles a failed send. False when sending must pause (a resource error)."""
+        failed = self.prober.flush()
+        if not failed:
+            self.backoff = 0
+            return True
+        st = self.engine.stats
+        back: list[_Attempt] = []
+        for key, out in failed:
+            a = self.inflight.pop(key, None)
+            if a is None:
+                continue
+            if out.state == "error" and out.reason in _RESOURCE:
+                a.attempts -= 1  # it never left (as _send counts a resource error)
+                st.backoffs[out.reason] = st.backoffs.get(out.reason, 0) + 1
+                self.backoff += 1
+                if self.backoff > 200:
+                    self._final(a, out)
+                    self.backoff = 0
+                    continue
+                back.append(a)
+            else:
+                self._final(a, out)
+        if not back:
+            self.backoff = 0
+            return True
+        self.resend.extendleft(reversed(back))
+        pause = min(0.005 * self.backoff, 0.2)
+        self.paused_until = time.perf_counter() + pause
+        self._schedule_fill(pause)
+        return False
 
     # -- answers and deadlines -------------------------------------------------------------
     def _answer(self, key: object, out: Outcome) -> None:

@@ -18,8 +18,11 @@ from typing import Protocol
 from scanner.core.flows import Flow
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Outcome:
+    """One attempt's answer. Treated as immutable (shared constants stand for silence and the
+    like), but not ``frozen``: a frozen __init__ costs ~4x, once per answer of a sweep."""
+
     state: str  # open | closed | filtered | open|filtered | error
     reason: str  # nmap --reason words where they exist: syn-ack, conn-refused, no-response, ...
     rtt_ms: float | None = None

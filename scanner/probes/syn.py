@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from scanner.core.flows import Flow
-from scanner.probes import classify, rawrecv
+from scanner.probes import classify, mmsg, rawrecv
 from scanner.probes.base import Outcome, ProbeOptions, local_address
 from scanner.probes.deadlines import Deadlines
 from scanner.probes.tcp import TcpProber
@@ -57,6 +57,12 @@ _ERR_OUTCOMES = {
 }
 _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOMEM: "no-buffers"}
 
+
+# SYNs per sendmmsg call, and answers per recvmmsg call (scanner.probes.mmsg)
+BATCH = 64
+RECV_BATCH = 256
+_ANSWER = struct.Struct("!HHII")  # sport dport seq ack
+_LEN_STRIDE, _LEN_AT = mmsg.LEN_STRIDE, mmsg.LEN_AT
 
 # The SYN as one struct: TCP header (ack 0, data offset 6 words, SYN, window 64240, urgent 0)
 # and the MSS option. Only the ports, the sequence number and the checksum vary.
@@ -148,8 +154,9 @@ class SynProber:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sock: socket.socket | None = None
         self._rx: rawrecv.RawIcmp | None = None
-        # (dst, dport, sport) -> (future, t0); the future is None for a batch attempt
-        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future | None, float]] = {}
+        # (dst, dport, sport) -> (future, t0, seq); the future is None for a batch attempt, seq
+        # the SYN's cookie (kept: an answer is matched without hashing the key again)
+        self._pending: dict[tuple[str, int, int], tuple[asyncio.Future | None, float, int]] = {}
         self._on_answer: Callable[[tuple[str, int, int], Outcome], None] | None = None
         self._deadlines = Deadlines(self._expire, self._drain)
         k, n = shard
@@ -159,6 +166,11 @@ class SynProber:
         self._next = self._lo
         self._base: dict[str, int] = {}  # dst -> pseudo_sum(source, dst)
         self._fallback = None  # the connect prober, for IPv6
+        # batch attempts (send()) go out BATCH at a time with sendmmsg, answers are read many
+        # per recvmmsg (scanner.probes.mmsg), where libc has them
+        self._tx: mmsg.SendBatch | None = None
+        self._rxb: mmsg.RecvBatch | None = None
+        self._queued: list[tuple[tuple[str, int, int], int]] = []  # (key, seq) per queued SYN
 
     @property
     def timeout_for(self) -> Callable[[str], float] | None:
@@ -179,10 +191,16 @@ class SynProber:
         with contextlib.suppress(OSError):
             _attach_filter(s, bpf_port_range(self._lo, self._hi))
         self.sock = s
+        if mmsg.available():
+            self._tx = mmsg.SendBatch(s.fileno(), BATCH, 32, _SYN.size)
+            self._rxb = mmsg.RecvBatch(s.fileno(), RECV_BATCH, 128)
         loop.add_reader(s.fileno(), self._on_tcp)
         self._rx = rawrecv.acquire(loop, self._on_icmp)
 
     def close(self) -> None:
+        self._queued.clear()
+        if self._tx is not None:
+            self._tx.queued = 0
         if self.sock is not None and self.loop is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
@@ -192,7 +210,8 @@ class SynProber:
             rawrecv.release(self._rx, self._on_icmp)
             self._rx = None
         self._deadlines.close()
-        for fut, _ in self._pending.values():
+        for entry in self._pending.values():
+            fut = entry[0]
             if fut is not None and not fut.done():
                 fut.set_result(None)
         self._pending.clear()
@@ -212,6 +231,9 @@ class SynProber:
         a sweep for good under load (the rest waits a loop iteration, after the deadline
         sweep), and the queue is bounded by what we sent (the BPF filter admits nothing else)."""
         assert self.sock is not None
+        if self._rxb is not None:
+            self._on_tcp_batch(self._rxb)
+            return
         recv = self.sock.recv
         pending = self._pending
         now = time.perf_counter()
@@ -238,9 +260,9 @@ class SynProber:
             entry = pending.get(key)
             if entry is None:
                 continue
-            if ack != (cookie(*key) + 1) & 0xFFFFFFFF:
+            fut, t0, seq = entry
+            if ack != (seq + 1) & 0xFFFFFFFF:
                 continue  # not an answer to our SYN (a stray or forged segment)
-            fut, t0 = entry
             flags = pkt[ihl + 13]
             del pending[key]
             rtt = (now - t0) * 1000.0
@@ -255,6 +277,59 @@ class SynProber:
             elif not fut.done():
                 fut.set_result(out)
 
+    def _on_tcp_batch(self, rb: mmsg.RecvBatch) -> None:
+        """_on_tcp with recvmmsg: many answers per system call, parsed in place."""
+        pending = self._pending
+        mv = memoryview(rb.buf).cast("B")
+        lens = rb.lens
+        slot = rb.slot
+        count = rb.count
+        unpack = _ANSWER.unpack_from
+        ntoa = socket.inet_ntoa
+        errors = 0
+        while True:
+            n = rb.read()
+            if n <= 0:
+                if n == 0:
+                    return
+                # a pending socket error (an ICMP error for one of our SYNs), consumed by
+                # this call; never an endless loop
+                errors += 1
+                if errors > 64:
+                    return
+                continue
+            now = time.perf_counter()
+            for k in range(n):
+                o = k * slot
+                length = lens[k * _LEN_STRIDE + _LEN_AT]
+                if length < 20:
+                    continue
+                ihl = (mv[o] & 0x0F) * 4
+                if length < ihl + 14:
+                    continue
+                sport, dport, _seq, ack = unpack(mv, o + ihl)
+                key = (ntoa(mv[o + 12 : o + 16]), sport, dport)
+                entry = pending.get(key)
+                if entry is None:
+                    continue
+                fut, t0, seq = entry
+                if ack != (seq + 1) & 0xFFFFFFFF:
+                    continue  # not an answer to our SYN (a stray or forged segment)
+                flags = mv[o + ihl + 13]
+                if flags & TH_RST:
+                    out = Outcome("closed", "reset", (now - t0) * 1000.0)
+                elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
+                    out = Outcome("open", "syn-ack", (now - t0) * 1000.0)
+                else:
+                    continue  # the BPF filter admits nothing else
+                del pending[key]
+                if fut is None:
+                    self._on_answer(key, out)  # type: ignore[misc]
+                elif not fut.done():
+                    fut.set_result(out)
+            if n < count:
+                return  # the queue was empty when read
+
     def _on_icmp(self, pkt: bytes, ihl: int, now_loop: float) -> None:
         """An ICMP unreachable quoting one of our SYNs."""
         icmp_type, code = pkt[ihl], pkt[ihl + 1]
@@ -267,9 +342,9 @@ class SynProber:
         sport, dport, seq = struct.unpack_from("!HHI", pkt, q + qihl)
         key = (socket.inet_ntoa(pkt[q + 16 : q + 20]), dport, sport)
         entry = self._pending.get(key)
-        if entry is None or seq != cookie(*key):
+        if entry is None or seq != entry[2]:
             return
-        fut, t0 = entry
+        fut, t0, _ = entry
         del self._pending[key]
         rtt = (time.perf_counter() - t0) * 1000.0
         out = Outcome("filtered", classify.icmp_reason(icmp_type, code), rtt)
@@ -325,10 +400,11 @@ class SynProber:
             return _ERR_OUTCOMES.get(e.errno or 0, Outcome("error", f"route-{e.errno}"))
         sport = self._sport(dst, dport)  # type: ignore[arg-type]
         key = (dst, dport, sport)
-        pkt = syn_packet(base, sport, dport, cookie(*key))  # type: ignore[arg-type]
+        seq = cookie(*key)  # type: ignore[arg-type]
+        pkt = syn_packet(base, sport, dport, seq)  # type: ignore[arg-type]
         fut = loop.create_future()
         t0 = time.perf_counter()
-        self._pending[key] = (fut, t0)  # type: ignore[index]
+        self._pending[key] = (fut, t0, seq)  # type: ignore[index]
         try:
             sock.sendto(pkt, (dst, 0))
         except OSError as e:
@@ -356,10 +432,40 @@ class SynProber:
             return False
         return True
 
+    @property
+    def queued(self) -> int:
+        """SYNs from send() not yet sent: the caller calls flush() at ``BATCH`` (send() never
+        queues more) and whenever it stops sending."""
+        return len(self._queued)
+
+    def flush(self) -> list[tuple[tuple[str, int, int], Outcome]]:
+        """Send the queued SYNs (one sendmmsg per BATCH); the (key, outcome) of each that did
+        not leave, as send() would have returned it. Their RTTs start now."""
+        queued = self._queued
+        if not queued:
+            return []
+        t0 = time.perf_counter()
+        failed = self._tx.flush()  # type: ignore[union-attr]
+        pending = self._pending
+        for key, seq in queued:
+            pending[key] = (None, t0, seq)
+        out = []
+        for k, e in failed:
+            key = queued[k][0]
+            del pending[key]
+            res = _RESOURCE.get(e)
+            out.append(
+                (key, Outcome("error", res) if res is not None
+                 else _ERR_OUTCOMES.get(e, Outcome("error", f"send-{e}")))
+            )  # fmt: skip
+        self._queued = []
+        return out
+
     def send(self, flow: Flow, t0: float) -> tuple[str, int, int] | Outcome:
         """One SYN for ``flow`` at ``t0`` (perf_counter, the RTT's start): the attempt's key
         (its answer comes to on_answer) or, when the packet could not be sent, the outcome
-        (a resource error is for the caller to retry later, as the engine does for probe())."""
+        (a resource error is for the caller to retry later, as the engine does for probe()).
+        With sendmmsg the SYN is queued: ``flush()`` sends it and reports it if it fails."""
         dst, dport = flow.dst, flow.port
         base = self._base.get(dst)
         if base is None:
@@ -375,12 +481,22 @@ class SynProber:
             key = (dst, dport, sport)
         else:
             self._next = sport
-        pending[key] = (None, t0)  # type: ignore[index]
         # syn_packet() and cookie() inlined: this is the per-SYN hot path
         seq = hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
+        pending[key] = (None, t0, seq)  # type: ignore[index]
         c = base + sport + dport + (seq >> 16) + (seq & 0xFFFF)  # type: ignore[operator]
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
+        tx = self._tx
+        if tx is not None:
+            if tx.queued >= BATCH:
+                raise RuntimeError("SynProber.send: flush() first (BATCH SYNs are queued)")
+            _SYN.pack_into(
+                tx.buf, tx.slot_for(dst), sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW,
+                ~c & 0xFFFF, 0, 2, 4, MSS,
+            )  # fmt: skip
+            self._queued.append((key, seq))  # type: ignore[arg-type]
+            return key  # type: ignore[return-value]
         pkt = _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, ~c & 0xFFFF, 0, 2, 4, MSS)
         try:
             self.sock.sendto(pkt, (dst, 0))  # type: ignore[union-attr]

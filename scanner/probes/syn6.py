@@ -138,7 +138,7 @@ class Syn6Prober(SynProber):
             sport, dport, _seq, ack = struct.unpack_from("!HHII", pkt)
             key = (addr[0], sport, dport)
             entry = pending.get(key)
-            if entry is None or ack != (cookie(*key) + 1) & 0xFFFFFFFF:
+            if entry is None or ack != (entry[2] + 1) & 0xFFFFFFFF:
                 continue
             flags = pkt[13]
             if flags & TH_RST:
@@ -148,7 +148,7 @@ class Syn6Prober(SynProber):
             else:
                 continue
             del pending[key]
-            fut, t0 = entry
+            fut, t0, _ = entry
             if not fut.done():
                 fut.set_result(_out(state, reason, (now - t0) * 1000.0))
         self._read_errors()
@@ -167,7 +167,7 @@ class Syn6Prober(SynProber):
             sport, dport, seq = struct.unpack_from("!HHI", data)
             key = (addr[0], dport, sport)
             entry = self._pending.get(key)
-            if entry is None or seq != cookie(*key):
+            if entry is None or seq != entry[2]:
                 continue
             for level, ctype, cdata in anc:
                 if (level, ctype) != _RECVERR:
@@ -175,7 +175,7 @@ class Syn6Prober(SynProber):
                 _ee, origin, typ, code, offender = classify.parse_extended_err(cdata)
                 if origin != classify.SO_EE_ORIGIN_ICMP6:
                     break  # a local error (EMSGSIZE, ...): not an answer; the SYN times out
-                fut, t0 = entry
+                fut, t0, _ = entry
                 del self._pending[key]
                 rtt = (time.perf_counter() - t0) * 1000.0
                 out = classify.tcp_icmp_outcome(typ, code, True, rtt)
@@ -200,9 +200,10 @@ class Syn6Prober(SynProber):
         key = (dst, dport, sport)
         fut = loop.create_future()
         t0 = time.perf_counter()
-        self._pending[key] = (fut, t0)
+        seq = cookie(*key)
+        self._pending[key] = (fut, t0, seq)
         try:
-            send_to(sock, syn6_packet(sport, dport, cookie(*key)), (dst, 0))
+            send_to(sock, syn6_packet(sport, dport, seq), (dst, 0))
         except OSError as e:
             self._pending.pop(key, None)
             res = _RESOURCE.get(e.errno or 0)
