@@ -283,3 +283,31 @@ def test_a_host_name_is_resolved_then_probed(listen) -> None:  # noqa: F811
         [(lst.port, "open", "syn-ack"), (closed, "closed", "reset"), (lst.port, "open", "syn-ack")]
     )
     assert engine.stats.tcp_method == "syn"
+
+
+@pytest.mark.parametrize("sweep_lane", [True, False], ids=["batch", "worker-pool"])
+def test_an_output_error_ends_the_run_with_it_never_a_hang(sweep_lane: bool, listen) -> None:  # noqa: F811
+    """An exception from the output side (emit: a bug, such as a pass block refusing a result)
+    raised inside the batch lane's socket callback was only logged by the event loop; the
+    lane then waited for that flow's result for good (a mesh agent that never said done).
+    Now the run ends at once and raises the error."""
+    import asyncio
+
+    lst = listen()
+    flows = [Flow(LOCAL, p) for p in [lst.port, *range(1, 600)]]
+    seen: list[Result] = []
+
+    def emit(r: Result) -> None:
+        seen.append(r)
+        if len(seen) == 50:
+            raise ValueError("the output refused a result")
+
+    engine = Engine(EngineConfig(timeout=0.5, tcp_method="syn", sweep=sweep_lane), emit)
+    loop = new_loop("uvloop")
+    try:
+        with pytest.raises(ValueError, match="refused a result"):
+            loop.run_until_complete(asyncio.wait_for(engine.run(iter(flows)), 20))
+    finally:
+        loop.close()
+    assert engine.fatal is not None
+    assert len({id(r.flow) for r in seen}) == len(seen), "no flow reported twice"

@@ -247,6 +247,9 @@ class Engine:
         self._resolving: dict[str, asyncio.Future] = {}
         self._stop_event = asyncio.Event()  # set by stop(): name lookups give up at once
         self.unresolved: dict[str, str] = {}  # name -> the resolver's error, for messages
+        # an exception from emit (a bug on the output side): run() ends with it (_emit)
+        self.fatal: Exception | None = None
+        self._task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, interrupted: bool = True) -> None:
@@ -260,6 +263,21 @@ class Engine:
             self._stop_event.set()
 
     async def run(self, flows: Iterator[Flow]) -> Stats:
+        self._task = asyncio.current_task()
+        try:
+            stats = await self._run(flows)
+        except asyncio.CancelledError:
+            if self.fatal is not None:
+                task = self._task
+                if task is not None and hasattr(task, "uncancel"):  # 3.11+: the cancel was ours
+                    task.uncancel()
+                raise self.fatal from None
+            raise
+        if self.fatal is not None:
+            raise self.fatal
+        return stats
+
+    async def _run(self, flows: Iterator[Flow]) -> Stats:
         budget = fd_budget()
         n = self.cfg.concurrency or DEFAULT_CONCURRENCY
         # every in-flight attempt holds one descriptor; size the pool from what is left
@@ -321,7 +339,18 @@ class Engine:
         st = self.stats
         st.results += 1
         st.states[r.state] = st.states.get(r.state, 0) + 1
-        self.emit(r)
+        try:
+            self.emit(r)
+        except Exception as e:  # noqa: BLE001 - kept, and raised by run()
+            # The output side failed on a result (a bug): that flow's line is lost, so the run
+            # cannot end honestly. Raised here, inside a socket's or a timer's callback (the
+            # batch sweep), it would only be logged by the event loop, and the sweep would
+            # wait for that flow for good. So: cancel the run, and run() raises this error.
+            if self.fatal is None:
+                self.fatal = e
+                task = self._task
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def _worker(self, it: Iterator[Flow]) -> None:
         should_stop = self._should_stop
