@@ -115,9 +115,27 @@ CHILD = textwrap.dedent(
     from scanner.engine.process import new_loop
 
     args = json.loads(sys.argv[1])
+    from scanner.probes import mmsg
     if args.get("single"):  # one packet per system call, as where libc has no sendmmsg
-        from scanner.probes import mmsg
         mmsg._FUNCS = None
+    sizes = []  # SYNs per sendmmsg flush
+    _flush = mmsg.SendBatch.flush
+
+    def flush(self):
+        sizes.append(self.queued)
+        return _flush(self)
+
+    mmsg.SendBatch.flush = flush
+    if args.get("sndbuf"):  # a small send buffer: sends meet EAGAIN while a qdisc holds SYNs
+        import socket
+        from scanner.probes.syn import SynProber
+        _start = SynProber.start
+
+        async def start(self, loop):
+            await _start(self, loop)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args["sndbuf"])
+
+        SynProber.start = start
     flows = [Flow("127.0.0.1", p) for p in args["ports"]]
     out = []
     peak = {}
@@ -154,8 +172,10 @@ CHILD = textwrap.dedent(
     tcp = engine.probers.get("tcp")
     print(json.dumps({"results": out, "peak": peak.get("inflight", 0), "elapsed": elapsed,
                       "batched": getattr(tcp, "_tx", None) is not None,
+                      "batch_peak": max(sizes, default=0),
                       "stats": {"retries": engine.stats.retries,
-                                "attempts": engine.stats.attempts}}))
+                                "attempts": engine.stats.attempts,
+                                "backoffs": engine.stats.backoffs}}))
     """
 )
 
@@ -226,6 +246,8 @@ def test_a_send_refused_inside_a_batch_fails_that_flow_alone(drop_ns: str, singl
     res = child(drop_ns, ports=ports, cfg={"timeout": 0.3, "tcp_method": "syn"}, single=single)
     by = once_each(res, ports)
     assert res["batched"] is (not single)
+    if not single:  # the refused SYNs were in batches with others (64 per sendmmsg)
+        assert res["batch_peak"] > len(refused)
     assert [by[p][1:4] for p in refused] == [["filtered", "local-prohibited", 1]] * len(refused)
     assert all(by[p][1:4] == ["closed", "reset", 1] for p in [*others, 1500])
 

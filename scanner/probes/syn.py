@@ -147,6 +147,7 @@ def _attach_filter(sock: socket.socket, prog: bytes) -> None:
 class SynProber:
     proto = "tcp"
     needs_raw = True
+    BATCH = BATCH  # the sweep flushes (sendmmsg) when this many SYNs are queued
 
     def __init__(self, opts: ProbeOptions | None = None) -> None:
         self.opts = opts or ProbeOptions()
