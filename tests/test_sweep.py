@@ -333,3 +333,40 @@ def test_an_output_error_ends_the_run_with_it_never_a_hang(sweep_lane: bool, lis
         loop.close()
     assert engine.fatal is not None
     assert len({id(r.flow) for r in seen}) == len(seen), "no flow reported twice"
+
+
+@pytest.fixture(scope="module")
+def slow_ns():
+    """A namespace whose loopback sends through a slow token bucket: SYNs wait in the qdisc,
+    charged to the probe's socket, so a small send buffer fills (EAGAIN) while the sweep runs."""
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("needs ip and tc")
+    ns = f"{unique_lab_name()}-sl"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        tbf = ["tbf", "rate", "400kbit", "burst", "1600", "latency", "2s"]
+        subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", *tbf], check=True)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
+def test_a_full_send_buffer_backs_off_and_never_gives_a_flow_up(slow_ns: str, single: bool) -> None:
+    """The send buffer fills on every batch (the kernel takes a few SYNs, refuses the rest with
+    EAGAIN) yet the sweep makes progress: it backs off and re-sends, as with one sendto per SYN,
+    and every flow gets its real answer. A batch of 64 once counted as 64 consecutive resource
+    errors, so after ~4 batches a flow was given up as error/no-buffers while SYNs were leaving."""
+    from scanner.probes import mmsg
+
+    if not single and not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
+    ports = list(range(1000, 1400))
+    cfg = {"timeout": 1.0, "concurrency": 400, "tcp_method": "syn"}
+    res = child(slow_ns, ports=ports, cfg=cfg, single=single, sndbuf=2048)
+    by = once_each(res, ports)
+    assert res["stats"]["backoffs"].get("no-buffers", 0) > 0, "the send buffer filled"
+    bad = {p: r for p, r in by.items() if r[1:3] != ["closed", "reset"]}
+    assert not bad, f"{len(bad)} flows without their answer: {list(bad.values())[:5]}"
+    assert res["elapsed"] < 15

@@ -287,32 +287,38 @@ class Sweep:
 
     def _flush(self) -> bool:
         """Send what the probe has queued; its packets that did not leave are handled as
-        _send handles a failed send. False when sending must pause (a resource error)."""
+        _send handles a failed send. False when sending must pause (a resource error).
+
+        The back-off counts as with one sendto per packet: a packet that left resets it, and a
+        batch the kernel refused (part of) is one back-off, not one per refused packet (else
+        a buffer that fills on every batch while SYNs still leave gave flows up in ~4 batches)."""
+        n = self.prober.queued
         failed = self.prober.flush()
+        if len(failed) < n:
+            self.backoff = 0  # SYNs left
         if not failed:
-            self.backoff = 0
             return True
-        st = self.engine.stats
-        back: list[_Attempt] = []
+        back: list[tuple[_Attempt, Outcome]] = []
         for key, out in failed:
             a = self.inflight.pop(key, None)
             if a is None:
                 continue
             if out.state == "error" and out.reason in _RESOURCE:
                 a.attempts -= 1  # it never left (as _send counts a resource error)
-                st.backoffs[out.reason] = st.backoffs.get(out.reason, 0) + 1
-                self.backoff += 1
-                if self.backoff > 200:
-                    self._final(a, out)
-                    self.backoff = 0
-                    continue
-                back.append(a)
+                back.append((a, out))
             else:
                 self._final(a, out)
         if not back:
-            self.backoff = 0
             return True
-        self.resend.extendleft(reversed(back))
+        st = self.engine.stats
+        reason = back[0][1].reason
+        st.backoffs[reason] = st.backoffs.get(reason, 0) + 1
+        self.backoff += 1
+        if self.backoff > 200:  # 200 back-offs in a row, not one SYN out: the first gives up
+            a, out = back.pop(0)
+            self._final(a, out)
+            self.backoff = 0
+        self.resend.extendleft(reversed([a for a, _ in back]))
         pause = min(0.005 * self.backoff, 0.2)
         self.paused_until = time.perf_counter() + pause
         self._schedule_fill(pause)
