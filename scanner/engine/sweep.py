@@ -279,10 +279,12 @@ class Sweep:
         else:
             w.append((r, t0))
         if self.batched:
-            if self.prober.queued >= self.flush_at:
+            queued = self.prober.queued
+            if queued >= self.flush_at:
                 return self._flush()
-        else:
-            self.backoff = 0
+            if queued:
+                return True  # not sent yet: _flush says whether it left
+        self.backoff = 0  # it left (one sendto: the probe has no sendmmsg here)
         return True
 
     def _flush(self) -> bool:
