@@ -383,3 +383,39 @@ def test_a_full_send_buffer_backs_off_and_never_gives_a_flow_up(slow_ns: str, si
     # sendto per SYN a send that went through once did not reset it: it grew all run long)
     assert res["backoff_end"] == 0
     assert res["elapsed"] < 15
+
+
+@pytest.mark.parametrize("sweep_lane", [True, False], ids=["batch", "worker-pool"])
+def test_an_output_error_on_the_last_lines_leaves_the_callers_task_alive(
+    sweep_lane: bool,
+    listen,  # noqa: F811
+) -> None:
+    """emit fails on the lines a stopped run writes for its never-launched flows (in the run's
+    own task, after its last await): run() raises that error, and the caller's task (a watch
+    agent awaits run() in its own) goes on; the run's cancel of itself was left pending and
+    cancelled the caller at its next await."""
+    import asyncio
+
+    lst = listen()
+    flows = [Flow(LOCAL, p) for p in [lst.port, *range(1, 200)]]
+    engine: Engine
+
+    def emit(r: Result) -> None:
+        if r.reason == "interrupted" and r.attempts == 0:
+            raise ValueError("the output refused a result")
+        engine.stop()
+
+    cfg = EngineConfig(timeout=0.5, tcp_method="syn", sweep=sweep_lane, concurrency=1)
+    engine = Engine(cfg, emit)
+
+    async def caller() -> str:
+        with pytest.raises(ValueError, match="refused a result"):
+            await engine.run(iter(flows))
+        await asyncio.sleep(0.01)
+        return "alive"
+
+    loop = new_loop("uvloop")
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(caller(), 20)) == "alive"
+    finally:
+        loop.close()

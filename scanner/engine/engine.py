@@ -250,6 +250,7 @@ class Engine:
         # an exception from emit (a bug on the output side): run() ends with it (_emit)
         self.fatal: Exception | None = None
         self._task: asyncio.Task | None = None
+        self._cancel_sent = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, interrupted: bool = True) -> None:
@@ -274,6 +275,16 @@ class Engine:
                 raise self.fatal from None
             raise
         if self.fatal is not None:
+            if self._cancel_sent:
+                # emit failed in this very task after its last await (the lines of flows never
+                # launched): our cancel is still pending; take it here, not at the caller's next
+                # await (a watch agent awaits run() in its own task)
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    task = self._task
+                    if task is not None and hasattr(task, "uncancel"):
+                        task.uncancel()
             raise self.fatal
         return stats
 
@@ -351,6 +362,7 @@ class Engine:
                 task = self._task
                 if task is not None and not task.done():
                     task.cancel()
+                    self._cancel_sent = True
 
     async def _worker(self, it: Iterator[Flow]) -> None:
         should_stop = self._should_stop
