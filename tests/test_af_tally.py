@@ -120,3 +120,48 @@ def test_an_unresolved_name_reports_the_family_it_would_have_used() -> None:
         ("error", "unresolved", "ipv4"),
         ("error", "unresolved", "ipv6"),
     ]
+
+
+OTHER_FAMILY = r"""
+import json, os, subprocess, sys
+d = sys.argv[1]
+# this namespace's own /etc/hosts and resolv.conf: the name has an IPv6 address only, and the
+# name server is this namespace's loopback (no packet leaves the host)
+open(os.path.join(d, "hosts"), "w").write("127.0.0.1 localhost\n2001:2::7 only6.portmesh.test\n")
+open(os.path.join(d, "resolv.conf"), "w").write("nameserver 127.0.0.1\noptions attempts:1\n")
+for f in ("hosts", "resolv.conf"):
+    subprocess.run(["mount", "--bind", os.path.join(d, f), "/etc/" + f], check=True)
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+from scanner.core.flows import Flow
+from scanner.core.results import result_dict
+from scanner.engine.engine import Engine, EngineConfig
+from scanner.engine.process import new_loop
+out = []
+eng = Engine(EngineConfig(timeout=0.5, retries=0, tcp_method="connect"), out.append)
+new_loop("asyncio").run_until_complete(eng.run(iter([
+    Flow("only6.portmesh.test", 5000, "tcp", fam="ipv4"),
+])))
+print(json.dumps([result_dict(r, "0123456789abcdef") for r in out]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces of its own")
+def test_a_name_with_only_an_address_of_the_other_family_says_so(tmp_path: Path) -> None:
+    # registry_host: "myreg.local:5000" in an IPv4 cluster, where the name has only an AAAA
+    # record: unknown, and the warning names the address it has rather than "does not resolve"
+    cp = subprocess.run(
+        ["unshare", "-n", "-m", sys.executable, "-c", OTHER_FAMILY, str(tmp_path)],
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+        text=True,
+    )
+    assert cp.returncode == 0, cp.stderr
+    recs = json.loads(cp.stdout)
+    assert [(r["dst"], r["state"], r["reason"], r["af"]) for r in recs] == [
+        ("only6.portmesh.test", "error", "unresolved", "ipv4")
+    ]
+    assert (
+        "only6.portmesh.test does not resolve here (no IPv4 address; it resolves to IPv6"
+        " 2001:2::7 only, and this flow is planned over IPv4)" in cp.stderr
+    ), cp.stderr

@@ -75,6 +75,8 @@ def _resolve(name: str, family: int = 0) -> asyncio.Future:
         error: BaseException | None = None
         try:
             result = socket.getaddrinfo(name, None, family, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            error = _other_family(name, family) or e
         except BaseException as e:  # noqa: BLE001 - handed to the loop as is
             error = e
         with contextlib.suppress(RuntimeError):  # a closed loop: the run is over
@@ -82,6 +84,27 @@ def _resolve(name: str, family: int = 0) -> asyncio.Future:
 
     threading.Thread(target=work, name=f"resolve {name}", daemon=True).start()
     return fut
+
+
+def _other_family(name: str, family: int) -> OSError | None:
+    """When a lookup for one family failed: the name's addresses in the other family, as the
+    reason (a name with only an AAAA record does resolve; "does not resolve" would mislead)."""
+    if family == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(name, None, 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    addrs = sorted({str(i[4][0]) for i in infos if i[0] != family})
+    if not addrs:
+        return None
+    want, other = ("IPv4", "IPv6") if family == socket.AF_INET else ("IPv6", "IPv4")
+    return OSError(
+        0,
+        f"no {want} address; it resolves to {other} {', '.join(addrs[:3])} only, and this"
+        f" flow is planned over {want}",
+    )
+
 
 @dataclass
 class EngineConfig:
