@@ -76,6 +76,22 @@ def sockaddr_in(addr: str) -> ctypes.Array:
     )
 
 
+def _vectors(count: int, slot: int, length: int) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+    """A buffer of ``count`` slots of ``slot`` bytes, and the mmsghdr array whose message k has
+    one iovec: ``length`` bytes at slot k (the arrays point into each other: keep all three)."""
+    buf = ctypes.create_string_buffer(count * slot)
+    iov = (_Iovec * count)()
+    msgs = (_Mmsghdr * count)()
+    base = ctypes.addressof(buf)
+    for k in range(count):
+        iov[k].base = base + k * slot
+        iov[k].len = length
+        h = msgs[k].hdr
+        h.iov = ctypes.addressof(iov[k])
+        h.iovlen = 1
+    return buf, iov, msgs
+
+
 class SendBatch:
     """Up to ``size`` packets of at most ``slot`` bytes each, sent with one sendmmsg call.
 
@@ -90,20 +106,12 @@ class SendBatch:
         self.size = size
         self.slot = slot
         self.queued = 0
-        self.buf = ctypes.create_string_buffer(size * slot)
-        self._iov = (_Iovec * size)()
-        self._msgs = (_Mmsghdr * size)()
+        self.buf, self._iov, self._msgs = _vectors(size, slot, length)
         self._at = ctypes.addressof(self._msgs)
         self._names: dict[str, ctypes.Array] = {}  # dst -> its sockaddr (kept alive here)
         self._slot_dst: list[str | None] = [None] * size  # the name each message points at
-        base = ctypes.addressof(self.buf)
         for k in range(size):
-            self._iov[k].base = base + k * slot
-            self._iov[k].len = length
-            h = self._msgs[k].hdr
-            h.iov = ctypes.addressof(self._iov[k])
-            h.iovlen = 1
-            h.namelen = 16
+            self._msgs[k].hdr.namelen = 16
 
     def slot_for(self, dst: str) -> int:
         k = self.queued
@@ -148,17 +156,8 @@ class RecvBatch:
         self.fd = fd
         self.count = count
         self.slot = slot
-        self.buf = ctypes.create_string_buffer(count * slot)
-        self._iov = (_Iovec * count)()
-        self._msgs = (_Mmsghdr * count)()
+        self.buf, self._iov, self._msgs = _vectors(count, slot, slot)
         self._at = ctypes.addressof(self._msgs)
-        base = ctypes.addressof(self.buf)
-        for k in range(count):
-            self._iov[k].base = base + k * slot
-            self._iov[k].len = slot
-            h = self._msgs[k].hdr
-            h.iov = ctypes.addressof(self._iov[k])
-            h.iovlen = 1
         # msg_len of packet k: lens[k * LEN_STRIDE + LEN_AT] (native 32-bit words)
         self.lens = memoryview(self._msgs).cast("B").cast("I")
 

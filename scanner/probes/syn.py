@@ -236,7 +236,7 @@ class SynProber:
             self._on_tcp_batch(self._rxb)
             return
         recv = self.sock.recv
-        pending = self._pending
+        answer = self._answer_at
         now = time.perf_counter()
         errors = 0
         while True:
@@ -251,42 +251,15 @@ class SynProber:
                 if errors > 64:
                     return
                 continue
-            if len(pkt) < 20:
-                continue
-            ihl = (pkt[0] & 0x0F) * 4
-            if len(pkt) < ihl + 14:
-                continue
-            sport, dport, _seq, ack = struct.unpack_from("!HHII", pkt, ihl)
-            key = (socket.inet_ntoa(pkt[12:16]), sport, dport)
-            entry = pending.get(key)
-            if entry is None:
-                continue
-            fut, t0, seq = entry
-            if ack != (seq + 1) & 0xFFFFFFFF:
-                continue  # not an answer to our SYN (a stray or forged segment)
-            flags = pkt[ihl + 13]
-            del pending[key]
-            rtt = (now - t0) * 1000.0
-            if flags & TH_RST:
-                out = Outcome("closed", "reset", rtt)
-            elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
-                out = Outcome("open", "syn-ack", rtt)
-            else:
-                continue  # the BPF filter admits nothing else
-            if fut is None:
-                self._on_answer(key, out)  # type: ignore[misc]
-            elif not fut.done():
-                fut.set_result(out)
+            answer(pkt, 0, len(pkt), now)
 
     def _on_tcp_batch(self, rb: mmsg.RecvBatch) -> None:
         """_on_tcp with recvmmsg: many answers per system call, parsed in place."""
-        pending = self._pending
+        answer = self._answer_at
         mv = memoryview(rb.buf).cast("B")
         lens = rb.lens
         slot = rb.slot
         count = rb.count
-        unpack = _ANSWER.unpack_from
-        ntoa = socket.inet_ntoa
         errors = 0
         while True:
             n = rb.read()
@@ -301,35 +274,39 @@ class SynProber:
                 continue
             now = time.perf_counter()
             for k in range(n):
-                o = k * slot
-                length = lens[k * _LEN_STRIDE + _LEN_AT]
-                if length < 20:
-                    continue
-                ihl = (mv[o] & 0x0F) * 4
-                if length < ihl + 14:
-                    continue
-                sport, dport, _seq, ack = unpack(mv, o + ihl)
-                key = (ntoa(mv[o + 12 : o + 16]), sport, dport)
-                entry = pending.get(key)
-                if entry is None:
-                    continue
-                fut, t0, seq = entry
-                if ack != (seq + 1) & 0xFFFFFFFF:
-                    continue  # not an answer to our SYN (a stray or forged segment)
-                flags = mv[o + ihl + 13]
-                if flags & TH_RST:
-                    out = Outcome("closed", "reset", (now - t0) * 1000.0)
-                elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
-                    out = Outcome("open", "syn-ack", (now - t0) * 1000.0)
-                else:
-                    continue  # the BPF filter admits nothing else
-                del pending[key]
-                if fut is None:
-                    self._on_answer(key, out)  # type: ignore[misc]
-                elif not fut.done():
-                    fut.set_result(out)
+                answer(mv, k * slot, lens[k * _LEN_STRIDE + _LEN_AT], now)
             if n < count:
                 return  # the queue was empty when read
+
+    def _answer_at(self, buf: bytes | memoryview, o: int, length: int, now: float) -> None:
+        """The packet at ``buf[o : o + length]`` (IPv4 header, then TCP), if it answers one of
+        our pending SYNs: matched by its addresses, ports and cookie, and delivered."""
+        if length < 20:
+            return
+        ihl = (buf[o] & 0x0F) * 4
+        if length < ihl + 14:
+            return
+        sport, dport, _seq, ack = _ANSWER.unpack_from(buf, o + ihl)
+        key = (socket.inet_ntoa(buf[o + 12 : o + 16]), sport, dport)
+        pending = self._pending
+        entry = pending.get(key)
+        if entry is None:
+            return
+        fut, t0, seq = entry
+        if ack != (seq + 1) & 0xFFFFFFFF:
+            return  # not an answer to our SYN (a stray or forged segment)
+        flags = buf[o + ihl + 13]
+        if flags & TH_RST:
+            out = Outcome("closed", "reset", (now - t0) * 1000.0)
+        elif flags & (TH_SYN | TH_ACK) == (TH_SYN | TH_ACK):
+            out = Outcome("open", "syn-ack", (now - t0) * 1000.0)
+        else:
+            return  # the BPF filter admits nothing else
+        del pending[key]
+        if fut is None:
+            self._on_answer(key, out)  # type: ignore[misc]
+        elif not fut.done():
+            fut.set_result(out)
 
     def _on_icmp(self, pkt: bytes, ihl: int, now_loop: float) -> None:
         """An ICMP unreachable quoting one of our SYNs."""
