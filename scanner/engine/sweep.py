@@ -247,17 +247,7 @@ class Sweep:
         st.attempts += 1
         if isinstance(r, Outcome):
             if r.state == "error" and r.reason in _RESOURCE:
-                # the socket's send queue is full: the engine's back-off, for the whole lane
-                st.backoffs[r.reason] = st.backoffs.get(r.reason, 0) + 1
-                self.backoff += 1
-                if self.backoff > 200:
-                    self._final(a, r)
-                    self.backoff = 0
-                    return True
-                self.resend.appendleft(a)
-                self.paused_until = time.perf_counter() + min(0.005 * self.backoff, 0.2)
-                self._schedule_fill(min(0.005 * self.backoff, 0.2))
-                return False
+                return self._back_off([(a, r)])
             a.attempts += 1
             self._final(a, r)
             return True
@@ -312,14 +302,23 @@ class Sweep:
                 self._final(a, out)
         if not back:
             return True
+        return self._back_off(back)
+
+    def _back_off(self, back: list[tuple[_Attempt, Outcome]]) -> bool:
+        """Attempts the socket refused for want of resources (its send queue is full): the
+        engine's back-off, for the whole lane, and they go out again first after the pause;
+        after 200 back-offs in a row with not one packet out, the first is given up. False
+        when sending must pause."""
         st = self.engine.stats
         reason = back[0][1].reason
         st.backoffs[reason] = st.backoffs.get(reason, 0) + 1
         self.backoff += 1
-        if self.backoff > 200:  # 200 back-offs in a row, not one SYN out: the first gives up
+        if self.backoff > 200:
             a, out = back.pop(0)
             self._final(a, out)
             self.backoff = 0
+            if not back:
+                return True
         self.resend.extendleft(reversed([a for a, _ in back]))
         pause = min(0.005 * self.backoff, 0.2)
         self.paused_until = time.perf_counter() + pause

@@ -418,7 +418,9 @@ class SynProber:
 
     def flush(self) -> list[tuple[tuple[str, int, int], Outcome]]:
         """Send the queued SYNs (one sendmmsg per BATCH); the (key, outcome) of each that did
-        not leave, as send() would have returned it. Their RTTs start now."""
+        not leave, as send() would have returned it. Their RTTs start now: they become
+        pending here (a batch's source ports follow one another, so none of them is taken by
+        another queued SYN; send() checked them against those in flight)."""
         queued = self._queued
         if not queued:
             return []
@@ -461,7 +463,6 @@ class SynProber:
             self._next = sport
         # syn_packet() and cookie() inlined: this is the per-SYN hot path
         seq = hash((dst, dport, sport, "portmesh-syn")) & 0xFFFFFFFF
-        pending[key] = (None, t0, seq)  # type: ignore[index]
         c = base + sport + dport + (seq >> 16) + (seq & 0xFFFF)  # type: ignore[operator]
         c = (c & 0xFFFF) + (c >> 16)
         c = (c & 0xFFFF) + (c >> 16)
@@ -473,8 +474,9 @@ class SynProber:
                 tx.buf, tx.slot_for(dst), sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW,
                 ~c & 0xFFFF, 0, 2, 4, MSS,
             )  # fmt: skip
-            self._queued.append((key, seq))  # type: ignore[arg-type]
+            self._queued.append((key, seq))  # type: ignore[arg-type]  # pending at flush()
             return key  # type: ignore[return-value]
+        pending[key] = (None, t0, seq)  # type: ignore[index]
         pkt = _SYN.pack(sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW, ~c & 0xFFFF, 0, 2, 4, MSS)
         try:
             self.sock.sendto(pkt, (dst, 0))  # type: ignore[union-attr]
