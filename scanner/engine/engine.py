@@ -292,9 +292,7 @@ class Engine:
             stats = await self._run(flows)
         except asyncio.CancelledError:
             if self.fatal is not None:
-                task = self._task
-                if task is not None and hasattr(task, "uncancel"):  # 3.11+: the cancel was ours
-                    task.uncancel()
+                self._uncancel()
                 raise self.fatal from None
             raise
         if self.fatal is not None:
@@ -305,11 +303,15 @@ class Engine:
                 try:
                     await asyncio.sleep(0)
                 except asyncio.CancelledError:
-                    task = self._task
-                    if task is not None and hasattr(task, "uncancel"):
-                        task.uncancel()
+                    self._uncancel()
             raise self.fatal
         return stats
+
+    def _uncancel(self) -> None:
+        """Forget the cancel _emit sent to this run's task (Python 3.11+ counts cancels)."""
+        task = self._task
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
 
     async def _run(self, flows: Iterator[Flow]) -> Stats:
         budget = fd_budget()
