@@ -1,6 +1,6 @@
 """One mesh agent's probing, in process, on a lab pair: the NodePort sweep's rate and its CPU.
 
-    sudo python benchmarks/agent_sweep.py [--reps 10] [--rounds 3] [--modes all,failures,off]
+    sudo python benchmarks/agent_sweep.py [--reps 10] [--rounds 3] [--modes all,inline,failures,off]
 
 A 2-host lab whose hosts hold responders on every port the mesh plan probes (as
 ``benchmarks/mesh.py --floor`` builds it), then, alternated round by round, a child process
@@ -9,14 +9,16 @@ probe_slice``: its plan slice, the raw SYN sweep with the token sample, annotate
 ``--reps`` times, with no coordinator and no control channel, its output to a file. Per mode:
 
     all       ``--emit all``: every result a line (passing ones in blocks), as a mesh does
+    inline    as ``all``, with the sendmmsg calls made from the loop's thread, as in a process
+              with one core (``all``: from a thread of their own where there are two or more)
     failures  ``--emit failures``: passing results tallied
     off       as ``all``, but the engine's emit only counts: what the output side costs
 
 Printed per mode: the median over rounds of each round's median, of the NodePort rate (2,768
 flows from the first send, a result's time less its RTT, to the last answer: the agents'
 figure in benchmarks/mesh.py) and of the CPU (user + sys) and wall time of one probe_slice
-(every flow of node1's slice, set-up included). The rate needs result lines, so mode ``all``
-only; the others give time and CPU. A profile of the child: run it under py-spy with
+(every flow of node1's slice, set-up included). The rate needs result lines, so modes ``all`` and
+``inline`` only; the others give time and CPU. A profile of the child: run it under py-spy with
 ``--child`` (see ``child()``).
 """
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def child(state: str, agent: str, reps: int, mode: str, out_path: str) -> None:
     """In a lab host's namespace: probe_slice ``reps`` times; one line per rep on stdout:
-    rate (0 unless mode all), CPU ms, wall ms."""
+    rate (0 unless mode all or inline), CPU ms, wall ms."""
     import orjson
 
     from scanner.engine.engine import Engine, EngineConfig
@@ -52,6 +54,10 @@ def child(state: str, agent: str, reps: int, mode: str, out_path: str) -> None:
     sel = dataclasses.replace(sel, sources=frozenset({agent}))
     secret = Path(state, "secret").read_bytes().strip()
     eng = EngineConfig(token_sample=TOKEN_SAMPLE, probe_options=ProbeOptions(secret=secret))
+    if mode == "inline":
+        from scanner.probes.syn import SynProber
+
+        SynProber.SEND_THREAD = False
     if mode == "off":
 
         def count(self: Engine, r: object) -> None:
@@ -79,7 +85,7 @@ def child(state: str, agent: str, reps: int, mode: str, out_path: str) -> None:
                 secs = int(t[11:13]) * 3600 + int(t[14:16]) * 60 + float(t[17:-1])
                 ends.append(secs)
                 starts.append(secs - (r["rtt_ms"] or 0.0) / 1e3)
-        if mode == "all":
+        if mode in ("all", "inline"):
             assert len(ends) == 2768, len(ends)
         rate = len(ends) / max(max(ends) - min(starts), 0.001) if ends else 0.0
         print(f"{rate:.0f} {cpu:.1f} {wall:.1f}", flush=True)
@@ -90,7 +96,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=10, help="probe_slice runs per child process")
     ap.add_argument("--rounds", type=int, default=3, help="child processes per mode, alternated")
-    ap.add_argument("--modes", default="all,failures,off")
+    ap.add_argument("--modes", default="all,inline,failures,off")
     ap.add_argument("--child", nargs=5, metavar=("STATE", "AGENT", "REPS", "MODE", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -130,7 +136,7 @@ def main() -> int:
     for m in modes:
         rate, cpu, wall = (statistics.median(r[i] for r in got[m]) for i in range(3))
         rates = ", ".join(f"{r[0]:,.0f}" for r in got[m])
-        what = f"NodePort {rate:,.0f} flows/s (rounds: {rates}), " if m == "all" else ""
+        what = f"NodePort {rate:,.0f} flows/s (rounds: {rates}), " if rate else ""
         print(f"  {m:<9} {what}probe_slice CPU {cpu:.1f} ms, wall {wall:.1f} ms")
     print(f"load at end {_load()}")
     return 0

@@ -44,19 +44,22 @@ def run(cfg: EngineConfig, flows: list[Flow], kind: str = "uvloop") -> tuple[lis
     return results, engine
 
 
-@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
+@pytest.mark.parametrize("send", ["thread", "inline", "sendto"])
 @pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
 def test_sweep_and_worker_pool_give_the_same_results(
     kind: str,
-    single: bool,
+    send: str,
     listen,  # noqa: F811
     monkeypatch,
 ) -> None:
-    """The same results from the batch lane (SYNs many per sendmmsg, answers many per recvmmsg;
-    or, where libc has neither, one packet per call) as from the worker pool."""
+    """The same results from the batch lane (SYNs many per sendmmsg, from a thread of their own
+    or from the loop's, answers many per recvmmsg; or, where libc has neither, one packet per
+    call) as from the worker pool."""
     from scanner.probes import mmsg
+    from scanner.probes.syn import SynProber
 
-    if single:
+    monkeypatch.setattr(SynProber, "SEND_THREAD", send == "thread")
+    if send == "sendto":
         monkeypatch.setattr(mmsg, "_FUNCS", None)
     elif not mmsg.available():
         pytest.skip("this libc has no sendmmsg/recvmmsg")
@@ -116,14 +119,27 @@ CHILD = textwrap.dedent(
 
     args = json.loads(sys.argv[1])
     from scanner.probes import mmsg
-    if args.get("single"):  # one packet per system call, as where libc has no sendmmsg
+    from scanner.probes.syn import SynProber
+    send = args.get("send", "thread")
+    if send == "sendto":  # one packet per system call, as where libc has no sendmmsg
         mmsg._FUNCS = None
+    # sendmmsg from a thread of its own, or from the loop's (a process with one core)
+    SynProber.SEND_THREAD = send == "thread"
     sizes = []  # SYNs per sendmmsg flush
     _flush = mmsg.SendBatch.flush
 
     def flush(self):
         sizes.append(self.queued)
         return _flush(self)
+
+    if args.get("late"):  # whoever sends (the loop or its thread) starved of CPU this long
+        _stamp = SynProber._stamp
+
+        def stamp(self, queued):
+            time.sleep(args["late"])
+            return _stamp(self, queued)
+
+        SynProber._stamp = stamp
 
     mmsg.SendBatch.flush = flush
     from scanner.engine import sweep
@@ -150,8 +166,11 @@ CHILD = textwrap.dedent(
     peak = {}
     engine = None
 
+    rtts = []
+
     def emit(r):
         out.append([r.flow.port, r.state, r.reason, r.attempts])
+        rtts.append(r.rtt_ms)
         if args.get("stop_after") and len(out) == args["stop_after"]:
             engine.stop()
 
@@ -181,6 +200,8 @@ CHILD = textwrap.dedent(
     tcp = engine.probers.get("tcp")
     print(json.dumps({"results": out, "peak": peak.get("inflight", 0), "elapsed": elapsed,
                       "batched": getattr(tcp, "_tx", None) is not None,
+                      "threaded": getattr(tcp, "_sender", None) is not None,
+                      "rtt_max": max((x for x in rtts if x is not None), default=None),
                       "batch_peak": max(sizes, default=0),
                       "backoff_end": lanes[0].backoff if lanes else None,
                       "stats": {"retries": engine.stats.retries,
@@ -241,22 +262,26 @@ def test_silent_ports_are_retried_and_filtered_with_a_per_host_cap(drop_ns: str)
         assert by[p][1:4] == ["closed", "reset", 1]
 
 
-@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
-def test_a_send_refused_inside_a_batch_fails_that_flow_alone(drop_ns: str, single: bool) -> None:
+SENDS = ["thread", "inline", "sendto"]  # sendmmsg from its own thread or the loop's; sendto
+
+
+@pytest.mark.parametrize("send", SENDS)
+def test_a_send_refused_inside_a_batch_fails_that_flow_alone(drop_ns: str, send: str) -> None:
     """A SYN the local firewall refuses (the send gets EPERM) in the middle of a sendmmsg batch:
     that flow is filtered/local-prohibited after one attempt, the SYNs after it in the same
     batch still leave, and every other flow is exact."""
     from scanner.probes import mmsg
 
-    if not single and not mmsg.available():
+    if send != "sendto" and not mmsg.available():
         pytest.skip("this libc has no sendmmsg/recvmmsg")
     refused = [*range(OUT_LO, OUT_HI + 1)]
     others = [*range(1000, 1030), *range(1030, 1300)]
     ports = [*others[:30], *refused[:5], 1500, *refused[5:], *others[30:]]
-    res = child(drop_ns, ports=ports, cfg={"timeout": 0.3, "tcp_method": "syn"}, single=single)
+    res = child(drop_ns, ports=ports, cfg={"timeout": 0.3, "tcp_method": "syn"}, send=send)
     by = once_each(res, ports)
-    assert res["batched"] is (not single)
-    if not single:  # the refused SYNs were in batches with others (64 per sendmmsg)
+    assert res["batched"] is (send != "sendto")
+    assert res["threaded"] is (send == "thread")
+    if send != "sendto":  # the refused SYNs were in batches with others (64 per sendmmsg)
         assert res["batch_peak"] > len(refused)
     assert [by[p][1:4] for p in refused] == [["filtered", "local-prohibited", 1]] * len(refused)
     assert all(by[p][1:4] == ["closed", "reset", 1] for p in [*others, 1500])
@@ -362,19 +387,20 @@ def slow_ns():
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-@pytest.mark.parametrize("single", [False, True], ids=["sendmmsg", "sendto"])
-def test_a_full_send_buffer_backs_off_and_never_gives_a_flow_up(slow_ns: str, single: bool) -> None:
+@pytest.mark.parametrize("send", SENDS)
+def test_a_full_send_buffer_backs_off_and_never_gives_a_flow_up(slow_ns: str, send: str) -> None:
     """The send buffer fills on every batch (the kernel takes a few SYNs, refuses the rest with
     EAGAIN) yet the sweep makes progress: it backs off and re-sends, as with one sendto per SYN,
     and every flow gets its real answer. A batch of 64 once counted as 64 consecutive resource
     errors, so after ~4 batches a flow was given up as error/no-buffers while SYNs were leaving."""
     from scanner.probes import mmsg
 
-    if not single and not mmsg.available():
+    if send != "sendto" and not mmsg.available():
         pytest.skip("this libc has no sendmmsg/recvmmsg")
     ports = list(range(1000, 1400))
     cfg = {"timeout": 1.0, "concurrency": 400, "tcp_method": "syn"}
-    res = child(slow_ns, ports=ports, cfg=cfg, single=single, sndbuf=2048)
+    res = child(slow_ns, ports=ports, cfg=cfg, send=send, sndbuf=2048)
+    assert res["threaded"] is (send == "thread")
     by = once_each(res, ports)
     assert res["stats"]["backoffs"].get("no-buffers", 0) > 0, "the send buffer filled"
     bad = {p: r for p, r in by.items() if r[1:3] != ["closed", "reset"]}
@@ -383,6 +409,29 @@ def test_a_full_send_buffer_backs_off_and_never_gives_a_flow_up(slow_ns: str, si
     # sendto per SYN a send that went through once did not reset it: it grew all run long)
     assert res["backoff_end"] == 0
     assert res["elapsed"] < 15
+
+
+@pytest.mark.parametrize("send", ["thread", "inline"])
+def test_syns_sent_late_are_not_taken_for_silence(slow_ns: str, send: str) -> None:
+    """The sender starved of CPU between queueing a batch and sending it (0.5 s each, against
+    a 0.4 s timeout; the token bucket makes the answers take ~1 ms a packet to come): a SYN's
+    deadline and RTT start when it left, not when it was queued, so every flow gets its
+    answer after one attempt. The loop's tick must not expire a SYN still waiting for the
+    thread, nor one whose batch left late before its answer could come."""
+    from scanner.probes import mmsg
+
+    if not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
+    ports = list(range(1000, 1060))  # one batch: no answer to an earlier one moves the timeout
+    cfg = {"timeout": 0.4, "retries": 1, "tcp_method": "syn"}
+    res = child(slow_ns, ports=ports, cfg=cfg, send=send, late=0.5)
+    by = once_each(res, ports)
+    assert res["threaded"] is (send == "thread")
+    bad = {p: r for p, r in by.items() if r[1:4] != ["closed", "reset", 1]}
+    assert not bad, f"{len(bad)} flows: {list(bad.values())[:5]}"
+    assert res["stats"]["retries"] == 0
+    if send == "thread":  # the loop went on reading while the thread slept (inline, it did not)
+        assert res["rtt_max"] < 400, res["rtt_max"]
 
 
 @pytest.mark.parametrize("sweep_lane", [True, False], ids=["batch", "worker-pool"])

@@ -88,7 +88,11 @@ class Sweep:
         # the probe queues its packets and sends them many per system call (flush)
         self.batched = hasattr(prober, "flush")
         self.flush_at = getattr(prober, "BATCH", 1)
+        # a thread sends the probe's batches (SynProber.unsent_since): their failures come
+        # back later (reap), and a SYN still waiting for the thread is not silent yet
+        self.threaded = self.batched and getattr(prober, "_sender", None) is not None
         self.limits: dict[Any, float] = {}  # host -> its timeout, within one fill
+        self.sent_seen = 0  # the probe's count of SYNs that left, when last looked at
         self.dst_ok: dict[str, bool] = {}  # destination -> batchable (by address alone)
         self.token_sample = engine.cfg.token_sample > 0
         self.cap = engine.cfg.max_per_host
@@ -97,7 +101,10 @@ class Sweep:
     async def run(self, flows: Iterator[Flow]) -> None:
         self.flows = flows
         self.done = self.loop.create_future()
-        self.prober.batch(self._answer)
+        if self.batched:
+            self.prober.batch(self._answer, self._late)
+        else:
+            self.prober.batch(self._answer)
         try:
             self._fill()
             await self.done
@@ -130,6 +137,8 @@ class Sweep:
     def _fill(self) -> None:
         """Send retries, then new flows, while the window has room (SEND_BATCH per call)."""
         self.fill_handle = None
+        if self.threaded and self.prober.sending:
+            self._sent(self.prober.reap())
         now = time.perf_counter()
         if now < self.paused_until:
             self._schedule_fill(self.paused_until - now)
@@ -284,9 +293,14 @@ class Sweep:
         The back-off counts as with one sendto per packet: a packet that left resets it, and a
         batch the kernel refused (part of) is one back-off, not one per refused packet (else
         a buffer that fills on every batch while SYNs still leave gave flows up in ~4 batches)."""
-        n = self.prober.queued
-        failed = self.prober.flush()
-        if len(failed) < n:
+        return self._sent(self.prober.flush())
+
+    def _sent(self, failed: list[tuple[object, Outcome]]) -> bool:
+        """The SYNs of flushed batches that did not leave (flush(), or reap() of the batches
+        the probe's thread sent since); False when sending must pause."""
+        sent = self.prober.sent
+        if sent != self.sent_seen:
+            self.sent_seen = sent
             self.backoff = 0  # SYNs left
         if not failed:
             return True
@@ -350,6 +364,22 @@ class Sweep:
         self._release(a)
         self._schedule_fill()
 
+    def _late(self, keys: list[object], t: float) -> None:
+        """The probe's thread sent these attempts' SYNs late, at ``t``: their deadlines start
+        then (the wheel entry of the old start is skipped: its t0 no longer matches)."""
+        inflight, wheel = self.inflight, self.wheel
+        for key in keys:
+            a = inflight.get(key)
+            if a is None or a.t0 >= t:
+                continue
+            a.t0 = t
+            slot = int((t + a.limit) / TICK) + 1
+            w = wheel.get(slot)
+            if w is None:
+                wheel[slot] = [(key, t)]
+            else:
+                w.append((key, t))
+
     def _arm(self) -> None:
         if self.timer is None and self.inflight:
             self.timer = self.loop.call_later(TICK, self._tick)
@@ -359,10 +389,13 @@ class Sweep:
         now = time.perf_counter()
         upto = int(now / TICK)
         wheel = self.wheel
+        if self.threaded and self.prober.sending:
+            self._sent(self.prober.reap())  # may restamp late attempts (_late)
         if self.cursor <= upto and any(s in wheel for s in range(self.cursor, upto + 1)):
             # answers already queued are answers, not timeouts (uvloop runs timers before I/O)
             self.prober.drain()
             now = time.perf_counter()
+        unsent = self.prober.unsent_since if self.threaded else _NEVER
         eng = self.engine
         cfg = eng.cfg
         inflight = self.inflight
@@ -376,6 +409,9 @@ class Sweep:
                 if a is None or a.t0 != t0:
                     continue  # answered, or re-sent since
                 limit = a.hs.timeout(cfg)
+                if t0 >= unsent:  # its SYN may not have left yet (the probe's thread)
+                    wheel.setdefault(upto + 1, []).append((key, t0))
+                    continue
                 if now - t0 < limit:
                     slot = int((t0 + limit) / TICK) + 1  # its host's timeout grew: later
                     wheel.setdefault(max(slot, upto + 1), []).append((key, t0))
@@ -527,6 +563,7 @@ class Sweep:
 
 
 _SILENT = Outcome("filtered", "no-response", None, True)
+_NEVER = float("inf")
 _INTERRUPTED = Outcome("error", "interrupted")
 _RESOURCE = frozenset({"fd-exhausted", "no-buffers", "ephemeral-exhausted"})
 

@@ -17,8 +17,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import queue
 import socket
 import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 
 MSG_DONTWAIT = 0x40
 
@@ -176,3 +181,105 @@ class RecvBatch:
 
     def length(self, k: int) -> int:
         return self.lens[k * LEN_STRIDE + LEN_AT]
+
+
+# batches per Sender: one being filled, the others with the thread
+BUFFERS = 3
+
+
+class Sender:
+    """A thread that makes the sendmmsg calls, so that the caller fills one ``SendBatch``
+    while the thread sends the ones handed to it, in order.
+
+    ctypes lets go of the GIL for the call, and the call is where a raw sweep's kernel work
+    is: on a lab pair, ~14 us per SYN, where the peer's stack, its SYN-ACK and our kernel's
+    RST all run in the sender's system call. In the thread, that runs on another core beside
+    the caller's Python (the plan, the bookkeeping, reading the answers).
+
+    - ``free()``: an empty batch to fill, or None when every batch is out (then
+      ``reap(block=True)`` waits, the GIL let go, for the oldest).
+    - ``submit(batch, tag_t, tag)``: hand a filled batch to the thread; ``tag_t`` is when
+      its first packet was queued, ``tag`` the caller's own. Just before it sends the batch,
+      the thread calls ``stamp(tag)`` (with the GIL), which returns the time it sends at.
+    - ``reap()``: the batches the thread has sent since, in order, as ``(tag_t, t_sent,
+      failed, tag)``: ``t_sent`` when the call began, ``failed`` what ``SendBatch.flush``
+      reports (the packets that did not leave, with their errno).
+    - ``unsent_since``: the ``tag_t`` of the oldest batch not yet reaped (inf: none). A
+      packet queued at or after it may not have left yet.
+    - ``close()``: stop the thread (it sends what was handed to it first)."""
+
+    def __init__(
+        self,
+        fd: int,
+        size: int,
+        slot: int,
+        length: int,
+        stamp: Callable[[object], float],
+        buffers: int = 0,
+    ) -> None:
+        assert _FUNCS is not None, "available() first"
+        self._stamp = stamp
+        n = max(2, buffers or BUFFERS)
+        self._free = [SendBatch(fd, size, slot, length) for _ in range(n)]
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: deque[tuple[SendBatch, float, object]] = deque()  # submitted, not reaped
+        self._tags: dict[int, object] = {}  # id(batch) -> its tag, while the thread has it
+        self._thread = threading.Thread(target=self._run, name="sendmmsg", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def _run(self) -> None:
+        jobs, done, stamp = self._jobs, self._done, self._stamp
+        while True:
+            batch = jobs.get()
+            if batch is None:
+                return
+            n = batch.queued
+            t = time.perf_counter()
+            try:
+                t = stamp(self._tags[id(batch)])
+                failed = batch.flush()
+            except Exception:  # noqa: BLE001 - never leave the caller waiting for a batch
+                failed = [(k, errno.EIO) for k in range(n)]
+                batch.queued = 0
+            done.put((batch, t, failed))
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._out)
+
+    @property
+    def unsent_since(self) -> float:
+        return self._out[0][1] if self._out else float("inf")
+
+    def submit(self, batch: SendBatch, tag_t: float, tag: object) -> None:
+        self._out.append((batch, tag_t, tag))
+        self._tags[id(batch)] = tag
+        self._jobs.put(batch)
+
+    def reap(self, block: bool = False) -> list[tuple[float, float, list, object]]:
+        got = []
+        done = self._done
+        while self._out:
+            try:
+                batch, t, failed = done.get(block and not got)
+            except queue.Empty:
+                break
+            b, tag_t, tag = self._out.popleft()
+            assert b is batch, "batches come back in the order they went"
+            del self._tags[id(batch)]
+            self._free.append(batch)
+            got.append((tag_t, t, failed, tag))
+        return got
+
+    def free(self) -> SendBatch | None:
+        """An empty batch, or None when every batch is out (reap(block=True) first)."""
+        return self._free.pop() if self._free else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join(1.0)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import os
 import socket
 import struct
 import time
@@ -61,6 +62,9 @@ _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOM
 # SYNs per sendmmsg call, and answers per recvmmsg call (scanner.probes.mmsg)
 BATCH = 64
 RECV_BATCH = 256
+# A batch the sending thread sent this long (s) after its first SYN was queued was sent late:
+# its SYNs' deadlines and RTTs start when it left (SynProber._reaped)
+LATE = 0.002
 _ANSWER = struct.Struct("!HHII")  # sport dport seq ack
 _LEN_STRIDE, _LEN_AT = mmsg.LEN_STRIDE, mmsg.LEN_AT
 
@@ -148,6 +152,9 @@ class SynProber:
     proto = "tcp"
     needs_raw = True
     BATCH = BATCH  # the sweep flushes (sendmmsg) when this many SYNs are queued
+    # a thread for the sendmmsg calls (mmsg.Sender): None: where this process's shards leave a
+    # core to spare (a mesh agent on two cores; not the shards of a scan, one per core)
+    SEND_THREAD: bool | None = None
 
     def __init__(self, opts: ProbeOptions | None = None) -> None:
         self.opts = opts or ProbeOptions()
@@ -172,6 +179,11 @@ class SynProber:
         self._tx: mmsg.SendBatch | None = None
         self._rxb: mmsg.RecvBatch | None = None
         self._queued: list[tuple[tuple[str, int, int], int]] = []  # (key, seq) per queued SYN
+        # with two cores or more, a thread makes the sendmmsg calls (mmsg.Sender)
+        self._sender: mmsg.Sender | None = None
+        self._first_t0 = 0.0  # send()'s t0 of the first SYN queued in _tx
+        self._on_late: Callable[[list[tuple[str, int, int]], float], None] | None = None
+        self.sent = 0  # SYNs that left (the caller's back-off: did any leave?)
 
     @property
     def timeout_for(self) -> Callable[[str], float] | None:
@@ -193,7 +205,14 @@ class SynProber:
             _attach_filter(s, bpf_port_range(self._lo, self._hi))
         self.sock = s
         if mmsg.available():
-            self._tx = mmsg.SendBatch(s.fileno(), BATCH, 32, _SYN.size)
+            threaded = self.SEND_THREAD
+            if threaded is None:  # a core to spare beside this process's shards
+                threaded = len(os.sched_getaffinity(0)) > max(1, self.opts.shard[1])
+            if threaded:
+                self._sender = mmsg.Sender(s.fileno(), BATCH, 32, _SYN.size, self._stamp)
+                self._tx = self._sender.free()
+            else:
+                self._tx = mmsg.SendBatch(s.fileno(), BATCH, 32, _SYN.size)
             self._rxb = mmsg.RecvBatch(s.fileno(), RECV_BATCH, 128)
         loop.add_reader(s.fileno(), self._on_tcp)
         self._rx = rawrecv.acquire(loop, self._on_icmp)
@@ -202,6 +221,8 @@ class SynProber:
         self._queued.clear()
         if self._tx is not None:
             self._tx.queued = 0
+        if self._sender is not None:
+            self._sender.close()
         if self.sock is not None and self.loop is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
@@ -396,9 +417,29 @@ class SynProber:
         return _SILENT if out is None else out
 
     # -- the batch interface (scanner.engine.sweep): no future, timer or task per attempt ----
-    def batch(self, on_answer: Callable[[tuple[str, int, int], Outcome], None]) -> None:
-        """Deliver answers to attempts made with send() to ``on_answer(key, outcome)``."""
+    def batch(
+        self,
+        on_answer: Callable[[tuple[str, int, int], Outcome], None],
+        on_late: Callable[[list[tuple[str, int, int]], float], None] | None = None,
+    ) -> None:
+        """Deliver answers to attempts made with send() to ``on_answer(key, outcome)``; and
+        ``on_late(keys, t)`` for queued SYNs that left at ``t``, more than LATE after the
+        first of their batch was queued (the process or its sending thread was starved of
+        CPU): their deadlines start then."""
         self._on_answer = on_answer
+        self._on_late = on_late
+
+    @property
+    def unsent_since(self) -> float:
+        """The send() t0 from which on a SYN may still be waiting for the sending thread (inf:
+        none is). A deadline counts from when its SYN left, so an attempt with a t0 at or
+        after this is not yet silent, whatever the clock says."""
+        return self._sender.unsent_since if self._sender is not None else float("inf")
+
+    @property
+    def sending(self) -> int:
+        """Batches handed to the sending thread and not yet reaped (reap())."""
+        return self._sender.outstanding if self._sender is not None else 0
 
     @staticmethod
     def batchable(flow: Flow) -> bool:
@@ -418,27 +459,77 @@ class SynProber:
 
     def flush(self) -> list[tuple[tuple[str, int, int], Outcome]]:
         """Send the queued SYNs (one sendmmsg per BATCH); the (key, outcome) of each that did
-        not leave, as send() would have returned it. Their RTTs start now: they become
-        pending here (a batch's source ports follow one another, so none of them is taken by
-        another queued SYN; send() checked them against those in flight)."""
+        not leave, as send() would have returned it. They become pending here, their RTTs
+        starting when they are sent (_stamp). A batch's source ports follow one another, so
+        none of them is taken by another queued SYN; send() checked them against those in
+        flight.
+
+        Where a thread sends, the batch is handed to it and this returns the SYNs that did not
+        leave of the batches it has sent since (reap()); it waits for the oldest only when
+        every batch is out."""
         queued = self._queued
+        sender = self._sender
         if not queued:
-            return []
-        t0 = time.perf_counter()
+            return self.reap() if sender is not None and sender.outstanding else []
+        self._queued = []
+        if sender is not None:
+            # pending now (send() checks source ports against it); their RTTs start when the
+            # thread sends them (_stamp)
+            t0 = time.perf_counter()
+            pending = self._pending
+            for key, seq in queued:
+                pending[key] = (None, t0, seq)
+            sender.submit(self._tx, self._first_t0, queued)  # type: ignore[arg-type]
+            tx = sender.free()
+            out = self._reaped(sender.reap(block=tx is None))
+            self._tx = tx if tx is not None else sender.free()
+            return out
+        t0 = self._stamp(queued)
         failed = self._tx.flush()  # type: ignore[union-attr]
+        return self._reaped([(self._first_t0, t0, failed, queued)])
+
+    def reap(self) -> list[tuple[tuple[str, int, int], Outcome]]:
+        """The SYNs that did not leave, of the batches the sending thread has sent since the
+        last call (without waiting); [] where no thread sends."""
+        if self._sender is None:
+            return []
+        return self._reaped(self._sender.reap())
+
+    def _reaped(self, done: list) -> list[tuple[tuple[str, int, int], Outcome]]:
+        out: list[tuple[tuple[str, int, int], Outcome]] = []
+        pending = self._pending
+        for t_queued, t_sent, failed, queued in done:
+            self.sent += len(queued) - len(failed)
+            if failed:
+                out += self._failed(queued, failed)
+            if t_sent - t_queued > LATE and self._on_late is not None:
+                # sent late (the process, or its sending thread, starved of CPU): the deadlines
+                # of its SYNs still in flight start when they left (as their RTTs do: _stamp)
+                late = [key for key, _ in queued if key in pending]
+                if late:
+                    self._on_late(late, t_sent)
+        return out
+
+    def _stamp(self, queued: list[tuple[tuple[str, int, int], int]]) -> float:
+        """Just before these SYNs are sent (in the sending thread, where there is one): they
+        become pending with their RTTs starting now, which is returned."""
+        t = time.perf_counter()
         pending = self._pending
         for key, seq in queued:
-            pending[key] = (None, t0, seq)
+            pending[key] = (None, t, seq)
+        return t
+
+    def _failed(self, queued: list, failed: list) -> list[tuple[tuple[str, int, int], Outcome]]:
+        pending = self._pending
         out = []
         for k, e in failed:
             key = queued[k][0]
-            del pending[key]
+            pending.pop(key, None)
             res = _RESOURCE.get(e)
             out.append(
                 (key, Outcome("error", res) if res is not None
                  else _ERR_OUTCOMES.get(e, Outcome("error", f"send-{e}")))
             )  # fmt: skip
-        self._queued = []
         return out
 
     def send(self, flow: Flow, t0: float) -> tuple[str, int, int] | Outcome:
@@ -470,6 +561,8 @@ class SynProber:
         if tx is not None:
             if tx.queued >= BATCH:
                 raise RuntimeError("SynProber.send: flush() first (BATCH SYNs are queued)")
+            if not tx.queued:
+                self._first_t0 = t0
             _SYN.pack_into(
                 tx.buf, tx.slot_for(dst), sport, dport, seq, 0, 6 << 4, TH_SYN, _WINDOW,
                 ~c & 0xFFFF, 0, 2, 4, MSS,
