@@ -59,8 +59,12 @@ _ERR_OUTCOMES = {
 _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOMEM: "no-buffers"}
 
 
-# SYNs per sendmmsg call, and answers per recvmmsg call (scanner.probes.mmsg)
+# SYNs per sendmmsg call, and answers per recvmmsg call (scanner.probes.mmsg). A thread that
+# sends (mmsg.Sender) takes bigger batches: each costs it a hand-over and the GIL twice, and the
+# loop reads the answers meanwhile (benchmarks/RESULTS.md, seventh pass: an agent alone sweeps
+# ~43,000 flows/s with 64, ~53,000 with 256; in the loop's own thread, 256 gained nothing)
 BATCH = 64
+THREAD_BATCH = 256
 RECV_BATCH = 256
 # A batch the sending thread sent this long (s) after its first SYN was queued was sent late:
 # its SYNs' deadlines and RTTs start when it left (SynProber._reaped)
@@ -209,7 +213,8 @@ class SynProber:
             if threaded is None:  # a core to spare beside this process's shards
                 threaded = len(os.sched_getaffinity(0)) > max(1, self.opts.shard[1])
             if threaded:
-                self._sender = mmsg.Sender(s.fileno(), BATCH, 32, _SYN.size, self._stamp)
+                self.BATCH = THREAD_BATCH
+                self._sender = mmsg.Sender(s.fileno(), THREAD_BATCH, 32, _SYN.size, self._stamp)
                 self._tx = self._sender.free()
             else:
                 self._tx = mmsg.SendBatch(s.fileno(), BATCH, 32, _SYN.size)
@@ -559,7 +564,7 @@ class SynProber:
         c = (c & 0xFFFF) + (c >> 16)
         tx = self._tx
         if tx is not None:
-            if tx.queued >= BATCH:
+            if tx.queued >= tx.size:
                 raise RuntimeError("SynProber.send: flush() first (BATCH SYNs are queued)")
             if not tx.queued:
                 self._first_t0 = t0
