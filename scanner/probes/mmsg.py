@@ -206,7 +206,7 @@ class Sender:
       reports (the packets that did not leave, with their errno).
     - ``unsent_since``: the ``tag_t`` of the oldest batch not yet reaped (inf: none). A
       packet queued at or after it may not have left yet.
-    - ``close()``: stop the thread (it sends what was handed to it first)."""
+    - ``close()``: stop the thread; what it has not begun to send is not sent."""
 
     def __init__(
         self,
@@ -281,5 +281,10 @@ class Sender:
         if self._closed:
             return
         self._closed = True
+        try:  # batches not yet sent stay unsent (a stop: the attempts in them are reported)
+            while True:
+                self._jobs.get_nowait()
+        except queue.Empty:
+            pass
         self._jobs.put(None)
         self._thread.join(1.0)
