@@ -130,6 +130,8 @@ CHILD = textwrap.dedent(
 
     def flush(self):
         sizes.append(self.queued)
+        if args.get("slow_call") and self.queued:  # starved inside the sendmmsg call
+            time.sleep(args["slow_call"])
         return _flush(self)
 
     if args.get("late"):  # whoever sends (the loop or its thread) starved of CPU this long
@@ -234,10 +236,10 @@ def drop_ns():
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-def child(ns: str, **args: object) -> dict:
+def child(ns: str, wait: float = 120, **args: object) -> dict:
     cp = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", CHILD, json.dumps(args)],
-        capture_output=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True, timeout=wait, cwd=os.path.dirname(os.path.dirname(__file__)),
     )  # fmt: skip
     assert cp.returncode == 0, cp.stderr.decode()[-2000:]
     return json.loads(cp.stdout)
@@ -432,6 +434,49 @@ def test_syns_sent_late_are_not_taken_for_silence(slow_ns: str, send: str) -> No
     assert res["stats"]["retries"] == 0
     if send == "thread":  # the loop went on reading while the thread slept (inline, it did not)
         assert res["rtt_max"] < 400, res["rtt_max"]
+
+
+@pytest.mark.parametrize("send", ["thread", "inline"])
+def test_a_slow_sendmmsg_call_is_not_taken_for_silence(slow_ns: str, send: str) -> None:
+    """The sender starved inside its sendmmsg call (0.5 s between the RTT's start and the
+    packets leaving, against a 0.4 s timeout; its batch also left late): a SYN's deadline
+    starts when the call returned, not when it began. Counted from when it began, the tick
+    expired every SYN the moment its batch came back, before its answer (~1 ms a packet
+    through the token bucket) could come; and where the thread sent, the late batch's new
+    deadlines went into wheel slots already swept, so its silent flows were never reported
+    and the run never ended."""
+    from scanner.probes import mmsg
+
+    if not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
+    ports = list(range(1000, 1060))  # one batch
+    cfg = {"timeout": 0.4, "retries": 1, "tcp_method": "syn"}
+    res = child(slow_ns, wait=30, ports=ports, cfg=cfg, send=send, late=0.01, slow_call=0.5)
+    by = once_each(res, ports)
+    assert res["threaded"] is (send == "thread")
+    bad = {p: r for p, r in by.items() if r[1:4] != ["closed", "reset", 1]}
+    assert not bad, f"{len(bad)} flows: {list(bad.values())[:5]}"
+    assert res["stats"]["retries"] == 0
+
+
+@pytest.mark.parametrize("send", ["thread", "inline"])
+def test_a_silent_flow_whose_batch_came_back_late_still_ends(drop_ns: str, send: str) -> None:
+    """The sender starved inside its sendmmsg call for longer than the timeout, after its
+    batch had already left late: the silent flows in it are filtered once their (restarted)
+    deadlines pass. Their new wheel slots were behind the tick's cursor (the loop ticked on
+    while the thread sent), so they were never swept: no line for them, and no end."""
+    from scanner.probes import mmsg
+
+    if not mmsg.available():
+        pytest.skip("this libc has no sendmmsg/recvmmsg")
+    silent = list(range(DROP_LO, DROP_LO + 20))
+    ports = [*silent, *range(1000, 1020)]
+    cfg = {"timeout": 0.1, "retries": 0, "tcp_method": "syn"}
+    res = child(drop_ns, wait=20, ports=ports, cfg=cfg, send=send, late=0.01, slow_call=0.3)
+    by = once_each(res, ports)
+    assert res["threaded"] is (send == "thread")
+    assert all(by[p][1:4] == ["filtered", "no-response", 1] for p in silent), by
+    assert all(by[p][1:4] == ["closed", "reset", 1] for p in range(1000, 1020)), by
 
 
 @pytest.mark.parametrize("sweep_lane", [True, False], ids=["batch", "worker-pool"])

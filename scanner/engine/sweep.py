@@ -365,15 +365,17 @@ class Sweep:
         self._schedule_fill()
 
     def _late(self, keys: list[object], t: float) -> None:
-        """The probe's thread sent these attempts' SYNs late, at ``t``: their deadlines start
-        then (the wheel entry of the old start is skipped: its t0 no longer matches)."""
-        inflight, wheel = self.inflight, self.wheel
+        """These attempts' SYNs were sent late, by ``t``: their deadlines start then (the wheel
+        entry of the old start is skipped: its t0 no longer matches). Never in a slot the tick
+        has swept already: the loop ticks on while the probe's thread sends, and a deadline
+        already past there was never expired (no line for the flow, no end to the run)."""
+        inflight, wheel, cursor = self.inflight, self.wheel, self.cursor
         for key in keys:
             a = inflight.get(key)
             if a is None or a.t0 >= t:
                 continue
             a.t0 = t
-            slot = int((t + a.limit) / TICK) + 1
+            slot = max(int((t + a.limit) / TICK) + 1, cursor)
             w = wheel.get(slot)
             if w is None:
                 wheel[slot] = [(key, t)]

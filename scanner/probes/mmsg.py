@@ -200,10 +200,11 @@ class Sender:
       ``reap(block=True)`` waits, the GIL let go, for the oldest).
     - ``submit(batch, tag_t, tag)``: hand a filled batch to the thread; ``tag_t`` is when
       its first packet was queued, ``tag`` the caller's own. Just before it sends the batch,
-      the thread calls ``stamp(tag)`` (with the GIL), which returns the time it sends at.
-    - ``reap()``: the batches the thread has sent since, in order, as ``(tag_t, t_sent,
-      failed, tag)``: ``t_sent`` when the call began, ``failed`` what ``SendBatch.flush``
-      reports (the packets that did not leave, with their errno).
+      the thread calls ``stamp(tag)`` (with the GIL).
+    - ``reap()``: the batches the thread has sent since, in order, as ``(tag_t, t_done,
+      failed, tag)``: ``t_done`` when the call returned (every packet of the batch had left
+      by then; the thread may be starved inside the call), ``failed`` what
+      ``SendBatch.flush`` reports (the packets that did not leave, with their errno).
     - ``unsent_since``: the ``tag_t`` of the oldest batch not yet reaped (inf: none). A
       packet queued at or after it may not have left yet.
     - ``close()``: stop the thread; what it has not begun to send is not sent."""
@@ -236,14 +237,13 @@ class Sender:
             if batch is None:
                 return
             n = batch.queued
-            t = time.perf_counter()
             try:
-                t = stamp(self._tags[id(batch)])
+                stamp(self._tags[id(batch)])
                 failed = batch.flush()
             except Exception:  # noqa: BLE001 - never leave the caller waiting for a batch
                 failed = [(k, errno.EIO) for k in range(n)]
                 batch.queued = 0
-            done.put((batch, t, failed))
+            done.put((batch, time.perf_counter(), failed))
 
     @property
     def outstanding(self) -> int:

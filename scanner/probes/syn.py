@@ -66,8 +66,10 @@ _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOM
 BATCH = 64
 THREAD_BATCH = 256
 RECV_BATCH = 256
-# A batch the sending thread sent this long (s) after its first SYN was queued was sent late:
-# its SYNs' deadlines and RTTs start when it left (SynProber._reaped)
+# A batch whose sendmmsg call returned this long (s) after its first SYN was queued was sent
+# late: its SYNs' deadlines start when the call returned (SynProber._reaped), their RTTs when
+# it began (_stamp). A SYN leaves somewhere inside the call, and a sender starved of CPU
+# inside it (the loop's thread or its own) must not have its SYNs' silence counted early.
 LATE = 0.002
 _ANSWER = struct.Struct("!HHII")  # sport dport seq ack
 _LEN_STRIDE, _LEN_AT = mmsg.LEN_STRIDE, mmsg.LEN_AT
@@ -428,9 +430,9 @@ class SynProber:
         on_late: Callable[[list[tuple[str, int, int]], float], None] | None = None,
     ) -> None:
         """Deliver answers to attempts made with send() to ``on_answer(key, outcome)``; and
-        ``on_late(keys, t)`` for queued SYNs that left at ``t``, more than LATE after the
-        first of their batch was queued (the process or its sending thread was starved of
-        CPU): their deadlines start then."""
+        ``on_late(keys, t)`` for queued SYNs whose sendmmsg call returned at ``t`` (they had
+        left by then), more than LATE after the first of their batch was queued (the process
+        or its sending thread was starved of CPU): their deadlines start then."""
         self._on_answer = on_answer
         self._on_late = on_late
 
@@ -489,9 +491,9 @@ class SynProber:
             out = self._reaped(sender.reap(block=tx is None))
             self._tx = tx if tx is not None else sender.free()
             return out
-        t0 = self._stamp(queued)
+        self._stamp(queued)
         failed = self._tx.flush()  # type: ignore[union-attr]
-        return self._reaped([(self._first_t0, t0, failed, queued)])
+        return self._reaped([(self._first_t0, time.perf_counter(), failed, queued)])
 
     def reap(self) -> list[tuple[tuple[str, int, int], Outcome]]:
         """The SYNs that did not leave, of the batches the sending thread has sent since the
@@ -503,16 +505,16 @@ class SynProber:
     def _reaped(self, done: list) -> list[tuple[tuple[str, int, int], Outcome]]:
         out: list[tuple[tuple[str, int, int], Outcome]] = []
         pending = self._pending
-        for t_queued, t_sent, failed, queued in done:
+        for t_queued, t_done, failed, queued in done:
             self.sent += len(queued) - len(failed)
             if failed:
                 out += self._failed(queued, failed)
-            if t_sent - t_queued > LATE and self._on_late is not None:
+            if t_done - t_queued > LATE and self._on_late is not None:
                 # sent late (the process, or its sending thread, starved of CPU): the deadlines
-                # of its SYNs still in flight start when they left (as their RTTs do: _stamp)
+                # of its SYNs still in flight start when the call returned (all had left)
                 late = [key for key, _ in queued if key in pending]
                 if late:
-                    self._on_late(late, t_sent)
+                    self._on_late(late, t_done)
         return out
 
     def _stamp(self, queued: list[tuple[tuple[str, int, int], int]]) -> float:
