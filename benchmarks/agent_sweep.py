@@ -111,6 +111,11 @@ def main() -> int:
     from mesh import _load, floor_lab
 
     modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - {"all", "inline", "failures", "off"})
+    if unknown or not modes:
+        print(f"agent_sweep: --modes: {', '.join(unknown) or 'none'}: give some of "
+              "all,inline,failures,off", file=sys.stderr)  # fmt: skip
+        return 2
     lab, exe = floor_lab()
     Path(exe).unlink(missing_ok=True)
     got: dict[str, list[list[float]]] = {m: [] for m in modes}
