@@ -3,10 +3,11 @@
     sudo python benchmarks/agent_sweep.py [--reps 10] [--rounds 3] [--modes all,inline,failures,off]
 
 A 2-host lab whose hosts hold responders on every port the mesh plan probes (as
-``benchmarks/mesh.py --floor`` builds it), then, alternated round by round, a child process
-inside node1's namespace that runs the agent's own probing (``scanner.mesh.probing.
-probe_slice``: its plan slice, the raw SYN sweep with the token sample, annotate, pass blocks)
-``--reps`` times, with no coordinator and no control channel, its output to a file. Per mode:
+``benchmarks/mesh.py --steady-only --floor`` builds it), then, alternated round by round, a
+child process inside node1's namespace that runs the agent's own probing (``scanner.mesh.
+probing.probe_slice``: its plan slice, the raw SYN sweep with the token sample, annotate, pass
+blocks) ``--reps`` times, with no coordinator and no control channel, its output to a file.
+Per mode:
 
     all       ``--emit all``: every result a line (passing ones in blocks), as a mesh does
     inline    as ``all``, with the sendmmsg calls made from the loop's thread, as in a process
@@ -16,10 +17,11 @@ probe_slice``: its plan slice, the raw SYN sweep with the token sample, annotate
 
 Printed per mode: the median over rounds of each round's median, of the NodePort rate (2,768
 flows from the first send, a result's time less its RTT, to the last answer: the agents'
-figure in benchmarks/mesh.py) and of the CPU (user + sys) and wall time of one probe_slice
-(every flow of node1's slice, set-up included). The rate needs result lines, so modes ``all`` and
-``inline`` only; the others give time and CPU. A profile of the child: run it under py-spy with
-``--child`` (see ``child()``).
+figure in benchmarks/mesh.py) and of the CPU (user + sys, every thread: with the sending
+thread it can exceed the wall time) and wall time of one probe_slice (every flow of node1's
+slice, set-up included). The rate needs result lines, so modes ``all`` and ``inline`` only;
+the others give time and CPU. A profile of the child: run it under py-spy with ``--child``
+(see ``child()``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ def main() -> int:
     from mesh import _load, floor_lab
 
     modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - {"all", "inline", "failures", "off"})
+    if unknown or not modes:
+        print(f"agent_sweep: --modes: {', '.join(unknown) or 'none'}: give some of "
+              "all,inline,failures,off", file=sys.stderr)  # fmt: skip
+        return 2
     lab, exe = floor_lab()
     Path(exe).unlink(missing_ok=True)
     got: dict[str, list[list[float]]] = {m: [] for m in modes}

@@ -321,8 +321,9 @@ def main() -> int:
         return 2
     sizes = [] if args.steady_only else [int(x) for x in args.hosts.split(",")]
     print(f"mesh: calico + metallb, --nodeport-sample {args.sample}, median of {args.repeat}")
-    print(f"{'hosts':>5} {'flows':>7} {'wall s':>7} {'agent probe s':>13} "
-          f"{'flows/s/agent':>13} {'flows/s total':>13}")  # fmt: skip
+    if sizes:
+        print(f"{'hosts':>5} {'flows':>7} {'wall s':>7} {'agent probe s':>13} "
+              f"{'flows/s/agent':>13} {'flows/s total':>13}")  # fmt: skip
     rates = {}
     with tempfile.TemporaryDirectory() as d:
         for n in sizes:
