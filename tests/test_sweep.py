@@ -372,6 +372,48 @@ def test_an_output_error_ends_the_run_with_it_never_a_hang(sweep_lane: bool, lis
     assert len({id(r.flow) for r in seen}) == len(seen), "no flow reported twice"
 
 
+@pytest.mark.parametrize("send", ["thread", "inline"])
+def test_a_lane_that_ended_sends_nothing_more(send: str, listen, monkeypatch) -> None:  # noqa: F811
+    """After a run ends with an error from the output side (no stop: the plan is not done), a
+    callback still to come (a per-flow task's end, a neighbour pause, a settle) calls the
+    lane's fill: it must not take flows from the plan and send them through the closed probe
+    (with the thread gone, the fourth batch waited for it for good)."""
+    import asyncio
+
+    from scanner.probes.syn import SynProber
+
+    monkeypatch.setattr(SynProber, "SEND_THREAD", send == "thread")
+    lst = listen()
+    flows = iter([Flow(LOCAL, p) for p in [lst.port, *range(1, 3000)]])
+    seen: list[Result] = []
+    lanes: list[sweep.Sweep] = []
+    orig = sweep.Sweep.run
+
+    async def spy(self, it):  # type: ignore[no-untyped-def]
+        lanes.append(self)
+        return await orig(self, it)
+
+    def emit(r: Result) -> None:
+        seen.append(r)
+        if len(seen) == 50:
+            raise ValueError("the output refused a result")
+
+    monkeypatch.setattr(sweep.Sweep, "run", spy)
+    engine = Engine(EngineConfig(timeout=0.5, tcp_method="syn"), emit)
+    loop = new_loop("uvloop")
+    try:
+        with pytest.raises(ValueError, match="refused a result"):
+            loop.run_until_complete(asyncio.wait_for(engine.run(flows), 20))
+        attempts = engine.stats.attempts
+        for _ in range(8):  # as callbacks to come would: more than every batch there is
+            lanes[0]._fill()
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert engine.stats.attempts == attempts, "the ended lane sent again"
+    finally:
+        loop.close()
+    assert next(flows, None) is not None, "the plan was not done: a fill had flows to take"
+
+
 @pytest.fixture(scope="module")
 def slow_ns():
     """A namespace whose loopback sends through a slow token bucket: SYNs wait in the qdisc,

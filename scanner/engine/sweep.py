@@ -83,6 +83,7 @@ class Sweep:
         self.paused_until = 0.0
         self.flows: Iterator[Flow] | None = None
         self.exhausted = False
+        self.ended = False  # run() has returned or raised
         self.done: asyncio.Future | None = None
         self.batchable = prober.batchable
         # the probe queues its packets and sends them many per system call (flush)
@@ -113,6 +114,9 @@ class Sweep:
             self._interrupt_all()
             raise
         finally:
+            # over: a callback still to come (a per-flow task's end, a neighbour pause, a
+            # settle) must not send again after the engine closes the probe
+            self.ended = True
             for h in (self.timer, self.fill_handle):
                 if h is not None:
                     h.cancel()
@@ -127,7 +131,7 @@ class Sweep:
             self.done.set_result(None)
 
     def _schedule_fill(self, delay: float = 0.0) -> None:
-        if self.fill_handle is not None:
+        if self.fill_handle is not None or self.ended:
             return
         if delay > 0:
             self.fill_handle = self.loop.call_later(delay, self._fill)
@@ -137,6 +141,8 @@ class Sweep:
     def _fill(self) -> None:
         """Send retries, then new flows, while the window has room (SEND_BATCH per call)."""
         self.fill_handle = None
+        if self.ended:
+            return
         if self.threaded and self.prober.sending:
             self._sent(self.prober.reap())
         now = time.perf_counter()
@@ -388,6 +394,8 @@ class Sweep:
 
     def _tick(self) -> None:
         self.timer = None
+        if self.ended:
+            return
         now = time.perf_counter()
         upto = int(now / TICK)
         wheel = self.wheel

@@ -261,6 +261,7 @@ class Sender:
     def reap(self, block: bool = False) -> list[tuple[float, float, list, object]]:
         got = []
         done = self._done
+        block = block and not self._closed  # a closed thread sends nothing more
         while self._out:
             try:
                 batch, t, failed = done.get(block and not got)
@@ -277,9 +278,11 @@ class Sender:
         """An empty batch, or None when every batch is out (reap(block=True) first)."""
         return self._free.pop() if self._free else None
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the thread; False when it did not end within 5 s (starved of CPU): it may
+        still make a call, so the caller must not close (and free for reuse) the socket."""
         if self._closed:
-            return
+            return not self._thread.is_alive()
         self._closed = True
         try:  # batches not yet sent stay unsent (a stop: the attempts in them are reported)
             while True:
@@ -287,4 +290,5 @@ class Sender:
         except queue.Empty:
             pass
         self._jobs.put(None)
-        self._thread.join(1.0)
+        self._thread.join(5.0)
+        return not self._thread.is_alive()

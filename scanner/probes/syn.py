@@ -154,6 +154,12 @@ def _attach_filter(sock: socket.socket, prog: bytes) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 class SynProber:
     proto = "tcp"
     needs_raw = True
@@ -187,6 +193,7 @@ class SynProber:
         self._queued: list[tuple[tuple[str, int, int], int]] = []  # (key, seq) per queued SYN
         # with two cores or more, a thread makes the sendmmsg calls (mmsg.Sender)
         self._sender: mmsg.Sender | None = None
+        self._kept: socket.socket | None = None  # see close()
         self._first_t0 = 0.0  # send()'s t0 of the first SYN queued in _tx
         self._on_late: Callable[[list[tuple[str, int, int]], float], None] | None = None
         self.sent = 0  # SYNs that left (the caller's back-off: did any leave?)
@@ -213,7 +220,7 @@ class SynProber:
         if mmsg.available():
             threaded = self.SEND_THREAD
             if threaded is None:  # a core to spare beside this process's shards
-                threaded = len(os.sched_getaffinity(0)) > max(1, self.opts.shard[1])
+                threaded = _cores() > max(1, self.opts.shard[1])
             if threaded:
                 self.BATCH = THREAD_BATCH
                 self._sender = mmsg.Sender(s.fileno(), THREAD_BATCH, 32, _SYN.size, self._stamp)
@@ -228,12 +235,16 @@ class SynProber:
         self._queued.clear()
         if self._tx is not None:
             self._tx.queued = 0
-        if self._sender is not None:
-            self._sender.close()
+        # a sending thread that did not end may still send on the socket: it is left open
+        # (its descriptor never reused for another file), not closed
+        keep = self._sender is not None and not self._sender.close()
         if self.sock is not None and self.loop is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+            if keep:
+                self._kept = self.sock
+            else:
+                self.sock.close()
             self.sock = None
         if self._rx is not None:
             rawrecv.release(self._rx, self._on_icmp)
