@@ -62,7 +62,7 @@ _RESOURCE = {errno.ENOBUFS: "no-buffers", errno.EAGAIN: "no-buffers", errno.ENOM
 # SYNs per sendmmsg call, and answers per recvmmsg call (scanner.probes.mmsg). A thread that
 # sends (mmsg.Sender) takes bigger batches: each costs it a hand-over and the GIL twice, and the
 # loop reads the answers meanwhile (benchmarks/RESULTS.md, seventh pass: an agent alone sweeps
-# ~43,000 flows/s with 64, ~53,000 with 256; in the loop's own thread, 256 gained nothing)
+# ~42,000 flows/s with 64, ~54,000 with 256; in the loop's own thread, 256 gained nothing)
 BATCH = 64
 THREAD_BATCH = 256
 RECV_BATCH = 256
