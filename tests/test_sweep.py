@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
@@ -202,7 +203,7 @@ CHILD = textwrap.dedent(
     tcp = engine.probers.get("tcp")
     print(json.dumps({"results": out, "peak": peak.get("inflight", 0), "elapsed": elapsed,
                       "batched": getattr(tcp, "_tx", None) is not None,
-                      "threaded": getattr(tcp, "_sender", None) is not None,
+                      "threaded": bool(getattr(tcp, "threaded", False)),
                       "rtt_max": max((x for x in rtts if x is not None), default=None),
                       "batch_peak": max(sizes, default=0),
                       "backoff_end": lanes[0].backoff if lanes else None,
@@ -213,27 +214,33 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def drop_ns():
-    if shutil.which("ip") is None or shutil.which("nft") is None:
-        pytest.skip("needs ip and nft")
-    ns = f"{unique_lab_name()}-sw"
+def lo_namespace(
+    suffix: str, tool: str, setup: list[str], stdin: bytes | None = None
+) -> Iterator[str]:
+    """A namespace of our own with only `lo` up, set up by one command run in it (``tool``
+    first); removed after the module's tests."""
+    if shutil.which("ip") is None or shutil.which(tool) is None:
+        pytest.skip(f"needs ip and {tool}")
+    ns = f"{unique_lab_name()}-{suffix}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        rules = (
-            "table ip sweeptest {\n\tchain input {\n"
-            "\t\ttype filter hook input priority 0; policy accept;\n"
-            f"\t\ttcp dport {DROP_LO}-{DROP_HI} drop\n\t}}\n"
-            "\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n"
-            f"\t\ttcp dport {OUT_LO}-{OUT_HI} drop\n\t}}\n}}\n"
-        )
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(), check=True
-        )
+        subprocess.run(["ip", "netns", "exec", ns, tool, *setup], input=stdin, check=True)
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.fixture(scope="module")
+def drop_ns():
+    rules = (
+        "table ip sweeptest {\n\tchain input {\n"
+        "\t\ttype filter hook input priority 0; policy accept;\n"
+        f"\t\ttcp dport {DROP_LO}-{DROP_HI} drop\n\t}}\n"
+        "\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n"
+        f"\t\ttcp dport {OUT_LO}-{OUT_HI} drop\n\t}}\n}}\n"
+    )
+    yield from lo_namespace("sw", "nft", ["-f", "-"], rules.encode())
 
 
 def child(ns: str, wait: float = 120, **args: object) -> dict:
@@ -418,17 +425,8 @@ def test_a_lane_that_ended_sends_nothing_more(send: str, listen, monkeypatch) ->
 def slow_ns():
     """A namespace whose loopback sends through a slow token bucket: SYNs wait in the qdisc,
     charged to the probe's socket, so a small send buffer fills (EAGAIN) while the sweep runs."""
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("needs ip and tc")
-    ns = f"{unique_lab_name()}-sl"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        tbf = ["tbf", "rate", "400kbit", "burst", "1600", "latency", "2s"]
-        subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", *tbf], check=True)
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    tbf = ["tbf", "rate", "400kbit", "burst", "1600", "latency", "2s"]
+    yield from lo_namespace("sl", "tc", ["qdisc", "add", "dev", "lo", "root", *tbf])
 
 
 @pytest.mark.parametrize("send", SENDS)

@@ -91,7 +91,7 @@ class Sweep:
         self.flush_at = getattr(prober, "BATCH", 1)
         # a thread sends the probe's batches (SynProber.unsent_since): their failures come
         # back later (reap), and a SYN still waiting for the thread is not silent yet
-        self.threaded = self.batched and getattr(prober, "_sender", None) is not None
+        self.threaded = self.batched and prober.threaded
         self.limits: dict[Any, float] = {}  # host -> its timeout, within one fill
         self.sent_seen = 0  # the probe's count of SYNs that left, when last looked at
         self.dst_ok: dict[str, bool] = {}  # destination -> batchable (by address alone)
@@ -143,8 +143,7 @@ class Sweep:
         self.fill_handle = None
         if self.ended:
             return
-        if self.threaded and self.prober.sending:
-            self._sent(self.prober.reap())
+        self._reap()
         now = time.perf_counter()
         if now < self.paused_until:
             self._schedule_fill(self.paused_until - now)
@@ -301,6 +300,11 @@ class Sweep:
         a buffer that fills on every batch while SYNs still leave gave flows up in ~4 batches)."""
         return self._sent(self.prober.flush())
 
+    def _reap(self) -> None:
+        """The batches the probe's thread has sent since: their SYNs that did not leave."""
+        if self.threaded and self.prober.sending:
+            self._sent(self.prober.reap())
+
     def _sent(self, failed: list[tuple[object, Outcome]]) -> bool:
         """The SYNs of flushed batches that did not leave (flush(), or reap() of the batches
         the probe's thread sent since); False when sending must pause."""
@@ -399,8 +403,7 @@ class Sweep:
         now = time.perf_counter()
         upto = int(now / TICK)
         wheel = self.wheel
-        if self.threaded and self.prober.sending:
-            self._sent(self.prober.reap())  # may restamp late attempts (_late)
+        self._reap()  # may restamp late attempts (_late)
         if self.cursor <= upto and any(s in wheel for s in range(self.cursor, upto + 1)):
             # answers already queued are answers, not timeouts (uvloop runs timers before I/O)
             self.prober.drain()

@@ -455,6 +455,11 @@ class SynProber:
         return self._sender.unsent_since if self._sender is not None else float("inf")
 
     @property
+    def threaded(self) -> bool:
+        """A thread of the probe's own makes the sendmmsg calls (mmsg.Sender)."""
+        return self._sender is not None
+
+    @property
     def sending(self) -> int:
         """Batches handed to the sending thread and not yet reaped (reap())."""
         return self._sender.outstanding if self._sender is not None else 0
@@ -491,12 +496,9 @@ class SynProber:
             return self.reap() if sender is not None and sender.outstanding else []
         self._queued = []
         if sender is not None:
-            # pending now (send() checks source ports against it); their RTTs start when the
-            # thread sends them (_stamp)
-            t0 = time.perf_counter()
-            pending = self._pending
-            for key, seq in queued:
-                pending[key] = (None, t0, seq)
+            # pending now (send() checks source ports against it); the thread stamps them
+            # again just before it sends them: their RTTs start then
+            self._stamp(queued)
             sender.submit(self._tx, self._first_t0, queued)  # type: ignore[arg-type]
             tx = sender.free()
             out = self._reaped(sender.reap(block=tx is None))
